@@ -1,0 +1,23 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test train transfer venv
+
+$(PY): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt pytest
+	touch $(PY)
+
+venv: $(PY)
+
+test: $(PY)
+	$(PY) -m pytest -q tests
+
+train: $(PY)
+	$(PY) ex1_convnet.py
+
+transfer: $(PY)
+	$(PY) ex2_transfer.py --pretrained
+	$(PY) ex2_transfer.py --scratch
+	$(PY) ex2_transfer.py --compare runs/ex2-pretrained runs/ex2-scratch

@@ -1,0 +1,1054 @@
+"""Shared parts of both exercises, in the order data flows: load -> augment -> train -> evaluate -> report.
+
+`run_experiment` is the driver both scripts call; everything it uses sits above it in this file.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import pickle
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.datasets.utils import download_and_extract_archive
+from tqdm import tqdm
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+BATCHES_DIR = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
+EVAL_BATCH = 500
+
+
+class UsageError(Exception):
+    """A problem with the user's input or environment: reported as one message, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- load
+
+class CifarData(NamedTuple):
+    train_images: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+
+
+# The globals a CIFAR-10 batch needs to rebuild its numpy array, under numpy 1 and 2 module names.
+_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the numpy globals a CIFAR-10 batch needs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: not part of a CIFAR-10 batch")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = module.replace("numpy.core.", "numpy._core.", 1)
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> dict:
+    """Read one CIFAR-10 batch file (Python 2 or 3 pickle) into a dict with str keys."""
+    try:
+        with open(path, "rb") as f:
+            record = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path}: not a CIFAR-10 batch file ({e})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError) as e:
+        raise UsageError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{path}: not a CIFAR-10 batch file (holds a {type(record).__name__}, not a dict)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}
+
+
+def _images_and_labels(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    record = read_batch(path)
+    missing = {"data", "labels"} - record.keys()
+    if missing:
+        raise UsageError(f"{path}: not a CIFAR-10 batch file (missing {', '.join(sorted(missing))})")
+    data, labels = record["data"], np.asarray(record["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise UsageError(f"{path}: expected uint8 data of shape (N, 3072), found {getattr(data, 'dtype', type(data))} {shape}")
+    if labels.shape != (len(data),):
+        raise UsageError(f"{path}: {len(data)} images but {labels.size} labels")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise UsageError(f"{path}: labels outside 0..9 (found {labels.min()}..{labels.max()})")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def find_batches_dir(data_dir: str | Path) -> Path:
+    """The `cifar-10-batches-py` folder: `data_dir` itself or the one inside it."""
+    data_dir = Path(data_dir)
+    return data_dir if (data_dir / TEST_FILE).exists() else data_dir / BATCHES_DIR
+
+
+def load_cifar10(data_dir: str | Path, download: bool) -> CifarData:
+    """Read CIFAR-10 from `data_dir`, downloading it there first if missing and allowed."""
+    folder = find_batches_dir(data_dir)
+    missing = [name for name in TRAIN_FILES + [TEST_FILE] if not (folder / name).exists()]
+    if missing and download:
+        try:
+            download_and_extract_archive(CIFAR_URL, download_root=str(data_dir), md5=CIFAR_MD5)
+        except Exception as e:  # any network or archive failure ends in the same advice
+            print(f"download failed: {type(e).__name__}: {e}", file=sys.stderr)
+        folder = find_batches_dir(data_dir)
+        missing = [name for name in TRAIN_FILES + [TEST_FILE] if not (folder / name).exists()]
+    if missing:
+        raise UsageError(
+            f"CIFAR-10 not found in {folder} (missing {', '.join(missing)}). Download and unpack "
+            f"{CIFAR_URL} into {Path(data_dir)}, or point --data-dir at a folder that holds "
+            f"{BATCHES_DIR}/" + ("" if download else "; or drop --no-download to fetch it"))
+    parts = [_images_and_labels(folder / name) for name in TRAIN_FILES]
+    test_images, test_labels = _images_and_labels(folder / TEST_FILE)
+    classes = CLASSES
+    if (folder / "batches.meta").exists():
+        names = read_batch(folder / "batches.meta").get("label_names")
+        if names is not None and len(names) == 10:
+            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    return CifarData(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                     test_images, test_labels, classes)
+
+
+def split_train_val(data: CifarData, val_size: int, limit_train: int | None) -> tuple[torch.Tensor, ...]:
+    """(train images, train labels, val images, val labels): val is the last `val_size` training images."""
+    n = len(data.train_images)
+    if not 0 < val_size < n:
+        raise UsageError(f"--val-size {val_size} must be between 1 and {n - 1} (the data has {n} training images)")
+    n_train = n - val_size if limit_train is None else min(limit_train, n - val_size)
+    return (data.train_images[:n_train], data.train_labels[:n_train],
+            data.train_images[n - val_size:], data.train_labels[n - val_size:])
+
+
+def channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
+    x = images.permute(1, 0, 2, 3).reshape(3, -1).double() / 255
+    return x.mean(1).tolist(), x.std(1).tolist()
+
+
+# ----------------------------------------------------------------------------- augment
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
+
+
+def batch_flip_lr(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability p."""
+    flip = torch.rand(len(images), generator=generator, device=generator.device) < p
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad by `pad` and cut a window of the original size at a random offset per image."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dev = images.device
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+
+
+def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image about its centre by a random angle in [-max_degrees, max_degrees] (zeros fill)."""
+    angle = _uniform(len(images), -max_degrees, max_degrees, generator).to(images.device) * (math.pi / 180)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
+    return torch.einsum("nchw,c->nhw", images, weights)[:, None]
+
+
+# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def batch_color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Random brightness, contrast and saturation in [1-s, 1+s] and hue in [-s, s] turns, per image."""
+    n = len(images)
+
+    def factor() -> torch.Tensor:
+        return _uniform(n, 1 - strength, 1 + strength, generator).to(images.device, images.dtype)[:, None, None, None]
+
+    x = (images * factor()).clamp(0, 1)
+    mean = _luma(x).mean((1, 2, 3), keepdim=True)
+    x = ((x - mean) * factor() + mean).clamp(0, 1)
+    gray = _luma(x)
+    x = ((x - gray) * factor() + gray).clamp(0, 1)
+    turn = _uniform(n, -strength, strength, generator).to(images.device) * (2 * math.pi)
+    rotation = torch.zeros(n, 3, 3, device=images.device)
+    rotation[:, 0, 0] = 1
+    rotation[:, 1, 1], rotation[:, 1, 2] = turn.cos(), -turn.sin()
+    rotation[:, 2, 1], rotation[:, 2, 2] = turn.sin(), turn.cos()
+    to_yiq = _RGB_TO_YIQ.to(images.device)
+    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+    return torch.einsum("nij,njhw->nihw", matrix.to(images.dtype), x).clamp(0, 1)
+
+
+def batch_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each image by its grey version with probability p."""
+    gray = torch.rand(len(images), generator=generator, device=generator.device).to(images.device) < p
+    return torch.where(gray[:, None, None, None], _luma(images).expand_as(images), images)
+
+
+def augment_batch(images: torch.Tensor, settings: dict, generator: torch.Generator) -> torch.Tensor:
+    """uint8 images -> float images in [0, 1], augmented with the ops named in settings['augment']."""
+    x = images.float().div_(255)
+    ops = settings["augment"]
+    if "flip" in ops:
+        x = batch_flip_lr(x, 0.5, generator)
+    if "crop" in ops and settings["crop_pad"] > 0:
+        x = batch_crop(x, settings["crop_pad"], generator)
+    if "rotate" in ops and settings["rotate_deg"] > 0:
+        x = batch_rotate(x, settings["rotate_deg"], generator)
+    if "jitter" in ops and settings["jitter"] > 0:
+        x = batch_color_jitter(x, settings["jitter"], generator)
+    if "gray" in ops and settings["gray_p"] > 0:
+        x = batch_grayscale(x, settings["gray_p"], generator)
+    return x
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel, returned in channels_last layout."""
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype)[:, None, None]
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype)[:, None, None]
+    return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- train
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda, mps or cpu; refuse devices that do not exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: unknown device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: unsupported device (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA with bf16 and on CPUs with fast bf16, fp16 on older GPUs, else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def epoch_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
+    """A seed for one random stream of one epoch, so that a resumed run draws what an unbroken one would."""
+    return (seed * 1_000_003 + epoch * 10_007 + stream * 101 + rank) % (2 ** 63)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+    """Index batches of one shuffled epoch; each rank takes its interleaved share of every global batch."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start + rank:start + batch_size:world]
+
+
+def lr_factor(settings: dict, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at `step`: one-cycle (linear up, linear down) or exponential per epoch."""
+    if settings["schedule"] == "exp":
+        return settings["lr_decay"] ** (step // steps_per_epoch)
+    total = settings["epochs"] * steps_per_epoch
+    warm = max(1, int(settings["warmup"] * total))
+    return float(np.interp(step, [0, warm, total], [0.1, 1.0, 0.0]))
+
+
+def make_optimizer(params: list[nn.Parameter], settings: dict) -> torch.optim.Optimizer:
+    if settings["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    return torch.optim.SGD(params, lr=settings["lr"], momentum=0.9, nesterov=True,
+                           weight_decay=settings["weight_decay"])
+
+
+class TrainContext(NamedTuple):
+    """Where and how training runs: device, precision, process rank and count."""
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def autocast(ctx: TrainContext):
+    return torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32)
+
+
+def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torch.Tensor, labels: torch.Tensor,
+                    settings: dict, epoch: int, ctx: TrainContext, log_every: int = 25) -> dict:
+    """One pass over the shuffled training set; returns loss, accuracy and images/s for the epoch."""
+    model.train()
+    shuffle = torch.Generator().manual_seed(epoch_seed(settings["seed"], epoch, 0))
+    augment_gen = torch.Generator(ctx.device).manual_seed(epoch_seed(settings["seed"], epoch, 1, ctx.rank))
+    torch.manual_seed(epoch_seed(settings["seed"], epoch, 2, ctx.rank))
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
+    batch_size = settings["batch_size"]
+    steps = len(images) // batch_size
+    loss_sum = torch.zeros((), device=ctx.device)
+    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+    first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not ctx.is_main, leave=False, dynamic_ncols=True)
+    for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world)):
+        index = index.to(ctx.device, non_blocking=True)
+        x = normalize(augment_batch(images[index], settings, augment_gen), settings["mean"], settings["std"])
+        y = labels[index]
+        with autocast(ctx):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss = loss.detach()
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        seen += len(y)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            bad = int(first_bad_step)
+            if bad >= 0:
+                bar.close()
+                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {bad + 1} of {steps}")
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
+                            img_s=f"{seen * ctx.world / elapsed:.0f}", refresh=False)
+            bar.update((step + 1) - bar.n)
+    bar.close()
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=ctx.device)])
+    if ctx.world > 1:
+        dist.all_reduce(totals)
+    seconds = time.perf_counter() - start
+    loss_total, correct_total, seen_total = totals.tolist()
+    return {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total,
+            "seconds": seconds, "images_per_s": seen_total / seconds}
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, settings: dict, ctx: TrainContext) -> torch.Tensor:
+    """Logits (float32, on the device) for uint8 images, in eval mode and large batches."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), EVAL_BATCH):
+        x = normalize(images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255), settings["mean"], settings["std"])
+        with autocast(ctx):
+            outputs.append(model(x).float())
+    return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=ctx.device)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: dict, ctx: TrainContext) -> dict:
+    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set."""
+    logits = predict(model, images, settings, ctx)
+    labels = labels.to(ctx.device)
+    predictions = logits.argmax(1)
+    return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (predictions == labels).float().mean().item(),
+            "predictions": predictions.cpu()}
+
+
+def per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
+    counts = torch.bincount(labels, minlength=len(classes)).clamp(min=1)
+    hits = torch.bincount(labels[predictions == labels], minlength=len(classes))
+    return {name: (hits[i] / counts[i]).item() for i, name in enumerate(classes)}
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
+    """Counts with true classes as rows and predicted classes as columns."""
+    return torch.bincount(labels * n_classes + predictions, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+
+
+# ----------------------------------------------------------------------------- report
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(obj, path: Path) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: Path, kind: str) -> dict:
+    """Load one of this project's checkpoints (weights_only), refusing other files with a message."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "model" not in checkpoint:
+        raise UsageError(f"{path}: not a checkpoint of this project (a bare state dict or another program's file)")
+    if checkpoint["kind"] != kind:
+        raise UsageError(f"{path}: a checkpoint of {checkpoint['kind']}, not of {kind}; use the script that wrote it")
+    return checkpoint
+
+
+def _savefig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_history(history: list[dict], best_epoch: int | None, path: Path) -> None:
+    """Loss and accuracy of training and validation per epoch, the best epoch marked."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], label="validation")
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], label="train")
+    ax_acc.plot(epochs, [r["val_accuracy"] for r in history], label="validation")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _savefig(fig, path)
+
+
+def plot_filters(weight: torch.Tensor, path: Path, title: str) -> None:
+    """First-layer filters (out, 3, k, k) as colour images on one grid, each scaled to its own range."""
+    plt = _pyplot()
+    w = weight.detach().float().cpu()
+    low = w.amin((1, 2, 3), keepdim=True)
+    high = w.amax((1, 2, 3), keepdim=True)
+    w = ((w - low) / (high - low).clamp(min=1e-8)).permute(0, 2, 3, 1).numpy()
+    cols = 16
+    rows = math.ceil(len(w) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6 + 0.5))
+    for ax, i in zip(axes.flat, range(rows * cols)):
+        ax.axis("off")
+        if i < len(w):
+            ax.imshow(w[i], interpolation="nearest")
+    fig.suptitle(title)
+    _savefig(fig, path)
+
+
+def plot_per_class(accuracy: dict[str, float], path: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(list(accuracy), list(accuracy.values()), color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.1%}" for v in accuracy.values()], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45)
+    _savefig(fig, path)
+
+
+def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> None:
+    plt = _pyplot()
+    m = matrix.numpy()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(m, cmap="Blues")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax)
+    _savefig(fig, path)
+
+
+def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
+                       classes: Sequence[str], path: Path, count: int = 32) -> None:
+    """A grid of the first `count` wrongly classified images, titled true -> predicted."""
+    plt = _pyplot()
+    wrong = (predictions != labels).nonzero().flatten()[:count]
+    cols = 8
+    rows = max(1, math.ceil(len(wrong) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong.tolist()):
+        ax.imshow(images[i].permute(1, 2, 0).numpy())
+        ax.set_title(f"{classes[labels[i]]}\n-> {classes[predictions[i]]}", fontsize=7)
+    if not len(wrong):
+        fig.suptitle("no misclassified images")
+    _savefig(fig, path)
+
+
+def environment_info(device: torch.device) -> dict:
+    """Versions, git commit and hardware, for metrics.json."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    hardware = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        hardware["gpu"] = torch.cuda.get_device_name(device)
+        hardware["gpu_count"] = torch.cuda.device_count()
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__},
+            "git_commit": commit, "hardware": hardware}
+
+
+def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainContext, out_dir: Path) -> dict:
+    """Evaluate on the whole test set, draw the test figures, print the per-class table; return the metrics."""
+    result = evaluate(model, data.test_images, data.test_labels, settings, ctx)
+    predictions = result["predictions"]
+    first = min(1000, len(predictions))
+    per_class = per_class_accuracy(data.test_labels, predictions, data.classes)
+    matrix = confusion_matrix(data.test_labels, predictions, len(data.classes))
+    plot_per_class(per_class, out_dir / "per_class.png", f"test accuracy per class ({result['accuracy']:.2%} overall)")
+    plot_confusion(matrix, data.classes, out_dir / "confusion.png")
+    plot_misclassified(data.test_images, data.test_labels, predictions, data.classes, out_dir / "misclassified.png")
+    print(f"\n{'class':<12}{'accuracy':>9}")
+    for name, acc in per_class.items():
+        print(f"{name:<12}{acc:>9.2%}")
+    print(f"{'all':<12}{result['accuracy']:>9.2%}   ({len(predictions)} test images; first {first}: "
+          f"{(predictions[:first] == data.test_labels[:first]).float().mean().item():.2%})")
+    return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
+            "test_accuracy_first1000": (predictions[:first] == data.test_labels[:first]).float().mean().item(),
+            "test_images": len(predictions), "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
+    """history.json and metrics.json of finished runs, with a message for a folder that holds neither."""
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        try:
+            history = json.loads((run_dir / "history.json").read_text())
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"{run_dir}: not a finished run (needs history.json and metrics.json: {e})") from None
+        runs.append({"run": str(run_dir), "history": history, "metrics": metrics})
+    return runs
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> dict:
+    """Overlay the runs' validation curves in compare.png, write compare.json, print their test accuracies."""
+    plt = _pyplot()
+    runs = load_runs(run_dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        epochs = [r["epoch"] for r in run["history"]]
+        label = Path(run["run"]).name
+        ax_loss.plot(epochs, [r["val_loss"] for r in run["history"]], label=label)
+        ax_acc.plot(epochs, [r["val_accuracy"] for r in run["history"]], label=label)
+    for ax, name in ((ax_loss, "validation loss"), (ax_acc, "validation accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _savefig(fig, out_dir / "compare.png")
+    summary = {"runs": [{"run": r["run"], "test_accuracy": r["metrics"]["test_accuracy"],
+                         "test_accuracy_first1000": r["metrics"]["test_accuracy_first1000"],
+                         "best_val_accuracy": r["metrics"]["best_val_accuracy"], "best_epoch": r["metrics"]["best_epoch"],
+                         "epochs_run": r["metrics"]["epochs_run"],
+                         "val_accuracy": [h["val_accuracy"] for h in r["history"]],
+                         "val_loss": [h["val_loss"] for h in r["history"]]} for r in runs]}
+    save_json(summary, out_dir / "compare.json")
+    width = max(len(r["run"]) for r in runs) + 2
+    print(f"{'run':<{width}}{'test':>8}{'first 1000':>12}{'best val':>10}{'epochs':>8}")
+    for r in summary["runs"]:
+        print(f"{r['run']:<{width}}{r['test_accuracy']:>8.2%}{r['test_accuracy_first1000']:>12.2%}"
+              f"{r['best_val_accuracy']:>10.2%}{r['epochs_run']:>8}")
+    print(f"wrote {out_dir / 'compare.png'} and {out_dir / 'compare.json'}")
+    return summary
+
+
+@contextlib.contextmanager
+def tee_stdout(path: Path, enabled: bool = True):
+    """Copy everything printed to stdout into `path` as well, while the block runs."""
+    if not enabled:
+        yield
+        return
+
+    class Tee:
+        def __init__(self, *streams):
+            self.streams = streams
+
+        def write(self, text):
+            for s in self.streams:
+                s.write(text)
+            return len(text)
+
+        def flush(self):
+            for s in self.streams:
+                s.flush()
+
+        def isatty(self):
+            return False
+
+    with open(path, "a", encoding="utf-8") as log:
+        original = sys.stdout
+        sys.stdout = Tee(original, log)
+        try:
+            yield
+        finally:
+            sys.stdout = original
+
+
+# ----------------------------------------------------------------------------- drive
+
+# Defaults of the flags that no recipe sets. Recipes set the training hyperparameters.
+DEFAULTS = {"data_dir": "data", "no_download": False, "out_dir": None, "val_size": 1000, "limit_train": None,
+            "seed": 0, "device": "auto", "precision": "auto", "recipe": "default", "compile": False,
+            "sync_bn": True, "resume": False, "overwrite": False, "eval_only": False, "checkpoint": None}
+# Flags that say where and how a run executes, not what it computes: free to change on --resume.
+RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn",
+                "resume", "overwrite", "eval_only", "checkpoint", "compare"}
+RESUME_EXTENDABLE = {"epochs", "patience"}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data, training, output and device flags both scripts share (all default to None: see DEFAULTS)."""
+    a = parser.add_argument
+    a("--data-dir", help="folder holding cifar-10-batches-py/ (or that folder itself); downloaded there if missing (default: data)")
+    a("--no-download", action="store_true", default=None, help="never download CIFAR-10; fail with a message if it is missing")
+    a("--out-dir", help="where checkpoints, metrics and figures go (default: runs/<experiment>)")
+    a("--recipe", help="hyperparameter set: 'default' (ours) or 'original' (the assignment's); explicit flags override it")
+    a("--epochs", type=int, help="number of training epochs (default: the recipe's)")
+    a("--batch-size", type=int, help="global batch size, summed over all processes under torchrun (default: the recipe's)")
+    a("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    a("--weight-decay", type=float, help="weight decay (default: the recipe's)")
+    a("--label-smoothing", type=float, help="label smoothing of the training loss (default: the recipe's)")
+    a("--augment", help=f"comma-separated augmentation ops from {','.join(AUGMENT_OPS)}, or 'none' (default: the recipe's)")
+    a("--no-augment", dest="augment", action="store_const", const="none", help="no augmentation (same as --augment none)")
+    a("--crop-pad", type=int, help="crop: zero padding before the random 32x32 crop, in pixels; 0 turns it off")
+    a("--rotate-deg", type=float, help="rotate: largest rotation angle in degrees; 0 turns it off")
+    a("--jitter", type=float, help="jitter: colour jitter strength (brightness, contrast, saturation, hue); 0 turns it off")
+    a("--gray-p", type=float, help="gray: probability of turning an image grey; 0 turns it off")
+    a("--patience", type=int, help="stop after this many epochs without a better validation accuracy; 0 never stops early")
+    a("--limit-train", type=int, help="train on the first N training images only, for quick runs")
+    a("--val-size", type=int, help="validation images, taken from the end of the training set (default: 1000)")
+    a("--seed", type=int, help="random seed: two CPU runs with the same seed give the same history (default: 0)")
+    a("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    a("--precision", choices=["auto", "bf16", "fp16", "fp32"],
+      help="auto (default): bf16 on CUDA with bf16 and on CPUs with fast bf16, fp16 on older GPUs, fp32 elsewhere")
+    a("--compile", action="store_true", default=None, help="compile the model with torch.compile")
+    a("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
+      help="under torchrun on CUDA, keep per-process BatchNorm instead of SyncBatchNorm")
+    a("--resume", action="store_true", default=None, help="continue the run in --out-dir from its last.pt")
+    a("--overwrite", action="store_true", default=None, help="start over in an --out-dir that already holds a run")
+    a("--eval-only", action="store_true", default=None,
+      help="evaluate --checkpoint on the test set and write its reports (default --out-dir: eval/ beside the checkpoint)")
+    a("--checkpoint", help="checkpoint for --eval-only (default: best.pt in --out-dir)")
+    a("--compare", nargs="+", metavar="RUN_DIR",
+      help="compare finished runs: compare.png and compare.json in --out-dir (default: runs/compare)")
+
+
+def parse_augment(value: str | list) -> list[str]:
+    if isinstance(value, list):
+        return value
+    ops = [] if value.strip() in ("", "none") else [op.strip() for op in value.split(",")]
+    unknown = [op for op in ops if op not in AUGMENT_OPS]
+    if unknown:
+        raise UsageError(f"--augment: unknown op(s) {', '.join(unknown)}; choose from {', '.join(AUGMENT_OPS)} or none")
+    return ops
+
+
+def resolve_settings(args: argparse.Namespace, recipe: dict, model_defaults: dict) -> dict:
+    """Defaults, then the recipe, then the model's defaults, then every flag the user gave."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    settings = {**DEFAULTS, **recipe, **model_defaults, **given}
+    settings["augment"] = parse_augment(settings["augment"])
+    return settings
+
+
+def check_settings(settings: dict) -> None:
+    """Refuse values that cannot train, before any work starts."""
+    for key in ("epochs", "batch_size"):
+        if settings[key] <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive (got {settings[key]})")
+    if not settings["lr"] > 0:
+        raise UsageError(f"--lr must be positive (got {settings['lr']})")
+    dropout = settings.get("dropout", 0)
+    for p in dropout if isinstance(dropout, list) else [dropout]:
+        if not 0 <= p < 1:
+            raise UsageError(f"--dropout must be in [0, 1) (got {p})")
+    if settings["limit_train"] is not None and settings["limit_train"] <= 0:
+        raise UsageError(f"--limit-train must be positive (got {settings['limit_train']})")
+    if settings["weight_decay"] < 0 or settings["patience"] < 0 or not 0 <= settings["label_smoothing"] < 1:
+        raise UsageError("--weight-decay and --patience must not be negative, --label-smoothing must be in [0, 1)")
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create `out_dir` and make sure files can be written there."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to output folder {out_dir}: {e.strerror or e}") from None
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; a plain run stays single-process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world, local_rank
+
+
+def first_conv_weight(model: nn.Module) -> torch.Tensor:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best) -> dict:
+    return {"kind": kind, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": len(history),
+            "history": history, "best_epoch": best[0], "best_val_accuracy": best[1]}
+
+
+def train_and_report(kind: str, settings: dict, build_model: Callable, out_dir: Path, ctx: TrainContext,
+                     resume_from: dict | None = None) -> dict:
+    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report."""
+    is_main = ctx.is_main
+    if ctx.world > 1 and ctx.rank != 0:
+        dist.barrier()  # rank 0 downloads first
+    data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
+    if ctx.world > 1 and ctx.rank == 0:
+        dist.barrier()
+    train_images, train_labels, val_images, val_labels = split_train_val(data, settings["val_size"], settings["limit_train"])
+    if settings["batch_size"] % ctx.world:
+        raise UsageError(f"--batch-size {settings['batch_size']} must be divisible by the {ctx.world} processes")
+    if len(train_images) < settings["batch_size"]:
+        raise UsageError(f"{len(train_images)} training images (after --val-size/--limit-train) leave no full "
+                         f"batch of {settings['batch_size']}; lower --batch-size or train on more images")
+    if settings["mean"] == "data":
+        settings["mean"], settings["std"] = channel_mean_std(train_images)
+
+    torch.manual_seed(settings["seed"])
+    model = build_model(settings, pretrained=resume_from is None).to(ctx.device)
+    if is_main:
+        print(model)
+        print(f"parameters: {count_parameters(model):,}  trainable: "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+        print(f"device: {ctx.device}  precision: {str(ctx.dtype).replace('torch.', '')}  processes: {ctx.world}")
+        print("settings: " + json.dumps({k: v for k, v in settings.items() if k not in RUNTIME_KEYS}))
+    if resume_from is None and is_main:
+        plot_filters(first_conv_weight(model), out_dir / "filters_before.png", "first-layer filters before training")
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
+    steps_per_epoch = len(train_images) // settings["batch_size"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(settings, step, steps_per_epoch))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    history, best = [], (None, -1.0)
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        scaler.load_state_dict(resume_from["scaler"])
+        history, best = resume_from["history"], (resume_from["best_epoch"], resume_from["best_val_accuracy"])
+        if is_main:
+            print(f"resuming after epoch {len(history)} of {settings['epochs']} (best so far: epoch {best[0]})")
+
+    train_model = model
+    if ctx.world > 1:
+        if ctx.device.type == "cuda" and settings["sync_bn"]:
+            train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if settings["compile"]:
+        train_model = torch.compile(train_model)
+    train_images, train_labels = train_images.to(ctx.device), train_labels.to(ctx.device)
+
+    start = time.perf_counter()
+    for epoch in range(len(history) + 1, settings["epochs"] + 1):
+        if settings["patience"] and best[0] is not None and epoch - 1 - best[0] >= settings["patience"]:
+            if is_main:
+                print(f"early stop: no better validation accuracy for {settings['patience']} epochs")
+            break
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(train_model, optimizer, scheduler, scaler, train_images, train_labels,
+                                   settings, epoch, ctx))
+        val = torch.zeros(2, device=ctx.device)
+        if is_main:
+            result = evaluate(model, val_images, val_labels, settings, ctx)
+            val = torch.tensor([result["loss"], result["accuracy"]], device=ctx.device)
+        if ctx.world > 1:
+            dist.broadcast(val, 0)
+        row["val_loss"], row["val_accuracy"] = val.tolist()
+        row = {k: row[k] for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                                   "seconds", "images_per_s")}
+        history.append(row)
+        improved = row["val_accuracy"] > best[1]
+        if improved:
+            best = (epoch, row["val_accuracy"])
+        if is_main:
+            tqdm.write(f"epoch {epoch:3d}/{settings['epochs']}  train loss {row['train_loss']:.4f} acc "
+                       f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
+                       f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
+                       + ("  *best" if improved else ""), file=sys.stdout)
+            checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best)
+            if improved:
+                save_checkpoint(checkpoint, out_dir / "best.pt")
+            save_checkpoint(checkpoint, out_dir / "last.pt")
+            save_json(history, out_dir / "history.json")
+    train_seconds = time.perf_counter() - start
+    if not is_main:
+        return {}
+
+    test_last = evaluate(model, data.test_images, data.test_labels, settings, ctx)["accuracy"]
+    best_checkpoint = load_checkpoint(out_dir / "best.pt", kind)
+    model.load_state_dict(best_checkpoint["model"])
+    plot_filters(first_conv_weight(model), out_dir / "filters_after.png", f"first-layer filters after training (epoch {best[0]})")
+    plot_history(history, best[0], out_dir / "history.png")
+    metrics = test_report(model, data, settings, ctx, out_dir)
+    trained = [r for r in history[len(resume_from["history"]) if resume_from else 0:]]
+    metrics.update({
+        "test_accuracy_last": test_last, "best_epoch": best[0], "best_val_accuracy": best[1],
+        "params": count_parameters(model), "epochs_run": len(history), "train_seconds": train_seconds,
+        "train_images_per_s": (sum(r["images_per_s"] * r["seconds"] for r in trained) / max(1e-9, sum(r["seconds"] for r in trained))),
+        "device": str(ctx.device), "precision": str(ctx.dtype).replace("torch.", ""), "processes": ctx.world,
+        "classes": list(data.classes), "settings": {k: v for k, v in settings.items() if k not in RUNTIME_KEYS},
+        "args": {k: v for k, v in settings.items()}, **environment_info(ctx.device)})
+    save_json(metrics, out_dir / "metrics.json")
+    print(f"best epoch {best[0]} (val {best[1]:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
+          f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {test_last:.2%}; reports in {out_dir}")
+    return metrics
+
+
+def eval_only(kind: str, settings: dict, build_model: Callable, ctx: TrainContext) -> dict:
+    """Rebuild the model of a checkpoint, evaluate it on the test set, write metrics.json and the test figures."""
+    checkpoint_path = Path(settings["checkpoint"] or Path(settings["out_dir"]) / "best.pt")
+    checkpoint = load_checkpoint(checkpoint_path, kind)
+    saved = checkpoint["settings"]
+    out_dir = Path(settings["out_dir"]) if settings.get("out_dir_given") else checkpoint_path.parent / "eval"
+    prepare_out_dir(out_dir)
+    data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
+    model = build_model(saved, pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    model = model.to(ctx.device, memory_format=torch.channels_last)
+    print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
+    metrics = test_report(model, data, saved, ctx, out_dir)
+    metrics.update({"checkpoint": str(checkpoint_path), "epoch": checkpoint["epoch"],
+                    "best_epoch": checkpoint["best_epoch"], "best_val_accuracy": checkpoint["best_val_accuracy"],
+                    "params": count_parameters(model), "device": str(ctx.device), "classes": list(data.classes),
+                    "settings": saved, **environment_info(ctx.device)})
+    save_json(metrics, out_dir / "metrics.json")
+    print(f"reports in {out_dir}")
+    return metrics
+
+
+def _resume_settings(args: argparse.Namespace, saved: dict) -> dict:
+    """The saved run's settings with the runtime flags, --epochs and --patience of this call on top."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    for key, value in given.items():
+        if key in RUNTIME_KEYS or key in RESUME_EXTENDABLE:
+            continue
+        if (parse_augment(value) if key == "augment" else value) != saved.get(key):
+            raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run being resumed "
+                             f"({saved.get(key)}): --resume keeps the run's settings; only --epochs and --patience may change")
+    return {**saved, **{k: v for k, v in given.items() if k in RUNTIME_KEYS or k in RESUME_EXTENDABLE}}
+
+
+def start_or_resume(args: argparse.Namespace, kind: str, settings: dict, build_model: Callable,
+                    out_dir: Path, ctx: TrainContext) -> dict | None:
+    """Train in `out_dir`: fresh, resumed from its last.pt, or not at all when it already holds a finished run."""
+    finished, unfinished = (out_dir / "metrics.json").exists(), (out_dir / "last.pt").exists()
+    resume_from = None
+    if settings["resume"]:
+        if finished:
+            print(f"{out_dir} holds a finished run (metrics.json); nothing to resume")
+            return None
+        if not unfinished:
+            raise UsageError(f"nothing to resume in {out_dir}: it has no last.pt (start without --resume)")
+        resume_from = load_checkpoint(out_dir / "last.pt", kind)
+        settings = _resume_settings(args, resume_from["settings"])
+    elif (finished or unfinished) and not settings["overwrite"]:
+        what = "a finished run (metrics.json)" if finished else "an unfinished run (last.pt); --resume continues it"
+        raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
+    check_settings(settings)
+    prepare_out_dir(out_dir)
+    if ctx.is_main and resume_from is None:
+        for name in ("metrics.json", "last.pt", "best.pt", "history.json", "train.log"):
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
+    if ctx.world > 1:
+        dist.barrier()
+    try:
+        with tee_stdout(out_dir / "train.log", enabled=ctx.is_main):
+            return train_and_report(kind, settings, build_model, out_dir, ctx, resume_from)
+    except KeyboardInterrupt:
+        command = shlex.join([sys.argv[0], "--resume", "--out-dir", str(out_dir)])
+        raise KeyboardInterrupt(f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}") from None
+
+
+def plot_dropout_sweep(runs: list[dict], path: Path) -> None:
+    """Final training and validation accuracy against p, and each p's validation curve."""
+    plt = _pyplot()
+    fig, (ax_p, ax_curves) = plt.subplots(1, 2, figsize=(11, 4))
+    ps = [r["p"] for r in runs]
+    ax_p.plot(ps, [r["final_train_accuracy"] for r in runs], "o-", label="train (last epoch)")
+    ax_p.plot(ps, [r["final_val_accuracy"] for r in runs], "o-", label="validation (last epoch)")
+    ax_p.set_xlabel("dropout p")
+    ax_p.set_ylabel("accuracy")
+    for r in runs:
+        ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
+    ax_curves.set_xlabel("epoch")
+    ax_curves.set_ylabel("validation accuracy")
+    for ax in (ax_p, ax_curves):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _savefig(fig, path)
+
+
+def dropout_sweep(args: argparse.Namespace, kind: str, settings: dict, build_model: Callable,
+                  out_dir: Path, ctx: TrainContext) -> None:
+    """One run per dropout value in out_dir/p<value>/, then dropout_sweep.png and dropout_sweep.json."""
+    runs = []
+    for p in settings["dropout"]:
+        run_dir = out_dir / f"p{p}"
+        run_settings = {**settings, "dropout": p, "augment": settings["augment"] if args.augment else []}
+        if (run_dir / "metrics.json").exists() and not settings["overwrite"]:
+            print(f"{run_dir} is finished; using its results")
+        else:
+            start_or_resume(args, kind, {**run_settings, "resume": settings["resume"] and (run_dir / "last.pt").exists()},
+                            build_model, run_dir, ctx)
+        if ctx.is_main:
+            history = load_runs([run_dir])[0]["history"]
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            runs.append({"p": p, "run": str(run_dir), "final_train_accuracy": history[-1]["train_accuracy"],
+                         "final_val_accuracy": history[-1]["val_accuracy"], "best_val_accuracy": metrics["best_val_accuracy"],
+                         "test_accuracy": metrics["test_accuracy"], "val_accuracy": [h["val_accuracy"] for h in history]})
+    if ctx.is_main:
+        plot_dropout_sweep(runs, out_dir / "dropout_sweep.png")
+        save_json({"runs": runs}, out_dir / "dropout_sweep.json")
+        print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}")
+        for r in runs:
+            print(f"{r['p']:>5}{r['final_train_accuracy']:>9.2%}{r['final_val_accuracy']:>9.2%}{r['test_accuracy']:>9.2%}")
+        print(f"wrote {out_dir / 'dropout_sweep.png'} and {out_dir / 'dropout_sweep.json'}")
+
+
+def run_experiment(args: argparse.Namespace, kind: str, recipe: dict, model_defaults: dict,
+                   build_model: Callable, default_out_dir: str) -> int:
+    """Everything a script's command line can ask for; returns the exit code."""
+    out_dir = Path(args.out_dir or default_out_dir)
+    try:
+        if args.compare:
+            compare_runs(args.compare, Path(args.out_dir or "runs/compare"))
+            return 0
+        rank, world, local_rank = init_distributed()
+        settings = resolve_settings(args, recipe, model_defaults)
+        device = resolve_device(settings["device"], local_rank)
+        ctx = TrainContext(device, resolve_precision(settings["precision"], device), rank, world)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if settings["eval_only"]:
+            eval_only(kind, {**settings, "out_dir_given": args.out_dir is not None}, build_model, ctx)
+        elif isinstance(settings.get("dropout"), list) and getattr(args, "dropout", None) is not None:
+            check_settings({**settings, "dropout": 0.0})
+            dropout_sweep(args, kind, settings, build_model, out_dir, ctx)
+        else:
+            start_or_resume(args, kind, settings, build_model, out_dir, ctx)
+        return 0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}; stopped. best.pt and last.pt in {out_dir} keep the last good epochs", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted. {e}", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -35,6 +36,7 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILE = "test_batch"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
+STRENGTH_FLAGS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}
 EVAL_BATCH = 500
 
 
@@ -83,7 +85,7 @@ def read_batch(path: Path) -> dict:
             record = _CifarUnpickler(f, encoding="bytes").load()
     except pickle.UnpicklingError as e:
         raise UsageError(f"{path}: not a CIFAR-10 batch file ({e})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError) as e:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError, OverflowError) as e:
         raise UsageError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from None
     if not isinstance(record, dict):
         raise UsageError(f"{path}: not a CIFAR-10 batch file (holds a {type(record).__name__}, not a dict)")
@@ -452,11 +454,25 @@ def load_checkpoint(path: Path, kind: str) -> dict:
     """Load one of this project's checkpoints (weights_only), refusing other files with a message."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
+        raise UsageError(f"checkpoint {path} " + ("is not a file" if path.exists() else "does not exist"))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head:
+            what = "an empty file"
+        elif head != b"PK\x03\x04":
+            what = "not a PyTorch checkpoint file"
+        elif not zipfile.is_zipfile(path):
+            what = "a truncated or corrupt checkpoint"
+        elif "Weights only load failed" in str(e):
+            what = "it holds objects other than tensors and plain data (refused by weights_only loading)"
+        else:
+            what = "a corrupt checkpoint"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        raise UsageError(f"{path}: not a readable checkpoint: {what} ({type(e).__name__}: {detail[:200]})") from None
     if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "model" not in checkpoint:
         raise UsageError(f"{path}: not a checkpoint of this project (a bare state dict or another program's file)")
     if checkpoint["kind"] != kind:
@@ -502,15 +518,18 @@ def plot_filters(weight: torch.Tensor, path: Path, title: str) -> None:
     w = weight.detach().float().cpu()
     low = w.amin((1, 2, 3), keepdim=True)
     high = w.amax((1, 2, 3), keepdim=True)
-    w = ((w - low) / (high - low).clamp(min=1e-8)).permute(0, 2, 3, 1).numpy()
+    w = ((w - low) / (high - low).clamp(min=1e-8)).permute(0, 2, 3, 1)  # (out, k, k, 3)
     cols = 16
     rows = math.ceil(len(w) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6 + 0.5))
-    for ax, i in zip(axes.flat, range(rows * cols)):
-        ax.axis("off")
-        if i < len(w):
-            ax.imshow(w[i], interpolation="nearest")
-    fig.suptitle(title)
+    k = w.shape[1]
+    grid = torch.ones(rows * (k + 1) + 1, cols * (k + 1) + 1, 3)  # white lines between filters
+    for i, image in enumerate(w):
+        r, c = divmod(i, cols)
+        grid[1 + r * (k + 1):1 + r * (k + 1) + k, 1 + c * (k + 1):1 + c * (k + 1) + k] = image
+    fig, ax = plt.subplots(figsize=(cols * 0.5, rows * 0.5 + 0.4))
+    ax.imshow(grid.numpy(), interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title)
     _savefig(fig, path)
 
 
@@ -701,10 +720,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--label-smoothing", type=float, help="label smoothing of the training loss (default: the recipe's)")
     a("--augment", help=f"comma-separated augmentation ops from {','.join(AUGMENT_OPS)}, or 'none' (default: the recipe's)")
     a("--no-augment", dest="augment", action="store_const", const="none", help="no augmentation (same as --augment none)")
-    a("--crop-pad", type=int, help="crop: zero padding before the random 32x32 crop, in pixels; 0 turns it off")
-    a("--rotate-deg", type=float, help="rotate: largest rotation angle in degrees; 0 turns it off")
-    a("--jitter", type=float, help="jitter: colour jitter strength (brightness, contrast, saturation, hue); 0 turns it off")
-    a("--gray-p", type=float, help="gray: probability of turning an image grey; 0 turns it off")
+    a("--crop-pad", type=int, help="crop: zero padding before the random 32x32 crop, in pixels; > 0 turns crop on, 0 off")
+    a("--rotate-deg", type=float, help="rotate: largest rotation angle in degrees; > 0 turns rotate on, 0 off")
+    a("--jitter", type=float, help="jitter: colour jitter strength (brightness, contrast, saturation, hue); > 0 turns jitter on, 0 off")
+    a("--gray-p", type=float, help="gray: probability of turning an image grey; > 0 turns gray on, 0 off")
     a("--patience", type=int, help="stop after this many epochs without a better validation accuracy; 0 never stops early")
     a("--limit-train", type=int, help="train on the first N training images only, for quick runs")
     a("--val-size", type=int, help="validation images, taken from the end of the training set (default: 1000)")
@@ -738,7 +757,11 @@ def resolve_settings(args: argparse.Namespace, recipe: dict, model_defaults: dic
     """Defaults, then the recipe, then the model's defaults, then every flag the user gave."""
     given = {k: v for k, v in vars(args).items() if v is not None}
     settings = {**DEFAULTS, **recipe, **model_defaults, **given}
-    settings["augment"] = parse_augment(settings["augment"])
+    ops = set(parse_augment(settings["augment"]))
+    for op, key in STRENGTH_FLAGS.items():  # an explicit strength turns its op on (> 0) or off (0)
+        if key in given:
+            ops = ops | {op} if given[key] > 0 else ops - {op}
+    settings["augment"] = [op for op in AUGMENT_OPS if op in ops]
     return settings
 
 
@@ -747,8 +770,8 @@ def check_settings(settings: dict) -> None:
     for key in ("epochs", "batch_size"):
         if settings[key] <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive (got {settings[key]})")
-    if not settings["lr"] > 0:
-        raise UsageError(f"--lr must be positive (got {settings['lr']})")
+    if not 0 < settings["lr"] < math.inf:
+        raise UsageError(f"--lr must be positive and finite (got {settings['lr']})")
     dropout = settings.get("dropout", 0)
     for p in dropout if isinstance(dropout, list) else [dropout]:
         if not 0 <= p < 1:
@@ -947,7 +970,8 @@ def start_or_resume(args: argparse.Namespace, kind: str, settings: dict, build_m
     resume_from = None
     if settings["resume"]:
         if finished:
-            print(f"{out_dir} holds a finished run (metrics.json); nothing to resume")
+            if ctx.is_main:
+                print(f"{out_dir} holds a finished run (metrics.json); nothing to resume")
             return None
         if not unfinished:
             raise UsageError(f"nothing to resume in {out_dir}: it has no last.pt (start without --resume)")
@@ -958,6 +982,9 @@ def start_or_resume(args: argparse.Namespace, kind: str, settings: dict, build_m
         raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
     check_settings(settings)
     prepare_out_dir(out_dir)
+    if ctx.is_main:  # temporary files of atomic_write left by a run killed while saving
+        for stale in out_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     if ctx.is_main and resume_from is None:
         for name in ("metrics.json", "last.pt", "best.pt", "history.json", "train.log"):
             with contextlib.suppress(FileNotFoundError):
@@ -969,6 +996,8 @@ def start_or_resume(args: argparse.Namespace, kind: str, settings: dict, build_m
             return train_and_report(kind, settings, build_model, out_dir, ctx, resume_from)
     except KeyboardInterrupt:
         command = shlex.join([sys.argv[0], "--resume", "--out-dir", str(out_dir)])
+        if not (out_dir / "last.pt").exists():
+            raise KeyboardInterrupt(f"no epoch had finished: nothing to resume in {out_dir}; start the run again") from None
         raise KeyboardInterrupt(f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}") from None
 
 
@@ -993,15 +1022,17 @@ def plot_dropout_sweep(runs: list[dict], path: Path) -> None:
 
 def dropout_sweep(args: argparse.Namespace, kind: str, settings: dict, build_model: Callable,
                   out_dir: Path, ctx: TrainContext) -> None:
-    """One run per dropout value in out_dir/p<value>/, then dropout_sweep.png and dropout_sweep.json."""
+    """One run per dropout value in out_dir/p<value>/ (augmentation off unless a flag asks for it), then dropout_sweep.png and .json."""
+    augment_given = args.augment is not None or any(getattr(args, key) is not None for key in STRENGTH_FLAGS.values())
     runs = []
     for p in settings["dropout"]:
         run_dir = out_dir / f"p{p}"
-        run_settings = {**settings, "dropout": p, "augment": settings["augment"] if args.augment else []}
+        run_settings = {**settings, "dropout": p, "augment": settings["augment"] if augment_given else []}
         if (run_dir / "metrics.json").exists() and not settings["overwrite"]:
             print(f"{run_dir} is finished; using its results")
         else:
-            start_or_resume(args, kind, {**run_settings, "resume": settings["resume"] and (run_dir / "last.pt").exists()},
+            run_args = argparse.Namespace(**{**vars(args), "dropout": None})  # this run's p is in run_settings
+            start_or_resume(run_args, kind, {**run_settings, "resume": settings["resume"] and (run_dir / "last.pt").exists()},
                             build_model, run_dir, ctx)
         if ctx.is_main:
             history = load_runs([run_dir])[0]["history"]
@@ -1033,9 +1064,11 @@ def run_experiment(args: argparse.Namespace, kind: str, recipe: dict, model_defa
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if settings["eval_only"]:
-            eval_only(kind, {**settings, "out_dir_given": args.out_dir is not None}, build_model, ctx)
+            if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
+                eval_only(kind, {**settings, "out_dir": str(out_dir), "out_dir_given": args.out_dir is not None},
+                          build_model, ctx)
         elif isinstance(settings.get("dropout"), list) and getattr(args, "dropout", None) is not None:
-            check_settings({**settings, "dropout": 0.0})
+            check_settings(settings)
             dropout_sweep(args, kind, settings, build_model, out_dir, ctx)
         else:
             start_or_resume(args, kind, settings, build_model, out_dir, ctx)

@@ -24,13 +24,13 @@ RECIPES = {
     # Ours: SGD-Nesterov with a one-cycle schedule, label smoothing, flips and translations.
     "default": dict(epochs=30, batch_size=256, optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="onecycle",
                     warmup=0.2, lr_decay=None, label_smoothing=0.1, dropout=0.1, linear_init_std=None,
-                    augment="flip,crop", crop_pad=4, rotate_deg=0.0, jitter=0.0, gray_p=0.0, patience=10,
+                    augment="flip,crop", crop_pad=4, rotate_deg=15.0, jitter=0.1, gray_p=0.05, patience=10,
                     mean="data", std="data"),
     # The assignment's: Adam, lr x0.95 per epoch, heavier augmentation, mean/std 0.5.
     "original": dict(epochs=30, batch_size=200, optimizer="adam", lr=2e-3, weight_decay=1e-3, schedule="exp",
                      warmup=0.0, lr_decay=0.95, label_smoothing=0.0, dropout=[0.4, 0.3, 0.3, 0.3, 0.3],
                      linear_init_std=1e-3, augment="flip,crop,rotate,jitter", crop_pad=3, rotate_deg=15.0,
-                     jitter=0.1, gray_p=0.0, patience=10, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+                     jitter=0.1, gray_p=0.05, patience=10, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
 }
 
 

@@ -1,0 +1,250 @@
+"""Training speed of Exercise 1's ConvNet on one device, measured in one run on the same images:
+
+  1. model      the bare model: forward, backward and optimizer step on ready (normalised, on-device) batches
+  2. loop       the project's training loop, augmentation included (common.train_one_epoch, ex1 default recipe)
+  3. original   the original pipeline: PIL images through torchvision transforms in a DataLoader with one
+                worker per core, fp32, NCHW, Adam (ex1's original recipe)
+  4. aug        augmentation alone: batched (common.augment_batch) against PIL per image, original recipe's ops
+
+    python benchmarks/speed.py --data-dir data
+    python benchmarks/speed.py --data-dir data --device cuda --json speed.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+import ex1_convnet  # noqa: E402
+
+TARGETS = {"loop_vs_model": 0.9, "loop_vs_original": 2.0, "aug_batched_vs_pil": 20.0}  # on a 2-core CPU
+
+
+def recipe_settings(name: str, mean, std) -> dict:
+    """Settings as the driver builds them for `ex1_convnet.py --recipe name`, with resolved mean/std."""
+    settings = {**common.DEFAULTS, **ex1_convnet.RECIPES[name], "batch_norm": True}
+    settings["augment"] = common.parse_augment(settings["augment"])
+    if settings["mean"] == "data":
+        settings["mean"], settings["std"] = mean, std
+    return settings
+
+
+def original_transform() -> transforms.Compose:
+    """The original pipeline's per-image augmentation."""
+    return transforms.Compose([
+        transforms.RandomHorizontalFlip(), transforms.RandomCrop(32, padding=3), transforms.RandomRotation(15),
+        transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1),
+        transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+
+
+class PilDataset(torch.utils.data.Dataset):
+    """uint8 images (N, 3, 32, 32) handed out one by one as PIL images through `transform`."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()  # HWC for PIL
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds `fn()` takes, the device's queued work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def new_model(settings: dict, device: torch.device, channels_last: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = ex1_convnet.build_model(settings).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def bench_model(images, labels, settings, ctx, n_steps: int, warmup: int) -> float:
+    """1: images/s of forward, backward and step on ready batches (the loop's batch size, precision, layout)."""
+    bs = settings["batch_size"]
+    x_all = common.normalize(images.to(ctx.device).float().div_(255), settings["mean"], settings["std"])
+    y_all = labels.to(ctx.device)
+    model = new_model(settings, ctx.device, channels_last=True).train()
+    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
+
+    def steps(count: int):
+        for i in range(count):
+            s = (i * bs) % (len(x_all) - bs + 1)
+            with common.autocast(ctx):
+                logits = model(x_all[s:s + bs])
+            loss = criterion(logits.float(), y_all[s:s + bs])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    if warmup:
+        steps(warmup)
+    return n_steps * bs / timed(lambda: steps(n_steps), ctx.device)
+
+
+def bench_loop(images, labels, settings, ctx, n_steps: int, warmup: int) -> float:
+    """2: images/s of common.train_one_epoch, set up as the driver sets it up."""
+    bs = settings["batch_size"]
+    images, labels = images.to(ctx.device), labels.to(ctx.device)
+    model = new_model(settings, ctx.device, channels_last=True)
+    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.lr_factor(settings, step, n_steps))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    run = lambda epoch, n: common.train_one_epoch(model, optimizer, scheduler, scaler, images[:n], labels[:n],  # noqa: E731
+                                                  settings, epoch, ctx)
+    if warmup:
+        run(0, warmup * bs)
+    return n_steps * bs / timed(lambda: run(1, n_steps * bs), ctx.device)
+
+
+def bench_original(images, labels, settings, device: torch.device, n_steps: int, warmup: int, workers: int) -> float:
+    """3: images/s of the original pipeline: PIL transforms in DataLoader workers, fp32, NCHW, Adam."""
+    bs = settings["batch_size"]
+    model = new_model(settings, device, channels_last=False).train()
+    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    criterion = nn.CrossEntropyLoss()
+    dataset = PilDataset(images, labels, original_transform())
+
+    def epoch(count: int):  # a fresh loader each time: worker start-up is part of an epoch
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count * bs)), batch_size=bs,
+                                             shuffle=True, num_workers=workers, drop_last=True)
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    if warmup:
+        epoch(warmup)
+    return n_steps * bs / timed(lambda: epoch(n_steps), device)
+
+
+def bench_augment(images, settings, device: torch.device, batch_size: int, warmup: int) -> tuple[float, float]:
+    """4: images/s of the original recipe's augmentation (to normalised tensors), batched and PIL per image."""
+    on_device = images.to(device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def batched(n: int):
+        for s in range(0, n, batch_size):
+            x = common.augment_batch(on_device[s:s + batch_size], settings, generator)
+            common.normalize(x, settings["mean"], settings["std"])
+
+    pil_images = images.permute(0, 2, 3, 1).contiguous().numpy()
+    transform = original_transform()
+
+    def per_image(n: int):
+        for i in range(n):
+            transform(Image.fromarray(pil_images[i]))
+
+    batched(warmup * batch_size)
+    per_image(warmup * batch_size)
+    n = len(images)
+    return n / timed(lambda: batched(n), device), n / timed(lambda: per_image(n), torch.device("cpu"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (never downloaded; default: data)")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="precision of measurements 1 and 2 (auto: as the training scripts choose); 3 is always fp32")
+    parser.add_argument("--batch-size", type=int, help="batch size of measurements 1 and 2 (default: the ex1 default recipe's, 256); "
+                                                       "3 uses the original recipe's (200)")
+    parser.add_argument("--images", type=int, help="training images each of measurements 1-3 uses, rounded down to whole "
+                                                   "batches (default: 49,000 on CUDA, 4,096 elsewhere)")
+    parser.add_argument("--aug-images", type=int, help="images measurement 4 augments (default: --images, at most 10,000)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before each measurement (default: 5 on CUDA, 2 elsewhere)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help=f"DataLoader workers of the original pipeline (default: one per core, {os.cpu_count()} here)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = common.resolve_device(args.device)
+        ctx = common.TrainContext(device, common.resolve_precision(args.precision, device))
+        data = common.load_cifar10(args.data_dir, download=False)
+    except common.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the driver does
+    cuda = device.type == "cuda"
+    n = min(args.images or (49_000 if cuda else 4_096), len(data.train_images))
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    images, labels = data.train_images[:n], data.train_labels[:n]
+    mean, std = common.channel_mean_std(images)
+    ours = recipe_settings("default", mean, std)
+    original = recipe_settings("original", mean, std)
+    if args.batch_size:
+        ours["batch_size"] = args.batch_size
+    bs, bs_orig = ours["batch_size"], original["batch_size"]
+    if n < max(bs, bs_orig) or n < warmup * max(bs, bs_orig):
+        print(f"error: --images {n} must hold at least one batch and the {warmup} warm-up steps "
+              f"(batch sizes {bs} and {bs_orig})", file=sys.stderr)
+        return 2
+    n_aug = min(args.aug_images or min(n, 10_000), len(data.train_images))
+    precision = str(ctx.dtype).replace("torch.", "")
+    print(f"device {device}  precision {precision}  batch {bs} (original: {bs_orig}, fp32, {args.workers} workers)  "
+          f"images {n // bs * bs} (original: {n // bs_orig * bs_orig}; augmentation: {n_aug})  warm-up {warmup} steps  "
+          f"torch {torch.__version__}  threads {torch.get_num_threads()}", flush=True)
+
+    results = {}
+    for key, label, measure in [
+        ("model_img_s", "1 bare model (ready tensors)", lambda: bench_model(images, labels, ours, ctx, n // bs, warmup)),
+        ("loop_img_s", "2 training loop (train_one_epoch)", lambda: bench_loop(images, labels, ours, ctx, n // bs, warmup)),
+        ("original_img_s", "3 original pipeline (PIL, DataLoader)",
+         lambda: bench_original(images, labels, original, device, n // bs_orig, warmup, args.workers)),
+    ]:
+        results[key] = measure()
+        print(f"{label:<40}{results[key]:>10.0f} images/s", flush=True)
+    batched, pil = bench_augment(data.train_images[:n_aug], original, device, bs, warmup)
+    results.update(aug_batched_img_s=batched, aug_pil_img_s=pil)
+    print(f"{'4 augmentation batched (augment_batch)':<40}{batched:>10.0f} images/s")
+    print(f"{'  augmentation PIL per image':<40}{pil:>10.0f} images/s")
+
+    results.update(loop_vs_model=results["loop_img_s"] / results["model_img_s"],
+                   loop_vs_original=results["loop_img_s"] / results["original_img_s"],
+                   aug_batched_vs_pil=batched / pil)
+    print(f"\n{'ratio':<40}{'value':>10}   target on a 2-core CPU")
+    for key, label in [("loop_vs_model", "2/1 loop vs bare model"), ("loop_vs_original", "2/3 loop vs original pipeline"),
+                       ("aug_batched_vs_pil", "4 batched vs PIL augmentation")]:
+        met = "met" if results[key] >= TARGETS[key] else "not met"
+        print(f"{label:<40}{results[key]:>10.2f}   >= {TARGETS[key]:g} ({met})")
+    if args.json:
+        results.update(device=str(device), precision=precision, batch_size=bs, original_batch_size=bs_orig,
+                       images=n // bs * bs, original_images=n // bs_orig * bs_orig, aug_images=n_aug,
+                       warmup_steps=warmup, workers=args.workers, torch=torch.__version__,
+                       threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+        common.save_json(results, Path(args.json))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

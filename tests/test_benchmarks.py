@@ -1,0 +1,24 @@
+"""benchmarks/speed.py runs end to end on the fixture data with tiny settings and writes its figures."""
+import json
+
+from conftest import run_script
+
+
+def test_speed_smoke(cifar_dir, tmp_path):
+    out = tmp_path / "speed.json"
+    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--device", "cpu", "--precision", "fp32",
+                        "--batch-size", "32", "--images", "200", "--aug-images", "64", "--warmup", "0",
+                        "--workers", "1", "--json", out, timeout=120, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for key in ("model_img_s", "loop_img_s", "original_img_s", "aug_batched_img_s", "aug_pil_img_s"):
+        assert figures[key] > 0, key
+    assert figures["loop_vs_model"] == figures["loop_img_s"] / figures["model_img_s"]
+    assert (figures["device"], figures["precision"], figures["batch_size"], figures["images"]) == ("cpu", "float32", 32, 192)
+    assert "2/3 loop vs original pipeline" in result.stdout
+
+
+def test_speed_refuses_too_few_images(cifar_dir):
+    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--device", "cpu", "--images", "100")
+    assert result.returncode == 2
+    assert "must hold at least one batch" in result.stderr

@@ -1,0 +1,163 @@
+"""Loading CIFAR-10: both folder levels, both key styles, refused and broken files, the train/validation split."""
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import ex1_convnet
+from conftest import CLASS_NAMES, QUICK, run_script, write_cifar
+
+BATCHES = "cifar-10-batches-py"
+
+
+def raw_batch(root: Path, name: str) -> dict:
+    """A batch file of the fixture as written (plain pickle: these are our own files)."""
+    with open(root / BATCHES / name, "rb") as f:
+        return pickle.load(f)
+
+
+def rewrite_batch(root: Path, name: str, **changes) -> Path:
+    """Replace some entries of one batch file of the copy under root; return the file's path."""
+    record = {**raw_batch(root, name), **changes}
+    path = root / BATCHES / name
+    with open(path, "wb") as f:
+        pickle.dump(record, f, protocol=4)
+    return path
+
+
+class CreatesFile:
+    """A pickle payload that creates `path` when a plain unpickler loads it."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_loads_from_parent_folder_and_from_batches_folder(cifar_dir):
+    """--data-dir may name the folder holding cifar-10-batches-py/ or that folder itself; both give the same data."""
+    outer = common.load_cifar10(cifar_dir, download=False)
+    inner = common.load_cifar10(cifar_dir / BATCHES, download=False)
+    for a, b in zip(outer[:4], inner[:4]):
+        assert torch.equal(a, b)
+    assert outer.classes == inner.classes == tuple(CLASS_NAMES)
+
+
+def test_shapes_dtypes_and_content(cifar_dir):
+    """Images are (N, 3, 32, 32) uint8 in batch order 1..5, labels int64 in 0..9, matching the files' rows."""
+    data = common.load_cifar10(cifar_dir, download=False)
+    assert data.train_images.shape == (320, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (120, 3, 32, 32) and data.test_images.dtype == torch.uint8
+    assert data.train_labels.shape == (320,) and data.train_labels.dtype == torch.int64
+    assert data.test_labels.shape == (120,) and data.test_labels.dtype == torch.int64
+    assert set(data.train_labels.tolist()) == set(range(10))
+    second = raw_batch(cifar_dir, "data_batch_2")
+    assert np.array_equal(data.train_images[64:128].numpy(), second["data"].reshape(64, 3, 32, 32))
+    assert data.train_labels[64:128].tolist() == second["labels"]
+    test = raw_batch(cifar_dir, "test_batch")
+    assert np.array_equal(data.test_images.numpy(), test["data"].reshape(120, 3, 32, 32))
+    assert data.test_labels.tolist() == test["labels"]
+
+
+def test_bytes_keys_load_like_str_keys(cifar_dir, tmp_path):
+    """The official Python 2 pickles load with bytes keys and names; they give the same data as str keys."""
+    as_bytes = common.load_cifar10(write_cifar(tmp_path, bytes_keys=True), download=False)
+    as_str = common.load_cifar10(cifar_dir, download=False)
+    assert isinstance(next(iter(raw_batch(tmp_path, "data_batch_1"))), bytes)
+    for a, b in zip(as_bytes[:4], as_str[:4]):
+        assert torch.equal(a, b)
+    assert as_bytes.classes == tuple(CLASS_NAMES)
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    """A batch file whose pickle would run code is refused with a message, and its payload never runs."""
+    control, target = tmp_path / "control", tmp_path / "target"
+    pickle.loads(pickle.dumps(CreatesFile(control))).close()
+    assert control.exists(), "the payload must be live for this test to mean anything"
+    root = write_cifar(tmp_path / "data", per_batch=10, n_test=10)
+    path = root / BATCHES / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": CreatesFile(target), "labels": [0]}))
+    with pytest.raises(common.UsageError) as error:
+        common.load_cifar10(root, download=False)
+    assert not target.exists()
+    assert str(path) in str(error.value) and "open" in str(error.value)
+
+
+def test_missing_data_with_no_download_exits_2_naming_the_folder(tmp_path):
+    """No data and --no-download: exit code 2, one message that names the folder, no traceback."""
+    missing = tmp_path / "no-cifar-here"
+    result = run_script("ex1_convnet.py", *QUICK, "--data-dir", missing, "--out-dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "html", "absurd-length"])
+def test_corrupt_file_is_named(tmp_path, damage):
+    """A truncated file, an HTML page saved in its place, or a corrupt length field gives a UsageError naming the file."""
+    root = write_cifar(tmp_path / "data", per_batch=10, n_test=10)
+    path = root / BATCHES / "data_batch_3"
+    content = path.read_bytes()
+    path.write_bytes({"truncated": content[:len(content) // 2],
+                      "html": b"<html><body>404 Not Found</body></html>",
+                      "absurd-length": b"\x80\x04\x8e" + (2 ** 63 + 5).to_bytes(8, "little")}[damage])
+    with pytest.raises(common.UsageError, match=re.escape(str(path))):
+        common.load_cifar10(root, download=False)
+
+
+def test_corrupt_file_on_the_command_line_exits_2(tmp_path, capsys):
+    """The script reports a truncated file as an error naming it, with exit code 2 (no exception escapes)."""
+    root = write_cifar(tmp_path / "data", per_batch=10, n_test=10)
+    path = root / BATCHES / "test_batch"
+    path.write_bytes(path.read_bytes()[:1000])
+    code = ex1_convnet.main([*QUICK, "--data-dir", str(root), "--out-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert str(path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes", [
+    {"labels": [10] + [0] * 9},
+    {"labels": [-1] + [0] * 9},
+    {"labels": [0] * 9},
+    {"data": np.zeros((10, 3071), np.uint8)},
+    {"data": np.zeros((10, 3072), np.float32)},
+], ids=["label-10", "label-minus-1", "too-few-labels", "wrong-shape", "wrong-dtype"])
+def test_bad_contents_are_refused(tmp_path, changes):
+    """Labels outside 0..9, a label count that does not match, or data not uint8 (N, 3072) are refused, naming the file."""
+    root = write_cifar(tmp_path, per_batch=10, n_test=10)
+    path = rewrite_batch(root, "data_batch_2", **changes)
+    with pytest.raises(common.UsageError, match=re.escape(str(path))):
+        common.load_cifar10(root, download=False)
+
+
+def test_split_takes_validation_from_the_end(cifar_dir):
+    """Training = the first N - val_size images, validation = the last val_size."""
+    data = common.load_cifar10(cifar_dir, download=False)
+    train_x, train_y, val_x, val_y = common.split_train_val(data, 64, None)
+    assert torch.equal(train_x, data.train_images[:256]) and torch.equal(train_y, data.train_labels[:256])
+    assert torch.equal(val_x, data.train_images[256:]) and torch.equal(val_y, data.train_labels[256:])
+
+
+@pytest.mark.parametrize("limit, kept", [(100, 100), (1000, 256)])
+def test_limit_train_keeps_the_first_images(cifar_dir, limit, kept):
+    """--limit-train N keeps the first N training images, never reaching into the validation images."""
+    data = common.load_cifar10(cifar_dir, download=False)
+    train_x, train_y, val_x, _ = common.split_train_val(data, 64, limit)
+    assert torch.equal(train_x, data.train_images[:kept]) and torch.equal(train_y, data.train_labels[:kept])
+    assert torch.equal(val_x, data.train_images[256:])
+
+
+@pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"), reason="set CIFAR10_DIR to a real CIFAR-10 copy")
+def test_real_cifar10_loads():
+    """The official files (Python 2 pickles) pass the restricted unpickler: 50,000 + 10,000 images, 5,000 per class."""
+    data = common.load_cifar10(os.environ["CIFAR10_DIR"], download=False)
+    assert data.train_images.shape == (50000, 3, 32, 32) and data.test_images.shape == (10000, 3, 32, 32)
+    assert torch.bincount(data.train_labels).tolist() == [5000] * 10
+    assert torch.bincount(data.test_labels).tolist() == [1000] * 10
+    assert data.classes == common.CLASSES

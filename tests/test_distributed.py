@@ -1,0 +1,178 @@
+"""Multi-process training under torchrun on the CPU (gloo): the same training as one process, rank 0 alone
+writing, checkpoints without DDP's `module.` prefix, --eval-only and --resume across process counts.
+
+Each run is tiny (64 training images, global batch 32, one epoch); the runs are shared through module fixtures.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import ex1_convnet
+from conftest import QUICK, ROOT, run_script
+
+N_TEST = 120  # test images of the conftest fixture
+TINY = [*QUICK, "--epochs", "1", "--limit-train", "64"]
+# Settings under which one process and two compute the same update: nothing random per process.
+SAME_UPDATE = ["--no-bn", "--dropout", "0", "--no-augment"]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N script args` (standalone rendezvous on a free local port)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / script), *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **ENV})
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def model_state(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def metrics(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def files(run_dir) -> set[str]:
+    return {p.name for p in run_dir.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def ex1_runs(cifar_dir, tmp_path_factory):
+    """ex1 trained once by one process and once by two under torchrun, same flags: (one_dir, two_dir, two_result)."""
+    base = tmp_path_factory.mktemp("ex1")
+    flags = [*TINY, *SAME_UPDATE, "--data-dir", cifar_dir]
+    check(run_script("ex1_convnet.py", *flags, "--out-dir", base / "one", env=ENV))
+    two = check(run_torchrun("ex1_convnet.py", *flags, "--out-dir", base / "two"))
+    return base / "one", base / "two", two
+
+
+@pytest.fixture(scope="module")
+def ex2_runs(cifar_dir, tmp_path_factory):
+    """ex2 --scratch (BatchNorm, flips and crops on) by one process and by two: (one_dir, two_dir, two_result)."""
+    base = tmp_path_factory.mktemp("ex2")
+    flags = [*TINY, "--scratch", "--data-dir", cifar_dir]
+    check(run_script("ex2_transfer.py", *flags, "--out-dir", base / "one", env=ENV))
+    two = check(run_torchrun("ex2_transfer.py", *flags, "--out-dir", base / "two"))
+    return base / "one", base / "two", two
+
+
+def test_plain_run_sets_up_no_process_group(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert common.init_distributed() == (0, 1, 0)
+    assert not torch.distributed.is_initialized()
+
+
+def test_batch_size_is_global_in_help():
+    import argparse
+    parser = argparse.ArgumentParser()
+    common.add_common_arguments(parser)
+    assert "global batch size" in " ".join(parser.format_help().split())
+
+
+def test_ranks_take_disjoint_shards_of_the_same_global_batches():
+    single = list(common.epoch_batches(100, 32, torch.Generator().manual_seed(5)))
+    shards = [list(common.epoch_batches(100, 32, torch.Generator().manual_seed(5), rank, 4)) for rank in range(4)]
+    assert all(len(s) == len(single) == 3 for s in shards)
+    for step, batch in enumerate(single):
+        parts = [shards[rank][step] for rank in range(4)]
+        assert all(len(p) == 8 for p in parts)
+        together = torch.cat(parts)
+        assert len(set(together.tolist())) == 32  # disjoint
+        assert sorted(together.tolist()) == sorted(batch.tolist())  # and together the single-process batch
+
+
+def test_two_processes_train_the_same_weights_as_one(ex1_runs):
+    one_dir, two_dir, _ = ex1_runs
+    one, two = model_state(one_dir / "last.pt"), model_state(two_dir / "last.pt")
+    assert list(two) == list(one)
+    torch.manual_seed(0)  # the run's --seed: the weights training started from
+    start = ex1_convnet.build_model({"dropout": 0.0, "batch_norm": False, "linear_init_std": None}).state_dict()
+    for name in one:
+        assert (one[name] - start[name]).abs().max() > 5e-5, f"{name} barely moved: the comparison would prove nothing"
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    h_one = json.loads((one_dir / "history.json").read_text())
+    h_two = json.loads((two_dir / "history.json").read_text())
+    assert len(h_one) == len(h_two) == 1
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+        assert h_two[0][key] == pytest.approx(h_one[0][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("runs", ["ex1_runs", "ex2_runs"])
+def test_two_process_run_writes_what_one_process_writes(runs, request):
+    one_dir, two_dir, two = request.getfixturevalue(runs)
+    assert files(two_dir) == files(one_dir)
+    assert {"last.pt", "best.pt", "metrics.json", "history.json", "train.log", "history.png", "confusion.png"} <= files(two_dir)
+    m_one, m_two = metrics(one_dir), metrics(two_dir)
+    assert m_one["processes"] == 1 and m_two["processes"] == 2
+    assert m_one["test_images"] == m_two["test_images"] == N_TEST  # the whole test set, not one rank's share
+    assert sum(map(sum, m_two["confusion_matrix"])) == N_TEST
+    assert m_two["settings"]["batch_size"] == 32  # the global batch
+    # rank 0 alone prints and logs
+    assert two.stdout.count("reports in") == 1 and two.stdout.count("processes: 2") == 1
+    assert (two_dir / "train.log").read_text().count("epoch   1/1") == 1
+
+
+@pytest.mark.parametrize("runs", ["ex1_runs", "ex2_runs"])
+def test_checkpoints_hold_the_plain_model(runs, request):
+    one_dir, two_dir, _ = request.getfixturevalue(runs)
+    for name in ("last.pt", "best.pt"):
+        keys = list(model_state(two_dir / name))
+        assert keys and not [k for k in keys if k.startswith("module.")]
+        assert keys == list(model_state(one_dir / name))
+
+
+def test_eval_only_of_a_two_process_checkpoint_single_process(ex1_runs, cifar_dir, tmp_path):
+    _, two_dir, _ = ex1_runs
+    result = check(run_script("ex1_convnet.py", "--eval-only", "--checkpoint", two_dir / "best.pt",
+                              "--out-dir", tmp_path / "eval", "--data-dir", cifar_dir, *QUICK, env=ENV))
+    evaluated, trained = metrics(tmp_path / "eval"), metrics(two_dir)
+    # rank 0's test figures during the 2-process run equal a single-process evaluation of the same checkpoint
+    assert evaluated["test_images"] == N_TEST
+    assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+    assert "reports in" in result.stdout
+
+
+def test_eval_only_under_torchrun_writes_once(ex2_runs, cifar_dir, tmp_path):
+    one_dir, two_dir, _ = ex2_runs
+    result = check(run_torchrun("ex2_transfer.py", "--eval-only", "--checkpoint", one_dir / "best.pt",
+                                "--out-dir", tmp_path / "eval", "--data-dir", cifar_dir, *QUICK))
+    assert result.stdout.count("reports in") == 1 and result.stdout.count("evaluating") == 1
+    evaluated = metrics(tmp_path / "eval")
+    assert evaluated["test_images"] == N_TEST
+    assert evaluated["confusion_matrix"] == metrics(one_dir)["confusion_matrix"]
+
+
+def test_resume_under_torchrun(ex1_runs, cifar_dir, tmp_path):
+    """A single-process run's last.pt, continued for a second epoch by two processes."""
+    one_dir, _, _ = ex1_runs
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_dir, run_dir)
+    (run_dir / "metrics.json").unlink()  # as if the run had stopped after its first epoch
+    first = json.loads((run_dir / "history.json").read_text())[0]
+    result = check(run_torchrun("ex1_convnet.py", "--resume", "--epochs", "2", "--out-dir", run_dir,
+                                "--data-dir", cifar_dir, *QUICK))
+    assert result.stdout.count("resuming after epoch 1 of 2") == 1
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[0] == first
+    checkpoint = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
+    assert not [k for k in checkpoint["model"] if k.startswith("module.")]
+    m = metrics(run_dir)
+    assert m["processes"] == 2 and m["epochs_run"] == 2 and m["test_images"] == N_TEST
+

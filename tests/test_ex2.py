@@ -1,0 +1,356 @@
+"""Exercise 2 (VGG-11-bn transfer learning): the network, --weights, --scratch, --freeze, the runs and --compare.
+
+No test uses the network: ImageNet weights always come from a random vgg11_bn checkpoint written here in
+torchvision's exact key layout (passed with --weights or placed in an empty TORCH_HOME's cache), or --scratch.
+"""
+import json
+import os
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from PIL import Image
+from torchvision.models import VGG11_BN_Weights
+
+import common
+import ex1_convnet
+import ex2_transfer
+from conftest import QUICK, make_images, run_script
+
+IMAGENET_MEAN = list(VGG11_BN_Weights.IMAGENET1K_V1.transforms().mean)
+IMAGENET_STD = list(VGG11_BN_Weights.IMAGENET1K_V1.transforms().std)
+REPORTS = ("metrics.json", "history.json", "history.png", "per_class.png", "confusion.png", "misclassified.png")
+EPOCHS = 2
+HEAD_PARAMS = 6  # Linear(512,256) weight+bias, BatchNorm1d weight+bias, Linear(256,10) weight+bias
+
+
+def features_of(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.startswith("features.")}
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), f"{path.name} missing"
+    with Image.open(path) as image:
+        image.load()
+        assert image.format == "PNG" and image.width > 50 and image.height > 50, path.name
+
+
+def quiet_env(torch_home: Path) -> dict:
+    """One thread, and a TORCH_HOME that does not exist: any attempt to reach the weights cache would create it."""
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TORCH_HOME": str(torch_home)}
+
+
+# ----------------------------------------------------------------------------- files
+
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory) -> Path:
+    """A random vgg11_bn state dict in torchvision's layout, with non-default BatchNorm weights and running stats."""
+    gen = torch.Generator().manual_seed(123)
+    model = torchvision.models.vgg11_bn()
+    with torch.no_grad():
+        for m in model.features:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+                m.running_mean.normal_(0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.num_batches_tracked.fill_(7)
+    state = model.state_dict()
+    path = tmp_path_factory.mktemp("weights") / "vgg11_bn-random.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vgg_features(vgg_weights) -> dict:
+    """The features.* tensors (parameters and buffers) of the weights file."""
+    return features_of(torch.load(vgg_weights, map_location="cpu", weights_only=True))
+
+
+@pytest.fixture(scope="module")
+def wrong_files(tmp_path_factory, vgg_weights) -> dict:
+    """Files --weights must refuse: an ex1 best.pt, an ex1 model state dict, a truncated vgg11_bn file."""
+    folder = tmp_path_factory.mktemp("wrong")
+    settings = common.resolve_settings(ex1_convnet.parse_args([]), ex1_convnet.RECIPES["default"], {"batch_norm": True})
+    model = ex1_convnet.build_model(settings)
+    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    common.save_checkpoint(common._checkpoint("ex1_convnet.py", settings, model, optimizer, scheduler, scaler, [], (None, -1.0)),
+                           folder / "best.pt")
+    torch.save(model.state_dict(), folder / "convnet_state.pt")
+    with open(vgg_weights, "rb") as f:
+        (folder / "truncated.pth").write_bytes(f.read(4 << 20))
+    return {"ex1 best.pt": folder / "best.pt", "ex1 state dict": folder / "convnet_state.pt",
+            "truncated": folder / "truncated.pth"}
+
+
+# ----------------------------------------------------------------------------- runs (shared by several tests)
+
+def _train(mode_flags: list, cifar_dir: Path, tmp_path_factory, name: str) -> dict:
+    base = tmp_path_factory.mktemp(name)
+    out_dir, torch_home = base / "run", base / "torch_home_absent"
+    proc = run_script("ex2_transfer.py", *mode_flags, *QUICK, "--data-dir", cifar_dir, "--out-dir", out_dir,
+                      "--epochs", EPOCHS, "--limit-train", 64, env=quiet_env(torch_home))
+    return {"proc": proc, "out_dir": out_dir, "torch_home": torch_home}
+
+
+@pytest.fixture(scope="module")
+def run_pretrained(cifar_dir, vgg_weights, tmp_path_factory):
+    return _train(["--weights", vgg_weights], cifar_dir, tmp_path_factory, "pretrained")
+
+
+@pytest.fixture(scope="module")
+def run_scratch(cifar_dir, tmp_path_factory):
+    return _train(["--scratch"], cifar_dir, tmp_path_factory, "scratch")
+
+
+@pytest.fixture(scope="module")
+def run_frozen(cifar_dir, vgg_weights, tmp_path_factory):
+    return _train(["--freeze", "--weights", vgg_weights], cifar_dir, tmp_path_factory, "frozen")
+
+
+def finished(run: dict) -> dict:
+    proc = run["proc"]
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return run
+
+
+# ----------------------------------------------------------------------------- the network
+
+def test_network_is_vgg11_bn_features_and_the_new_head():
+    model = ex2_transfer.build_model({"mode": "scratch", "weights": None})
+    assert list(dict(model.named_children())) == ["features", "head"]  # no avgpool, no classifier
+    with torch.device("meta"):
+        reference = torchvision.models.vgg11_bn().features
+    assert [type(m) for m in model.features] == [type(m) for m in reference]
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 8 and all(isinstance(m, nn.BatchNorm2d) for m in model.features
+                                   if not isinstance(m, (nn.Conv2d, nn.ReLU, nn.MaxPool2d)))
+    model.eval()
+    with torch.no_grad():
+        assert model.features(torch.zeros(2, 3, 32, 32)).shape == (2, 512, 1, 1)
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    layers = [m for m in model.head if not isinstance(m, nn.Flatten)]
+    assert [type(m) for m in layers] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]  # logits: no activation
+    assert (layers[0].in_features, layers[0].out_features, layers[1].num_features) == (512, 256, 256)
+    assert (layers[3].in_features, layers[3].out_features) == (256, 10)
+
+
+@pytest.mark.parametrize("flags, mode", [([], "pretrained"), (["--pretrained"], "pretrained"), (["--scratch"], "scratch"),
+                                         (["--freeze"], "frozen"), (["--freeze", "--weights", "w.pth"], "frozen"),
+                                         (["--scratch", "--recipe", "original"], "scratch")])
+def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mode):
+    seen = {}
+
+    def fake_run_experiment(args, kind, recipe, model_defaults, build_model, default_out_dir):
+        seen.update(settings=common.resolve_settings(args, recipe, model_defaults), out=default_out_dir)
+        return 0
+
+    monkeypatch.setattr(common, "run_experiment", fake_run_experiment)
+    assert ex2_transfer.main(flags) == 0
+    assert seen["out"] == f"runs/ex2-{mode}"
+    assert seen["settings"]["mode"] == mode
+    assert seen["settings"]["weights"] == ("w.pth" if "--weights" in flags else None)
+    assert seen["settings"]["mean"] == IMAGENET_MEAN and seen["settings"]["std"] == IMAGENET_STD
+
+
+@pytest.mark.parametrize("flags", [["--scratch", "--freeze"], ["--freeze", "--scratch"], ["--scratch", "--weights", "w.pth"]])
+def test_scratch_with_freeze_or_weights_is_refused(capsys, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        ex2_transfer.parse_args(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scratch" in err and "--freeze" in err and "--weights" in err
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_weights_file_gives_the_backbone_exactly_its_tensors(vgg_weights, vgg_features):
+    model = ex2_transfer.build_model({"mode": "pretrained", "weights": str(vgg_weights)})
+    loaded = features_of(model.state_dict())
+    assert loaded.keys() == vgg_features.keys()  # parameters and buffers (running stats, num_batches_tracked)
+    for key, value in vgg_features.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_weights_file_with_extra_entries_still_loads(monkeypatch, vgg_weights, vgg_features):
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: {**real_load(*args, **kwargs), "extra.note": torch.zeros(3)})
+    model = ex2_transfer.build_model({"mode": "pretrained", "weights": str(vgg_weights)})
+    assert torch.equal(model.state_dict()["features.0.weight"], vgg_features["features.0.weight"])
+
+
+@pytest.mark.parametrize("case, words", [("ex1 best.pt", "checkpoint of ex1_convnet.py"),
+                                         ("ex1 state dict", "not VGG-11-bn weights"),
+                                         ("truncated", "not a readable weights file")])
+def test_wrong_weights_file_is_refused_with_a_message(wrong_files, cifar_dir, tmp_path, case, words):
+    path = wrong_files[case]
+    proc = run_script("ex2_transfer.py", "--weights", path, *QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run",
+                      "--epochs", 1, env=quiet_env(tmp_path / "torch_home"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(path) in proc.stderr and words in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_missing_weights_file_is_refused(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(common.UsageError, match="no such file") as error:
+        ex2_transfer.imagenet_state_dict(str(missing))
+    assert str(missing) in str(error.value)
+
+
+def test_without_network_or_cache_the_message_says_how_to_provide_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    attempts = []
+
+    def no_network(url, *args, **kwargs):
+        attempts.append(url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(common.UsageError) as error:
+        ex2_transfer.imagenet_state_dict(None)
+    assert attempts == [VGG11_BN_Weights.IMAGENET1K_V1.url]  # the download torchvision's weights API asks for
+    message = str(error.value)
+    assert "--weights" in message and "--scratch" in message and VGG11_BN_Weights.IMAGENET1K_V1.url in message
+
+
+def test_cached_weights_load_through_the_weights_api_without_network(monkeypatch, tmp_path, vgg_weights, vgg_features):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    os.symlink(vgg_weights, cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("downloaded although the weights are cached")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    real_load, loads = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    model = ex2_transfer.build_model({"mode": "pretrained", "weights": None})
+    assert loads == [True]  # weights_only=True
+    assert torch.equal(model.state_dict()["features.0.weight"], vgg_features["features.0.weight"])
+
+
+def test_corrupt_cached_weights_give_a_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name).write_bytes(b"not a checkpoint\n")
+    with pytest.raises(common.UsageError, match="--weights"):
+        ex2_transfer.imagenet_state_dict(None)
+
+
+def test_scratch_never_reads_weights(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("--scratch looked for ImageNet weights")
+
+    monkeypatch.setattr(ex2_transfer, "imagenet_state_dict", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", forbidden)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", forbidden)
+    model = ex2_transfer.build_model({"mode": "scratch", "weights": None}, pretrained=True)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- --freeze
+
+def test_freeze_training_step_changes_only_the_head(vgg_weights):
+    args = ex2_transfer.parse_args(["--freeze", "--weights", str(vgg_weights), "--batch-size", "16", "--seed", "3"])
+    settings = common.resolve_settings(args, ex2_transfer.RECIPES["frozen"], {"mode": "frozen", "weights": None})
+    model = ex2_transfer.build_model(settings)
+    assert not any(p.requires_grad for p in model.features.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = common.make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, labels = make_images(32, np.random.default_rng(1))
+    images = torch.from_numpy(images.reshape(-1, 3, 32, 32))
+    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
+    result = common.train_one_epoch(model, optimizer, scheduler, scaler, images, torch.tensor(labels), settings, 1, ctx)
+    assert np.isfinite(result["train_loss"])
+    assert model.training and model.head.training
+    assert not model.features.training and not any(m.training for m in model.features.modules())  # BN in eval mode
+    after = model.state_dict()
+    for key in before:
+        if key.startswith("features."):
+            assert torch.equal(after[key], before[key]), f"{key} changed"  # parameters and BN running stats
+    assert all(p.grad is None for p in model.features.parameters())
+    changed = [k for k in before if k.startswith("head.") and not torch.equal(after[k], before[k])]
+    assert {"head.1.weight", "head.4.weight", "head.2.running_mean"} <= set(changed)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("mode", ["pretrained", "scratch", "frozen"])
+def test_end_to_end_run_writes_every_report(request, mode, vgg_weights):
+    run = finished(request.getfixturevalue(f"run_{mode}"))
+    out_dir = run["out_dir"]
+    for name in REPORTS:
+        assert (out_dir / name).is_file(), f"{mode}: {name} missing"
+    for name in REPORTS:
+        if name.endswith(".png"):
+            assert_png(out_dir / name)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    history = json.loads((out_dir / "history.json").read_text())
+    assert len(history) == EPOCHS and metrics["epochs_run"] == EPOCHS
+    assert metrics["test_images"] == 120 and 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["settings"]["mode"] == mode
+    assert metrics["settings"]["weights"] == (None if mode == "scratch" else str(vgg_weights))
+    assert metrics["settings"]["mean"] == IMAGENET_MEAN and metrics["settings"]["std"] == IMAGENET_STD
+    assert not run["torch_home"].exists(), "looked in the torch hub cache although weights were given or not needed"
+
+
+def test_pretrained_run_fine_tunes_the_whole_network(run_pretrained, vgg_features):
+    checkpoint = torch.load(finished(run_pretrained)["out_dir"] / "last.pt", map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        n_params = sum(1 for _ in ex2_transfer.build_model({"mode": "scratch", "weights": None}).parameters())
+    assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == n_params
+    assert not torch.equal(checkpoint["model"]["features.0.weight"], vgg_features["features.0.weight"])
+
+
+def test_frozen_run_keeps_the_backbone_bit_identical(run_frozen, vgg_features):
+    out_dir = finished(run_frozen)["out_dir"]
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(out_dir / name, map_location="cpu", weights_only=True)
+        features = features_of(checkpoint["model"])
+        assert features.keys() == vgg_features.keys()
+        for key, value in vgg_features.items():
+            assert torch.equal(features[key], value), f"{name}: {key} changed"
+        optimizer = checkpoint["optimizer"]
+        assert len(optimizer["param_groups"][0]["params"]) == HEAD_PARAMS  # only the head is optimised
+    with torch.device("meta"):
+        head = ex2_transfer.build_model({"mode": "scratch", "weights": None}).head
+    assert f"trainable: {sum(p.numel() for p in head.parameters()):,}" in run_frozen["proc"].stdout
+
+
+def test_compare_draws_and_summarises_two_runs(run_pretrained, run_scratch, tmp_path):
+    dirs = [finished(run_pretrained)["out_dir"], finished(run_scratch)["out_dir"]]
+    out_dir = tmp_path / "compare"
+    proc = run_script("ex2_transfer.py", "--compare", *dirs, "--out-dir", out_dir,
+                      env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_png(out_dir / "compare.png")
+    summary = json.loads((out_dir / "compare.json").read_text())
+    assert [Path(r["run"]) for r in summary["runs"]] == dirs
+    lines = proc.stdout.splitlines()
+    assert any("test" in line and "first 1000" in line for line in lines)
+    for run_dir, row in zip(dirs, summary["runs"]):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert row["test_accuracy"] == metrics["test_accuracy"]
+        assert row["test_accuracy_first1000"] == metrics["test_accuracy_first1000"]
+        table_row = next(line for line in lines if line.startswith(str(run_dir)))
+        assert f"{metrics['test_accuracy']:.2%}" in table_row
+        assert f"{metrics['test_accuracy_first1000']:.2%}" in table_row

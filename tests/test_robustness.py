@@ -1,0 +1,575 @@
+"""Robustness: interrupted runs (SIGKILL, Ctrl-C, a failing save), finished runs, --resume settings, and bad input.
+
+The expensive runs are shared through module fixtures: one uninterrupted 3-epoch reference run, one run killed
+with SIGKILL during epoch 2 (kept as an unfinished copy for the --resume tests) and one interrupted with SIGINT.
+Everything that does not need a real signal or a real exit status runs in-process through the scripts' main().
+"""
+import ast
+import json
+import os
+import pickle
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import ex1_convnet
+import ex2_transfer
+from conftest import QUICK, ROOT, run_script, write_cifar
+
+# 64 training images in batches of 32: 2 steps per epoch.
+RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+METRIC_KEYS = ("test_accuracy", "test_loss", "test_accuracy_last", "best_epoch", "best_val_accuracy", "epochs_run")
+PROJECT_FILES = ("last.pt", "best.pt", "metrics.json", "history.json")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def history_columns(run_dir: Path) -> list[dict]:
+    """history.json without the timing columns (seconds, images_per_s)."""
+    return [{k: row[k] for k in HISTORY_COLUMNS} for row in json.loads((run_dir / "history.json").read_text())]
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def temp_files(folder: Path) -> list[str]:
+    """Leftovers of atomic_write (.<name>.<random>.tmp) in `folder`."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def call(main, argv, capsys) -> tuple[int, str, str]:
+    """Run a script's main() in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines, f"no 'error:' line in stderr:\n{err[-2000:]}"
+    return lines[-1]
+
+
+class Launched:
+    """A script started in the background, its output in files (a pipe could fill up and stall it)."""
+
+    def __init__(self, folder: Path, script: str, *args):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = folder / "stdout.txt", folder / "stderr.txt"
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                                         stdout=out, stderr=err, env=os.environ.copy())
+
+    def output(self) -> str:
+        return self.stdout_path.read_text() + "\n--- stderr ---\n" + self.stderr_path.read_text()
+
+    def wait_for(self, path: Path, timeout: float = 600) -> None:
+        """Wait until `path` exists (a safety limit, not a timing assertion); fail if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended (exit {self.proc.returncode}) before writing {path.name}:\n{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"no {path.name} after {timeout}s:\n{self.output()[-3000:]}")
+            time.sleep(0.01)
+
+    def signal_and_wait(self, sig: int, timeout: float = 300) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"the run did not stop within {timeout}s of signal {sig}:\n{self.output()[-3000:]}")
+
+
+@pytest.fixture
+def no_filter_plots(monkeypatch):
+    """In-process runs skip the 128-panel filter figures (seconds each on a CPU; the report tests cover them)."""
+    monkeypatch.setattr(common, "plot_filters", lambda *args, **kwargs: None)
+
+
+# ----------------------------------------------------------------------------- shared runs
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cifar_dir) -> Path:
+    """An uninterrupted 3-epoch run."""
+    out_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_script("ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", out_dir, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, cifar_dir) -> dict:
+    """The same run killed with SIGKILL once epoch 1 is saved (so during epoch 2), and a pristine copy of what it left."""
+    base = tmp_path_factory.mktemp("killed")
+    out_dir = base / "run"
+    run = Launched(base / "logs", "ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", out_dir, *RUN)
+    run.wait_for(out_dir / "last.pt")
+    code = run.signal_and_wait(signal.SIGKILL)
+    pristine = base / "unfinished"
+    shutil.copytree(out_dir, pristine)
+    return {"dir": out_dir, "unfinished": pristine, "code": code, "output": run.output()}
+
+
+@pytest.fixture(scope="module")
+def ex2_checkpoint(tmp_path_factory) -> Path:
+    """A genuine checkpoint written the way ex2_transfer.py writes them (VGG-11-bn from scratch, no training)."""
+    settings = {**common.DEFAULTS, **ex2_transfer.RECIPES["scratch"], "mode": "scratch", "weights": None,
+                "augment": ["flip", "crop"]}
+    model = ex2_transfer.build_model(settings, pretrained=False)
+    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    path = tmp_path_factory.mktemp("ex2") / "best.pt"
+    common.save_checkpoint(common._checkpoint("ex2_transfer.py", settings, model, optimizer, scheduler, scaler,
+                                              [], (None, -1.0)), path)
+    return path
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, killed):
+    """SIGKILL during epoch 2 leaves a valid last.pt; --resume ends with the history and metrics of an unbroken run."""
+    run_dir = killed["dir"]
+    assert killed["code"] == -signal.SIGKILL, killed["output"][-3000:]
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
+    saved = common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")
+    assert 1 <= saved["epoch"] < 3 and len(saved["history"]) == saved["epoch"]
+    # a kill during a save may leave a hidden .<name>.<random>.tmp, never a truncated file under the real name
+    for name in PROJECT_FILES:
+        if (run_dir / name).exists() and name.endswith(".json"):
+            json.loads((run_dir / name).read_text())
+    if (run_dir / "best.pt").exists():
+        common.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")
+
+    (run_dir / ".best.pt.k1ll3d.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")  # as a kill during a save leaves
+    result = run_script("ex1_convnet.py", "--resume", "--out-dir", run_dir)  # settings and data folder from last.pt
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming after epoch {saved['epoch']} of 3" in result.stdout
+    assert history_columns(run_dir) == history_columns(reference)
+    resumed, unbroken = metrics(run_dir), metrics(reference)
+    assert {k: resumed[k] for k in METRIC_KEYS} == {k: unbroken[k] for k in METRIC_KEYS}
+    assert resumed["settings"] == unbroken["settings"]
+    assert common.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")["epoch"] == unbroken["best_epoch"]
+    assert temp_files(run_dir) == []  # the resumed run cleared what the kill left
+
+
+def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(tmp_path, cifar_dir, reference, capsys, no_filter_plots):
+    """SIGINT during epoch 2: exit 130, last.pt of epoch 1 loadable, no temp file, and the printed command resumes."""
+    out_dir = tmp_path / "run"
+    run = Launched(tmp_path / "logs", "ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", out_dir, *RUN)
+    run.wait_for(out_dir / "history.json")  # written after last.pt: epoch 1 is saved
+    code = run.signal_and_wait(signal.SIGINT)
+    stderr = run.stderr_path.read_text()
+    assert code == 130, run.output()[-3000:]
+    assert "Traceback" not in stderr
+    assert not (out_dir / "metrics.json").exists(), "the run finished before it could be interrupted"
+    saved = common.load_checkpoint(out_dir / "last.pt", "ex1_convnet.py")
+    assert 1 <= saved["epoch"] < 3
+    rows = json.loads((out_dir / "history.json").read_text())  # one behind last.pt when stopped between the two
+    assert rows == saved["history"][:len(rows)] and len(rows) >= saved["epoch"] - 1
+    assert temp_files(out_dir) == []
+
+    match = re.search(r"resume with: python (.+)$", stderr, re.MULTILINE)
+    assert match, stderr[-2000:]
+    command = shlex.split(match.group(1))
+    assert Path(command[0]).name == "ex1_convnet.py" and "--resume" in command
+    assert Path(command[command.index("--out-dir") + 1]) == out_dir
+    code, out, err = call(ex1_convnet.main, command[1:], capsys)
+    assert code == 0, err[-3000:]
+    assert history_columns(out_dir) == history_columns(reference)
+    assert metrics(out_dir)["test_accuracy"] == metrics(reference)["test_accuracy"]
+
+
+def test_ctrl_c_before_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, cifar_dir, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "train_and_report", interrupted)
+    code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN], capsys)
+    assert code == 130
+    assert "nothing to resume" in err and "--resume" not in err
+
+
+def _half_then_fail(exception: BaseException):
+    def write(f):
+        f.write(b"x" * 1000)
+        raise exception
+    return write
+
+
+@pytest.mark.parametrize("exception", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_a_failing_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch, exception):
+    metrics_path, checkpoint_path = tmp_path / "metrics.json", tmp_path / "last.pt"
+    common.save_json({"test_accuracy": 0.5}, metrics_path)
+    common.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.ones(3)}, "epoch": 1}, checkpoint_path)
+    old_metrics, old_checkpoint = metrics_path.read_bytes(), checkpoint_path.read_bytes()
+
+    with pytest.raises(type(exception)):
+        common.atomic_write(metrics_path, _half_then_fail(exception))
+    real_save = torch.save
+
+    def half_save(obj, f):  # writes the first half of the real checkpoint, then fails
+        import io
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        raise exception
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(type(exception)):
+        common.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.zeros(1000)}, "epoch": 2}, checkpoint_path)
+    monkeypatch.undo()
+
+    assert metrics_path.read_bytes() == old_metrics and checkpoint_path.read_bytes() == old_checkpoint
+    assert common.load_checkpoint(checkpoint_path, "ex1_convnet.py")["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.json"]
+
+
+def test_atomic_write_fsyncs_the_temporary_file_in_the_same_folder_before_renaming(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b)))
+    common.save_json({"a": 1}, tmp_path / "metrics.json")
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    temporary = Path(events[1][1])
+    assert events[0][1] == str(temporary) and temporary.parent == tmp_path and events[1][2] == str(tmp_path / "metrics.json")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"a": 1}
+
+
+def test_sigkill_in_the_middle_of_a_save_leaves_the_old_checkpoint(tmp_path):
+    path = tmp_path / "best.pt"
+    common.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    old = path.read_bytes()
+    pid = os.fork()
+    if pid == 0:  # child: write half of the new file, then die the hard way
+        def write(f):
+            f.write(b"PK" + b"\0" * 5000)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            common.atomic_write(path, write)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert path.read_bytes() == old
+    assert common.load_checkpoint(path, "ex1_convnet.py")["epoch"] == 1
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path, reference, cifar_dir, capsys, no_filter_plots):
+    before = {name: (reference / name).read_bytes() for name in ("metrics.json", "history.json")}
+    code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", reference, *RUN], capsys)
+    assert code == 2
+    assert "already holds a finished run" in error_line(err) and "--overwrite" in error_line(err)
+    code, out, err = call(ex1_convnet.main, ["--resume", "--out-dir", reference], capsys)
+    assert code == 0, err
+    assert "holds a finished run" in out and "nothing to resume" in out
+    assert {name: (reference / name).read_bytes() for name in before} == before
+
+    # --overwrite starts over (a copy of the finished run's result files, so the reference stays as it is)
+    copy = tmp_path / "finished"
+    copy.mkdir()
+    for name in before:
+        shutil.copy(reference / name, copy / name)
+    code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", copy, *RUN, "--epochs", "1",
+                                           "--overwrite"], capsys)
+    assert code == 0, err[-3000:]
+    assert metrics(copy)["epochs_run"] == 1 and len(history_columns(copy)) == 1
+
+
+FLAGS_THAT_CHANGE_THE_RUN = [["--no-bn"], ["--dropout", "0.5"], ["--limit-train", "32"], ["--batch-size", "16"],
+                             ["--val-size", "32"], ["--lr", "0.5"], ["--seed", "1"], ["--augment", "flip"],
+                             ["--no-augment"], ["--recipe", "original"]]
+
+
+@pytest.mark.parametrize("flags", FLAGS_THAT_CHANGE_THE_RUN, ids=lambda f: " ".join(f))
+def test_resume_refuses_a_flag_that_changes_the_model_or_the_data(killed, flags, capsys):
+    unfinished = killed["unfinished"]
+    before = (unfinished / "last.pt").read_bytes()
+    code, _, err = call(ex1_convnet.main, ["--resume", "--out-dir", unfinished, *flags], capsys)
+    assert code == 2
+    assert flags[0] in error_line(err) or flags[0] == "--no-bn" and "--batch-norm" in error_line(err) \
+        or flags[0] == "--no-augment" and "--augment" in error_line(err)
+    assert "differs from the run being resumed" in error_line(err)
+    assert (unfinished / "last.pt").read_bytes() == before and not (unfinished / "metrics.json").exists()
+
+
+def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path, killed, reference, cifar_dir, capsys, no_filter_plots):
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed["unfinished"], run_dir)
+    done = common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["epoch"]
+    # the same values as saved and the runtime flags are accepted; --epochs 4 extends the 3-epoch run
+    code, out, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir, "--epochs", "4", "--seed", "0",
+                                             "--limit-train", "64", "--data-dir", cifar_dir, "--no-download",
+                                             "--device", "cpu", "--precision", "fp32"], capsys)
+    assert code == 0, err[-3000:]
+    assert f"resuming after epoch {done} of 4" in out
+    history = history_columns(run_dir)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert history[:done] == history_columns(reference)[:done]
+    result = metrics(run_dir)
+    assert result["epochs_run"] == 4 and result["settings"]["epochs"] == 4
+    assert {k: v for k, v in result["settings"].items() if k != "epochs"} == \
+        {k: v for k, v in metrics(reference)["settings"].items() if k != "epochs"}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_every_torch_load_uses_weights_only():
+    calls = []
+    for script in ("common.py", "ex1_convnet.py", "ex2_transfer.py"):
+        for node in ast.walk(ast.parse((ROOT / script).read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                keywords = {k.arg: k.value for k in node.keywords}
+                calls.append((script, node.lineno))
+                assert isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True, \
+                    f"{script}:{node.lineno}: torch.load without weights_only=True"
+    assert calls
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PAYLOAD_RAN",))
+
+
+def _bad_checkpoints(folder: Path, reference: Path, ex2_checkpoint: Path) -> dict:
+    """name -> (path, what the message must say)."""
+    state_dict = folder / "state_dict.pt"
+    torch.save(ex1_convnet.build_model({"dropout": 0.1, "batch_norm": True, "linear_init_std": None}).state_dict(), state_dict)
+    random_bytes = folder / "random.pt"
+    random_bytes.write_bytes(os.urandom(4096))
+    truncated = folder / "truncated.pt"
+    data = (reference / "best.pt").read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    cut_end = folder / "cut_end.pt"
+    cut_end.write_bytes(data[:-100])
+    empty = folder / "empty.pt"
+    empty.write_bytes(b"")
+    code = folder / "code.pt"
+    torch.save({"kind": "ex1_convnet.py", "model": _Payload()}, code)
+    tensor = folder / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    return {
+        "ex2 checkpoint": (ex2_checkpoint, "a checkpoint of ex2_transfer.py, not of ex1_convnet.py"),
+        "bare state dict": (state_dict, "not a checkpoint of this project (a bare state dict"),
+        "random bytes": (random_bytes, "not a readable checkpoint: not a PyTorch checkpoint file"),
+        "truncated checkpoint": (truncated, "not a readable checkpoint: a truncated or corrupt checkpoint"),
+        "checkpoint without its last 100 bytes": (cut_end, "not a readable checkpoint: a truncated or corrupt checkpoint"),
+        "empty file": (empty, "not a readable checkpoint: an empty file"),
+        "pickled code": (code, "refused by weights_only loading) (UnpicklingError: Trying to load unsupported GLOBAL posix.system"),
+        "a tensor": (tensor, "not a checkpoint of this project"),
+        "missing file": (folder / "missing.pt", "does not exist"),
+        "a folder": (folder, "is not a file"),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_eval_only_refuses_what_is_not_its_checkpoint(tmp_path, reference, ex2_checkpoint, cifar_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the payload would leave its mark
+    cases = _bad_checkpoints(tmp_path, reference, ex2_checkpoint)
+    for name, (path, expected) in cases.items():
+        code, _, err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", path, "--data-dir", cifar_dir,
+                                               "--no-download", "--device", "cpu", "--out-dir", tmp_path / "eval"], capsys)
+        assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
+        assert expected in error_line(err) and str(path) in error_line(err), f"{name}: {error_line(err)}"
+        assert "Traceback" not in err
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+    # and the other way round: ex1's checkpoint given to ex2
+    code, _, err = call(ex2_transfer.main, ["--eval-only", "--checkpoint", reference / "best.pt", "--data-dir", cifar_dir,
+                                            "--no-download", "--device", "cpu", "--out-dir", tmp_path / "eval2"], capsys)
+    assert code == 2 and "a checkpoint of ex1_convnet.py, not of ex2_transfer.py" in error_line(err)
+    # a genuine checkpoint still evaluates
+    code, _, err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", reference / "best.pt", "--data-dir", cifar_dir,
+                                           "--no-download", "--device", "cpu", "--out-dir", tmp_path / "eval3"], capsys)
+    assert code == 0, err[-3000:]
+    assert metrics(tmp_path / "eval3")["test_accuracy"] == metrics(reference)["test_accuracy"]
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_resume_refuses_a_last_pt_that_is_not_a_checkpoint(tmp_path, reference, ex2_checkpoint, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, (path, expected) in _bad_checkpoints(tmp_path, reference, ex2_checkpoint).items():
+        if not path.is_file():
+            continue
+        run_dir = tmp_path / "runs" / name.replace(" ", "_")
+        run_dir.mkdir(parents=True)
+        shutil.copy(path, run_dir / "last.pt")
+        code, _, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir], capsys)
+        assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
+        assert expected in error_line(err), f"{name}: {error_line(err)}"
+    code, _, err = call(ex1_convnet.main, ["--resume", "--out-dir", tmp_path / "empty_run"], capsys)
+    assert code == 2 and "nothing to resume" in error_line(err)
+
+
+class NaNAfter(nn.Module):
+    """Passes its input through, until more than `after` training forward passes have run: then NaN."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                return x * float("nan")
+        return x
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_best_pt(tmp_path, cifar_dir, capsys, no_filter_plots):
+    """A model whose loss turns NaN at epoch 2, step 2 (of 2), through the real driver."""
+    def build_model(settings, pretrained=False):
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 10), NaNAfter(3))
+
+    out_dir = tmp_path / "run"
+    args = ex1_convnet.parse_args(["--data-dir", str(cifar_dir), "--out-dir", str(out_dir), *RUN])
+    capsys.readouterr()
+    code = common.run_experiment(args, "ex1_convnet.py", ex1_convnet.RECIPES["default"], {"batch_norm": True},
+                                 build_model, "unused")
+    err = capsys.readouterr().err
+    assert code not in (0, 2) and code == 3
+    assert "not finite at epoch 2, step 2 of 2" in error_line(err)
+    best = common.load_checkpoint(out_dir / "best.pt", "ex1_convnet.py")
+    assert best["epoch"] == 1 and all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
+    assert not (out_dir / "metrics.json").exists() and temp_files(out_dir) == []
+
+
+def test_a_huge_learning_rate_stops_with_a_message(tmp_path, cifar_dir, capsys, no_filter_plots):
+    """The real trigger: lr 1e30 in fp32 on the ConvNet without BatchNorm."""
+    code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN, "--epochs", "1",
+                                           "--lr", "1e30", "--no-bn"], capsys)
+    assert code == 3, err[-3000:]
+    assert re.search(r"not finite at epoch 1, step \d+ of 2", error_line(err))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def _not_a_folder(tmp_path: Path) -> list[str]:
+    (tmp_path / "file").write_text("a regular file")
+    return ["--out-dir", str(tmp_path / "file" / "run")]
+
+
+def _a_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "file").write_text("a regular file")
+    return ["--out-dir", str(tmp_path / "file")]
+
+
+def _cuda(tmp_path: Path) -> list[str]:
+    return ["--device", f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"]
+
+
+# (flags, or a function of tmp_path giving them; what the message says; whether the output folder may exist after)
+REFUSED = {
+    "epochs 0": (["--epochs", "0"], "--epochs must be positive", False),
+    "epochs -1": (["--epochs", "-1"], "--epochs must be positive", False),
+    "batch size 0": (["--batch-size", "0"], "--batch-size must be positive", False),
+    "batch size -32": (["--batch-size", "-32"], "--batch-size must be positive", False),
+    "lr 0": (["--lr", "0"], "--lr must be positive", False),
+    "lr -0.1": (["--lr", "-0.1"], "--lr must be positive", False),
+    "lr nan": (["--lr", "nan"], "--lr must be positive", False),
+    "lr inf": (["--lr", "inf"], "--lr must be", False),
+    "dropout 1": (["--dropout", "1"], "--dropout must be in [0, 1)", False),
+    "dropout -0.1": (["--dropout", "-0.1"], "--dropout must be in [0, 1)", False),
+    "dropout sweep 0.5 1.5": (["--dropout", "0.5", "1.5"], "--dropout must be in [0, 1)", False),
+    "limit-train 0": (["--limit-train", "0"], "--limit-train must be positive", False),
+    "limit-train 10 < batch 32": (["--limit-train", "10"], "leave no full batch", True),
+    "val-size 0": (["--val-size", "0"], "--val-size 0 must be between 1 and 319", True),
+    "val-size 320 (all)": (["--val-size", "320"], "--val-size 320 must be between 1 and 319", True),
+    "val-size 300 leaves 20 < 32": (["--val-size", "300", "--limit-train", "1000"], "leave no full batch", True),
+    "out-dir under a file": (_not_a_folder, "cannot write to output folder", False),
+    "out-dir is a file": (_a_file, "cannot write to output folder", True),
+    "device cuda": (_cuda, "--device cuda", False),
+    "device tpu": (["--device", "tpu"], "--device tpu: unknown device", False),
+    "device xla": (["--device", "xla"], "--device xla: unsupported device", False),
+    "device empty": (["--device", ""], "unknown device", False),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_bad_settings_are_refused_before_any_work(case, tmp_path, cifar_dir, capsys):
+    flags, expected, folder_may_exist = REFUSED[case]
+    flags = flags(tmp_path) if callable(flags) else flags
+    out_dir = tmp_path / "run"
+    code, out, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", out_dir, *RUN, *flags], capsys)
+    assert code == 2, f"exit {code}\n{err[-3000:]}"
+    assert expected in error_line(err), error_line(err)
+    assert "Traceback" not in err and "epoch 1" not in out
+    if not folder_may_exist:
+        assert not out_dir.exists()
+    assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_a_refusal_exits_2_from_the_command_line(tmp_path, cifar_dir):
+    """The exit status itself, through a real process: a bad device and a bad learning rate."""
+    result = run_script("ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN, "--device", "tpu")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device tpu")
+    assert not (tmp_path / "run").exists()
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def _bad_data(root: Path) -> dict:
+    """name -> (data folder, what the message must say)."""
+    cases = {}
+
+    def variant(name: str, change) -> None:
+        folder = write_cifar(root / name)
+        change(folder / "cifar-10-batches-py")
+        cases[name] = folder
+
+    variant("missing", lambda f: (f / "data_batch_5").unlink())
+    variant("truncated", lambda f: (f / "data_batch_3").write_bytes((f / "data_batch_3").read_bytes()[:5000]))
+    variant("corrupt", lambda f: (f / "test_batch").write_bytes(os.urandom(20000)))
+    variant("wrong shape", lambda f: (f / "data_batch_2").write_bytes(pickle.dumps(
+        {"data": __import__("numpy").zeros((64, 100), "uint8"), "labels": [0] * 64})))
+    variant("malicious", lambda f: (f / "data_batch_1").write_bytes(pickle.dumps({"data": _Evil(root / "PWNED")})))
+    expected = {"missing": "CIFAR-10 not found", "truncated": "data_batch_3: not a CIFAR-10 batch file (pickle data was truncated)", "corrupt": "test_batch: not a CIFAR-10 batch",
+                "wrong shape": "expected uint8 data of shape (N, 3072)", "malicious": "refusing to load global"}
+    return {name: (folder, expected[name]) for name, folder in cases.items()}
+
+
+def test_data_errors_keep_their_message_and_exit_2_under_resume(tmp_path, killed, capsys):
+    unfinished = killed["unfinished"]
+    before = (unfinished / "last.pt").read_bytes()
+    for name, (data_dir, expected) in _bad_data(tmp_path).items():
+        fresh = call(ex1_convnet.main, ["--data-dir", data_dir, "--out-dir", tmp_path / "fresh" / name, *RUN], capsys)
+        resumed = call(ex1_convnet.main, ["--resume", "--out-dir", unfinished, "--data-dir", data_dir, "--no-download"], capsys)
+        for label, (code, _, err) in (("fresh", fresh), ("resume", resumed)):
+            assert code == 2, f"{name} ({label}): exit {code}\n{err[-2000:]}"
+            assert expected in error_line(err) and "Traceback" not in err, f"{name} ({label}): {error_line(err)}"
+        assert error_line(fresh[2]) == error_line(resumed[2])
+    assert not (tmp_path / "PWNED").exists()
+    assert (unfinished / "last.pt").read_bytes() == before and not (unfinished / "metrics.json").exists()

@@ -172,13 +172,12 @@ def batch_flip_lr(images: torch.Tensor, p: float, generator: torch.Generator) ->
 def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by `pad` and cut a window of the original size at a random offset per image."""
     n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
     dev = images.device
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(dev)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(dev)
-    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    padded = F.pad(images, (pad, pad, pad, pad)).flatten(2)
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator, device=generator.device).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator, device=generator.device).to(dev)
+    index = (dy + torch.arange(h, device=dev)[:, None]) * (w + 2 * pad) + dx + torch.arange(w, device=dev)
+    return padded.gather(2, index.flatten(1)[:, None].expand(n, c, h * w)).view(n, c, h, w)
 
 
 def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
@@ -192,7 +191,7 @@ def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Gene
 
 def _luma(images: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
-    return torch.einsum("nchw,c->nhw", images, weights)[:, None]
+    return (images * weights[:, None, None]).sum(1, keepdim=True)
 
 
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
@@ -200,25 +199,32 @@ _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.2
 
 
 def batch_color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Random brightness, contrast and saturation in [1-s, 1+s] and hue in [-s, s] turns, per image."""
+    """Random brightness, contrast and saturation in [1-s, 1+s] and hue in [-s, s] turns, per image.
+
+    The four are linear in RGB, so they are composed into one 3x3 matrix and offset per image, applied at once.
+    """
     n = len(images)
+    dev = images.device
 
     def factor() -> torch.Tensor:
-        return _uniform(n, 1 - strength, 1 + strength, generator).to(images.device, images.dtype)[:, None, None, None]
+        return _uniform(n, 1 - strength, 1 + strength, generator).to(dev)[:, None, None]
 
-    x = (images * factor()).clamp(0, 1)
-    mean = _luma(x).mean((1, 2, 3), keepdim=True)
-    x = ((x - mean) * factor() + mean).clamp(0, 1)
-    gray = _luma(x)
-    x = ((x - gray) * factor() + gray).clamp(0, 1)
-    turn = _uniform(n, -strength, strength, generator).to(images.device) * (2 * math.pi)
-    rotation = torch.zeros(n, 3, 3, device=images.device)
+    brightness, contrast, saturation = factor(), factor(), factor()
+    turn = _uniform(n, -strength, strength, generator).to(dev) * (2 * math.pi)
+    rotation = torch.zeros(n, 3, 3, device=dev)
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2] = turn.cos(), -turn.sin()
     rotation[:, 2, 1], rotation[:, 2, 2] = turn.sin(), turn.cos()
-    to_yiq = _RGB_TO_YIQ.to(images.device)
-    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
-    return torch.einsum("nij,njhw->nihw", matrix.to(images.dtype), x).clamp(0, 1)
+    to_yiq = _RGB_TO_YIQ.to(dev)
+    hue = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+    luma = to_yiq[0]
+    to_gray = torch.ones(3, 1, device=dev) * luma  # every row maps RGB to its luma
+    saturate = saturation * torch.eye(3, device=dev) + (1 - saturation) * to_gray
+    matrix = hue @ saturate * (brightness * contrast)
+    x = images.flatten(2)
+    mean_luma = (x.mean(2) @ luma)[:, None, None]  # a grey stays grey under saturation and hue
+    offset = ((1 - contrast) * brightness * mean_luma).expand(n, 3, 1)
+    return torch.baddbmm(offset.to(images.dtype), matrix.to(images.dtype), x).clamp_(0, 1).view_as(images)
 
 
 def batch_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -316,8 +322,11 @@ def lr_factor(settings: dict, step: int, steps_per_epoch: int) -> float:
 
 
 def make_optimizer(params: list[nn.Parameter], settings: dict) -> torch.optim.Optimizer:
+    """Adam (L2 penalty in the gradient), AdamW (decoupled weight decay) or SGD with Nesterov momentum."""
     if settings["optimizer"] == "adam":
         return torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    if settings["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
     return torch.optim.SGD(params, lr=settings["lr"], momentum=0.9, nesterov=True,
                            weight_decay=settings["weight_decay"])
 
@@ -663,7 +672,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> dict:
 
 
 @contextlib.contextmanager
-def tee_stdout(path: Path, enabled: bool = True):
+def tee_stdout(path: Path, mode: str = "a", enabled: bool = True):
     """Copy everything printed to stdout into `path` as well, while the block runs."""
     if not enabled:
         yield
@@ -685,7 +694,7 @@ def tee_stdout(path: Path, enabled: bool = True):
         def isatty(self):
             return False
 
-    with open(path, "a", encoding="utf-8") as log:
+    with open(path, mode, encoding="utf-8") as log:
         original = sys.stdout
         sys.stdout = Tee(original, log)
         try:
@@ -820,21 +829,27 @@ def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, be
             "history": history, "best_epoch": best[0], "best_val_accuracy": best[1]}
 
 
-def train_and_report(kind: str, settings: dict, build_model: Callable, out_dir: Path, ctx: TrainContext,
-                     resume_from: dict | None = None) -> dict:
-    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report."""
-    is_main = ctx.is_main
+def load_training_data(settings: dict, ctx: TrainContext) -> tuple[CifarData, tuple[torch.Tensor, ...]]:
+    """The data set and its (train images, train labels, val images, val labels), checked to give a full batch."""
     if ctx.world > 1 and ctx.rank != 0:
         dist.barrier()  # rank 0 downloads first
     data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
     if ctx.world > 1 and ctx.rank == 0:
         dist.barrier()
-    train_images, train_labels, val_images, val_labels = split_train_val(data, settings["val_size"], settings["limit_train"])
+    splits = split_train_val(data, settings["val_size"], settings["limit_train"])
     if settings["batch_size"] % ctx.world:
         raise UsageError(f"--batch-size {settings['batch_size']} must be divisible by the {ctx.world} processes")
-    if len(train_images) < settings["batch_size"]:
-        raise UsageError(f"{len(train_images)} training images (after --val-size/--limit-train) leave no full "
+    if len(splits[0]) < settings["batch_size"]:
+        raise UsageError(f"{len(splits[0])} training images (after --val-size/--limit-train) leave no full "
                          f"batch of {settings['batch_size']}; lower --batch-size or train on more images")
+    return data, splits
+
+
+def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[torch.Tensor, ...], build_model: Callable,
+                     out_dir: Path, ctx: TrainContext, resume_from: dict | None = None) -> dict:
+    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report."""
+    is_main = ctx.is_main
+    train_images, train_labels, val_images, val_labels = splits
     if settings["mean"] == "data":
         settings["mean"], settings["std"] = channel_mean_std(train_images)
 
@@ -985,15 +1000,16 @@ def start_or_resume(args: argparse.Namespace, kind: str, settings: dict, build_m
     if ctx.is_main:  # temporary files of atomic_write left by a run killed while saving
         for stale in out_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    if ctx.is_main and resume_from is None:
-        for name in ("metrics.json", "last.pt", "best.pt", "history.json", "train.log"):
+    data, splits = load_training_data(settings, ctx)
+    if ctx.is_main and resume_from is None:  # --overwrite: the old run goes only once the new one can start
+        for name in ("metrics.json", "last.pt", "best.pt", "history.json"):
             with contextlib.suppress(FileNotFoundError):
                 (out_dir / name).unlink()
     if ctx.world > 1:
         dist.barrier()
     try:
-        with tee_stdout(out_dir / "train.log", enabled=ctx.is_main):
-            return train_and_report(kind, settings, build_model, out_dir, ctx, resume_from)
+        with tee_stdout(out_dir / "train.log", mode="a" if resume_from else "w", enabled=ctx.is_main):
+            return train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from)
     except KeyboardInterrupt:
         command = shlex.join([sys.argv[0], "--resume", "--out-dir", str(out_dir)])
         if not (out_dir / "last.pt").exists():
@@ -1077,7 +1093,8 @@ def run_experiment(args: argparse.Namespace, kind: str, recipe: dict, model_defa
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
-        print(f"error: {e}; stopped. best.pt and last.pt in {out_dir} keep the last good epochs", file=sys.stderr)
+        kept = "; best.pt and last.pt keep the last good epochs" if (out_dir / "last.pt").exists() else ""
+        print(f"error: {e}; stopped{kept}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as e:
         print(f"\ninterrupted. {e}", file=sys.stderr)

@@ -211,7 +211,7 @@ def test_dropout_sweep_writes_figure_and_json_that_agree_with_the_runs(sweep):
 
 def fake_training(calls: list):
     """A stand-in for common.train_and_report that records its settings and writes a one-epoch run's files."""
-    def train_and_report(kind, settings, build_model, out_dir, ctx, resume_from=None):
+    def train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from=None):
         calls.append({**settings, "run_dir": out_dir})
         history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5 - settings["dropout"] / 2, "val_loss": 1.2,
                     "val_accuracy": 0.4, "lr": 0.1, "seconds": 1.0, "images_per_s": 32.0}]
@@ -227,6 +227,7 @@ def test_dropout_sweep_with_augment_keeps_it_and_reuses_finished_runs(tmp_path, 
     """--augment flip reaches every sub-run; a second call uses the finished sub-runs instead of training again."""
     calls = []
     monkeypatch.setattr(common, "train_and_report", fake_training(calls))
+    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
     argv = [*QUICK, "--data-dir", str(tmp_path / "unused"), "--out-dir", str(tmp_path), "--epochs", "1",
             "--augment", "flip", "--dropout", "0.2", "0.4", "0.6"]
     assert ex1_convnet.main(argv) == 0

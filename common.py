@@ -180,12 +180,23 @@ def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> to
     return padded.gather(2, index.flatten(1)[:, None].expand(n, c, h * w)).view(n, c, h, w)
 
 
-def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
-    """Rotate each image about its centre by a random angle in [-max_degrees, max_degrees] (zeros fill)."""
-    angle = _uniform(len(images), -max_degrees, max_degrees, generator).to(images.device) * (math.pi / 180)
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator,
+                 flip_p: float = 0.0, pad: int = 0) -> torch.Tensor:
+    """Rotate each image about its centre by a random angle in [-max_degrees, max_degrees] (zeros fill).
+
+    A mirror (probability flip_p) and a translation by up to `pad` pixels, which batch_flip_lr and batch_crop
+    would do before, are folded into the same resampling: one grid_sample for all three.
+    """
+    n, _, h, w = images.shape
+    dev = images.device
+    angle = _uniform(n, -max_degrees, max_degrees, generator).to(dev) * (math.pi / 180)
+    mirror = 1 - 2 * (torch.rand(n, generator=generator, device=generator.device) < flip_p).to(dev, angle.dtype)
+    shift = torch.randint(-pad, pad + 1, (2, n), generator=generator, device=generator.device).to(dev, angle.dtype)
+    cos, sin = angle.cos(), angle.sin()
+    # output (x, y) -> input: mirror(rotate(x, y) + shift), in grid_sample's [-1, 1] coordinates
+    theta = torch.stack([torch.stack([mirror * cos, -mirror * sin, mirror * shift[0] * 2 / w], 1),
+                         torch.stack([sin, cos, shift[1] * 2 / h], 1)], 1)
+    grid = F.affine_grid(theta.to(images.dtype), [n, 1, h, w], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -237,12 +248,15 @@ def augment_batch(images: torch.Tensor, settings: dict, generator: torch.Generat
     """uint8 images -> float images in [0, 1], augmented with the ops named in settings['augment']."""
     x = images.float().div_(255)
     ops = settings["augment"]
-    if "flip" in ops:
-        x = batch_flip_lr(x, 0.5, generator)
-    if "crop" in ops and settings["crop_pad"] > 0:
-        x = batch_crop(x, settings["crop_pad"], generator)
+    flip_p = 0.5 if "flip" in ops else 0.0
+    pad = settings["crop_pad"] if "crop" in ops else 0
     if "rotate" in ops and settings["rotate_deg"] > 0:
-        x = batch_rotate(x, settings["rotate_deg"], generator)
+        x = batch_rotate(x, settings["rotate_deg"], generator, flip_p, pad)
+    else:
+        if flip_p:
+            x = batch_flip_lr(x, flip_p, generator)
+        if pad > 0:
+            x = batch_crop(x, pad, generator)
     if "jitter" in ops and settings["jitter"] > 0:
         x = batch_color_jitter(x, settings["jitter"], generator)
     if "gray" in ops and settings["gray_p"] > 0:

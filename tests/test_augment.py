@@ -126,3 +126,17 @@ def test_same_seed_same_result_other_seed_other_result():
     first = common.augment_batch(x, ALL_OPS, gen(7))
     assert torch.equal(first, common.augment_batch(x, ALL_OPS, gen(7)))
     assert not torch.equal(first, common.augment_batch(x, ALL_OPS, gen(8)))
+
+
+def test_rotate_folds_in_an_exact_mirror_and_a_crop_window():
+    """With a negligible angle, the mirror batch_rotate folds in is exact and its shift is a padded-crop window."""
+    x = images(16)
+    assert torch.equal(common.batch_rotate(x, 1e-9, gen(), flip_p=1.0), x.flip(-1))
+    out = common.batch_rotate(x, 1e-9, gen(1), pad=3)
+    padded = F.pad(x, (3, 3, 3, 3))
+    offsets = set()
+    for i in range(len(x)):
+        match = [(a, b) for a in range(7) for b in range(7) if torch.allclose(out[i], padded[i, :, a:a + 32, b:b + 32], atol=1e-5)]
+        assert match, f"image {i} is no window of the padded image"
+        offsets.add(match[0])
+    assert len(offsets) > 1

@@ -526,6 +526,7 @@ def plot_history(history: list[dict], best_epoch: int | None, path: Path) -> Non
     ax_acc.plot(epochs, [r["train_accuracy"] for r in history], label="train")
     ax_acc.plot(epochs, [r["val_accuracy"] for r in history], label="validation")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
@@ -664,6 +665,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> dict:
         ax_loss.plot(epochs, [r["val_loss"] for r in run["history"]], label=label)
         ax_acc.plot(epochs, [r["val_accuracy"] for r in run["history"]], label=label)
     for ax, name in ((ax_loss, "validation loss"), (ax_acc, "validation accuracy")):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -738,6 +740,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--recipe", help="hyperparameter set: 'default' (ours) or 'original' (the assignment's); explicit flags override it")
     a("--epochs", type=int, help="number of training epochs (default: the recipe's)")
     a("--batch-size", type=int, help="global batch size, summed over all processes under torchrun (default: the recipe's)")
+    a("--optimizer", choices=["adamw", "adam", "sgd"], help="AdamW, Adam or SGD with Nesterov momentum (default: the recipe's)")
     a("--lr", type=float, help="peak learning rate (default: the recipe's)")
     a("--weight-decay", type=float, help="weight decay (default: the recipe's)")
     a("--label-smoothing", type=float, help="label smoothing of the training loss (default: the recipe's)")
@@ -944,14 +947,14 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     plot_filters(first_conv_weight(model), out_dir / "filters_after.png", f"first-layer filters after training (epoch {best[0]})")
     plot_history(history, best[0], out_dir / "history.png")
     metrics = test_report(model, data, settings, ctx, out_dir)
-    trained = [r for r in history[len(resume_from["history"]) if resume_from else 0:]]
+    trained = history[len(resume_from["history"]) if resume_from else 0:]  # the epochs this call trained
     metrics.update({
         "test_accuracy_last": test_last, "best_epoch": best[0], "best_val_accuracy": best[1],
         "params": count_parameters(model), "epochs_run": len(history), "train_seconds": train_seconds,
         "train_images_per_s": (sum(r["images_per_s"] * r["seconds"] for r in trained) / max(1e-9, sum(r["seconds"] for r in trained))),
         "device": str(ctx.device), "precision": str(ctx.dtype).replace("torch.", ""), "processes": ctx.world,
         "classes": list(data.classes), "settings": {k: v for k, v in settings.items() if k not in RUNTIME_KEYS},
-        "args": {k: v for k, v in settings.items()}, **environment_info(ctx.device)})
+        "args": dict(settings), **environment_info(ctx.device)})
     save_json(metrics, out_dir / "metrics.json")
     print(f"best epoch {best[0]} (val {best[1]:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
           f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {test_last:.2%}; reports in {out_dir}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -200,13 +201,19 @@ def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Gene
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _color_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RGB -> YIQ matrix, its inverse) on `device`, made once so that no training step copies them there.
+
+    In YIQ the first row gives the luma and a hue shift is a rotation of the (I, Q) chroma plane.
+    """
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device)
+    return to_yiq, torch.linalg.inv(to_yiq)
+
+
 def _luma(images: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
+    weights = _color_constants(images.device)[0][0].to(images.dtype)
     return (images * weights[:, None, None]).sum(1, keepdim=True)
-
-
-# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 def batch_color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
@@ -226,8 +233,8 @@ def batch_color_jitter(images: torch.Tensor, strength: float, generator: torch.G
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2] = turn.cos(), -turn.sin()
     rotation[:, 2, 1], rotation[:, 2, 2] = turn.sin(), turn.cos()
-    to_yiq = _RGB_TO_YIQ.to(dev)
-    hue = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+    to_yiq, from_yiq = _color_constants(dev)
+    hue = from_yiq @ rotation @ to_yiq
     luma = to_yiq[0]
     to_gray = torch.ones(3, 1, device=dev) * luma  # every row maps RGB to its luma
     saturate = saturation * torch.eye(3, device=dev) + (1 - saturation) * to_gray
@@ -264,10 +271,10 @@ def augment_batch(images: torch.Tensor, settings: dict, generator: torch.Generat
     return x
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """(x - mean) / std per channel, returned in channels_last layout."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype)[:, None, None]
-    std_t = torch.tensor(std, device=images.device, dtype=images.dtype)[:, None, None]
+    mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype)[:, None, None]
+    std_t = torch.as_tensor(std, device=images.device, dtype=images.dtype)[:, None, None]
     return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
@@ -319,9 +326,10 @@ def epoch_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + stream * 101 + rank) % (2 ** 63)
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
-    """Index batches of one shuffled epoch; each rank takes its interleaved share of every global batch."""
-    order = torch.randperm(n, generator=generator)
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1,
+                  device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Index batches of one shuffled epoch, on `device`; each rank takes its interleaved share of every global batch."""
+    order = torch.randperm(n, generator=generator).to(device)  # drawn on the CPU: the same order on every device
     for start in range(0, n - batch_size + 1, batch_size):
         yield order[start + rank:start + batch_size:world]
 
@@ -377,9 +385,9 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
     seen = 0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not ctx.is_main, leave=False, dynamic_ncols=True)
-    for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world)):
-        index = index.to(ctx.device, non_blocking=True)
-        x = normalize(augment_batch(images[index], settings, augment_gen), settings["mean"], settings["std"])
+    mean, std = (torch.tensor(settings[key], device=ctx.device) for key in ("mean", "std"))
+    for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
+        x = normalize(augment_batch(images[index], settings, augment_gen), mean, std)
         y = labels[index]
         with autocast(ctx):
             logits = model(x)
@@ -432,14 +440,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, setti
     logits = predict(model, images, settings, ctx)
     labels = labels.to(ctx.device)
     predictions = logits.argmax(1)
-    return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (predictions == labels).float().mean().item(),
+    return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (predictions == labels).sum().item() / max(1, len(labels)),
             "predictions": predictions.cpu()}
 
 
 def per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
     counts = torch.bincount(labels, minlength=len(classes)).clamp(min=1)
     hits = torch.bincount(labels[predictions == labels], minlength=len(classes))
-    return {name: (hits[i] / counts[i]).item() for i, name in enumerate(classes)}
+    return {name: hits[i].item() / counts[i].item() for i, name in enumerate(classes)}
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
@@ -625,6 +633,7 @@ def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainCon
     result = evaluate(model, data.test_images, data.test_labels, settings, ctx)
     predictions = result["predictions"]
     first = min(1000, len(predictions))
+    accuracy_first = (predictions[:first] == data.test_labels[:first]).sum().item() / max(1, first)
     per_class = per_class_accuracy(data.test_labels, predictions, data.classes)
     matrix = confusion_matrix(data.test_labels, predictions, len(data.classes))
     plot_per_class(per_class, out_dir / "per_class.png", f"test accuracy per class ({result['accuracy']:.2%} overall)")
@@ -634,9 +643,9 @@ def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainCon
     for name, acc in per_class.items():
         print(f"{name:<12}{acc:>9.2%}")
     print(f"{'all':<12}{result['accuracy']:>9.2%}   ({len(predictions)} test images; first {first}: "
-          f"{(predictions[:first] == data.test_labels[:first]).float().mean().item():.2%})")
+          f"{accuracy_first:.2%})")
     return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
-            "test_accuracy_first1000": (predictions[:first] == data.test_labels[:first]).float().mean().item(),
+            "test_accuracy_first1000": accuracy_first,
             "test_images": len(predictions), "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
 
 
@@ -914,10 +923,10 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(train_model, optimizer, scheduler, scaler, train_images, train_labels,
                                    settings, epoch, ctx))
-        val = torch.zeros(2, device=ctx.device)
+        val = torch.zeros(2, device=ctx.device, dtype=torch.float64)
         if is_main:
             result = evaluate(model, val_images, val_labels, settings, ctx)
-            val = torch.tensor([result["loss"], result["accuracy"]], device=ctx.device)
+            val = torch.tensor([result["loss"], result["accuracy"]], device=ctx.device, dtype=torch.float64)
         if ctx.world > 1:
             dist.broadcast(val, 0)
         row["val_loss"], row["val_accuracy"] = val.tolist()

@@ -202,13 +202,12 @@ def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Gene
 
 
 @functools.lru_cache(maxsize=None)
-def _color_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RGB -> YIQ matrix, its inverse) on `device`, made once so that no training step copies them there.
-
-    In YIQ the first row gives the luma and a hue shift is a rotation of the (I, Q) chroma plane.
+def _color_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(RGB -> YIQ matrix, its inverse, RGB -> grey RGB matrix) on `device`, made once so that no training
+    step copies them there. In YIQ the first row gives the luma and a hue shift is a rotation of the (I, Q) plane.
     """
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device)
-    return to_yiq, torch.linalg.inv(to_yiq)
+    return to_yiq, torch.linalg.inv(to_yiq), torch.ones(3, 1, device=device) * to_yiq[0]
 
 
 def _luma(images: torch.Tensor) -> torch.Tensor:
@@ -233,10 +232,9 @@ def batch_color_jitter(images: torch.Tensor, strength: float, generator: torch.G
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2] = turn.cos(), -turn.sin()
     rotation[:, 2, 1], rotation[:, 2, 2] = turn.sin(), turn.cos()
-    to_yiq, from_yiq = _color_constants(dev)
+    to_yiq, from_yiq, to_gray = _color_constants(dev)
     hue = from_yiq @ rotation @ to_yiq
     luma = to_yiq[0]
-    to_gray = torch.ones(3, 1, device=dev) * luma  # every row maps RGB to its luma
     saturate = saturation * torch.eye(3, device=dev) + (1 - saturation) * to_gray
     matrix = hue @ saturate * (brightness * contrast)
     x = images.flatten(2)

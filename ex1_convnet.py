@@ -21,7 +21,8 @@ import common
 WIDTHS = (128, 512, 512, 512, 512)
 
 RECIPES = {
-    # Ours: AdamW with a one-cycle schedule, label smoothing, flips and translations.
+    # Ours: AdamW with a one-cycle schedule, label smoothing, flips and translations. The strengths of the ops
+    # not in `augment` (rotate, jitter, gray) are what a flag turning them on gets.
     "default": dict(epochs=30, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="onecycle",
                     warmup=0.2, lr_decay=None, label_smoothing=0.1, dropout=0.1, linear_init_std=None,
                     augment="flip,crop", crop_pad=4, rotate_deg=15.0, jitter=0.1, gray_p=0.05, patience=10,

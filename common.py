@@ -1053,6 +1053,7 @@ def plot_dropout_sweep(runs: list[dict], path: Path) -> None:
     for r in runs:
         ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
     ax_curves.set_xlabel("epoch")
+    ax_curves.xaxis.get_major_locator().set_params(integer=True)
     ax_curves.set_ylabel("validation accuracy")
     for ax in (ax_p, ax_curves):
         ax.grid(alpha=0.3)

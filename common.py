@@ -87,7 +87,7 @@ def read_batch(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         raise UsageError(f"{path}: not a CIFAR-10 batch file ({e})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError, OverflowError) as e:
-        raise UsageError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from None
+        raise UsageError(f"{path}: not a CIFAR-10 batch file: truncated or corrupt ({type(e).__name__}: {e})") from None
     if not isinstance(record, dict):
         raise UsageError(f"{path}: not a CIFAR-10 batch file (holds a {type(record).__name__}, not a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}

@@ -8,6 +8,7 @@ import ast
 import json
 import os
 import pickle
+import random
 import re
 import shlex
 import shutil
@@ -552,7 +553,7 @@ def _bad_data(root: Path) -> dict:
 
     variant("missing", lambda f: (f / "data_batch_5").unlink())
     variant("truncated", lambda f: (f / "data_batch_3").write_bytes((f / "data_batch_3").read_bytes()[:5000]))
-    variant("corrupt", lambda f: (f / "test_batch").write_bytes(os.urandom(20000)))
+    variant("corrupt", lambda f: (f / "test_batch").write_bytes(random.Random(0).randbytes(20000)))
     variant("wrong shape", lambda f: (f / "data_batch_2").write_bytes(pickle.dumps(
         {"data": __import__("numpy").zeros((64, 100), "uint8"), "labels": [0] * 64})))
     variant("malicious", lambda f: (f / "data_batch_1").write_bytes(pickle.dumps({"data": _Evil(root / "PWNED")})))

@@ -45,6 +45,11 @@ class UsageError(Exception):
     """A problem with the user's input or environment: reported as one message, exit code 2."""
 
 
+def describe_error(error: BaseException) -> str:
+    """'Type: first line of the message', short enough for a one-line error report."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+
+
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite."""
 

@@ -58,7 +58,7 @@ def imagenet_state_dict(path: str | None) -> dict:
             return WEIGHTS.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except Exception as e:  # URLError (no network), RuntimeError (bad download), UnpicklingError (corrupt cache)
             raise common.UsageError(
-                f"could not get the ImageNet weights ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}). Without network, fetch {WEIGHTS.url} "
+                f"could not get the ImageNet weights ({common.describe_error(e)}). Without network, fetch {WEIGHTS.url} "
                 f"elsewhere and pass it with --weights PATH, or place it in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
                 f"or train from random weights with --scratch") from None
     path = Path(path)
@@ -67,8 +67,7 @@ def imagenet_state_dict(path: str | None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise common.UsageError(f"--weights {path}: not a readable weights file ({type(e).__name__}: "
-                                f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise common.UsageError(f"--weights {path}: not a readable weights file ({common.describe_error(e)})") from None
     if isinstance(state, dict) and "kind" in state and "model" in state:
         raise common.UsageError(f"--weights {path}: a training checkpoint of {state['kind']}, not ImageNet VGG-11-bn weights")
     with torch.device("meta"):

@@ -852,6 +852,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
+
+
 def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best) -> dict:
     return {"kind": kind, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": len(history),
@@ -945,8 +948,8 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
                        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
                        + ("  *best" if improved else ""), file=sys.stdout)
             checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best)
-            if improved:
-                save_checkpoint(checkpoint, out_dir / "best.pt")
+            if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
+                save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
             save_checkpoint(checkpoint, out_dir / "last.pt")
             save_json(history, out_dir / "history.json")
     train_seconds = time.perf_counter() - start

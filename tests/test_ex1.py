@@ -88,7 +88,8 @@ def test_metrics(trained):
 
 
 def test_history_and_checkpoints(trained):
-    """history.json has one row per epoch over the --limit-train images; best.pt holds the best epoch, last.pt the last."""
+    """history.json has one row per epoch over the --limit-train images; best.pt holds the best epoch's weights,
+    last.pt the last epoch with the optimizer state that --resume needs."""
     history = read_json(trained / "history.json")
     m = read_json(trained / "metrics.json")
     assert [row["epoch"] for row in history] == [1, 2, 3]
@@ -97,8 +98,9 @@ def test_history_and_checkpoints(trained):
         assert round(row["images_per_s"] * row["seconds"]) == 96
     assert m["best_val_accuracy"] == max(row["val_accuracy"] for row in history)
     assert history[m["best_epoch"] - 1]["val_accuracy"] == m["best_val_accuracy"]
-    assert common.load_checkpoint(trained / "best.pt", KIND)["epoch"] == m["best_epoch"]
-    assert common.load_checkpoint(trained / "last.pt", KIND)["epoch"] == 3
+    best, last = common.load_checkpoint(trained / "best.pt", KIND), common.load_checkpoint(trained / "last.pt", KIND)
+    assert best["epoch"] == m["best_epoch"] and last["epoch"] == 3
+    assert not set(common.TRAINING_STATE) & best.keys() and set(common.TRAINING_STATE) <= last.keys()
 
 
 def test_train_log_records_every_epoch(trained):

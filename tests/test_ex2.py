@@ -329,8 +329,8 @@ def test_frozen_run_keeps_the_backbone_bit_identical(run_frozen, vgg_features):
         assert features.keys() == vgg_features.keys()
         for key, value in vgg_features.items():
             assert torch.equal(features[key], value), f"{name}: {key} changed"
-        optimizer = checkpoint["optimizer"]
-        assert len(optimizer["param_groups"][0]["params"]) == HEAD_PARAMS  # only the head is optimised
+        if name == "last.pt":
+            assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == HEAD_PARAMS  # only the head is optimised
     with torch.device("meta"):
         head = ex2_transfer.build_model({"mode": "scratch", "weights": None}).head
     assert f"trainable: {sum(p.numel() for p in head.parameters()):,}" in run_frozen["proc"].stdout

@@ -274,6 +274,11 @@ def augment_batch(images: torch.Tensor, settings: dict, generator: torch.Generat
     return x
 
 
+def mean_std_tensors(settings: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The settings' per-channel mean and std on `device`: made once per pass, not once per batch."""
+    return torch.tensor(settings["mean"], device=device), torch.tensor(settings["std"], device=device)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """(x - mean) / std per channel, returned in channels_last layout."""
     mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype)[:, None, None]
@@ -388,7 +393,7 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
     seen = 0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not ctx.is_main, leave=False, dynamic_ncols=True)
-    mean, std = (torch.tensor(settings[key], device=ctx.device) for key in ("mean", "std"))
+    mean, std = mean_std_tensors(settings, ctx.device)
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
         x = normalize(augment_batch(images[index], settings, augment_gen), mean, std)
         y = labels[index]
@@ -431,8 +436,9 @@ def predict(model: nn.Module, images: torch.Tensor, settings: dict, ctx: TrainCo
     """Logits (float32, on the device) for uint8 images, in eval mode and large batches."""
     model.eval()
     outputs = []
+    mean, std = mean_std_tensors(settings, ctx.device)
     for start in range(0, len(images), EVAL_BATCH):
-        x = normalize(images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255), settings["mean"], settings["std"])
+        x = normalize(images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255), mean, std)
         with autocast(ctx):
             outputs.append(model(x).float())
     return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=ctx.device)
@@ -956,12 +962,14 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     if not is_main:
         return {}
 
-    test_last = evaluate(model, data.test_images, data.test_labels, settings, ctx)["accuracy"]
+    last_is_best = best[0] == len(history)  # then best.pt holds these very weights: test them once
+    test_last = None if last_is_best else evaluate(model, data.test_images, data.test_labels, settings, ctx)["accuracy"]
     best_checkpoint = load_checkpoint(out_dir / "best.pt", kind)
     model.load_state_dict(best_checkpoint["model"])
     plot_filters(first_conv_weight(model), out_dir / "filters_after.png", f"first-layer filters after training (epoch {best[0]})")
     plot_history(history, best[0], out_dir / "history.png")
     metrics = test_report(model, data, settings, ctx, out_dir)
+    test_last = metrics["test_accuracy"] if last_is_best else test_last
     trained = history[len(resume_from["history"]) if resume_from else 0:]  # the epochs this call trained
     metrics.update({
         "test_accuracy_last": test_last, "best_epoch": best[0], "best_val_accuracy": best[1],

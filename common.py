@@ -39,6 +39,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
 STRENGTH_FLAGS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}
 EVAL_BATCH = 500
+PLAN_STEPS = 10  # steps a --time-budget run times, after two warm-up steps, to plan its total
 
 
 class UsageError(Exception):
@@ -342,13 +343,44 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, rank: int
         yield order[start + rank:start + batch_size:world]
 
 
+def total_steps(settings: dict, steps_per_epoch: int) -> int | None:
+    """Optimizer steps of the whole run: the time budget's plan, else epochs x steps per epoch.
+
+    None while a time budget's plan is not made yet (during the first steps, whose speed it measures).
+    """
+    if settings.get("time_budget") is not None:
+        return settings.get("planned_steps")
+    return settings["epochs"] * steps_per_epoch
+
+
+def epoch_steps(settings: dict, epoch: int, steps_per_epoch: int) -> int:
+    """Steps of `epoch`: a full epoch, or what the run's total leaves for its last, partial one."""
+    total = total_steps(settings, steps_per_epoch)
+    return steps_per_epoch if total is None else max(0, min(steps_per_epoch, total - (epoch - 1) * steps_per_epoch))
+
+
 def lr_factor(settings: dict, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at `step`: one-cycle (linear up, linear down) or exponential per epoch."""
+    """Learning-rate multiplier at `step`: one-cycle (linear up, linear down) or exponential per epoch.
+
+    The one-cycle runs over the run's total steps; before a time budget's plan fixes them, it stays at its first value.
+    """
     if settings["schedule"] == "exp":
         return settings["lr_decay"] ** (step // steps_per_epoch)
-    total = settings["epochs"] * steps_per_epoch
+    total = total_steps(settings, steps_per_epoch)
+    if total is None:
+        return 0.1
     warm = max(1, int(settings["warmup"] * total))
     return float(np.interp(step, [0, warm, total], [0.1, 1.0, 0.0]))
+
+
+def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
+                     steps_per_epoch: int) -> int:
+    """Steps that fill a time budget: those done, then as many as the time left holds at `step_s` each, after one
+    validation pass of `val_s` for every epoch they reach (counted for the most steps, so never too few)."""
+    left = budget_s - elapsed_s
+    most = steps_done + max(0, int(left / step_s))
+    epochs = -(-most // steps_per_epoch)
+    return steps_done + max(0, int((left - epochs * val_s) / step_s))
 
 
 def make_optimizer(params: list[nn.Parameter], settings: dict) -> torch.optim.Optimizer:
@@ -377,24 +409,90 @@ def autocast(ctx: TrainContext):
     return torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`, so that a clock reading includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def share_from_rank0(value: int, ctx: TrainContext) -> int:
+    """Rank 0's `value` on every process (a plain run returns it unchanged)."""
+    if ctx.world == 1:
+        return value
+    shared = torch.tensor(value, device=ctx.device)
+    dist.broadcast(shared, 0)
+    return int(shared)
+
+
+def budget_planner(settings: dict, steps_per_epoch: int, val_images: int, start: float,
+                   ctx: TrainContext) -> Callable[[int], None]:
+    """The first epoch's hook under --time-budget: after each step it may time the run, and after PLAN_STEPS steps
+    that follow two warm-up steps it fixes settings['planned_steps'] from their speed (measured on rank 0, shared)."""
+    budget_s = settings["time_budget"] * 60
+    warmup = min(2, steps_per_epoch - 1)
+    last = min(warmup + PLAN_STEPS, steps_per_epoch)
+    clock = {0: start}
+
+    def after_step(step: int) -> None:
+        if step not in (1, warmup, last):
+            return
+        synchronize(ctx.device)
+        clock[step] = time.perf_counter()
+        if step == 1 and share_from_rank0(int(clock[1] - start > budget_s), ctx):
+            raise UsageError(f"--time-budget {settings['time_budget']:g} minutes is too short for a single training "
+                             f"step (the first took {clock[1] - start:.1f} s)")
+        if step != last:
+            return
+        step_s = (clock[last] - clock[warmup]) / (last - warmup)
+        val_s = step_s * ctx.world * val_images / settings["batch_size"] / 3  # a forward pass: about a third of a step
+        total = plan_total_steps(budget_s, clock[last] - start, step_s, val_s, last, steps_per_epoch)
+        settings["planned_steps"] = share_from_rank0(total, ctx)
+        settings["planned_images_per_s"] = settings["batch_size"] / step_s
+        settings["epochs"] = -(-settings["planned_steps"] // steps_per_epoch)
+        if ctx.is_main:
+            tqdm.write(f"plan: {settings['time_budget']:g} min ≈ {settings['planned_steps'] / steps_per_epoch:.1f} "
+                       f"epochs ({settings['planned_steps']} steps of {settings['batch_size']}) at "
+                       f"{settings['planned_images_per_s']:.0f} images/s", file=sys.stdout)
+
+    return after_step
+
+
+def progress_label(settings: dict, epoch: int, steps_per_epoch: int) -> str:
+    """'epoch 2/5', and under a time budget its plan: 'epoch 2/5 (60 min ≈ 4.7 epochs)'."""
+    label = f"epoch {epoch}/{settings['epochs'] or '?'}"
+    if settings.get("time_budget") is None:
+        return label
+    if settings.get("planned_steps") is None:
+        return f"{label} (timing steps for the {settings['time_budget']:g}-min plan)"
+    return f"{label} ({settings['time_budget']:g} min ≈ {settings['planned_steps'] / steps_per_epoch:.1f} epochs)"
+
+
 def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torch.Tensor, labels: torch.Tensor,
-                    settings: dict, epoch: int, ctx: TrainContext, log_every: int = 25) -> dict:
-    """One pass over the shuffled training set; returns loss, accuracy and images/s for the epoch."""
+                    settings: dict, epoch: int, ctx: TrainContext, after_step: Callable[[int], None] | None = None,
+                    log_every: int = 25) -> dict:
+    """One pass over the shuffled training set (the last epoch of a planned run may stop short); returns loss,
+    accuracy, steps and images/s for the epoch. `after_step(steps done)` runs after every step when given."""
     model.train()
     shuffle = torch.Generator().manual_seed(epoch_seed(settings["seed"], epoch, 0))
     augment_gen = torch.Generator(ctx.device).manual_seed(epoch_seed(settings["seed"], epoch, 1, ctx.rank))
     torch.manual_seed(epoch_seed(settings["seed"], epoch, 2, ctx.rank))
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
     batch_size = settings["batch_size"]
-    steps = len(images) // batch_size
+    steps_per_epoch = len(images) // batch_size
+    steps = epoch_steps(settings, epoch, steps_per_epoch)
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not ctx.is_main, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=progress_label(settings, epoch, steps_per_epoch), unit="batch", disable=not ctx.is_main,
+               leave=False, dynamic_ncols=True)
     mean, std = mean_std_tensors(settings, ctx.device)
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
+        if step >= steps:
+            break
         x = normalize(augment_batch(images[index], settings, augment_gen), mean, std)
         y = labels[index]
         with autocast(ctx):
@@ -410,6 +508,11 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
         correct += (logits.argmax(1) == y).sum()
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
         seen += len(y)
+        if after_step is not None:
+            after_step(step + 1)
+            steps = epoch_steps(settings, epoch, steps_per_epoch)  # a plan made in this epoch may end it early
+            bar.total = steps
+            bar.set_description(progress_label(settings, epoch, steps_per_epoch), refresh=False)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             bad = int(first_bad_step)
             if bad >= 0:
@@ -425,7 +528,7 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
         dist.all_reduce(totals)
     seconds = time.perf_counter() - start
     loss_total, correct_total, seen_total = totals.tolist()
-    return {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total,
+    return {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total, "steps": steps,
             "seconds": seconds, "images_per_s": seen_total / seconds}
 
 
@@ -741,7 +844,7 @@ def tee_stdout(path: Path, mode: str = "a", enabled: bool = True):
 
 # Defaults of the flags that no recipe sets. Recipes set the training hyperparameters.
 DEFAULTS = {"data_dir": "data", "no_download": False, "out_dir": None, "val_size": 1000, "limit_train": None,
-            "seed": 0, "device": "auto", "precision": "auto", "recipe": "default", "compile": False,
+            "seed": 0, "time_budget": None, "device": "auto", "precision": "auto", "recipe": "default", "compile": False,
             "sync_bn": True, "resume": False, "overwrite": False, "eval_only": False, "checkpoint": None}
 # Flags that say where and how a run executes, not what it computes: free to change on --resume.
 RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn",
@@ -755,8 +858,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--data-dir", help="folder holding cifar-10-batches-py/ (or that folder itself); downloaded there if missing (default: data)")
     a("--no-download", action="store_true", default=None, help="never download CIFAR-10; fail with a message if it is missing")
     a("--out-dir", help="where checkpoints, metrics and figures go (default: runs/<experiment>)")
-    a("--recipe", help="hyperparameter set: 'default' (ours) or 'original' (the assignment's); explicit flags override it")
+    a("--recipe", help="hyperparameter set: 'default' (ours), 'original' (the assignment's), or in ex1_convnet.py 'short' "
+                       "(for a few epochs, what --time-budget uses unless --recipe is given); explicit flags override it")
     a("--epochs", type=int, help="number of training epochs (default: the recipe's)")
+    a("--time-budget", type=float, metavar="MINUTES",
+      help="train for this many minutes of wall-clock time instead of --epochs (validation included; loading, "
+           "building and the final test not): the speed of the first steps fixes the total steps, the learning-rate "
+           "schedule runs over them, and the last epoch may be partial")
     a("--batch-size", type=int, help="global batch size, summed over all processes under torchrun (default: the recipe's)")
     a("--optimizer", choices=["adamw", "adam", "sgd"], help="AdamW, Adam or SGD with Nesterov momentum (default: the recipe's)")
     a("--lr", type=float, help="peak learning rate (default: the recipe's)")
@@ -800,7 +908,11 @@ def parse_augment(value: str | list) -> list[str]:
 def resolve_settings(args: argparse.Namespace, recipe: dict, model_defaults: dict) -> dict:
     """Defaults, then the recipe, then the model's defaults, then every flag the user gave."""
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "time_budget" in given and "epochs" in given:
+        raise UsageError("--time-budget and --epochs both say how long to train: give one of them")
     settings = {**DEFAULTS, **recipe, **model_defaults, **given}
+    if settings["time_budget"] is not None:
+        settings["epochs"] = None  # the plan made in the first epoch sets it
     ops = set(parse_augment(settings["augment"]))
     for op, key in STRENGTH_FLAGS.items():  # an explicit strength turns its op on (> 0) or off (0)
         if key in given:
@@ -812,8 +924,11 @@ def resolve_settings(args: argparse.Namespace, recipe: dict, model_defaults: dic
 def check_settings(settings: dict) -> None:
     """Refuse values that cannot train, before any work starts."""
     for key in ("epochs", "batch_size"):
-        if settings[key] <= 0:
+        if settings[key] is not None and settings[key] <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive (got {settings[key]})")
+    budget = settings.get("time_budget")
+    if budget is not None and not 0 < budget < math.inf:
+        raise UsageError(f"--time-budget must be a positive number of minutes (got {budget:g})")
     if not 0 < settings["lr"] < math.inf:
         raise UsageError(f"--lr must be positive and finite (got {settings['lr']})")
     dropout = settings.get("dropout", 0)
@@ -887,6 +1002,7 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
                      out_dir: Path, ctx: TrainContext, resume_from: dict | None = None) -> dict:
     """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report."""
     is_main = ctx.is_main
+    environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
     train_images, train_labels, val_images, val_labels = splits
     if settings["mean"] == "data":
         settings["mean"], settings["std"] = channel_mean_std(train_images)
@@ -927,14 +1043,19 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     train_images, train_labels = train_images.to(ctx.device), train_labels.to(ctx.device)
 
     start = time.perf_counter()
-    for epoch in range(len(history) + 1, settings["epochs"] + 1):
+    after_step = None
+    if settings.get("time_budget") is not None and settings.get("planned_steps") is None:
+        after_step = budget_planner(settings, steps_per_epoch, len(val_images), start, ctx)
+    epoch = len(history)
+    while settings["epochs"] is None or epoch < settings["epochs"]:  # a budget's plan sets epochs in the first one
+        epoch += 1
         if settings["patience"] and best[0] is not None and epoch - 1 - best[0] >= settings["patience"]:
             if is_main:
                 print(f"early stop: no better validation accuracy for {settings['patience']} epochs")
             break
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(train_model, optimizer, scheduler, scaler, train_images, train_labels,
-                                   settings, epoch, ctx))
+                                   settings, epoch, ctx, after_step if epoch == 1 else None))
         val = torch.zeros(2, device=ctx.device, dtype=torch.float64)
         if is_main:
             result = evaluate(model, val_images, val_labels, settings, ctx)
@@ -943,7 +1064,7 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
             dist.broadcast(val, 0)
         row["val_loss"], row["val_accuracy"] = val.tolist()
         row = {k: row[k] for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
-                                   "seconds", "images_per_s")}
+                                   "steps", "seconds", "images_per_s")}
         history.append(row)
         improved = row["val_accuracy"] > best[1]
         if improved:
@@ -974,10 +1095,12 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     metrics.update({
         "test_accuracy_last": test_last, "best_epoch": best[0], "best_val_accuracy": best[1],
         "params": count_parameters(model), "epochs_run": len(history), "train_seconds": train_seconds,
+        "time_budget_minutes": settings.get("time_budget"), "planned_steps": total_steps(settings, steps_per_epoch),
+        "run_steps": sum(r.get("steps", steps_per_epoch) for r in history),
         "train_images_per_s": (sum(r["images_per_s"] * r["seconds"] for r in trained) / max(1e-9, sum(r["seconds"] for r in trained))),
         "device": str(ctx.device), "precision": str(ctx.dtype).replace("torch.", ""), "processes": ctx.world,
         "classes": list(data.classes), "settings": {k: v for k, v in settings.items() if k not in RUNTIME_KEYS},
-        "args": dict(settings), **environment_info(ctx.device)})
+        "args": dict(settings), **environment})
     save_json(metrics, out_dir / "metrics.json")
     print(f"best epoch {best[0]} (val {best[1]:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
           f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {test_last:.2%}; reports in {out_dir}")
@@ -1009,6 +1132,9 @@ def eval_only(kind: str, settings: dict, build_model: Callable, ctx: TrainContex
 def _resume_settings(args: argparse.Namespace, saved: dict) -> dict:
     """The saved run's settings with the runtime flags, --epochs and --patience of this call on top."""
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "epochs" in given and saved.get("time_budget") is not None:
+        raise UsageError(f"--epochs: the run being resumed trains for --time-budget {saved['time_budget']:g} minutes, "
+                         f"and --resume continues its plan ({saved.get('planned_steps')} steps)")
     for key, value in given.items():
         if key in RUNTIME_KEYS or key in RESUME_EXTENDABLE:
             continue

@@ -1,0 +1,140 @@
+"""--time-budget: the plan made from the speed of the first steps, the schedule over it, the partial last epoch,
+--resume keeping the plan, and the refusals. A fake clock stands in for time: no assertion depends on real speed."""
+import itertools
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import ex1_convnet
+from conftest import QUICK
+
+STEPS_PER_EPOCH = 8  # the fixture's 320 training images, less 64 for validation, in batches of 32
+CPU = common.TrainContext(torch.device("cpu"), torch.float32)
+
+
+def fake_clock(monkeypatch, readings) -> None:
+    """common's time.perf_counter() returns `readings` one after the other."""
+    values = iter(readings)
+    monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=lambda: next(values)))
+
+
+def run_ex1(argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = ex1_convnet.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def no_filter_plots(monkeypatch):
+    monkeypatch.setattr(common, "plot_filters", lambda *args, **kwargs: None)
+
+
+def test_plan_fills_the_time_left_after_the_validation_passes():
+    assert common.plan_total_steps(60, 12, 1.0, 0.0, 12, 25) == 60
+    # 48 s left hold 48 more steps at most, 60 in all: 3 epochs, whose 3 validation passes of 3 s leave 39
+    assert common.plan_total_steps(60, 12, 1.0, 3.0, 12, 25) == 51
+    assert common.plan_total_steps(60, 70, 1.0, 0.0, 12, 25) == 12  # already over: no step more
+
+
+def test_planner_times_the_steps_after_the_warm_up_and_fixes_the_total(monkeypatch):
+    settings = {"time_budget": 1.0, "batch_size": 32, "epochs": None}
+    after_step = common.budget_planner(settings, steps_per_epoch=25, val_images=96, start=0.0, ctx=CPU)
+    fake_clock(monkeypatch, [1.5, 2.0, 12.0])  # read after step 1, step 2 (the warm-up's end) and step 12
+    for step in range(1, 12):
+        after_step(step)
+        assert settings.get("planned_steps") is None
+    after_step(12)
+    # 1 s a step, so a validation pass of 96 images is 1 s (a third of 3 steps of 32); 48 s left hold 60 steps
+    # at most (3 epochs): 12 + 48 - 3 = 57
+    assert settings["planned_steps"] == 57
+    assert settings["epochs"] == 3 and settings["planned_images_per_s"] == 32
+
+
+def test_a_budget_shorter_than_the_first_step_is_refused(monkeypatch):
+    settings = {"time_budget": 1.0, "batch_size": 32, "epochs": None}
+    after_step = common.budget_planner(settings, steps_per_epoch=25, val_images=96, start=0.0, ctx=CPU)
+    fake_clock(monkeypatch, [61.0])
+    with pytest.raises(common.UsageError, match="too short for a single training step"):
+        after_step(1)
+
+
+def test_the_schedule_waits_for_the_plan_then_ends_at_its_last_step():
+    settings = {"schedule": "onecycle", "warmup": 0.2, "time_budget": 60.0, "epochs": None}
+    assert common.lr_factor(settings, 5, 100) == 0.1  # no plan yet: the warm-up's first value
+    assert common.epoch_steps(settings, 1, 100) == 100
+    settings["planned_steps"] = 250
+    assert common.lr_factor(settings, 0, 100) == 0.1
+    assert common.lr_factor(settings, 50, 100) == 1.0  # warm-up ends at 20% of the planned steps
+    assert common.lr_factor(settings, 250, 100) == 0.0
+    assert [common.epoch_steps(settings, epoch, 100) for epoch in (1, 2, 3)] == [100, 100, 50]
+
+
+def budget_run(cifar_dir, out_dir, *extra):
+    return [*QUICK, "--data-dir", cifar_dir, "--out-dir", out_dir, "--time-budget", "0.1", *extra]
+
+
+@pytest.mark.slow
+def test_a_budget_run_trains_the_planned_steps_with_a_partial_last_epoch(cifar_dir, tmp_path, capsys, monkeypatch,
+                                                                        no_filter_plots):
+    fake_clock(monkeypatch, itertools.count(0.0, 1.0))  # every reading one second later
+    code, err = run_ex1(budget_run(cifar_dir, tmp_path), capsys)
+    assert code == 0, err[-3000:]
+    metrics, history = read_json(tmp_path / "metrics.json"), read_json(tmp_path / "history.json")
+    planned = metrics["planned_steps"]
+    assert metrics["time_budget_minutes"] == 0.1 and planned > STEPS_PER_EPOCH
+    assert metrics["run_steps"] == planned == sum(row["steps"] for row in history)
+    assert len(history) == metrics["epochs_run"] == math.ceil(planned / STEPS_PER_EPOCH)
+    assert history[-1]["steps"] == planned - STEPS_PER_EPOCH * (len(history) - 1) < STEPS_PER_EPOCH
+    last = common.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
+    assert last["scheduler"]["last_epoch"] == planned and last["scheduler"]["_last_lr"] == [0.0]  # schedule done
+
+
+@pytest.mark.slow
+def test_resume_continues_the_saved_plan_without_timing_again(cifar_dir, tmp_path, capsys, monkeypatch,
+                                                              no_filter_plots):
+    evaluate = common.evaluate
+    calls = itertools.count(1)
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        if next(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    fake_clock(monkeypatch, itertools.count(0.0, 1.0))
+    monkeypatch.setattr(common, "evaluate", interrupted_in_epoch_2)
+    code, err = run_ex1(budget_run(cifar_dir, tmp_path), capsys)
+    assert code == 130, err[-3000:]
+    saved = common.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
+    assert saved["epoch"] == 1 and saved["settings"]["planned_steps"] > STEPS_PER_EPOCH
+
+    resume = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--resume"]
+    code, err = run_ex1([*resume, "--epochs", "5"], capsys)
+    assert code == 2 and "--resume continues its plan" in err
+
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    fake_clock(monkeypatch, itertools.count(0.0, 50.0))  # fifty times slower: a new plan would differ
+    code, err = run_ex1(resume, capsys)
+    assert code == 0, err[-3000:]
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["planned_steps"] == metrics["run_steps"] == saved["settings"]["planned_steps"]
+
+
+@pytest.mark.parametrize("budget", ["0", "-1", "nan", "inf"])
+def test_a_budget_that_is_not_a_positive_number_is_refused_before_any_work(budget, cifar_dir, tmp_path, capsys):
+    code, err = run_ex1([*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", "--time-budget", budget], capsys)
+    assert code == 2 and "--time-budget must be a positive number of minutes" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_epochs_and_a_budget_together_are_refused(cifar_dir, tmp_path, capsys):
+    code, err = run_ex1([*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--time-budget", "5", "--epochs", "3"],
+                        capsys)
+    assert code == 2 and "--time-budget and --epochs both say how long to train" in err

@@ -39,7 +39,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
 STRENGTH_FLAGS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}
 EVAL_BATCH = 500
-PLAN_STEPS = 10  # steps a --time-budget run times, after two warm-up steps, to plan its total
+PLAN_WARMUP, PLAN_STEPS = 5, 20  # a --time-budget run times PLAN_STEPS steps after PLAN_WARMUP to plan its total
 
 
 class UsageError(Exception):
@@ -429,9 +429,10 @@ def share_from_rank0(value: int, ctx: TrainContext) -> int:
 def budget_planner(settings: dict, steps_per_epoch: int, val_images: int, start: float,
                    ctx: TrainContext) -> Callable[[int], None]:
     """The first epoch's hook under --time-budget: after each step it may time the run, and after PLAN_STEPS steps
-    that follow two warm-up steps it fixes settings['planned_steps'] from their speed (measured on rank 0, shared)."""
+    that follow PLAN_WARMUP warm-up steps it fixes settings['planned_steps'] from their speed (measured on rank 0,
+    shared). A short first epoch shortens both."""
     budget_s = settings["time_budget"] * 60
-    warmup = min(2, steps_per_epoch - 1)
+    warmup = min(PLAN_WARMUP, steps_per_epoch - 1)
     last = min(warmup + PLAN_STEPS, steps_per_epoch)
     clock = {0: start}
 

@@ -47,13 +47,13 @@ def test_plan_fills_the_time_left_after_the_validation_passes():
 def test_planner_times_the_steps_after_the_warm_up_and_fixes_the_total(monkeypatch):
     settings = {"time_budget": 1.0, "batch_size": 32, "epochs": None}
     after_step = common.budget_planner(settings, steps_per_epoch=25, val_images=96, start=0.0, ctx=CPU)
-    fake_clock(monkeypatch, [1.5, 2.0, 12.0])  # read after step 1, step 2 (the warm-up's end) and step 12
-    for step in range(1, 12):
+    fake_clock(monkeypatch, [1.5, 5.0, 25.0])  # read after step 1, step 5 (the warm-up's end) and step 25
+    for step in range(1, 25):
         after_step(step)
         assert settings.get("planned_steps") is None
-    after_step(12)
-    # 1 s a step, so a validation pass of 96 images is 1 s (a third of 3 steps of 32); 48 s left hold 60 steps
-    # at most (3 epochs): 12 + 48 - 3 = 57
+    after_step(25)
+    # 1 s a step, so a validation pass of 96 images is 1 s (a third of 3 steps of 32); 35 s left hold 60 steps
+    # at most (3 epochs): 25 + 35 - 3 = 57
     assert settings["planned_steps"] == 57
     assert settings["epochs"] == 3 and settings["planned_images_per_s"] == 32
 
@@ -138,3 +138,20 @@ def test_epochs_and_a_budget_together_are_refused(cifar_dir, tmp_path, capsys):
     code, err = run_ex1([*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--time-budget", "5", "--epochs", "3"],
                         capsys)
     assert code == 2 and "--time-budget and --epochs both say how long to train" in err
+
+
+@pytest.mark.parametrize("flags, recipe", [(["--time-budget", "60"], "short"),
+                                           (["--time-budget", "60", "--recipe", "default"], "default"),
+                                           ([], "default")])
+def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe, monkeypatch):
+    seen = {}
+
+    def fake_run_experiment(args, kind, recipe_values, model_defaults, build_model, default_out_dir):
+        seen.update(common.resolve_settings(args, recipe_values, model_defaults))
+        return 0
+
+    monkeypatch.setattr(common, "run_experiment", fake_run_experiment)
+    assert ex1_convnet.main(flags) == 0
+    assert seen["recipe"] == recipe  # the name metrics.json records
+    assert (seen["batch_size"], seen["dropout"]) == (ex1_convnet.RECIPES[recipe]["batch_size"],
+                                                     ex1_convnet.RECIPES[recipe]["dropout"])

@@ -321,10 +321,14 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CUDA with bf16 and on CPUs with fast bf16, fp16 on older GPUs, else fp32."""
+    """'auto' -> bf16 on GPUs with native bf16 and on CPUs with fast bf16, fp16 on older GPUs, else fp32.
+
+    Native bf16 starts at compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also counts the slow
+    emulation of older GPUs such as the T4 and V100, which train faster in fp16 with a gradient scaler.
+    """
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
@@ -774,7 +778,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="random seed: two CPU runs with the same seed give the same history (default: 0)")
     a("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"],
-      help="auto (default): bf16 on CUDA with bf16 and on CPUs with fast bf16, fp16 on older GPUs, fp32 elsewhere")
+      help="auto (default): bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with fast bf16, "
+           "fp16 on older GPUs, fp32 elsewhere")
     a("--compile", action="store_true", default=None, help="compile the model with torch.compile")
     a("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
       help="under torchrun on CUDA, keep per-process BatchNorm instead of SyncBatchNorm")

@@ -470,12 +470,23 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, n_classes:
 
 # ----------------------------------------------------------------------------- report
 
+def current_umask() -> int:
+    """The process's umask: os.umask reads it only by setting it, so set a strict one and put it back at once."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: Path, write: Callable) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Write through `write(file)` to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    The file gets the mode of any newly created file (0666 less the umask), not mkstemp's private 0600.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())

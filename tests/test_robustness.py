@@ -260,6 +260,21 @@ def test_atomic_write_fsyncs_the_temporary_file_in_the_same_folder_before_renami
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"a": 1}
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"])
+def test_result_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
+    """Not mkstemp's private 0600: 0666 less the umask, as `open(path, 'w')` gives, so a shared folder stays readable."""
+    previous = os.umask(umask)
+    try:
+        common.save_json({"a": 1}, tmp_path / "metrics.json")
+        common.save_checkpoint({"kind": "ex1_convnet.py", "model": {}}, tmp_path / "last.pt")
+        (tmp_path / "plain.txt").write_text("made the ordinary way")
+        assert os.umask(umask) == umask  # the write left the umask as it was
+    finally:
+        os.umask(previous)
+    for name in ("metrics.json", "last.pt", "plain.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
 def test_sigkill_in_the_middle_of_a_save_leaves_the_old_checkpoint(tmp_path):
     path = tmp_path / "best.pt"
     common.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.ones(3)}, "epoch": 1}, path)

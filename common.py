@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -155,6 +156,15 @@ def split_train_val(data: CifarData, val_size: int, limit_train: int | None) -> 
     n_train = n - val_size if limit_train is None else min(limit_train, n - val_size)
     return (data.train_images[:n_train], data.train_labels[:n_train],
             data.train_images[n - val_size:], data.train_labels[n - val_size:])
+
+
+def data_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
+    """A hash of the tensors' shapes, types and contents: the same data gives the same value wherever it is stored."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)} {tensor.dtype};".encode())
+        digest.update(tensor.cpu().contiguous().numpy())
+    return digest.hexdigest()
 
 
 def channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -877,10 +887,11 @@ def count_parameters(model: nn.Module) -> int:
 TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
 
 
-def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best) -> dict:
+def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint=None) -> dict:
+    """The run's state after an epoch; `fingerprint` is data_fingerprint of the splits it trains on (None outside a run)."""
     return {"kind": kind, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": len(history),
-            "history": history, "best_epoch": best[0], "best_val_accuracy": best[1]}
+            "history": history, "best_epoch": best[0], "best_val_accuracy": best[1], "data_fingerprint": fingerprint}
 
 
 def load_training_data(settings: dict, ctx: TrainContext) -> tuple[CifarData, tuple[torch.Tensor, ...]]:
@@ -904,6 +915,10 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report."""
     is_main = ctx.is_main
     train_images, train_labels, val_images, val_labels = splits
+    fingerprint = data_fingerprint(splits)
+    if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
+        raise UsageError(f"--data-dir {settings['data_dir']}: the data differs from the data the run in {out_dir} was "
+                         f"trained on; resume with that data, or start a new run (--overwrite or another --out-dir)")
     if settings["mean"] == "data":
         settings["mean"], settings["std"] = channel_mean_std(train_images)
 
@@ -969,7 +984,7 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
                        f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
                        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
                        + ("  *best" if improved else ""), file=sys.stdout)
-            checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best)
+            checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint)
             if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
                 save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
             save_checkpoint(checkpoint, out_dir / "last.pt")

@@ -352,6 +352,33 @@ def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path,
         {k: v for k, v in metrics(reference)["settings"].items() if k != "epochs"}
 
 
+def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(tmp_path, killed, reference, cifar_dir,
+                                                                              capsys, no_filter_plots):
+    """last.pt and best.pt hold a fingerprint of the training and validation images and labels: --resume on another
+    data set is refused before any training, the same files copied to another folder resume as an unbroken run."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed["unfinished"], run_dir)
+    data = common.load_cifar10(cifar_dir, download=False)
+    expected = common.data_fingerprint(common.split_train_val(data, 64, 64))  # RUN: --val-size 64 --limit-train 64
+    assert common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected
+    before = (run_dir / "last.pt").read_bytes()
+
+    other = write_cifar(tmp_path / "other", seed=1)
+    code, out, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir, "--data-dir", other], capsys)
+    assert code == 2, err[-3000:]
+    assert "the data differs from the data the run" in error_line(err) and str(other) in error_line(err)
+    assert "Traceback" not in err and "epoch " not in out
+    assert (run_dir / "last.pt").read_bytes() == before and not (run_dir / "metrics.json").exists()
+
+    moved = tmp_path / "moved" / "cifar"
+    shutil.copytree(cifar_dir, moved)
+    code, _, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir, "--data-dir", moved], capsys)
+    assert code == 0, err[-3000:]
+    assert history_columns(run_dir) == history_columns(reference)
+    for name in ("last.pt", "best.pt"):
+        assert common.load_checkpoint(run_dir / name, "ex1_convnet.py")["data_fingerprint"] == expected, name
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_every_torch_load_uses_weights_only():

@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 .PHONY: test train transfer venv
 
 $(PY): requirements.txt
+	test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "error: Python 3.10 or newer is needed, $(PYTHON) is " + sys.version.split()[0] + "; run make PYTHON=python3.X with a newer one")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt pytest
 	touch $(PY)

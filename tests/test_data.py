@@ -160,6 +160,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert str(path) in str(error.value) and "open" in str(error.value)
 
 
+@pytest.mark.slow
 def test_missing_data_with_no_download_exits_2_naming_the_folder(tmp_path):
     """No data and --no-download: exit code 2, one message that names the folder, no traceback."""
     missing = tmp_path / "no-cifar-here"

@@ -30,8 +30,8 @@ def make_venv(tmp_path: Path, python: Path) -> subprocess.CompletedProcess:
     """`make .venv/bin/python PYTHON=python` in a copy of the Makefile and requirements.txt."""
     for name in ("Makefile", "requirements.txt"):
         shutil.copy(ROOT / name, tmp_path / name)
-    return subprocess.run(["make", ".venv/bin/python", f"PYTHON={python}"], cwd=tmp_path, capture_output=True, stdin=subprocess.DEVNULL,
-                          text=True, timeout=60)
+    return subprocess.run(["make", ".venv/bin/python", f"PYTHON={python}"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_make_refuses_python_3_9_before_building_the_venv(tmp_path):

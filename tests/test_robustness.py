@@ -149,6 +149,7 @@ def ex2_checkpoint(tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- interruptions
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, killed):
     """SIGKILL during epoch 2 leaves a valid last.pt; --resume ends with the history and metrics of an unbroken run."""
     run_dir = killed["dir"]
@@ -175,6 +176,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, killed):
     assert temp_files(run_dir) == []  # the resumed run cleared what the kill left
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(tmp_path, cifar_dir, reference, capsys, no_filter_plots):
     """SIGINT during epoch 2: exit 130, last.pt of epoch 1 loadable, no temp file, and the printed command resumes."""
     out_dir = tmp_path / "run"
@@ -295,6 +297,7 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_old_checkpoint(tmp_path):
     assert common.load_checkpoint(path, "ex1_convnet.py")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path, reference, cifar_dir, capsys, no_filter_plots):
     before = {name: (reference / name).read_bytes() for name in ("metrics.json", "history.json")}
     code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", reference, *RUN], capsys)
@@ -321,6 +324,7 @@ FLAGS_THAT_CHANGE_THE_RUN = [["--no-bn"], ["--dropout", "0.5"], ["--limit-train"
                              ["--no-augment"], ["--recipe", "original"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", FLAGS_THAT_CHANGE_THE_RUN, ids=lambda f: " ".join(f))
 def test_resume_refuses_a_flag_that_changes_the_model_or_the_data(killed, flags, capsys):
     unfinished = killed["unfinished"]
@@ -333,6 +337,7 @@ def test_resume_refuses_a_flag_that_changes_the_model_or_the_data(killed, flags,
     assert (unfinished / "last.pt").read_bytes() == before and not (unfinished / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path, killed, reference, cifar_dir, capsys, no_filter_plots):
     run_dir = tmp_path / "run"
     shutil.copytree(killed["unfinished"], run_dir)
@@ -352,6 +357,7 @@ def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path,
         {k: v for k, v in metrics(reference)["settings"].items() if k != "epochs"}
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(tmp_path, killed, reference, cifar_dir,
                                                                               capsys, no_filter_plots):
     """last.pt and best.pt hold a fingerprint of the training and validation images and labels: --resume on another
@@ -430,6 +436,7 @@ def _bad_checkpoints(folder: Path, reference: Path, ex2_checkpoint: Path) -> dic
     }
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_eval_only_refuses_what_is_not_its_checkpoint(tmp_path, reference, ex2_checkpoint, cifar_dir, capsys, monkeypatch):
     cases = _bad_checkpoints(tmp_path, reference, ex2_checkpoint)
@@ -459,6 +466,7 @@ def test_eval_only_refuses_what_is_not_its_checkpoint(tmp_path, reference, ex2_c
     assert metrics(tmp_path / "eval3")["test_accuracy"] == metrics(reference)["test_accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_resume_refuses_a_last_pt_that_is_not_a_checkpoint(tmp_path, reference, ex2_checkpoint, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -491,6 +499,7 @@ class NaNAfter(nn.Module):
         return x
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_best_pt(tmp_path, cifar_dir, capsys, no_filter_plots):
     """A model whose loss turns NaN at epoch 2, step 2 (of 2), through the real driver."""
     def build_model(settings, pretrained=False):
@@ -510,6 +519,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_best_pt(tmp_path, cifar_
     assert not (out_dir / "metrics.json").exists() and temp_files(out_dir) == []
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_stops_with_a_message(tmp_path, cifar_dir, capsys, no_filter_plots):
     """The real trigger: lr 1e30 in fp32 on the ConvNet without BatchNorm."""
     code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN, "--epochs", "1",
@@ -574,6 +584,7 @@ def test_bad_settings_are_refused_before_any_work(case, tmp_path, cifar_dir, cap
     assert not any(tmp_path.rglob("*.pt"))
 
 
+@pytest.mark.slow
 def test_a_refusal_exits_2_from_the_command_line(tmp_path, cifar_dir):
     """The exit status itself, through a real process: a bad device and a bad learning rate."""
     result = run_script("ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN, "--device", "tpu")
@@ -610,6 +621,7 @@ def _bad_data(root: Path) -> dict:
     return {name: (folder, expected[name]) for name, folder in cases.items()}
 
 
+@pytest.mark.slow
 def test_data_errors_keep_their_message_and_exit_2_under_resume(tmp_path, killed, capsys):
     unfinished = killed["unfinished"]
     before = (unfinished / "last.pt").read_bytes()

@@ -2,9 +2,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test train transfer venv
+.PHONY: test test-fast train transfer venv
 
 $(PY): requirements.txt
+	test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "error: Python 3.10 or newer is needed, $(PYTHON) is " + sys.version.split()[0] + "; run make PYTHON=python3.X with a newer one")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt pytest
 	touch $(PY)
@@ -13,6 +14,9 @@ venv: $(PY)
 
 test: $(PY)
 	$(PY) -m pytest -q tests
+
+test-fast: $(PY)
+	$(PY) -m pytest -q -m "not slow" tests
 
 train: $(PY)
 	$(PY) ex1_convnet.py

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -156,6 +157,15 @@ def split_train_val(data: CifarData, val_size: int, limit_train: int | None) -> 
     n_train = n - val_size if limit_train is None else min(limit_train, n - val_size)
     return (data.train_images[:n_train], data.train_labels[:n_train],
             data.train_images[n - val_size:], data.train_labels[n - val_size:])
+
+
+def data_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
+    """A hash of the tensors' shapes, types and contents: the same data gives the same value wherever it is stored."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)} {tensor.dtype};".encode())
+        digest.update(tensor.cpu().contiguous().numpy())
+    return digest.hexdigest()
 
 
 def channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -322,10 +332,14 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CUDA with bf16 and on CPUs with fast bf16, fp16 on older GPUs, else fp32."""
+    """'auto' -> bf16 on GPUs with native bf16 and on CPUs with fast bf16, fp16 on older GPUs, else fp32.
+
+    Native bf16 starts at compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also counts the slow
+    emulation of older GPUs such as the T4 and V100, which train faster in fp16 with a gradient scaler.
+    """
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
@@ -570,12 +584,23 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, n_classes:
 
 # ----------------------------------------------------------------------------- report
 
+def current_umask() -> int:
+    """The process's umask: os.umask reads it only by setting it, so set a strict one and put it back at once."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: Path, write: Callable) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Write through `write(file)` to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    The file gets the mode of any newly created file (0666 less the umask), not mkstemp's private 0600.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -883,7 +908,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="random seed: two CPU runs with the same seed give the same history (default: 0)")
     a("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"],
-      help="auto (default): bf16 on CUDA with bf16 and on CPUs with fast bf16, fp16 on older GPUs, fp32 elsewhere")
+      help="auto (default): bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with fast bf16, "
+           "fp16 on older GPUs, fp32 elsewhere")
     a("--compile", action="store_true", default=None, help="compile the model with torch.compile")
     a("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
       help="under torchrun on CUDA, keep per-process BatchNorm instead of SyncBatchNorm")
@@ -977,10 +1003,11 @@ def count_parameters(model: nn.Module) -> int:
 TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
 
 
-def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best) -> dict:
+def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint=None) -> dict:
+    """The run's state after an epoch; `fingerprint` is data_fingerprint of the splits it trains on (None outside a run)."""
     return {"kind": kind, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": len(history),
-            "history": history, "best_epoch": best[0], "best_val_accuracy": best[1]}
+            "history": history, "best_epoch": best[0], "best_val_accuracy": best[1], "data_fingerprint": fingerprint}
 
 
 def load_training_data(settings: dict, ctx: TrainContext) -> tuple[CifarData, tuple[torch.Tensor, ...]]:
@@ -1005,6 +1032,10 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     is_main = ctx.is_main
     environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
     train_images, train_labels, val_images, val_labels = splits
+    fingerprint = data_fingerprint(splits)
+    if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
+        raise UsageError(f"--data-dir {settings['data_dir']}: the data differs from the data the run in {out_dir} was "
+                         f"trained on; resume with that data, or start a new run (--overwrite or another --out-dir)")
     if settings["mean"] == "data":
         settings["mean"], settings["std"] = channel_mean_std(train_images)
 
@@ -1075,7 +1106,7 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
                        f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
                        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
                        + ("  *best" if improved else ""), file=sys.stdout)
-            checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best)
+            checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint)
             if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
                 save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
             save_checkpoint(checkpoint, out_dir / "last.pt")

@@ -50,6 +50,11 @@ def write_cifar(root: Path, per_batch: int = 64, n_test: int = 120, bytes_keys: 
     return root
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a script in a subprocess, under torchrun or trains end to end; "
+                                       "`make test-fast` (-m 'not slow') leaves these out")
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> Path:
     """A small learnable CIFAR-10 copy (320 training, 120 test images) shared by the whole session."""

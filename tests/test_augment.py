@@ -140,3 +140,69 @@ def test_rotate_folds_in_an_exact_mirror_and_a_crop_window():
         assert match, f"image {i} is no window of the padded image"
         offsets.add(match[0])
     assert len(offsets) > 1
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel luma (N, H, W) of RGB images, with the weights of batch_grayscale."""
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+def test_jitter_keeps_grey_images_grey():
+    """Hue and saturation act on colour only: a grey image (equal channels, varying pixels) stays grey."""
+    level = 0.3 + 0.4 * torch.rand(32, 1, 32, 32, generator=gen(1))
+    out = common.batch_color_jitter(level.expand(-1, 3, -1, -1), 0.5, gen())
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
+
+
+def test_jitter_brightness_scales_and_contrast_stretches_about_the_mean():
+    """The parameters are drawn per image, whatever the images hold, so the same seed on different grey images
+    exposes them. A flat grey image (no contrast to change) is multiplied by the brightness b; an image with
+    detail gets b * (c * (x - mean) + mean): the contrast c stretches or shrinks it about its mean luma."""
+    n, s = 64, 0.3
+    flat = torch.full((n, 3, 32, 32), 0.5)
+    brightness = common.batch_color_jitter(flat, s, gen(3))[:, 0].mean((1, 2)) / 0.5
+    assert ((1 - s - 1e-5 <= brightness) & (brightness <= 1 + s + 1e-5)).all()
+    assert (brightness < 0.95).any() and (brightness > 1.05).any()  # darker and brighter images both occur
+
+    detail = (0.4 + 0.2 * torch.rand(n, 1, 32, 32, generator=gen(4))).expand(-1, 3, -1, -1)
+    out = common.batch_color_jitter(detail, s, gen(3))[:, 0]
+    x = detail[:, 0]
+    mean = x.mean((1, 2), keepdim=True)
+    assert torch.allclose(out.mean((1, 2)), brightness * mean.flatten(), atol=1e-5)  # contrast keeps the mean
+    contrast = ((out - out.mean((1, 2), keepdim=True)) / (x - mean)).median(-1).values.median(-1).values / brightness
+    assert ((1 - s - 1e-4 <= contrast) & (contrast <= 1 + s + 1e-4)).all()
+    assert (contrast < 0.95).any() and (contrast > 1.05).any()
+    expected = brightness[:, None, None] * (contrast[:, None, None] * (x - mean) + mean)
+    assert torch.allclose(out, expected, atol=1e-4)
+
+
+def test_jitter_hue_and_saturation_change_colour_but_not_luma():
+    """On colour images with brightness and contrast factored out (the same seed on flat grey images gives them),
+    the luma follows brightness and contrast alone, while the colours themselves change."""
+    n, s = 64, 0.2
+    brightness = common.batch_color_jitter(torch.full((n, 3, 32, 32), 0.5), s, gen(5))[:, 0].mean((1, 2)) / 0.5
+    x = 0.4 + 0.2 * torch.rand(n, 3, 32, 32, generator=gen(6))
+    out = common.batch_color_jitter(x, s, gen(5))
+    y_in, y_out = luma(x), luma(out)
+    mean = y_in.mean((1, 2), keepdim=True)
+    assert torch.allclose(y_out.mean((1, 2)), brightness * mean.flatten(), atol=1e-4)
+    chroma_in, chroma_out = x - y_in[:, None], out - y_out[:, None]  # colour apart from brightness
+    scale = (y_out - y_out.mean((1, 2), keepdim=True)).norm(dim=(1, 2)) / (y_in - mean).norm(dim=(1, 2))
+    unchanged = torch.isclose(chroma_out, chroma_in * scale[:, None, None, None], atol=1e-3).flatten(1).all(1)
+    assert not unchanged.any()
+
+
+def test_rotation_angle_stays_within_the_chosen_degrees():
+    """A marker 11 pixels right of the centre ends up at the same distance, turned by at most max_degrees,
+    to both sides across a batch."""
+    n, max_degrees = 64, 15.0
+    x = torch.zeros(n, 1, 32, 32)
+    x[:, :, 15:17, 26:28] = 1.0  # centred at (15.5, 26.5): the image centre is (15.5, 15.5)
+    out = common.batch_rotate(x, max_degrees, gen())[:, 0]
+    weights = out.flatten(1) / out.flatten(1).sum(1, keepdim=True)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    dy, dx = (weights @ ys.flatten()) - 15.5, (weights @ xs.flatten()) - 15.5
+    angle = torch.rad2deg(torch.atan2(dy, dx))
+    assert torch.allclose(torch.hypot(dx, dy), torch.full((n,), 11.0), atol=0.3)
+    assert angle.abs().max() <= max_degrees + 0.5
+    assert angle.max() > max_degrees / 2 and angle.min() < -max_degrees / 2

@@ -1,7 +1,11 @@
 """benchmarks/speed.py runs end to end on the fixture data with tiny settings and writes its figures."""
 import json
 
+import pytest
+
 from conftest import run_script
+
+pytestmark = pytest.mark.slow  # each test runs the benchmark script in a subprocess
 
 
 def test_speed_smoke(cifar_dir, tmp_path):

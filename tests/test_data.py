@@ -1,6 +1,8 @@
 """Loading CIFAR-10: both folder levels, both key styles, refused and broken files, the train/validation split."""
+import io
 import os
 import pickle
+import pickletools
 import re
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 
 import common
 import ex1_convnet
-from conftest import CLASS_NAMES, QUICK, run_script, write_cifar
+from conftest import CLASS_NAMES, QUICK, make_images, run_script, write_cifar
 
 BATCHES = "cifar-10-batches-py"
 
@@ -75,6 +77,75 @@ def test_bytes_keys_load_like_str_keys(cifar_dir, tmp_path):
     assert as_bytes.classes == tuple(CLASS_NAMES)
 
 
+def python2_pickle(obj) -> bytes:
+    """`obj` pickled the way Python 2's cPickle (protocol 2) and numpy 1 wrote the official CIFAR-10 files: byte
+    strings as SHORT_BINSTRING/BINSTRING, arrays rebuilt by `numpy.core.multiarray _reconstruct`. Python 3's pickle
+    cannot write this form: its protocol 2 pickles bytes through `_codecs.encode` and numpy 2 names `numpy._core`.
+    Handles what a CIFAR-10 batch holds: dicts, lists, bytes, small ints and uint8 arrays."""
+    def dump(value) -> bytes:
+        if isinstance(value, dict):
+            return b"}(" + b"".join(dump(k) + dump(v) for k, v in value.items()) + b"u"
+        if isinstance(value, list):
+            return b"](" + b"".join(dump(v) for v in value) + b"e"
+        if isinstance(value, bytes):
+            if len(value) < 256:
+                return b"U" + bytes([len(value)]) + value
+            return b"T" + len(value).to_bytes(4, "little") + value
+        if isinstance(value, int) and 0 <= value < 256:
+            return b"K" + bytes([value])
+        if isinstance(value, int) and 0 <= value < 65536:
+            return b"M" + value.to_bytes(2, "little")
+        if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+            shape = b"(" + b"".join(dump(d) for d in value.shape) + b"t"
+            dtype = b"cnumpy\ndtype\n" + dump(b"u1") + b"K\x00K\x01\x87R" \
+                    + b"(K\x03" + dump(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + dump(b"b") + b"\x87R"
+                    + b"(K\x01" + shape + dtype + b"\x89" + dump(value.tobytes()) + b"tb")
+        raise TypeError(f"no Python 2 form for {type(value).__name__} here")
+
+    return b"\x80\x02" + dump(obj) + b"."
+
+
+def write_official_cifar(root: Path, per_batch: int = 20, n_test: int = 10) -> dict:
+    """A CIFAR-10 copy in the official files' exact form under root; returns name -> the record written."""
+    rng = np.random.default_rng(7)
+    folder = root / BATCHES
+    folder.mkdir(parents=True)
+    records = {}
+    for name, n, label in [(f"data_batch_{i}", per_batch, f"training batch {i} of 5") for i in range(1, 6)] \
+            + [("test_batch", n_test, "testing batch 1 of 1")]:
+        data, labels = make_images(n, rng)
+        records[name] = {b"batch_label": label.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [f"{name}_{j}.png".encode() for j in range(n)]}
+    records["batches.meta"] = {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CLASS_NAMES],
+                               b"num_vis": 3072}
+    for name, record in records.items():
+        (folder / name).write_bytes(python2_pickle(record))
+    return records
+
+
+def test_reads_the_official_python2_pickles(tmp_path):
+    """Protocol 2, byte-string keys and values, numpy.core names: the form of the files users download."""
+    records = write_official_cifar(tmp_path)
+    stream = (tmp_path / BATCHES / "data_batch_1").read_bytes()
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(stream)]
+    assert ops[0] == ("PROTO", 2)
+    assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in ops and ("GLOBAL", "numpy dtype") in ops
+    assert {"SHORT_BINSTRING", "BINSTRING"} <= {name for name, _ in ops}
+    assert not {"SHORT_BINUNICODE", "BINUNICODE", "SHORT_BINBYTES", "BINBYTES", "FRAME"} & {name for name, _ in ops}
+    assert ("SHORT_BINSTRING", "training batch 1 of 5") in ops  # a byte-string value, not only keys
+    pickletools.dis(stream, out=io.StringIO())  # a well-formed stream: every opcode's stack effect checks out
+
+    assert set(common.read_batch(tmp_path / BATCHES / "data_batch_1")) == {"batch_label", "labels", "data", "filenames"}
+    data = common.load_cifar10(tmp_path, download=False)
+    train = [records[f"data_batch_{i}"] for i in range(1, 6)]
+    assert np.array_equal(data.train_images.numpy(), np.concatenate([r[b"data"] for r in train]).reshape(-1, 3, 32, 32))
+    assert data.train_labels.tolist() == sum((r[b"labels"] for r in train), [])
+    assert np.array_equal(data.test_images.numpy(), records["test_batch"][b"data"].reshape(-1, 3, 32, 32))
+    assert data.test_labels.tolist() == records["test_batch"][b"labels"]
+    assert data.classes == tuple(CLASS_NAMES)
+
+
 def test_malicious_pickle_is_refused(tmp_path):
     """A batch file whose pickle would run code is refused with a message, and its payload never runs."""
     control, target = tmp_path / "control", tmp_path / "target"
@@ -89,6 +160,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert str(path) in str(error.value) and "open" in str(error.value)
 
 
+@pytest.mark.slow
 def test_missing_data_with_no_download_exits_2_naming_the_folder(tmp_path):
     """No data and --no-download: exit code 2, one message that names the folder, no traceback."""
     missing = tmp_path / "no-cifar-here"

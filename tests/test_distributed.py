@@ -95,6 +95,7 @@ def test_ranks_take_disjoint_shards_of_the_same_global_batches():
         assert sorted(together.tolist()) == sorted(batch.tolist())  # and together the single-process batch
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one(ex1_runs):
     one_dir, two_dir, _ = ex1_runs
     one, two = model_state(one_dir / "last.pt"), model_state(two_dir / "last.pt")
@@ -111,6 +112,7 @@ def test_two_processes_train_the_same_weights_as_one(ex1_runs):
         assert h_two[0][key] == pytest.approx(h_one[0][key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runs", ["ex1_runs", "ex2_runs"])
 def test_two_process_run_writes_what_one_process_writes(runs, request):
     one_dir, two_dir, two = request.getfixturevalue(runs)
@@ -126,6 +128,7 @@ def test_two_process_run_writes_what_one_process_writes(runs, request):
     assert (two_dir / "train.log").read_text().count("epoch   1/1") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runs", ["ex1_runs", "ex2_runs"])
 def test_checkpoints_hold_the_plain_model(runs, request):
     one_dir, two_dir, _ = request.getfixturevalue(runs)
@@ -135,6 +138,7 @@ def test_checkpoints_hold_the_plain_model(runs, request):
         assert keys == list(model_state(one_dir / name))
 
 
+@pytest.mark.slow
 def test_eval_only_of_a_two_process_checkpoint_single_process(ex1_runs, cifar_dir, tmp_path):
     _, two_dir, _ = ex1_runs
     result = check(run_script("ex1_convnet.py", "--eval-only", "--checkpoint", two_dir / "best.pt",
@@ -148,6 +152,7 @@ def test_eval_only_of_a_two_process_checkpoint_single_process(ex1_runs, cifar_di
     assert "reports in" in result.stdout
 
 
+@pytest.mark.slow
 def test_eval_only_under_torchrun_writes_once(ex2_runs, cifar_dir, tmp_path):
     one_dir, two_dir, _ = ex2_runs
     result = check(run_torchrun("ex2_transfer.py", "--eval-only", "--checkpoint", one_dir / "best.pt",
@@ -158,6 +163,7 @@ def test_eval_only_under_torchrun_writes_once(ex2_runs, cifar_dir, tmp_path):
     assert evaluated["confusion_matrix"] == metrics(one_dir)["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun(ex1_runs, cifar_dir, tmp_path):
     """A single-process run's last.pt, continued for a second epoch by two processes."""
     one_dir, _, _ = ex1_runs

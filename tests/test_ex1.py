@@ -59,12 +59,14 @@ def no_bn_runs(cifar_dir, tmp_path_factory) -> tuple[Path, Path]:
     return outs
 
 
+@pytest.mark.slow
 def test_run_writes_every_report(trained):
     for name in RUN_FILES:
         assert (trained / name).is_file(), name
     assert_pngs_decode(trained, [n for n in RUN_FILES if n.endswith(".png")])
 
 
+@pytest.mark.slow
 def test_metrics(trained):
     m = read_json(trained / "metrics.json")
     for key in ["test_accuracy", "test_accuracy_first1000", "test_accuracy_last", "per_class_accuracy", "best_epoch",
@@ -87,6 +89,7 @@ def test_metrics(trained):
     assert isinstance(m["hardware"], dict) and m["hardware"]
 
 
+@pytest.mark.slow
 def test_history_and_checkpoints(trained):
     """history.json has one row per epoch over the --limit-train images; best.pt holds the best epoch's weights,
     last.pt the last epoch with the optimizer state that --resume needs."""
@@ -103,12 +106,14 @@ def test_history_and_checkpoints(trained):
     assert not set(common.TRAINING_STATE) & best.keys() and set(common.TRAINING_STATE) <= last.keys()
 
 
+@pytest.mark.slow
 def test_train_log_records_every_epoch(trained):
     log = (trained / "train.log").read_text()
     for epoch in (1, 2, 3):
         assert f"epoch   {epoch}/3" in log
 
 
+@pytest.mark.slow
 def test_same_seed_same_history(no_bn_runs):
     """Two CPU runs with the same --seed give identical losses and accuracies."""
     a, b = (read_json(out / "history.json") for out in no_bn_runs)
@@ -116,6 +121,7 @@ def test_same_seed_same_history(no_bn_runs):
     assert [[row[k] for k in HISTORY_COLUMNS] for row in a] == [[row[k] for k in HISTORY_COLUMNS] for row in b]
 
 
+@pytest.mark.slow
 def test_eval_only_rebuilds_no_bn_model_into_eval_folder(no_bn_runs, cifar_dir):
     """--eval-only --checkpoint writes beside the checkpoint in eval/, rebuilding --no-bn without the flag."""
     run_dir = no_bn_runs[0]
@@ -129,6 +135,7 @@ def test_eval_only_rebuilds_no_bn_model_into_eval_folder(no_bn_runs, cifar_dir):
     assert "epoch   1/" not in stdout
 
 
+@pytest.mark.slow
 def test_eval_only_writes_into_out_dir(trained, cifar_dir, tmp_path):
     out = tmp_path / "evaluated"
     run_ok(*QUICK, "--data-dir", cifar_dir, "--eval-only", "--checkpoint", trained / "best.pt", "--out-dir", out)
@@ -139,6 +146,7 @@ def test_eval_only_writes_into_out_dir(trained, cifar_dir, tmp_path):
     assert not (trained / "eval").exists()
 
 
+@pytest.mark.slow
 def test_eval_only_defaults_to_best_pt_of_the_default_out_dir(no_bn_runs, cifar_dir, tmp_path, monkeypatch):
     """--eval-only with neither --checkpoint nor --out-dir evaluates runs/ex1/best.pt into runs/ex1/eval/."""
     monkeypatch.chdir(tmp_path)
@@ -148,6 +156,7 @@ def test_eval_only_defaults_to_best_pt_of_the_default_out_dir(no_bn_runs, cifar_
     assert read_json(tmp_path / "runs" / "ex1" / "eval" / "metrics.json")["params"] == PARAMS_NO_BN
 
 
+@pytest.mark.slow
 def test_patience_stops_early(cifar_dir, tmp_path):
     """With a learning rate too small to change anything, --patience 1 stops after the second epoch."""
     stdout = run_ok(*QUICK, "--no-bn", "--batch-size", "16", "--limit-train", "16", "--lr", "1e-12", "--epochs", "5",

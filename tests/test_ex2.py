@@ -185,6 +185,7 @@ def test_weights_file_with_extra_entries_still_loads(monkeypatch, vgg_weights, v
     assert torch.equal(model.state_dict()["features.0.weight"], vgg_features["features.0.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, words", [("ex1 best.pt", "checkpoint of ex1_convnet.py"),
                                          ("ex1 state dict", "not VGG-11-bn weights"),
                                          ("truncated", "not a readable weights file")])
@@ -294,6 +295,7 @@ def test_freeze_training_step_changes_only_the_head(vgg_weights):
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pretrained", "scratch", "frozen"])
 def test_end_to_end_run_writes_every_report(request, mode, vgg_weights):
     run = finished(request.getfixturevalue(f"run_{mode}"))
@@ -313,6 +315,7 @@ def test_end_to_end_run_writes_every_report(request, mode, vgg_weights):
     assert not run["torch_home"].exists(), "looked in the torch hub cache although weights were given or not needed"
 
 
+@pytest.mark.slow
 def test_pretrained_run_fine_tunes_the_whole_network(run_pretrained, vgg_features):
     checkpoint = torch.load(finished(run_pretrained)["out_dir"] / "last.pt", map_location="cpu", weights_only=True)
     with torch.device("meta"):
@@ -321,6 +324,7 @@ def test_pretrained_run_fine_tunes_the_whole_network(run_pretrained, vgg_feature
     assert not torch.equal(checkpoint["model"]["features.0.weight"], vgg_features["features.0.weight"])
 
 
+@pytest.mark.slow
 def test_frozen_run_keeps_the_backbone_bit_identical(run_frozen, vgg_features):
     out_dir = finished(run_frozen)["out_dir"]
     for name in ("last.pt", "best.pt"):
@@ -336,6 +340,7 @@ def test_frozen_run_keeps_the_backbone_bit_identical(run_frozen, vgg_features):
     assert f"trainable: {sum(p.numel() for p in head.parameters()):,}" in run_frozen["proc"].stdout
 
 
+@pytest.mark.slow
 def test_compare_draws_and_summarises_two_runs(run_pretrained, run_scratch, tmp_path):
     dirs = [finished(run_pretrained)["out_dir"], finished(run_scratch)["out_dir"]]
     out_dir = tmp_path / "compare"

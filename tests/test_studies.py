@@ -64,6 +64,7 @@ def sweep(cifar_dir, tmp_path_factory) -> dict:
 
 # ----------------------------------------------------------------------------- BatchNorm
 
+@pytest.mark.slow
 def test_no_bn_run_has_no_batchnorm(bn_runs):
     """The two runs differ in BatchNorm only: settings, printed model and parameter count say so."""
     bn, no_bn = (read_json(bn_runs[k] / "metrics.json") for k in ("bn", "no-bn"))
@@ -75,6 +76,7 @@ def test_no_bn_run_has_no_batchnorm(bn_runs):
            {k: v for k, v in no_bn["settings"].items() if k not in ("batch_norm", "mean", "std")}
 
 
+@pytest.mark.slow
 def test_compare_writes_figure_and_json_that_agree_with_the_runs(bn_runs, compared):
     out_dir = compared["out_dir"]
     assert_png(out_dir / "compare.png")
@@ -90,6 +92,7 @@ def test_compare_writes_figure_and_json_that_agree_with_the_runs(bn_runs, compar
         assert len(row["val_accuracy"]) == 2
 
 
+@pytest.mark.slow
 def test_compare_prints_a_table_naming_both_runs(bn_runs, compared):
     lines = compared["stdout"].splitlines()
     assert any("test" in line and "first 1000" in line for line in lines)
@@ -101,6 +104,7 @@ def test_compare_prints_a_table_naming_both_runs(bn_runs, compared):
 
 # ----------------------------------------------------------------------------- early stopping
 
+@pytest.mark.slow
 def test_metrics_report_the_last_and_the_best_epochs_model(bn_runs, cifar_dir):
     """test_accuracy is best.pt's accuracy on the test set, test_accuracy_last that of last.pt."""
     run_dir = bn_runs["bn"]
@@ -180,6 +184,7 @@ def test_strength_flags_set_the_strength_and_override_the_recipe():
 
 # ----------------------------------------------------------------------------- dropout
 
+@pytest.mark.slow
 def test_dropout_sweep_trains_one_run_per_p_without_augmentation(sweep):
     for p in SWEEP_PS:
         run_dir = sweep["out_dir"] / f"p{p}"
@@ -191,6 +196,7 @@ def test_dropout_sweep_trains_one_run_per_p_without_augmentation(sweep):
     assert not (sweep["out_dir"] / "metrics.json").exists()  # no run of its own at the top
 
 
+@pytest.mark.slow
 def test_dropout_sweep_writes_figure_and_json_that_agree_with_the_runs(sweep):
     out_dir = sweep["out_dir"]
     assert_png(out_dir / "dropout_sweep.png")

@@ -750,6 +750,15 @@ def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: 
     _savefig(fig, path)
 
 
+def cpu_name() -> str:
+    """The processor's model name where Linux tells it (/proc/cpuinfo), else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment_info(device: torch.device) -> dict:
     """Versions, git commit and hardware, for metrics.json."""
     try:
@@ -757,7 +766,7 @@ def environment_info(device: torch.device) -> dict:
                                 text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    hardware = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    hardware = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
     if device.type == "cuda":
         hardware["gpu"] = torch.cuda.get_device_name(device)
         hardware["gpu_count"] = torch.cuda.device_count()

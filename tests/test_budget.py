@@ -77,8 +77,8 @@ def test_the_schedule_waits_for_the_plan_then_ends_at_its_last_step():
     assert [common.epoch_steps(settings, epoch, 100) for epoch in (1, 2, 3)] == [100, 100, 50]
 
 
-def budget_run(cifar_dir, out_dir, *extra):
-    return [*QUICK, "--data-dir", cifar_dir, "--out-dir", out_dir, "--time-budget", "0.1", *extra]
+def budget_run(cifar_dir, out_dir, minutes: str = "0.1") -> list:
+    return [*QUICK, "--data-dir", cifar_dir, "--out-dir", out_dir, "--time-budget", minutes]
 
 
 @pytest.mark.slow
@@ -132,6 +132,12 @@ def test_a_budget_that_is_not_a_positive_number_is_refused_before_any_work(budge
     code, err = run_ex1([*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", "--time-budget", budget], capsys)
     assert code == 2 and "--time-budget must be a positive number of minutes" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_budget_too_short_for_one_step_exits_2(cifar_dir, tmp_path, capsys, no_filter_plots):
+    code, err = run_ex1(budget_run(cifar_dir, tmp_path, "0.00001"), capsys)  # 0.6 ms
+    assert code == 2 and "too short for a single training step" in err
+    assert not (tmp_path / "last.pt").exists()
 
 
 def test_epochs_and_a_budget_together_are_refused(cifar_dir, tmp_path, capsys):

@@ -39,6 +39,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
 STRENGTH_FLAGS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}
 EVAL_BATCH = 500
+TTA_SHIFT = 2  # pixels of the diagonal translations among the test-time augmentation views
 
 
 class UsageError(Exception):
@@ -431,22 +432,42 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
 
 # ----------------------------------------------------------------------------- evaluate
 
+def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The views --tta averages over, for float images (N, C, H, W) in [0, 1]: the image and its mirror along the
+    width, each as it is and translated by (+2, +2) and (-2, -2) pixels with zero fill (as training's padded crop).
+    """
+    h, w = images.shape[-2:]
+    views = []
+    for image in (images, images.flip(-1)):
+        padded = F.pad(image, (TTA_SHIFT,) * 4)
+        for shift in (0, TTA_SHIFT, -TTA_SHIFT):  # view[..., y, x] = image[..., y - shift, x - shift]
+            views.append(padded[..., TTA_SHIFT - shift:TTA_SHIFT - shift + h, TTA_SHIFT - shift:TTA_SHIFT - shift + w])
+    return views
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, settings: dict, ctx: TrainContext) -> torch.Tensor:
-    """Logits (float32, on the device) for uint8 images, in eval mode and large batches."""
+def predict(model: nn.Module, images: torch.Tensor, settings: dict, ctx: TrainContext, tta: bool = False) -> torch.Tensor:
+    """Logits (float32, on the device) for uint8 images, in eval mode and large batches. With `tta`, the log of the
+    softmax averaged over tta_views: its softmax is that average, its argmax the averaged prediction.
+    """
     model.eval()
     outputs = []
     mean, std = mean_std_tensors(settings, ctx.device)
     for start in range(0, len(images), EVAL_BATCH):
-        x = normalize(images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255), mean, std)
+        x = images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255)
         with autocast(ctx):
-            outputs.append(model(x).float())
+            if tta:
+                log_probs = torch.stack([model(normalize(v, mean, std)).float().log_softmax(1) for v in tta_views(x)])
+                outputs.append(log_probs.logsumexp(0) - math.log(len(log_probs)))
+            else:
+                outputs.append(model(normalize(x, mean, std)).float())
     return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=ctx.device)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: dict, ctx: TrainContext) -> dict:
-    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set."""
-    logits = predict(model, images, settings, ctx)
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: dict, ctx: TrainContext,
+             tta: bool = False) -> dict:
+    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set (with `tta`: of the averaged views)."""
+    logits = predict(model, images, settings, ctx, tta)
     labels = labels.to(ctx.device)
     predictions = logits.argmax(1)
     return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (predictions == labels).sum().item() / max(1, len(labels)),
@@ -637,12 +658,19 @@ def environment_info(device: torch.device) -> dict:
             "git_commit": commit, "hardware": hardware}
 
 
-def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainContext, out_dir: Path) -> dict:
-    """Evaluate on the whole test set, draw the test figures, print the per-class table; return the metrics."""
+def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainContext, out_dir: Path,
+                tta: bool = False) -> dict:
+    """Evaluate on the whole test set, draw the test figures, print the per-class table; return the metrics.
+    With `tta`, the accuracies of test-time augmentation too (test_accuracy_tta, test_accuracy_first1000_tta).
+    """
     result = evaluate(model, data.test_images, data.test_labels, settings, ctx)
     predictions = result["predictions"]
     first = min(1000, len(predictions))
-    accuracy_first = (predictions[:first] == data.test_labels[:first]).sum().item() / max(1, first)
+
+    def accuracy_of_first(predicted: torch.Tensor) -> float:
+        return (predicted[:first] == data.test_labels[:first]).sum().item() / max(1, first)
+
+    accuracy_first = accuracy_of_first(predictions)
     per_class = per_class_accuracy(data.test_labels, predictions, data.classes)
     matrix = confusion_matrix(data.test_labels, predictions, len(data.classes))
     plot_per_class(per_class, out_dir / "per_class.png", f"test accuracy per class ({result['accuracy']:.2%} overall)")
@@ -653,9 +681,16 @@ def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainCon
         print(f"{name:<12}{acc:>9.2%}")
     print(f"{'all':<12}{result['accuracy']:>9.2%}   ({len(predictions)} test images; first {first}: "
           f"{accuracy_first:.2%})")
-    return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
-            "test_accuracy_first1000": accuracy_first,
-            "test_images": len(predictions), "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
+    metrics = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
+               "test_accuracy_first1000": accuracy_first,
+               "test_images": len(predictions), "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
+    if tta:
+        tta_result = evaluate(model, data.test_images, data.test_labels, settings, ctx, tta=True)
+        metrics["test_accuracy_tta"] = tta_result["accuracy"]
+        metrics["test_accuracy_first1000_tta"] = accuracy_of_first(tta_result["predictions"])
+        print(f"{'all, --tta':<12}{tta_result['accuracy']:>9.2%}   (test-time augmentation; first {first}: "
+              f"{metrics['test_accuracy_first1000_tta']:.2%})")
+    return metrics
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
@@ -742,10 +777,11 @@ def tee_stdout(path: Path, mode: str = "a", enabled: bool = True):
 # Defaults of the flags that no recipe sets. Recipes set the training hyperparameters.
 DEFAULTS = {"data_dir": "data", "no_download": False, "out_dir": None, "val_size": 1000, "limit_train": None,
             "seed": 0, "device": "auto", "precision": "auto", "recipe": "default", "compile": False,
-            "sync_bn": True, "resume": False, "overwrite": False, "eval_only": False, "checkpoint": None}
+            "sync_bn": True, "resume": False, "overwrite": False, "eval_only": False, "checkpoint": None,
+            "tta": False}
 # Flags that say where and how a run executes, not what it computes: free to change on --resume.
 RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn",
-                "resume", "overwrite", "eval_only", "checkpoint", "compare"}
+                "resume", "overwrite", "eval_only", "checkpoint", "compare", "tta"}
 RESUME_EXTENDABLE = {"epochs", "patience"}
 
 
@@ -783,6 +819,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--eval-only", action="store_true", default=None,
       help="evaluate --checkpoint on the test set and write its reports (default --out-dir: eval/ beside the checkpoint)")
     a("--checkpoint", help="checkpoint for --eval-only (default: best.pt in --out-dir)")
+    a("--tta", action="store_true", default=None,
+      help="test-time augmentation for --eval-only and a training run's final test: the softmax averaged "
+           "over 6 views, the image and its left-right mirror, each as it is and shifted by 2 pixels diagonally "
+           "both ways (+2,+2 and -2,-2, zero fill); metrics.json then adds test_accuracy_tta and "
+           "test_accuracy_first1000_tta")
     a("--compare", nargs="+", metavar="RUN_DIR",
       help="compare finished runs: compare.png and compare.json in --out-dir (default: runs/compare)")
 
@@ -968,7 +1009,7 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     model.load_state_dict(best_checkpoint["model"])
     plot_filters(first_conv_weight(model), out_dir / "filters_after.png", f"first-layer filters after training (epoch {best[0]})")
     plot_history(history, best[0], out_dir / "history.png")
-    metrics = test_report(model, data, settings, ctx, out_dir)
+    metrics = test_report(model, data, settings, ctx, out_dir, tta=settings.get("tta", False))  # absent: resumed older run
     test_last = metrics["test_accuracy"] if last_is_best else test_last
     trained = history[len(resume_from["history"]) if resume_from else 0:]  # the epochs this call trained
     metrics.update({
@@ -996,7 +1037,7 @@ def eval_only(kind: str, settings: dict, build_model: Callable, ctx: TrainContex
     model.load_state_dict(checkpoint["model"])
     model = model.to(ctx.device, memory_format=torch.channels_last)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
-    metrics = test_report(model, data, saved, ctx, out_dir)
+    metrics = test_report(model, data, saved, ctx, out_dir, tta=settings["tta"])
     metrics.update({"checkpoint": str(checkpoint_path), "epoch": checkpoint["epoch"],
                     "best_epoch": checkpoint["best_epoch"], "best_val_accuracy": checkpoint["best_val_accuracy"],
                     "params": count_parameters(model), "device": str(ctx.device), "classes": list(data.classes),

@@ -1,4 +1,4 @@
-"""Shared parts of both exercises, in the order data flows: load -> augment -> train -> evaluate -> report.
+"""Shared parts of both exercises, in the order data flows: load -> augment -> train -> evaluate -> report -> drive.
 
 `run_experiment` is the driver both scripts call; everything it uses sits above it in this file.
 """
@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -28,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageOps
 from torchvision.datasets.utils import download_and_extract_archive
 from tqdm import tqdm
 
@@ -41,6 +45,8 @@ AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
 STRENGTH_FLAGS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}
 EVAL_BATCH = 500
 PLAN_WARMUP, PLAN_STEPS = 5, 20  # a --time-budget run times PLAN_STEPS steps after PLAN_WARMUP to plan its total
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TTA_SHIFT = 2  # pixels of the diagonal translations among the test-time augmentation views
 
 
 class UsageError(Exception):
@@ -54,6 +60,10 @@ def describe_error(error: BaseException) -> str:
 
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite."""
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be predicted (not an image, truncated, too large): skipped with this reason."""
 
 
 # ----------------------------------------------------------------------------- load
@@ -172,6 +182,55 @@ def channel_mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
     x = images.permute(1, 0, 2, 3).reshape(3, -1).double() / 255
     return x.mean(1).tolist(), x.std(1).tolist()
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The files to predict: each file as given, and each folder's image files (by suffix, sorted, not recursive)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise UsageError(f"{path}: a folder with no image file ({' '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UsageError(f"{path}: no such file or folder")
+    return files
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: 16-bit grey scaled to 8 bits, transparency composited on white."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey: Pillow's convert would clip at 255
+        pixels = np.asarray(image).astype(np.float64) / 257
+        image = Image.fromarray(np.rint(pixels.clip(0, 255)).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """An image file as the network sees it: (3, 32, 32) uint8 RGB, EXIF orientation applied, the shorter side
+    resized to 32 (antialiased) and the centre cropped. A 32x32 image keeps its pixels, unresampled.
+    """
+    try:
+        with warnings.catch_warnings():  # an image over Image.MAX_IMAGE_PIXELS is refused, not only warned about
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft(None, (32, 32))  # a large JPEG decodes at a reduced scale, its shorter side still >= 32
+                image = _to_rgb(ImageOps.exif_transpose(image))
+    except Exception as e:  # Pillow's decoders raise many types: OSError, SyntaxError, ValueError, struct.error...
+        raise UnreadableImage(describe_error(e)) from None
+    side = min(image.size)
+    left, top = (image.width - side) / 2, (image.height - side) / 2
+    if side == 32:
+        image = image.crop((int(left), int(top), int(left) + 32, int(top) + 32))
+    else:  # resize the centre square only: about what resizing the whole image and cropping gives, without its size
+        image = image.resize((32, 32), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side),
+                             reducing_gap=3.0)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------- augment
@@ -549,22 +608,42 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
 
 # ----------------------------------------------------------------------------- evaluate
 
+def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The views --tta averages over, for float images (N, C, H, W) in [0, 1]: the image and its mirror along the
+    width, each as it is and translated by (+2, +2) and (-2, -2) pixels with zero fill (as training's padded crop).
+    """
+    h, w = images.shape[-2:]
+    views = []
+    for image in (images, images.flip(-1)):
+        padded = F.pad(image, (TTA_SHIFT,) * 4)
+        for shift in (0, TTA_SHIFT, -TTA_SHIFT):  # view[..., y, x] = image[..., y - shift, x - shift]
+            views.append(padded[..., TTA_SHIFT - shift:TTA_SHIFT - shift + h, TTA_SHIFT - shift:TTA_SHIFT - shift + w])
+    return views
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, settings: dict, ctx: TrainContext) -> torch.Tensor:
-    """Logits (float32, on the device) for uint8 images, in eval mode and large batches."""
+def predict(model: nn.Module, images: torch.Tensor, settings: dict, ctx: TrainContext, tta: bool = False) -> torch.Tensor:
+    """Logits (float32, on the device) for uint8 images, in eval mode and large batches. With `tta`, the log of the
+    softmax averaged over tta_views: its softmax is that average, its argmax the averaged prediction.
+    """
     model.eval()
     outputs = []
     mean, std = mean_std_tensors(settings, ctx.device)
     for start in range(0, len(images), EVAL_BATCH):
-        x = normalize(images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255), mean, std)
+        x = images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255)
         with autocast(ctx):
-            outputs.append(model(x).float())
+            if tta:
+                log_probs = torch.stack([model(normalize(v, mean, std)).float().log_softmax(1) for v in tta_views(x)])
+                outputs.append(log_probs.logsumexp(0) - math.log(len(log_probs)))
+            else:
+                outputs.append(model(normalize(x, mean, std)).float())
     return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=ctx.device)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: dict, ctx: TrainContext) -> dict:
-    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set."""
-    logits = predict(model, images, settings, ctx)
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: dict, ctx: TrainContext,
+             tta: bool = False) -> dict:
+    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set (with `tta`: of the averaged views)."""
+    logits = predict(model, images, settings, ctx, tta)
     labels = labels.to(ctx.device)
     predictions = logits.argmax(1)
     return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (predictions == labels).sum().item() / max(1, len(labels)),
@@ -732,21 +811,19 @@ def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> 
     _savefig(fig, path)
 
 
-def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
-                       classes: Sequence[str], path: Path, count: int = 32) -> None:
-    """A grid of the first `count` wrongly classified images, titled true -> predicted."""
+def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path: Path, empty_title: str) -> None:
+    """uint8 images (3, H, W) enlarged on a grid of 8 columns, each with its title."""
     plt = _pyplot()
-    wrong = (predictions != labels).nonzero().flatten()[:count]
     cols = 8
-    rows = max(1, math.ceil(len(wrong) / cols))
+    rows = max(1, math.ceil(len(images) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong.tolist()):
-        ax.imshow(images[i].permute(1, 2, 0).numpy())
-        ax.set_title(f"{classes[labels[i]]}\n-> {classes[predictions[i]]}", fontsize=7)
-    if not len(wrong):
-        fig.suptitle("no misclassified images")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+    if not len(images):
+        fig.suptitle(empty_title)
     _savefig(fig, path)
 
 
@@ -757,6 +834,38 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
+                       classes: Sequence[str], path: Path, count: int = 32) -> None:
+    """A grid of the first `count` wrongly classified images, titled true -> predicted."""
+    wrong = (predictions != labels).nonzero().flatten()[:count].tolist()
+    plot_image_grid([images[i] for i in wrong], [f"{classes[labels[i]]}\n-> {classes[predictions[i]]}" for i in wrong],
+                    path, "no misclassified images")
+
+
+PREDICTION_COLUMNS = ("path", "label", "probability", "top2_label", "top2_probability", "top3_label", "top3_probability")
+
+
+def save_predictions(rows: list[dict], out_dir: Path) -> None:
+    """predictions.json as it is, and predictions.csv with one row per image, its top 3 flattened into columns."""
+    save_json(rows, out_dir / "predictions.json")
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(PREDICTION_COLUMNS)
+    for row in rows:
+        writer.writerow([row["path"], row["label"], row["probability"],
+                         *(value for top in row["top3"][1:] for value in (top["label"], top["probability"]))])
+    atomic_write(out_dir / "predictions.csv", lambda f: f.write(text.getvalue().encode()))
+
+
+def print_predictions(rows: list[dict]) -> None:
+    """One line per image: file, predicted class and probability, the next two classes."""
+    width = min(60, max([len("file"), *(len(row["path"]) for row in rows)])) + 2
+    print(f"{'file':<{width}}{'class':<12}{'prob':>7}   next two")
+    for row in rows:
+        others = ", ".join(f"{top['label']} {top['probability']:.1%}" for top in row["top3"][1:])
+        print(f"{row['path']:<{width}}{row['label']:<12}{row['probability']:>7.1%}   {others}")
 
 
 def environment_info(device: torch.device) -> dict:
@@ -775,12 +884,19 @@ def environment_info(device: torch.device) -> dict:
             "git_commit": commit, "hardware": hardware}
 
 
-def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainContext, out_dir: Path) -> dict:
-    """Evaluate on the whole test set, draw the test figures, print the per-class table; return the metrics."""
+def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainContext, out_dir: Path,
+                tta: bool = False) -> dict:
+    """Evaluate on the whole test set, draw the test figures, print the per-class table; return the metrics.
+    With `tta`, the accuracies of test-time augmentation too (test_accuracy_tta, test_accuracy_first1000_tta).
+    """
     result = evaluate(model, data.test_images, data.test_labels, settings, ctx)
     predictions = result["predictions"]
     first = min(1000, len(predictions))
-    accuracy_first = (predictions[:first] == data.test_labels[:first]).sum().item() / max(1, first)
+
+    def accuracy_of_first(predicted: torch.Tensor) -> float:
+        return (predicted[:first] == data.test_labels[:first]).sum().item() / max(1, first)
+
+    accuracy_first = accuracy_of_first(predictions)
     per_class = per_class_accuracy(data.test_labels, predictions, data.classes)
     matrix = confusion_matrix(data.test_labels, predictions, len(data.classes))
     plot_per_class(per_class, out_dir / "per_class.png", f"test accuracy per class ({result['accuracy']:.2%} overall)")
@@ -791,9 +907,16 @@ def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainCon
         print(f"{name:<12}{acc:>9.2%}")
     print(f"{'all':<12}{result['accuracy']:>9.2%}   ({len(predictions)} test images; first {first}: "
           f"{accuracy_first:.2%})")
-    return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
-            "test_accuracy_first1000": accuracy_first,
-            "test_images": len(predictions), "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
+    metrics = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
+               "test_accuracy_first1000": accuracy_first,
+               "test_images": len(predictions), "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
+    if tta:
+        tta_result = evaluate(model, data.test_images, data.test_labels, settings, ctx, tta=True)
+        metrics["test_accuracy_tta"] = tta_result["accuracy"]
+        metrics["test_accuracy_first1000_tta"] = accuracy_of_first(tta_result["predictions"])
+        print(f"{'all, --tta':<12}{tta_result['accuracy']:>9.2%}   (test-time augmentation; first {first}: "
+              f"{metrics['test_accuracy_first1000_tta']:.2%})")
+    return metrics
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
@@ -880,10 +1003,11 @@ def tee_stdout(path: Path, mode: str = "a", enabled: bool = True):
 # Defaults of the flags that no recipe sets. Recipes set the training hyperparameters.
 DEFAULTS = {"data_dir": "data", "no_download": False, "out_dir": None, "val_size": 1000, "limit_train": None,
             "seed": 0, "time_budget": None, "device": "auto", "precision": "auto", "recipe": "default", "compile": False,
-            "sync_bn": True, "resume": False, "overwrite": False, "eval_only": False, "checkpoint": None}
+            "sync_bn": True, "resume": False, "overwrite": False, "eval_only": False, "checkpoint": None,
+            "predict": None, "tta": False}
 # Flags that say where and how a run executes, not what it computes: free to change on --resume.
 RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn",
-                "resume", "overwrite", "eval_only", "checkpoint", "compare"}
+                "resume", "overwrite", "eval_only", "checkpoint", "compare", "predict", "tta"}
 RESUME_EXTENDABLE = {"epochs", "patience"}
 
 
@@ -926,7 +1050,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--overwrite", action="store_true", default=None, help="start over in an --out-dir that already holds a run")
     a("--eval-only", action="store_true", default=None,
       help="evaluate --checkpoint on the test set and write its reports (default --out-dir: eval/ beside the checkpoint)")
-    a("--checkpoint", help="checkpoint for --eval-only (default: best.pt in --out-dir)")
+    a("--checkpoint", help="checkpoint for --eval-only (default: best.pt in --out-dir) and for --predict "
+                           "(default: best.pt of the script's default run folder)")
+    a("--predict", nargs="+", metavar="PATH",
+      help="predict the class of image files and of the image files in folders (PNG, JPEG, BMP, GIF, WebP, TIFF; "
+           "any size: the shorter side is resized to 32, the centre cropped); prints a table and writes "
+           "predictions.json, .csv and .png in --out-dir (default: predict/ beside the checkpoint); exit code 1 "
+           "when a file could not be read and was skipped")
+    a("--tta", action="store_true", default=None,
+      help="test-time augmentation for --predict, --eval-only and a training run's final test: the softmax averaged "
+           "over 6 views, the image and its left-right mirror, each as it is and shifted by 2 pixels diagonally "
+           "both ways (+2,+2 and -2,-2, zero fill); metrics.json then adds test_accuracy_tta and "
+           "test_accuracy_first1000_tta")
     a("--compare", nargs="+", metavar="RUN_DIR",
       help="compare finished runs: compare.png and compare.json in --out-dir (default: runs/compare)")
 
@@ -1012,11 +1147,13 @@ def count_parameters(model: nn.Module) -> int:
 TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
 
 
-def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint=None) -> dict:
-    """The run's state after an epoch; `fingerprint` is data_fingerprint of the splits it trains on (None outside a run)."""
+def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint: str,
+                classes: Sequence[str]) -> dict:
+    """The run's state after an epoch; `fingerprint` is data_fingerprint of the splits it trains on."""
     return {"kind": kind, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": len(history),
-            "history": history, "best_epoch": best[0], "best_val_accuracy": best[1], "data_fingerprint": fingerprint}
+            "history": history, "best_epoch": best[0], "best_val_accuracy": best[1], "data_fingerprint": fingerprint,
+            "classes": list(classes)}
 
 
 def load_training_data(settings: dict, ctx: TrainContext) -> tuple[CifarData, tuple[torch.Tensor, ...]]:
@@ -1115,7 +1252,8 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
                        f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
                        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
                        + ("  *best" if improved else ""), file=sys.stdout)
-            checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint)
+            checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint,
+                                     data.classes)
             if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
                 save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
             save_checkpoint(checkpoint, out_dir / "last.pt")
@@ -1130,7 +1268,7 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     model.load_state_dict(best_checkpoint["model"])
     plot_filters(first_conv_weight(model), out_dir / "filters_after.png", f"first-layer filters after training (epoch {best[0]})")
     plot_history(history, best[0], out_dir / "history.png")
-    metrics = test_report(model, data, settings, ctx, out_dir)
+    metrics = test_report(model, data, settings, ctx, out_dir, tta=settings.get("tta", False))  # absent: resumed older run
     test_last = metrics["test_accuracy"] if last_is_best else test_last
     trained = history[len(resume_from["history"]) if resume_from else 0:]  # the epochs this call trained
     metrics.update({
@@ -1160,7 +1298,7 @@ def eval_only(kind: str, settings: dict, build_model: Callable, ctx: TrainContex
     model.load_state_dict(checkpoint["model"])
     model = model.to(ctx.device, memory_format=torch.channels_last)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
-    metrics = test_report(model, data, saved, ctx, out_dir)
+    metrics = test_report(model, data, saved, ctx, out_dir, tta=settings["tta"])
     metrics.update({"checkpoint": str(checkpoint_path), "epoch": checkpoint["epoch"],
                     "best_epoch": checkpoint["best_epoch"], "best_val_accuracy": checkpoint["best_val_accuracy"],
                     "params": count_parameters(model), "device": str(ctx.device), "classes": list(data.classes),
@@ -1168,6 +1306,56 @@ def eval_only(kind: str, settings: dict, build_model: Callable, ctx: TrainContex
     save_json(metrics, out_dir / "metrics.json")
     print(f"reports in {out_dir}")
     return metrics
+
+
+PREDICT_BATCH = 256  # images read, held and predicted at a time
+PREVIEW_COUNT = 64  # inputs drawn in predictions.png
+
+
+def predict_images(kind: str, settings: dict, build_model: Callable, ctx: TrainContext, checkpoint_path: Path,
+                   out_dir: Path | None) -> int:
+    """Predict the class of every image in settings['predict'] with a checkpoint: print a table, write
+    predictions.json, .csv and .png in `out_dir` (default: predict/ beside the checkpoint). Returns the exit code:
+    1 when a file was skipped as unreadable, else 0.
+    """
+    files = image_files(settings["predict"])  # a missing path or an empty folder is refused before the model loads
+    checkpoint = load_checkpoint(checkpoint_path, kind)
+    saved, classes = checkpoint["settings"], checkpoint.get("classes", CLASSES)
+    out_dir = out_dir or checkpoint_path.parent / "predict"
+    prepare_out_dir(out_dir)
+    model = build_model(saved, pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    model = model.to(ctx.device, memory_format=torch.channels_last)
+    print(f"predicting {len(files)} file(s) with {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}"
+          + (", test-time augmentation" if settings["tta"] else ""))
+    rows, previews, titles, skipped = [], [], [], 0
+    bar = tqdm(total=len(files), unit="image", desc="predict", leave=False, dynamic_ncols=True)
+    for start in range(0, len(files), PREDICT_BATCH):
+        paths, images = [], []
+        for path in files[start:start + PREDICT_BATCH]:
+            try:
+                images.append(load_image(path))
+                paths.append(path)
+            except UnreadableImage as e:
+                tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+                skipped += 1
+            bar.update()
+        if not images:
+            continue
+        probabilities = predict(model, torch.stack(images), saved, ctx, settings["tta"]).softmax(1).cpu()
+        top_p, top_i = probabilities.topk(3, dim=1)
+        for path, image, p, i in zip(paths, images, top_p.tolist(), top_i.tolist()):
+            top3 = [{"label": classes[c], "probability": round(q, 6)} for c, q in zip(i, p)]
+            rows.append({"path": str(path), "label": top3[0]["label"], "probability": top3[0]["probability"], "top3": top3})
+            if len(previews) < PREVIEW_COUNT:
+                previews.append(image)
+                titles.append(f"{top3[0]['label']} {p[0]:.0%}")
+    bar.close()
+    print_predictions(rows)
+    save_predictions(rows, out_dir)
+    plot_image_grid(previews, titles, out_dir / "predictions.png", "no image could be read")
+    print(f"{len(rows)} predicted, {skipped} skipped; predictions.json, predictions.csv and predictions.png in {out_dir}")
+    return 1 if skipped else 0
 
 
 def _resume_settings(args: argparse.Namespace, saved: dict) -> dict:
@@ -1287,6 +1475,12 @@ def run_experiment(args: argparse.Namespace, kind: str, recipe: dict, model_defa
         ctx = TrainContext(device, resolve_precision(settings["precision"], device), rank, world)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if settings["predict"]:
+            if settings["eval_only"]:
+                raise UsageError("--predict and --eval-only are separate tasks: give one of them")
+            checkpoint = Path(settings["checkpoint"] or Path(default_out_dir) / "best.pt")
+            return predict_images(kind, settings, build_model, ctx, checkpoint,
+                                  Path(args.out_dir) if args.out_dir else None) if ctx.is_main else 0
         if settings["eval_only"]:
             if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
                 eval_only(kind, {**settings, "out_dir": str(out_dir), "out_dir_given": args.out_dir is not None},

@@ -6,6 +6,7 @@
     python ex1_convnet.py --time-budget 60                 # the best model an hour buys here (the 'short' recipe)
     python ex1_convnet.py --resume                         # continue an interrupted run
     python ex1_convnet.py --eval-only --checkpoint runs/ex1/best.pt
+    python ex1_convnet.py --predict my_photos/ cat.jpg [--tta]   # classify your images with runs/ex1/best.pt
     python ex1_convnet.py --no-bn --out-dir runs/ex1-nobn  # then: --compare runs/ex1 runs/ex1-nobn
     python ex1_convnet.py --dropout 0.1 0.3 0.5 0.7 0.9 --out-dir runs/dropout
     torchrun --standalone --nproc_per_node=4 ex1_convnet.py  # 4 GPUs (or CPU processes) of one machine

@@ -69,3 +69,8 @@ def run_script(script: str, *args: str, timeout: float = 600, env: dict | None =
     """Run one of the project's scripts in a subprocess from the repository root."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def pytest_configure(config):
+    if not any(line.split(":")[0].strip() == "slow" for line in config.getini("markers")):
+        config.addinivalue_line("markers", "slow: spawns a subprocess or trains a model (deselect with -m 'not slow')")

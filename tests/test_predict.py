@@ -1,0 +1,388 @@
+"""--predict on image files of every kind, and test-time augmentation (--tta), on the small fixture data set."""
+import argparse
+import csv
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import common
+import ex1_convnet
+import ex2_transfer
+from conftest import CLASS_NAMES, QUICK, run_script
+
+KIND = "ex1_convnet.py"
+CPU = ["--device", "cpu", "--precision", "fp32"]
+# Two epochs of a small model, its final test with --tta: the checkpoint every prediction below uses.
+TRAIN = [*QUICK, "--batch-size", "16", "--limit-train", "64", "--epochs", "2", "--lr", "0.01", "--tta"]
+
+
+def call(main, argv, capsys) -> tuple[int, str, str]:
+    """Run a script's main() in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    return next(line for line in reversed(err.splitlines()) if line.startswith("error:"))
+
+
+def cifar_test_images(cifar_dir: Path) -> torch.Tensor:
+    """The fixture's test images, (N, 3, 32, 32) uint8, as the evaluation path reads them."""
+    return common.load_cifar10(cifar_dir, download=False).test_images
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def write_blank_png(path: Path, width: int, height: int) -> Path:
+    """A valid all-black greyscale PNG of any size; it compresses to a few hundred KB even at 400M pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then the row's pixels
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_dir, tmp_path_factory) -> Path:
+    """The out-dir of one small training run made with --tta."""
+    out = tmp_path_factory.mktemp("ex1-tta")
+    result = run_script("ex1_convnet.py", *TRAIN, "--data-dir", cifar_dir, "--out-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory) -> dict[str, Path]:
+    """PNG files over Pillow's decompression-bomb limits: one it refuses (> 2 * MAX_IMAGE_PIXELS), one it only
+    warns about (> MAX_IMAGE_PIXELS), which --predict refuses too."""
+    folder = tmp_path_factory.mktemp("bombs")
+    side_error = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 100
+    side_warning = int((1.1 * Image.MAX_IMAGE_PIXELS) ** 0.5)
+    assert Image.MAX_IMAGE_PIXELS < side_warning ** 2 < 2 * Image.MAX_IMAGE_PIXELS < side_error ** 2
+    return {"DecompressionBombError": write_blank_png(folder / "bomb.png", side_error, side_error),
+            "DecompressionBombWarning": write_blank_png(folder / "big.png", side_warning, side_warning)}
+
+
+def model_of(checkpoint_path: Path) -> tuple[nn.Module, dict]:
+    checkpoint = common.load_checkpoint(checkpoint_path, KIND)
+    model = ex1_convnet.build_model(checkpoint["settings"])
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint["settings"]
+
+
+# ----------------------------------------------------------------------------- test-time augmentation views
+
+def test_tta_views_mirror_along_the_width_and_translate_with_zero_fill():
+    x = torch.rand(2, 3, 8, 10)  # not square and random: a vertical mirror or a transpose cannot pass
+    views = common.tta_views(x)
+    assert len(views) == 6 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[0], x)
+    assert torch.equal(views[3], x.flip(-1)) and not torch.equal(views[3], x.flip(-2))
+    for plain, view in ((x, views[1]), (x.flip(-1), views[4])):  # shifted by (+2, +2): content moves down-right
+        assert torch.equal(view[..., 2:, 2:], plain[..., :-2, :-2])
+        assert not view[..., :2, :].any() and not view[..., :, :2].any()
+    for plain, view in ((x, views[2]), (x.flip(-1), views[5])):  # shifted by (-2, -2)
+        assert torch.equal(view[..., :-2, :-2], plain[..., 2:, 2:])
+        assert not view[..., -2:, :].any() and not view[..., :, -2:].any()
+
+
+def test_predict_with_tta_averages_the_softmax_of_the_views():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    settings = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    expected = torch.stack([model(common.normalize(v, settings["mean"], settings["std"])).softmax(1)
+                            for v in common.tta_views(images.float() / 255)]).mean(0)
+    got = common.predict(model, images, settings, ctx, tta=True).softmax(1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(common.predict(model, images, settings, ctx).softmax(1), expected, atol=1e-3)
+
+
+def test_tta_and_predict_are_runtime_flags_that_resume_accepts():
+    assert {"tta", "predict"} <= common.RUNTIME_KEYS
+    saved = {**common.DEFAULTS, "epochs": 2}
+    args = argparse.Namespace(tta=True, predict=["x.png"], epochs=None)
+    assert common._resume_settings(args, saved)["tta"] is True
+
+
+# ----------------------------------------------------------------------------- reading image files
+
+def test_a_32x32_image_reaches_the_network_exactly_as_in_the_test_set(cifar_dir, tmp_path):
+    images = cifar_test_images(cifar_dir)[:10]
+    for i, image in enumerate(images):
+        to_pil(image).save(tmp_path / f"{i}.png")
+        assert torch.equal(common.load_image(tmp_path / f"{i}.png"), image)
+
+
+def test_the_shorter_side_is_resized_to_32_and_the_centre_cropped(tmp_path):
+    wide = np.zeros((40, 120, 3), np.uint8)  # three 40x40 squares: red, green, blue
+    wide[:, :40, 0] = wide[:, 40:80, 1] = wide[:, 80:, 2] = 255
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    image = common.load_image(tmp_path / "wide.png")
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    inside = image[:, :, 2:-2]  # the resampling filter reads a little past the square's edges
+    assert (inside[1] >= 250).all() and (inside[[0, 2]] <= 5).all()  # only the green centre is left
+    tall = np.random.default_rng(0).integers(0, 256, (100, 32, 3), dtype=np.uint8)  # shorter side 32: cropped only
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    assert torch.equal(common.load_image(tmp_path / "tall.png"), torch.from_numpy(tall[34:66]).permute(2, 0, 1))
+
+
+def test_an_upscaled_256x256_image_and_a_1x1_image(cifar_dir, tmp_path):
+    image = cifar_test_images(cifar_dir)[0]
+    to_pil(image).resize((256, 256), Image.Resampling.NEAREST).save(tmp_path / "big.png")
+    restored = common.load_image(tmp_path / "big.png")
+    assert restored.shape == (3, 32, 32)
+    assert (restored.float() - image.float()).abs().mean() < 8  # Lanczos rings a little on the fixture's noise
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(tmp_path / "dot.png")
+    assert torch.equal(common.load_image(tmp_path / "dot.png"), torch.tensor([10, 200, 30], dtype=torch.uint8)[:, None, None].expand(3, 32, 32))
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = (255, 0, 0, 255)  # opaque red on the left
+    rgba[:, 16:24] = (0, 0, 255, 0)  # fully transparent blue
+    rgba[:, 24:] = (0, 0, 0, 128)  # half-transparent black: grey
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    image = common.load_image(tmp_path / "rgba.png")
+    assert (image[:, :, :16] == torch.tensor([255, 0, 0])[:, None, None]).all()
+    assert (image[:, :, 16:24] == 255).all()
+    assert ((image[:, :, 24:].int() - 127).abs() <= 1).all()
+    Image.fromarray(rgba, "RGBA").convert("LA").save(tmp_path / "la.png")
+    assert (common.load_image(tmp_path / "la.png")[:, :, 16:24] == 255).all()
+    palette = Image.fromarray(rgba[..., :3]).convert("P")  # the transparent index: the colour of the left half
+    palette.save(tmp_path / "p.png", transparency=palette.getpixel((0, 0)))
+    assert (common.load_image(tmp_path / "p.png")[:, :, :16] == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = (255, 0, 0)  # red on the left as stored; orientation 6 turns it 90 degrees clockwise: red on top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
+    image = common.load_image(tmp_path / "rotated.png")
+    assert (image[0, :12] > 200).all() and (image[0, -12:] < 50).all()
+
+
+def test_16_bit_grey_is_scaled_to_8_bits(tmp_path):
+    pixels = np.full((32, 32), 128 * 257, np.uint16)
+    pixels[0, :3] = (0, 65535, 257)
+    Image.fromarray(pixels).save(tmp_path / "16bit.png")
+    with Image.open(tmp_path / "16bit.png") as check:
+        assert check.mode == "I;16"
+    image = common.load_image(tmp_path / "16bit.png")
+    assert image[:, 0, :3].tolist() == [[0, 255, 1]] * 3 and (image[:, 1:] == 128).all()
+    Image.fromarray(pixels.astype(np.int32)).save(tmp_path / "32bit.tif")  # mode I
+    assert torch.equal(common.load_image(tmp_path / "32bit.tif"), image)
+
+
+def test_a_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert (common.load_image(tmp_path / "anim.gif") == torch.tensor([255, 0, 0])[:, None, None]).all()
+
+
+def test_unreadable_files_raise_with_the_reason(tmp_path, cifar_dir, bombs):
+    (tmp_path / "notes.png").write_text("not an image")
+    to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "whole.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:-300])
+    cases = {"notes.png": "cannot identify image file", "truncated.png": "truncated"}
+    for name, reason in cases.items():
+        with pytest.raises(common.UnreadableImage, match=reason):
+            common.load_image(tmp_path / name)
+    for reason, path in bombs.items():
+        with pytest.raises(common.UnreadableImage, match=f"{reason}: Image size"):
+            common.load_image(path)
+
+
+def test_image_files_lists_folders_sorted_by_suffix_and_refuses_missing_paths(tmp_path):
+    for name in ("b.PNG", "a.jpg", "c.webp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "inner.png").write_bytes(b"")
+    explicit = tmp_path / "notes.txt"
+    assert common.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG", tmp_path / "c.webp", explicit]
+    with pytest.raises(common.UsageError, match="missing.png: no such file or folder"):
+        common.image_files([tmp_path / "a.jpg", tmp_path / "missing.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.UsageError, match="empty: a folder with no image file"):
+        common.image_files([tmp_path / "empty"])
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_a_missing_path_or_an_empty_folder_is_exit_2_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    absent_checkpoint = tmp_path / "no-such-checkpoint.pt"
+    for path, reason in ((tmp_path / "missing.jpg", "no such file or folder"), (tmp_path / "empty", "a folder with no image file")):
+        code, _, err = call(ex1_convnet.main, ["--predict", path, "--checkpoint", absent_checkpoint, *CPU], capsys)
+        assert code == 2 and f"{path}: {reason}" in error_line(err), err
+        assert str(absent_checkpoint) not in err
+
+
+def test_a_checkpoint_of_the_other_script_is_refused_as_eval_only_refuses_it(tmp_path, cifar_dir, capsys):
+    to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
+    other = tmp_path / "ex2.pt"
+    torch.save({"kind": "ex2_transfer.py", "settings": {}, "model": {}}, other)
+    code, _, predict_err = call(ex1_convnet.main, ["--predict", tmp_path / "cat.png", "--checkpoint", other, *CPU], capsys)
+    assert code == 2
+    code, _, eval_err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", other, "--data-dir", cifar_dir,
+                                                "--no-download", "--out-dir", tmp_path / "eval", *CPU], capsys)
+    assert code == 2 and error_line(predict_err) == error_line(eval_err)
+    assert "a checkpoint of ex2_transfer.py, not of ex1_convnet.py" in error_line(predict_err)
+    assert not (tmp_path / "predict").exists()
+
+
+def test_the_default_checkpoint_is_the_default_run_folders_best_pt(tmp_path, cifar_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
+    for main, flags, expected in ((ex1_convnet.main, [], "runs/ex1/best.pt"),
+                                  (ex2_transfer.main, [], "runs/ex2-pretrained/best.pt"),
+                                  (ex2_transfer.main, ["--scratch"], "runs/ex2-scratch/best.pt")):
+        code, _, err = call(main, ["--predict", "cat.png", *flags, *CPU], capsys)
+        assert code == 2 and f"checkpoint {expected} does not exist" in error_line(err), err
+
+
+def test_help_explains_predict_and_the_tta_views(capsys):
+    for parse_args in (ex1_convnet.parse_args, ex2_transfer.parse_args):
+        with pytest.raises(SystemExit):
+            parse_args(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--predict PATH [PATH ...]" in text and "--tta" in text
+        assert "6 views" in text and "left-right mirror" in text and "2 pixels" in text
+
+
+# ----------------------------------------------------------------------------- with a trained model
+
+@pytest.mark.slow
+def test_a_training_run_with_tta_reports_both_accuracies(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["test_images"] == 120 and metrics["test_accuracy_first1000_tta"] == metrics["test_accuracy_tta"]
+    assert common.load_checkpoint(trained / "best.pt", KIND)["classes"] == CLASS_NAMES
+
+
+@pytest.mark.slow
+def test_eval_only_with_tta_reports_the_same_accuracies(trained, cifar_dir, tmp_path, capsys):
+    code, out, err = call(ex1_convnet.main, ["--eval-only", "--tta", "--checkpoint", trained / "best.pt", "--data-dir",
+                                             cifar_dir, "--no-download", "--out-dir", tmp_path, *CPU], capsys)
+    assert code == 0, err[-3000:]
+    evaluated, reference = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path, trained))
+    for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
+        assert evaluated[key] == reference[key], key
+    assert "all, --tta" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tta", [False, True])
+def test_png_files_predict_what_the_evaluation_path_predicts(trained, cifar_dir, tmp_path, capsys, tta):
+    images = cifar_test_images(cifar_dir)
+    for i, image in enumerate(images):
+        to_pil(image).save(tmp_path / f"test_{i:03d}.png")
+    out = tmp_path / "out"
+    code, stdout, err = call(ex1_convnet.main, ["--predict", tmp_path, "--checkpoint", trained / "best.pt",
+                                                "--out-dir", out, *CPU, *(["--tta"] if tta else [])], capsys)
+    assert code == 0, err[-3000:]
+    model, settings = model_of(trained / "best.pt")
+    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
+    expected = common.predict(model, images, settings, ctx, tta=tta).softmax(1)
+    rows = json.loads((out / "predictions.json").read_text())
+    assert [row["path"] for row in rows] == [str(tmp_path / f"test_{i:03d}.png") for i in range(len(images))]
+    assert [row["label"] for row in rows] == [CLASS_NAMES[i] for i in expected.argmax(1).tolist()]
+    got = torch.tensor([[top["probability"] for top in row["top3"]] for row in rows])
+    assert torch.allclose(got, expected.topk(3, dim=1).values, atol=1e-5)
+    assert all(row["probability"] == row["top3"][0]["probability"] for row in rows)
+    assert "test_000.png" in stdout and f"{len(images)} predicted, 0 skipped" in stdout
+
+
+def image_kinds(base: Image.Image, folder: Path) -> list[Path]:
+    """`base` written in every format and mode --predict reads; returns the paths."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    palette = base.convert("P")
+    animation = [base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    writers = {
+        "rgb.png": lambda p: base.save(p), "photo.jpg": lambda p: base.save(p, quality=95),
+        "upper.JPEG": lambda p: base.save(p, "JPEG"), "bitmap.bmp": lambda p: base.save(p),
+        "anim.gif": lambda p: animation[0].save(p, save_all=True, append_images=animation[1:]),
+        "web.webp": lambda p: base.save(p), "scan.tif": lambda p: base.save(p), "scan.tiff": lambda p: base.save(p),
+        "grey.png": lambda p: base.convert("L").save(p), "palette.png": lambda p: palette.save(p),
+        "palette_transparent.png": lambda p: palette.save(p, transparency=palette.getpixel((0, 0))),
+        "rgba.png": lambda p: base.convert("RGBA").save(p), "la.png": lambda p: base.convert("LA").save(p),
+        "cmyk.jpg": lambda p: base.convert("CMYK").save(p), "cmyk.tif": lambda p: base.convert("CMYK").save(p),
+        "grey16.png": lambda p: Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257).save(p),
+        "exif_rotated.jpg": lambda p: base.save(p, exif=exif),
+        "upscaled.png": lambda p: base.resize((256, 256), Image.Resampling.NEAREST).save(p),
+        "wide.png": lambda p: base.resize((90, 30)).save(p), "dot.png": lambda p: base.resize((1, 1)).save(p),
+    }
+    for name, write in writers.items():
+        write(folder / name)
+    return sorted(folder / name for name in writers)
+
+
+@pytest.mark.slow
+def test_every_image_kind_is_predicted(trained, cifar_dir, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = image_kinds(to_pil(cifar_test_images(cifar_dir)[3]).resize((48, 40)), folder)
+    code, stdout, err = call(ex1_convnet.main, ["--predict", folder, "--checkpoint", trained / "best.pt", *CPU], capsys)
+    assert code == 0, err[-3000:]
+    out = trained / "predict"  # the default: beside the checkpoint
+    rows = json.loads((out / "predictions.json").read_text())
+    assert [row["path"] for row in rows] == [str(p) for p in paths]
+    for row in rows:
+        assert row["label"] in CLASS_NAMES and len(row["top3"]) == 3 and 0 < row["probability"] <= 1
+        assert row["path"] in stdout
+    with open(out / "predictions.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(common.PREDICTION_COLUMNS)
+    assert [(r["path"], r["label"], float(r["probability"]), r["top3_label"]) for r in table] == \
+           [(r["path"], r["label"], r["probability"], r["top3"][2]["label"]) for r in rows]
+    with Image.open(out / "predictions.png") as preview:
+        assert preview.format == "PNG" and min(preview.size) > 100
+
+
+@pytest.mark.slow
+def test_unreadable_files_are_skipped_with_exit_1_and_the_others_predicted(trained, cifar_dir, tmp_path, bombs):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    to_pil(cifar_test_images(cifar_dir)[0]).save(folder / "good.png")
+    (folder / "fake.jpg").write_text("not an image")
+    (folder / "truncated.png").write_bytes((folder / "good.png").read_bytes()[:-300])
+    for path in bombs.values():
+        shutil.copy(path, folder / path.name)
+    (tmp_path / "notes.txt").write_text("named on the command line: tried, then skipped")
+    out = tmp_path / "out"
+    result = run_script("ex1_convnet.py", "--predict", folder, tmp_path / "notes.txt", "--checkpoint",
+                        trained / "best.pt", "--out-dir", out, *CPU)
+    assert result.returncode == 1, result.stderr[-3000:]
+    skipped = {line.split(": ", 1)[0].removeprefix("skipped "): line.split(": ", 1)[1]
+               for line in result.stderr.splitlines() if line.startswith("skipped ")}
+    assert skipped.keys() == {str(folder / "fake.jpg"), str(folder / "truncated.png"), str(folder / "bomb.png"),
+                              str(folder / "big.png"), str(tmp_path / "notes.txt")}
+    assert "cannot identify image file" in skipped[str(folder / "fake.jpg")]
+    assert "truncated" in skipped[str(folder / "truncated.png")]
+    assert skipped[str(folder / "bomb.png")].startswith("DecompressionBombError")
+    assert skipped[str(folder / "big.png")].startswith("DecompressionBombWarning")
+    rows = json.loads((out / "predictions.json").read_text())
+    assert [row["path"] for row in rows] == [str(folder / "good.png")]
+    assert "1 predicted, 5 skipped" in result.stdout

@@ -1147,9 +1147,9 @@ def count_parameters(model: nn.Module) -> int:
 TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
 
 
-def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint: str,
-                classes: Sequence[str]) -> dict:
-    """The run's state after an epoch; `fingerprint` is data_fingerprint of the splits it trains on."""
+def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint: str | None = None,
+                classes: Sequence[str] = CLASSES) -> dict:
+    """The run's state after an epoch; `fingerprint` is data_fingerprint of the splits it trains on (None outside a run)."""
     return {"kind": kind, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": len(history),
             "history": history, "best_epoch": best[0], "best_val_accuracy": best[1], "data_fingerprint": fingerprint,

@@ -827,15 +827,6 @@ def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path:
     _savefig(fig, path)
 
 
-def cpu_name() -> str:
-    """The processor's model name where Linux tells it (/proc/cpuinfo), else what platform knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
                        classes: Sequence[str], path: Path, count: int = 32) -> None:
     """A grid of the first `count` wrongly classified images, titled true -> predicted."""
@@ -866,6 +857,15 @@ def print_predictions(rows: list[dict]) -> None:
     for row in rows:
         others = ", ".join(f"{top['label']} {top['probability']:.1%}" for top in row["top3"][1:])
         print(f"{row['path']:<{width}}{row['label']:<12}{row['probability']:>7.1%}   {others}")
+
+
+def cpu_name() -> str:
+    """The processor's model name where Linux tells it (/proc/cpuinfo), else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def environment_info(device: torch.device) -> dict:
@@ -1286,6 +1286,13 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     return metrics
 
 
+def model_from_checkpoint(checkpoint: dict, build_model: Callable, ctx: TrainContext) -> nn.Module:
+    """The network a checkpoint holds, rebuilt from its settings and weights, on the device."""
+    model = build_model(checkpoint["settings"], pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(ctx.device, memory_format=torch.channels_last)
+
+
 def eval_only(kind: str, settings: dict, build_model: Callable, ctx: TrainContext) -> dict:
     """Rebuild the model of a checkpoint, evaluate it on the test set, write metrics.json and the test figures."""
     checkpoint_path = Path(settings["checkpoint"] or Path(settings["out_dir"]) / "best.pt")
@@ -1294,9 +1301,7 @@ def eval_only(kind: str, settings: dict, build_model: Callable, ctx: TrainContex
     out_dir = Path(settings["out_dir"]) if settings.get("out_dir_given") else checkpoint_path.parent / "eval"
     prepare_out_dir(out_dir)
     data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
-    model = build_model(saved, pretrained=False)
-    model.load_state_dict(checkpoint["model"])
-    model = model.to(ctx.device, memory_format=torch.channels_last)
+    model = model_from_checkpoint(checkpoint, build_model, ctx)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
     metrics = test_report(model, data, saved, ctx, out_dir, tta=settings["tta"])
     metrics.update({"checkpoint": str(checkpoint_path), "epoch": checkpoint["epoch"],
@@ -1323,9 +1328,7 @@ def predict_images(kind: str, settings: dict, build_model: Callable, ctx: TrainC
     saved, classes = checkpoint["settings"], checkpoint.get("classes", CLASSES)
     out_dir = out_dir or checkpoint_path.parent / "predict"
     prepare_out_dir(out_dir)
-    model = build_model(saved, pretrained=False)
-    model.load_state_dict(checkpoint["model"])
-    model = model.to(ctx.device, memory_format=torch.channels_last)
+    model = model_from_checkpoint(checkpoint, build_model, ctx)
     print(f"predicting {len(files)} file(s) with {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}"
           + (", test-time augmentation" if settings["tta"] else ""))
     rows, previews, titles, skipped = [], [], [], 0

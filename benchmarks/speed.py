@@ -64,11 +64,10 @@ class PilDataset(torch.utils.data.Dataset):
 
 def timed(fn, device: torch.device) -> float:
     """Seconds `fn()` takes, the device's queued work included."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    common.synchronize(device)
     start = time.perf_counter()
     fn()
-    sync()
+    common.synchronize(device)
     return time.perf_counter() - start
 
 

@@ -23,7 +23,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -324,23 +324,28 @@ def batch_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) 
     return torch.where(gray[:, None, None, None], _luma(images).expand_as(images), images)
 
 
-def augment_batch(images: torch.Tensor, settings: dict, generator: torch.Generator) -> torch.Tensor:
-    """uint8 images -> float images in [0, 1], augmented with the ops named in settings['augment']."""
+def augmentation(settings: dict) -> dict[str, float]:
+    """The ops a run applies and their strengths, e.g. {"flip": 0.5, "crop": 4}: settings['augment'] names them
+    (resolve_settings leaves there only ops whose strength is above 0)."""
+    strengths = {"flip": 0.5, **{op: settings[key] for op, key in STRENGTH_FLAGS.items()}}
+    return {op: strengths[op] for op in settings["augment"]}
+
+
+def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.Generator) -> torch.Tensor:
+    """uint8 images -> float images in [0, 1], augmented with `ops` (see augmentation)."""
     x = images.float().div_(255)
-    ops = settings["augment"]
-    flip_p = 0.5 if "flip" in ops else 0.0
-    pad = settings["crop_pad"] if "crop" in ops else 0
-    if "rotate" in ops and settings["rotate_deg"] > 0:
-        x = batch_rotate(x, settings["rotate_deg"], generator, flip_p, pad)
+    flip_p, pad = ops.get("flip", 0.0), int(ops.get("crop", 0))
+    if "rotate" in ops:
+        x = batch_rotate(x, ops["rotate"], generator, flip_p, pad)
     else:
         if flip_p:
             x = batch_flip_lr(x, flip_p, generator)
-        if pad > 0:
+        if pad:
             x = batch_crop(x, pad, generator)
-    if "jitter" in ops and settings["jitter"] > 0:
-        x = batch_color_jitter(x, settings["jitter"], generator)
-    if "gray" in ops and settings["gray_p"] > 0:
-        x = batch_grayscale(x, settings["gray_p"], generator)
+    if "jitter" in ops:
+        x = batch_color_jitter(x, ops["jitter"], generator)
+    if "gray" in ops:
+        x = batch_grayscale(x, ops["gray"], generator)
     return x
 
 
@@ -564,10 +569,11 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
     bar = tqdm(total=steps, desc=progress_label(settings, epoch, steps_per_epoch), unit="batch", disable=not ctx.is_main,
                leave=False, dynamic_ncols=True)
     mean, std = mean_std_tensors(settings, ctx.device)
+    ops = augmentation(settings)
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
         if step >= steps:
             break
-        x = normalize(augment_batch(images[index], settings, augment_gen), mean, std)
+        x = normalize(augment_batch(images[index], ops, augment_gen), mean, std)
         y = labels[index]
         with autocast(ctx):
             logits = model(x)
@@ -728,22 +734,32 @@ def load_checkpoint(path: Path, kind: str) -> dict:
     return checkpoint
 
 
-def _savefig(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
+def style_axes(ax, xlabel: str, ylabel: str, integer_x: bool = True) -> None:
+    """Labels, a light grid and the legend; whole numbers on an epoch axis."""
+    if integer_x:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def plot_history(history: list[dict], best_epoch: int | None, path: Path) -> None:
     """Loss and accuracy of training and validation per epoch, the best epoch marked."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
@@ -751,19 +767,15 @@ def plot_history(history: list[dict], best_epoch: int | None, path: Path) -> Non
     ax_acc.plot(epochs, [r["train_accuracy"] for r in history], label="train")
     ax_acc.plot(epochs, [r["val_accuracy"] for r in history], label="validation")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.xaxis.get_major_locator().set_params(integer=True)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    _savefig(fig, path)
+        style_axes(ax, "epoch", name)
+    save_figure(fig, path)
 
 
 def plot_filters(weight: torch.Tensor, path: Path, title: str) -> None:
     """First-layer filters (out, 3, k, k) as colour images on one grid, each scaled to its own range."""
-    plt = _pyplot()
+    plt = pyplot()
     w = weight.detach().float().cpu()
     low = w.amin((1, 2, 3), keepdim=True)
     high = w.amax((1, 2, 3), keepdim=True)
@@ -779,11 +791,11 @@ def plot_filters(weight: torch.Tensor, path: Path, title: str) -> None:
     ax.imshow(grid.numpy(), interpolation="nearest")
     ax.axis("off")
     ax.set_title(title)
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_per_class(accuracy: dict[str, float], path: Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(list(accuracy), list(accuracy.values()), color="tab:blue")
     ax.bar_label(bars, labels=[f"{v:.1%}" for v in accuracy.values()], fontsize=8)
@@ -791,11 +803,11 @@ def plot_per_class(accuracy: dict[str, float], path: Path, title: str) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=45)
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     m = matrix.numpy()
     fig, ax = plt.subplots(figsize=(7, 6))
     image = ax.imshow(m, cmap="Blues")
@@ -808,12 +820,12 @@ def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(image, ax=ax)
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path: Path, empty_title: str) -> None:
     """uint8 images (3, H, W) enlarged on a grid of 8 columns, each with its title."""
-    plt = _pyplot()
+    plt = pyplot()
     cols = 8
     rows = max(1, math.ceil(len(images) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
@@ -824,7 +836,7 @@ def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path:
         ax.set_title(title, fontsize=7)
     if not len(images):
         fig.suptitle(empty_title)
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
@@ -934,7 +946,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
 
 def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> dict:
     """Overlay the runs' validation curves in compare.png, write compare.json, print their test accuracies."""
-    plt = _pyplot()
+    plt = pyplot()
     runs = load_runs(run_dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -943,13 +955,9 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> dict:
         label = Path(run["run"]).name
         ax_loss.plot(epochs, [r["val_loss"] for r in run["history"]], label=label)
         ax_acc.plot(epochs, [r["val_accuracy"] for r in run["history"]], label=label)
-    for ax, name in ((ax_loss, "validation loss"), (ax_acc, "validation accuracy")):
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    _savefig(fig, out_dir / "compare.png")
+    style_axes(ax_loss, "epoch", "validation loss")
+    style_axes(ax_acc, "epoch", "validation accuracy")
+    save_figure(fig, out_dir / "compare.png")
     summary = {"runs": [{"run": r["run"], "test_accuracy": r["metrics"]["test_accuracy"],
                          "test_accuracy_first1000": r["metrics"]["test_accuracy_first1000"],
                          "best_val_accuracy": r["metrics"]["best_val_accuracy"], "best_epoch": r["metrics"]["best_epoch"],
@@ -1066,6 +1074,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
       help="compare finished runs: compare.png and compare.json in --out-dir (default: runs/compare)")
 
 
+def explicit_flags(args: argparse.Namespace) -> dict:
+    """The flags given on the command line and their values (argparse leaves the others None)."""
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def choose_recipe(recipes: dict[str, dict], name: str) -> dict:
+    if name not in recipes:
+        raise UsageError(f"--recipe {name}: choose from {', '.join(recipes)}")
+    return recipes[name]
+
+
 def parse_augment(value: str | list) -> list[str]:
     if isinstance(value, list):
         return value
@@ -1076,9 +1095,8 @@ def parse_augment(value: str | list) -> list[str]:
     return ops
 
 
-def resolve_settings(args: argparse.Namespace, recipe: dict, model_defaults: dict) -> dict:
-    """Defaults, then the recipe, then the model's defaults, then every flag the user gave."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
+def resolve_settings(given: dict, recipe: dict, model_defaults: dict) -> dict:
+    """Defaults, then the recipe, then the model's defaults, then the flags given (see explicit_flags)."""
     if "time_budget" in given and "epochs" in given:
         raise UsageError("--time-budget and --epochs both say how long to train: give one of them")
     settings = {**DEFAULTS, **recipe, **model_defaults, **given}
@@ -1088,7 +1106,8 @@ def resolve_settings(args: argparse.Namespace, recipe: dict, model_defaults: dic
     for op, key in STRENGTH_FLAGS.items():  # an explicit strength turns its op on (> 0) or off (0)
         if key in given:
             ops = ops | {op} if given[key] > 0 else ops - {op}
-    settings["augment"] = [op for op in AUGMENT_OPS if op in ops]
+    on = {op for op in ops if op not in STRENGTH_FLAGS or settings[STRENGTH_FLAGS[op]] > 0}  # a strength of 0 is off
+    settings["augment"] = [op for op in AUGMENT_OPS if op in on]
     return settings
 
 
@@ -1136,6 +1155,13 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, local_rank
 
 
+class ModelBuilder(Protocol):
+    """How a script builds its network from a run's settings. With `initial_weights` False a checkpoint's weights
+    replace the new ones at once, so a builder need not fetch any starting weights (ex2's ImageNet download)."""
+
+    def __call__(self, settings: dict, *, initial_weights: bool = True) -> nn.Module: ...
+
+
 def first_conv_weight(model: nn.Module) -> torch.Tensor:
     return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
 
@@ -1144,15 +1170,31 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class BestEpoch(NamedTuple):
+    """The epoch of the highest validation accuracy so far (epoch None before the first)."""
+    epoch: int | None = None
+    val_accuracy: float = -1.0
+
+
+class Training(NamedTuple):
+    """A run's network and what trains it."""
+    model: nn.Module  # the plain network: validated, tested and saved
+    train_model: nn.Module  # what the steps run: the network under DistributedDataParallel and torch.compile if asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
 TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
 
 
-def _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint: str | None = None,
-                classes: Sequence[str] = CLASSES) -> dict:
+def _checkpoint(kind: str, settings: dict, training: Training, history: list[dict], best: BestEpoch,
+                fingerprint: str | None = None, classes: Sequence[str] = CLASSES) -> dict:
     """The run's state after an epoch; `fingerprint` is data_fingerprint of the splits it trains on (None outside a run)."""
-    return {"kind": kind, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": len(history),
-            "history": history, "best_epoch": best[0], "best_val_accuracy": best[1], "data_fingerprint": fingerprint,
+    return {"kind": kind, "settings": settings, "model": training.model.state_dict(),
+            "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
+            "scaler": training.scaler.state_dict(), "epoch": len(history), "history": history,
+            "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy, "data_fingerprint": fingerprint,
             "classes": list(classes)}
 
 
@@ -1172,44 +1214,35 @@ def load_training_data(settings: dict, ctx: TrainContext) -> tuple[CifarData, tu
     return data, splits
 
 
-def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[torch.Tensor, ...], build_model: Callable,
-                     out_dir: Path, ctx: TrainContext, resume_from: dict | None = None) -> dict:
-    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report."""
-    is_main = ctx.is_main
-    environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
-    train_images, train_labels, val_images, val_labels = splits
-    fingerprint = data_fingerprint(splits)
-    if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
-        raise UsageError(f"--data-dir {settings['data_dir']}: the data differs from the data the run in {out_dir} was "
-                         f"trained on; resume with that data, or start a new run (--overwrite or another --out-dir)")
-    if settings["mean"] == "data":
-        settings["mean"], settings["std"] = channel_mean_std(train_images)
+def with_data_mean_std(settings: dict, train_images: torch.Tensor) -> dict:
+    """A copy of `settings` in which mean and std 'data' became the training images' channel mean and std."""
+    if settings["mean"] != "data":
+        return dict(settings)
+    mean, std = channel_mean_std(train_images)
+    return {**settings, "mean": mean, "std": std}
 
+
+def set_up_training(settings: dict, build_model: ModelBuilder, steps_per_epoch: int, ctx: TrainContext,
+                    resume_from: dict | None) -> Training:
+    """The network, optimizer, learning-rate schedule and gradient scaler: new (the first-layer filters drawn), or
+    as the checkpoint `resume_from` left them; the network wrapped for several processes and compiled if asked."""
     torch.manual_seed(settings["seed"])
-    model = build_model(settings, pretrained=resume_from is None).to(ctx.device)
-    if is_main:
+    model = build_model(settings, initial_weights=resume_from is None).to(ctx.device)
+    if ctx.is_main:
         print(model)
         print(f"parameters: {count_parameters(model):,}  trainable: "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
         print(f"device: {ctx.device}  precision: {str(ctx.dtype).replace('torch.', '')}  processes: {ctx.world}")
         print("settings: " + json.dumps({k: v for k, v in settings.items() if k not in RUNTIME_KEYS}))
-    if resume_from is None and is_main:
-        plot_filters(first_conv_weight(model), out_dir / "filters_before.png", "first-layer filters before training")
     model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
-    steps_per_epoch = len(train_images) // settings["batch_size"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(settings, step, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    history, best = [], (None, -1.0)
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
         scheduler.load_state_dict(resume_from["scheduler"])
         scaler.load_state_dict(resume_from["scaler"])
-        history, best = resume_from["history"], (resume_from["best_epoch"], resume_from["best_val_accuracy"])
-        if is_main:
-            print(f"resuming after epoch {len(history)} of {settings['epochs']} (best so far: epoch {best[0]})")
-
     train_model = model
     if ctx.world > 1:
         if ctx.device.type == "cuda" and settings["sync_bn"]:
@@ -1218,8 +1251,24 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
             train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if settings["compile"]:
         train_model = torch.compile(train_model)
-    train_images, train_labels = train_images.to(ctx.device), train_labels.to(ctx.device)
+    return Training(model, train_model, optimizer, scheduler, scaler)
 
+
+class Fitted(NamedTuple):
+    """What the epoch loop leaves: every epoch's row, the best epoch, the seconds this call trained."""
+    history: list[dict]
+    best: BestEpoch
+    seconds: float
+
+
+def fit(training: Training, kind: str, settings: dict, splits: tuple[torch.Tensor, ...], fingerprint: str,
+        classes: Sequence[str], out_dir: Path, ctx: TrainContext, history: list[dict], best: BestEpoch) -> Fitted:
+    """The epoch loop after `history`: train, validate, keep the best epoch, save best.pt and last.pt after each;
+    ends at the last epoch (of the time budget's plan), or early after --patience epochs without a better one."""
+    train_images, train_labels, val_images, val_labels = splits
+    steps_per_epoch = len(train_images) // settings["batch_size"]
+    train_images, train_labels = train_images.to(ctx.device), train_labels.to(ctx.device)
+    history = list(history)
     start = time.perf_counter()
     after_step = None
     if settings.get("time_budget") is not None and settings.get("planned_steps") is None:
@@ -1227,16 +1276,16 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     epoch = len(history)
     while settings["epochs"] is None or epoch < settings["epochs"]:  # a budget's plan sets epochs in the first one
         epoch += 1
-        if settings["patience"] and best[0] is not None and epoch - 1 - best[0] >= settings["patience"]:
-            if is_main:
+        if settings["patience"] and best.epoch is not None and epoch - 1 - best.epoch >= settings["patience"]:
+            if ctx.is_main:
                 print(f"early stop: no better validation accuracy for {settings['patience']} epochs")
             break
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(train_model, optimizer, scheduler, scaler, train_images, train_labels,
-                                   settings, epoch, ctx, after_step if epoch == 1 else None))
+        row = {"epoch": epoch, "lr": training.optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(training.train_model, training.optimizer, training.scheduler, training.scaler,
+                                   train_images, train_labels, settings, epoch, ctx, after_step if epoch == 1 else None))
         val = torch.zeros(2, device=ctx.device, dtype=torch.float64)
-        if is_main:
-            result = evaluate(model, val_images, val_labels, settings, ctx)
+        if ctx.is_main:
+            result = evaluate(training.model, val_images, val_labels, settings, ctx)
             val = torch.tensor([result["loss"], result["accuracy"]], device=ctx.device, dtype=torch.float64)
         if ctx.world > 1:
             dist.broadcast(val, 0)
@@ -1244,36 +1293,39 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
         row = {k: row[k] for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                                    "steps", "seconds", "images_per_s")}
         history.append(row)
-        improved = row["val_accuracy"] > best[1]
+        improved = row["val_accuracy"] > best.val_accuracy
         if improved:
-            best = (epoch, row["val_accuracy"])
-        if is_main:
+            best = BestEpoch(epoch, row["val_accuracy"])
+        if ctx.is_main:
             tqdm.write(f"epoch {epoch:3d}/{settings['epochs']}  train loss {row['train_loss']:.4f} acc "
                        f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
                        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
                        + ("  *best" if improved else ""), file=sys.stdout)
-            checkpoint = _checkpoint(kind, settings, model, optimizer, scheduler, scaler, history, best, fingerprint,
-                                     data.classes)
+            checkpoint = _checkpoint(kind, settings, training, history, best, fingerprint, classes)
             if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
                 save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
             save_checkpoint(checkpoint, out_dir / "last.pt")
             save_json(history, out_dir / "history.json")
-    train_seconds = time.perf_counter() - start
-    if not is_main:
-        return {}
+    return Fitted(history, best, time.perf_counter() - start)
 
-    last_is_best = best[0] == len(history)  # then best.pt holds these very weights: test them once
+
+def final_report(kind: str, settings: dict, model: nn.Module, fitted: Fitted, resumed_epochs: int, steps_per_epoch: int,
+                 data: CifarData, out_dir: Path, ctx: TrainContext, environment: dict) -> dict:
+    """Test the last epoch's and the best epoch's model, draw the history and the trained filters, write
+    metrics.json; the model ends holding the best epoch's weights."""
+    history, best = fitted.history, fitted.best
+    last_is_best = best.epoch == len(history)  # then best.pt holds these very weights: test them once
     test_last = None if last_is_best else evaluate(model, data.test_images, data.test_labels, settings, ctx)["accuracy"]
-    best_checkpoint = load_checkpoint(out_dir / "best.pt", kind)
-    model.load_state_dict(best_checkpoint["model"])
-    plot_filters(first_conv_weight(model), out_dir / "filters_after.png", f"first-layer filters after training (epoch {best[0]})")
-    plot_history(history, best[0], out_dir / "history.png")
+    model.load_state_dict(load_checkpoint(out_dir / "best.pt", kind)["model"])
+    plot_filters(first_conv_weight(model), out_dir / "filters_after.png",
+                 f"first-layer filters after training (epoch {best.epoch})")
+    plot_history(history, best.epoch, out_dir / "history.png")
     metrics = test_report(model, data, settings, ctx, out_dir, tta=settings.get("tta", False))  # absent: resumed older run
     test_last = metrics["test_accuracy"] if last_is_best else test_last
-    trained = history[len(resume_from["history"]) if resume_from else 0:]  # the epochs this call trained
+    trained = history[resumed_epochs:]  # the epochs this call trained
     metrics.update({
-        "test_accuracy_last": test_last, "best_epoch": best[0], "best_val_accuracy": best[1],
-        "params": count_parameters(model), "epochs_run": len(history), "train_seconds": train_seconds,
+        "test_accuracy_last": test_last, "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy,
+        "params": count_parameters(model), "epochs_run": len(history), "train_seconds": fitted.seconds,
         "time_budget_minutes": settings.get("time_budget"), "planned_steps": total_steps(settings, steps_per_epoch),
         "run_steps": sum(r.get("steps", steps_per_epoch) for r in history),
         "train_images_per_s": (sum(r["images_per_s"] * r["seconds"] for r in trained) / max(1e-9, sum(r["seconds"] for r in trained))),
@@ -1281,24 +1333,52 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
         "classes": list(data.classes), "settings": {k: v for k, v in settings.items() if k not in RUNTIME_KEYS},
         "args": dict(settings), **environment})
     save_json(metrics, out_dir / "metrics.json")
-    print(f"best epoch {best[0]} (val {best[1]:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
+    print(f"best epoch {best.epoch} (val {best.val_accuracy:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
           f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {test_last:.2%}; reports in {out_dir}")
     return metrics
 
 
-def model_from_checkpoint(checkpoint: dict, build_model: Callable, ctx: TrainContext) -> nn.Module:
+def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[torch.Tensor, ...],
+                     build_model: ModelBuilder, out_dir: Path, ctx: TrainContext, resume_from: dict | None = None) -> dict:
+    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report. The caller's
+    `settings` stay as they are: the run works on its own copy (which a time budget's plan completes)."""
+    environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
+    fingerprint = data_fingerprint(splits)
+    if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
+        raise UsageError(f"--data-dir {settings['data_dir']}: the data differs from the data the run in {out_dir} was "
+                         f"trained on; resume with that data, or start a new run (--overwrite or another --out-dir)")
+    settings = with_data_mean_std(settings, splits[0])
+    steps_per_epoch = len(splits[0]) // settings["batch_size"]
+    training = set_up_training(settings, build_model, steps_per_epoch, ctx, resume_from)
+    history, best = [], BestEpoch()
+    if resume_from is None:
+        if ctx.is_main:
+            plot_filters(first_conv_weight(training.model), out_dir / "filters_before.png",
+                         "first-layer filters before training")
+    else:
+        history, best = resume_from["history"], BestEpoch(resume_from["best_epoch"], resume_from["best_val_accuracy"])
+        if ctx.is_main:
+            print(f"resuming after epoch {len(history)} of {settings['epochs']} (best so far: epoch {best.epoch})")
+    fitted = fit(training, kind, settings, splits, fingerprint, data.classes, out_dir, ctx, history, best)
+    if not ctx.is_main:
+        return {}
+    return final_report(kind, settings, training.model, fitted, len(history), steps_per_epoch, data, out_dir, ctx,
+                        environment)
+
+
+def model_from_checkpoint(checkpoint: dict, build_model: ModelBuilder, ctx: TrainContext) -> nn.Module:
     """The network a checkpoint holds, rebuilt from its settings and weights, on the device."""
-    model = build_model(checkpoint["settings"], pretrained=False)
+    model = build_model(checkpoint["settings"], initial_weights=False)
     model.load_state_dict(checkpoint["model"])
     return model.to(ctx.device, memory_format=torch.channels_last)
 
 
-def eval_only(kind: str, settings: dict, build_model: Callable, ctx: TrainContext) -> dict:
-    """Rebuild the model of a checkpoint, evaluate it on the test set, write metrics.json and the test figures."""
-    checkpoint_path = Path(settings["checkpoint"] or Path(settings["out_dir"]) / "best.pt")
+def eval_only(kind: str, checkpoint_path: Path, out_dir: Path, settings: dict, build_model: ModelBuilder,
+              ctx: TrainContext) -> dict:
+    """Rebuild the model of a checkpoint, evaluate it on the test set of settings['data_dir'], write metrics.json
+    and the test figures in `out_dir`."""
     checkpoint = load_checkpoint(checkpoint_path, kind)
     saved = checkpoint["settings"]
-    out_dir = Path(settings["out_dir"]) if settings.get("out_dir_given") else checkpoint_path.parent / "eval"
     prepare_out_dir(out_dir)
     data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
     model = model_from_checkpoint(checkpoint, build_model, ctx)
@@ -1317,37 +1397,36 @@ PREDICT_BATCH = 256  # images read, held and predicted at a time
 PREVIEW_COUNT = 64  # inputs drawn in predictions.png
 
 
-def predict_images(kind: str, settings: dict, build_model: Callable, ctx: TrainContext, checkpoint_path: Path,
-                   out_dir: Path | None) -> int:
-    """Predict the class of every image in settings['predict'] with a checkpoint: print a table, write
-    predictions.json, .csv and .png in `out_dir` (default: predict/ beside the checkpoint). Returns the exit code:
-    1 when a file was skipped as unreadable, else 0.
+def predict_images(kind: str, paths: Sequence[str], tta: bool, build_model: ModelBuilder, ctx: TrainContext,
+                   checkpoint_path: Path, out_dir: Path) -> int:
+    """Predict the class of every image file in `paths` (files and folders) with a checkpoint: print a table, write
+    predictions.json, .csv and .png in `out_dir`. Returns the exit code: 1 when a file was skipped as unreadable,
+    else 0.
     """
-    files = image_files(settings["predict"])  # a missing path or an empty folder is refused before the model loads
+    files = image_files(paths)  # a missing path or an empty folder is refused before the model loads
     checkpoint = load_checkpoint(checkpoint_path, kind)
     saved, classes = checkpoint["settings"], checkpoint.get("classes", CLASSES)
-    out_dir = out_dir or checkpoint_path.parent / "predict"
     prepare_out_dir(out_dir)
     model = model_from_checkpoint(checkpoint, build_model, ctx)
     print(f"predicting {len(files)} file(s) with {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}"
-          + (", test-time augmentation" if settings["tta"] else ""))
+          + (", test-time augmentation" if tta else ""))
     rows, previews, titles, skipped = [], [], [], 0
     bar = tqdm(total=len(files), unit="image", desc="predict", leave=False, dynamic_ncols=True)
     for start in range(0, len(files), PREDICT_BATCH):
-        paths, images = [], []
+        read, images = [], []
         for path in files[start:start + PREDICT_BATCH]:
             try:
                 images.append(load_image(path))
-                paths.append(path)
+                read.append(path)
             except UnreadableImage as e:
                 tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
                 skipped += 1
             bar.update()
         if not images:
             continue
-        probabilities = predict(model, torch.stack(images), saved, ctx, settings["tta"]).softmax(1).cpu()
+        probabilities = predict(model, torch.stack(images), saved, ctx, tta).softmax(1).cpu()
         top_p, top_i = probabilities.topk(3, dim=1)
-        for path, image, p, i in zip(paths, images, top_p.tolist(), top_i.tolist()):
+        for path, image, p, i in zip(read, images, top_p.tolist(), top_i.tolist()):
             top3 = [{"label": classes[c], "probability": round(q, 6)} for c, q in zip(i, p)]
             rows.append({"path": str(path), "label": top3[0]["label"], "probability": top3[0]["probability"], "top3": top3})
             if len(previews) < PREVIEW_COUNT:
@@ -1361,9 +1440,8 @@ def predict_images(kind: str, settings: dict, build_model: Callable, ctx: TrainC
     return 1 if skipped else 0
 
 
-def _resume_settings(args: argparse.Namespace, saved: dict) -> dict:
-    """The saved run's settings with the runtime flags, --epochs and --patience of this call on top."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
+def _resume_settings(given: dict, saved: dict) -> dict:
+    """The saved run's settings with the runtime flags, --epochs and --patience of this call (`given`) on top."""
     if "epochs" in given and saved.get("time_budget") is not None:
         raise UsageError(f"--epochs: the run being resumed trains for --time-budget {saved['time_budget']:g} minutes, "
                          f"and --resume continues its plan ({saved.get('planned_steps')} steps)")
@@ -1376,9 +1454,10 @@ def _resume_settings(args: argparse.Namespace, saved: dict) -> dict:
     return {**saved, **{k: v for k, v in given.items() if k in RUNTIME_KEYS or k in RESUME_EXTENDABLE}}
 
 
-def start_or_resume(args: argparse.Namespace, kind: str, settings: dict, build_model: Callable,
-                    out_dir: Path, ctx: TrainContext) -> dict | None:
-    """Train in `out_dir`: fresh, resumed from its last.pt, or not at all when it already holds a finished run."""
+def start_or_resume(kind: str, settings: dict, given: dict, build_model: ModelBuilder, out_dir: Path,
+                    ctx: TrainContext) -> dict | None:
+    """Train in `out_dir`: fresh, resumed from its last.pt (the flags `given` checked against its settings), or not
+    at all when it already holds a finished run."""
     finished, unfinished = (out_dir / "metrics.json").exists(), (out_dir / "last.pt").exists()
     resume_from = None
     if settings["resume"]:
@@ -1389,7 +1468,7 @@ def start_or_resume(args: argparse.Namespace, kind: str, settings: dict, build_m
         if not unfinished:
             raise UsageError(f"nothing to resume in {out_dir}: it has no last.pt (start without --resume)")
         resume_from = load_checkpoint(out_dir / "last.pt", kind)
-        settings = _resume_settings(args, resume_from["settings"])
+        settings = _resume_settings(given, resume_from["settings"])
     elif (finished or unfinished) and not settings["overwrite"]:
         what = "a finished run (metrics.json)" if finished else "an unfinished run (last.pt); --resume continues it"
         raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
@@ -1415,65 +1494,51 @@ def start_or_resume(args: argparse.Namespace, kind: str, settings: dict, build_m
         raise KeyboardInterrupt(f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}") from None
 
 
-def plot_dropout_sweep(runs: list[dict], path: Path) -> None:
-    """Final training and validation accuracy against p, and each p's validation curve."""
-    plt = _pyplot()
-    fig, (ax_p, ax_curves) = plt.subplots(1, 2, figsize=(11, 4))
-    ps = [r["p"] for r in runs]
-    ax_p.plot(ps, [r["final_train_accuracy"] for r in runs], "o-", label="train (last epoch)")
-    ax_p.plot(ps, [r["final_val_accuracy"] for r in runs], "o-", label="validation (last epoch)")
-    ax_p.set_xlabel("dropout p")
-    ax_p.set_ylabel("accuracy")
-    for r in runs:
-        ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
-    ax_curves.set_xlabel("epoch")
-    ax_curves.xaxis.get_major_locator().set_params(integer=True)
-    ax_curves.set_ylabel("validation accuracy")
-    for ax in (ax_p, ax_curves):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    _savefig(fig, path)
+class Sweep(NamedTuple):
+    """Runs that differ in one setting, each in the sub-folder <prefix><value>/ of the output folder."""
+    key: str  # the setting that varies
+    values: list
+    prefix: str  # of the sub-folders: "p" gives p0.1/
+    changes: dict  # settings every run of the sweep changes besides `key`
+    report: Callable[[list, list[Path], Path], object]  # (values, their run folders, the folder): the sweep's summary
 
 
-def dropout_sweep(args: argparse.Namespace, kind: str, settings: dict, build_model: Callable,
-                  out_dir: Path, ctx: TrainContext) -> None:
-    """One run per dropout value in out_dir/p<value>/ (augmentation off unless a flag asks for it), then dropout_sweep.png and .json."""
-    augment_given = args.augment is not None or any(getattr(args, key) is not None for key in STRENGTH_FLAGS.values())
-    runs = []
-    for p in settings["dropout"]:
-        run_dir = out_dir / f"p{p}"
-        run_settings = {**settings, "dropout": p, "augment": settings["augment"] if augment_given else []}
-        if (run_dir / "metrics.json").exists() and not settings["overwrite"]:
-            print(f"{run_dir} is finished; using its results")
+def run_sweeps(sweeps: Sequence[Sweep], kind: str, settings: dict, given: dict, build_model: ModelBuilder,
+               out_dir: Path, ctx: TrainContext) -> None:
+    """One run per value of the first sweep in out_dir/<prefix><value>/, each swept in turn by the others; a finished
+    run is reused, an unfinished one continued with --resume. Then the main process writes the sweep's report."""
+    sweep, inner = sweeps[0], sweeps[1:]
+    run_dirs = []
+    for value in sweep.values:
+        run_dir = out_dir / f"{sweep.prefix}{value}"
+        run_settings = {**settings, **sweep.changes, sweep.key: value}
+        if inner:
+            run_sweeps(inner, kind, run_settings, given, build_model, run_dir, ctx)
+        elif (run_dir / "metrics.json").exists() and not settings["overwrite"]:
+            if ctx.is_main:
+                print(f"{run_dir} is finished; using its results")
         else:
-            run_args = argparse.Namespace(**{**vars(args), "dropout": None})  # this run's p is in run_settings
-            start_or_resume(run_args, kind, {**run_settings, "resume": settings["resume"] and (run_dir / "last.pt").exists()},
-                            build_model, run_dir, ctx)
-        if ctx.is_main:
-            history = load_runs([run_dir])[0]["history"]
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            runs.append({"p": p, "run": str(run_dir), "final_train_accuracy": history[-1]["train_accuracy"],
-                         "final_val_accuracy": history[-1]["val_accuracy"], "best_val_accuracy": metrics["best_val_accuracy"],
-                         "test_accuracy": metrics["test_accuracy"], "val_accuracy": [h["val_accuracy"] for h in history]})
+            start_or_resume(kind, {**run_settings, "resume": settings["resume"] and (run_dir / "last.pt").exists()},
+                            given, build_model, run_dir, ctx)
+        run_dirs.append(run_dir)
     if ctx.is_main:
-        plot_dropout_sweep(runs, out_dir / "dropout_sweep.png")
-        save_json({"runs": runs}, out_dir / "dropout_sweep.json")
-        print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}")
-        for r in runs:
-            print(f"{r['p']:>5}{r['final_train_accuracy']:>9.2%}{r['final_val_accuracy']:>9.2%}{r['test_accuracy']:>9.2%}")
-        print(f"wrote {out_dir / 'dropout_sweep.png'} and {out_dir / 'dropout_sweep.json'}")
+        sweep.report(sweep.values, run_dirs, out_dir)
 
 
-def run_experiment(args: argparse.Namespace, kind: str, recipe: dict, model_defaults: dict,
-                   build_model: Callable, default_out_dir: str) -> int:
-    """Everything a script's command line can ask for; returns the exit code."""
-    out_dir = Path(args.out_dir or default_out_dir)
+def run_experiment(args: argparse.Namespace, kind: str, recipes: dict[str, dict], model_defaults: dict,
+                   build_model: ModelBuilder, default_out_dir: str, default_recipe: str = "default",
+                   sweeps: Sequence[Sweep] = ()) -> int:
+    """Everything a script's command line can ask for; returns the exit code. `sweeps` are the script's own (ex1's
+    dropout values); the settings they vary are left out of the flags given."""
+    given = explicit_flags(args)
+    out_dir = Path(given.get("out_dir", default_out_dir))
     try:
-        if args.compare:
-            compare_runs(args.compare, Path(args.out_dir or "runs/compare"))
+        if "compare" in given:
+            compare_runs(given["compare"], Path(given.get("out_dir", "runs/compare")))
             return 0
+        given = {k: v for k, v in given.items() if k not in {sweep.key for sweep in sweeps}}
+        settings = resolve_settings(given, choose_recipe(recipes, given.get("recipe", default_recipe)), model_defaults)
         rank, world, local_rank = init_distributed()
-        settings = resolve_settings(args, recipe, model_defaults)
         device = resolve_device(settings["device"], local_rank)
         ctx = TrainContext(device, resolve_precision(settings["precision"], device), rank, world)
         if device.type == "cuda":
@@ -1482,17 +1547,21 @@ def run_experiment(args: argparse.Namespace, kind: str, recipe: dict, model_defa
             if settings["eval_only"]:
                 raise UsageError("--predict and --eval-only are separate tasks: give one of them")
             checkpoint = Path(settings["checkpoint"] or Path(default_out_dir) / "best.pt")
-            return predict_images(kind, settings, build_model, ctx, checkpoint,
-                                  Path(args.out_dir) if args.out_dir else None) if ctx.is_main else 0
+            return predict_images(kind, settings["predict"], settings["tta"], build_model, ctx, checkpoint,
+                                  out_dir if "out_dir" in given else checkpoint.parent / "predict") if ctx.is_main else 0
         if settings["eval_only"]:
+            checkpoint = Path(settings["checkpoint"] or out_dir / "best.pt")
             if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
-                eval_only(kind, {**settings, "out_dir": str(out_dir), "out_dir_given": args.out_dir is not None},
+                eval_only(kind, checkpoint, out_dir if "out_dir" in given else checkpoint.parent / "eval", settings,
                           build_model, ctx)
-        elif isinstance(settings.get("dropout"), list) and getattr(args, "dropout", None) is not None:
+        elif sweeps:
             check_settings(settings)
-            dropout_sweep(args, kind, settings, build_model, out_dir, ctx)
+            for sweep in sweeps:  # every value, before the first run starts
+                for value in sweep.values:
+                    check_settings({**settings, **sweep.changes, sweep.key: value})
+            run_sweeps(sweeps, kind, settings, given, build_model, out_dir, ctx)
         else:
-            start_or_resume(args, kind, settings, build_model, out_dir, ctx)
+            start_or_resume(kind, settings, given, build_model, out_dir, ctx)
         return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

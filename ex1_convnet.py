@@ -15,6 +15,7 @@ Each block is Conv3x3 (pad 1) -> BatchNorm -> MaxPool 2x2 -> ReLU -> Dropout; on
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch.nn as nn
 
@@ -41,8 +42,8 @@ RECIPES["short"] = dict(RECIPES["default"], recipe="short", epochs=5, batch_size
                         label_smoothing=0.2)
 
 
-def build_model(settings: dict, pretrained: bool = False) -> nn.Sequential:
-    """The ConvNet for these settings (`pretrained` is unused: this network always starts from random weights)."""
+def build_model(settings: dict, *, initial_weights: bool = True) -> nn.Sequential:
+    """The ConvNet for these settings, from random weights (all it has, so `initial_weights` changes nothing)."""
     dropout = settings["dropout"]
     per_block = dropout if isinstance(dropout, list) else [dropout] * len(WIDTHS)
     layers, in_channels = [], 3
@@ -55,6 +56,42 @@ def build_model(settings: dict, pretrained: bool = False) -> nn.Sequential:
     if settings["linear_init_std"]:
         nn.init.normal_(classifier.weight, 0.0, settings["linear_init_std"])
     return nn.Sequential(*layers, nn.Flatten(), classifier)
+
+
+def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
+    """Final training and validation accuracy against p, and each p's validation curve."""
+    plt = common.pyplot()
+    fig, (ax_p, ax_curves) = plt.subplots(1, 2, figsize=(11, 4))
+    ps = [r["p"] for r in rows]
+    ax_p.plot(ps, [r["final_train_accuracy"] for r in rows], "o-", label="train (last epoch)")
+    ax_p.plot(ps, [r["final_val_accuracy"] for r in rows], "o-", label="validation (last epoch)")
+    for r in rows:
+        ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
+    common.style_axes(ax_p, "dropout p", "accuracy", integer_x=False)
+    common.style_axes(ax_curves, "epoch", "validation accuracy")
+    common.save_figure(fig, path)
+
+
+def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -> None:
+    """dropout_sweep.json and .png and a table of each p's run."""
+    rows = []
+    for p, run in zip(ps, common.load_runs(run_dirs)):
+        history, metrics = run["history"], run["metrics"]
+        rows.append({"p": p, "run": run["run"], "final_train_accuracy": history[-1]["train_accuracy"],
+                     "final_val_accuracy": history[-1]["val_accuracy"], "best_val_accuracy": metrics["best_val_accuracy"],
+                     "test_accuracy": metrics["test_accuracy"], "val_accuracy": [h["val_accuracy"] for h in history]})
+    plot_dropout_sweep(rows, out_dir / "dropout_sweep.png")
+    common.save_json({"runs": rows}, out_dir / "dropout_sweep.json")
+    print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}")
+    for r in rows:
+        print(f"{r['p']:>5}{r['final_train_accuracy']:>9.2%}{r['final_val_accuracy']:>9.2%}{r['test_accuracy']:>9.2%}")
+    print(f"wrote {out_dir / 'dropout_sweep.png'} and {out_dir / 'dropout_sweep.json'}")
+
+
+def dropout_sweep(args: argparse.Namespace) -> common.Sweep:
+    """One run per --dropout value in p<P>/, without augmentation unless a flag asks for it."""
+    augment_given = any(getattr(args, key) is not None for key in ("augment", *common.STRENGTH_FLAGS.values()))
+    return common.Sweep("dropout", args.dropout, "p", {} if augment_given else {"augment": []}, report_dropout_sweep)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,11 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    recipe = RECIPES.get(args.recipe or ("short" if args.time_budget is not None else "default"))
-    if recipe is None:
-        print(f"error: --recipe {args.recipe}: choose from {', '.join(RECIPES)}", file=sys.stderr)
-        return 2
-    return common.run_experiment(args, "ex1_convnet.py", recipe, {"batch_norm": True}, build_model, "runs/ex1")
+    return common.run_experiment(args, "ex1_convnet.py", RECIPES, {"batch_norm": True}, build_model, "runs/ex1",
+                                 default_recipe="short" if args.time_budget is not None else "default",
+                                 sweeps=[dropout_sweep(args)] if isinstance(args.dropout, list) else [])
 
 
 if __name__ == "__main__":

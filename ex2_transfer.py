@@ -84,10 +84,11 @@ def imagenet_state_dict(path: str | None) -> dict:
     return {k: state[k] for k in expected}  # extra entries beside torchvision's would fail the strict load
 
 
-def build_model(settings: dict, pretrained: bool = True) -> nn.Sequential:
-    """VGG-11-bn features and the new head; ImageNet weights loaded when the mode uses them and `pretrained`."""
+def build_model(settings: dict, *, initial_weights: bool = True) -> nn.Sequential:
+    """VGG-11-bn features and the new head; the ImageNet weights loaded when the mode starts from them and
+    `initial_weights` asks for them (not when a checkpoint's weights come next)."""
     vgg = torchvision.models.vgg11_bn()
-    if pretrained and settings["mode"] != "scratch":
+    if initial_weights and settings["mode"] != "scratch":
         vgg.load_state_dict(imagenet_state_dict(settings["weights"]))
     features = vgg.features
     if settings["mode"] == "frozen":
@@ -119,12 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode = args.mode or "pretrained"
-    recipe_name = args.recipe or "default"
-    if recipe_name not in ("default", "original"):
-        print(f"error: --recipe {recipe_name}: choose from default, original", file=sys.stderr)
-        return 2
-    recipe = RECIPES["original" if recipe_name == "original" else mode]
-    return common.run_experiment(args, "ex2_transfer.py", recipe, {"mode": mode, "weights": None}, build_model,
+    recipes = {"default": RECIPES[mode], "original": RECIPES["original"]}  # 'default': ours for the mode
+    return common.run_experiment(args, "ex2_transfer.py", recipes, {"mode": mode, "weights": None}, build_model,
                                  f"runs/ex2-{mode}")
 
 

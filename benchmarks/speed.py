@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,13 +29,10 @@ import ex1_convnet  # noqa: E402
 TARGETS = {"loop_vs_model": 0.9, "loop_vs_original": 2.0, "aug_batched_vs_pil": 20.0}  # on a 2-core CPU
 
 
-def recipe_settings(name: str, mean, std) -> dict:
-    """Settings as the driver builds them for `ex1_convnet.py --recipe name`, with resolved mean/std."""
-    settings = {**common.DEFAULTS, **ex1_convnet.RECIPES[name], "batch_norm": True}
-    settings["augment"] = common.parse_augment(settings["augment"])
-    if settings["mean"] == "data":
-        settings["mean"], settings["std"] = mean, std
-    return settings
+def recipe_settings(name: str, images: torch.Tensor) -> dict:
+    """Settings as the driver resolves them for `ex1_convnet.py --recipe name`, mean/std from `images`."""
+    settings = common.resolve_settings({}, ex1_convnet.RECIPES[name], {"batch_norm": True})
+    return common.with_data_mean_std(settings, images)
 
 
 def original_transform() -> transforms.Compose:
@@ -145,10 +141,11 @@ def bench_augment(images, settings, device: torch.device, batch_size: int, warmu
     """4: images/s of the original recipe's augmentation (to normalised tensors), batched and PIL per image."""
     on_device = images.to(device)
     generator = torch.Generator(device).manual_seed(0)
+    ops = common.augmentation(settings)
 
     def batched(n: int):
         for s in range(0, n, batch_size):
-            x = common.augment_batch(on_device[s:s + batch_size], settings, generator)
+            x = common.augment_batch(on_device[s:s + batch_size], ops, generator)
             common.normalize(x, settings["mean"], settings["std"])
 
     pil_images = images.permute(0, 2, 3, 1).contiguous().numpy()
@@ -197,9 +194,8 @@ def main(argv=None) -> int:
     n = min(args.images or (49_000 if cuda else 4_096), len(data.train_images))
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     images, labels = data.train_images[:n], data.train_labels[:n]
-    mean, std = common.channel_mean_std(images)
-    ours = recipe_settings("default", mean, std)
-    original = recipe_settings("original", mean, std)
+    ours = recipe_settings("default", images)
+    original = recipe_settings("original", images)
     if args.batch_size:
         ours["batch_size"] = args.batch_size
     bs, bs_orig = ours["batch_size"], original["batch_size"]

@@ -1,4 +1,6 @@
-"""Shared fixtures: a small CIFAR-10 copy in the official file layout, and a way to run the scripts."""
+"""Shared fixtures and helpers: a small CIFAR-10 copy in the official file layout, running the scripts, reading
+what they write."""
+import json
 import os
 import pickle
 import subprocess
@@ -7,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 
 # One well-separated colour per class, so that a few epochs learn the task.
 PALETTE = np.array([(230, 25, 25), (25, 230, 25), (25, 25, 230), (230, 230, 25), (230, 25, 230),
@@ -71,6 +76,71 @@ def run_script(script: str, *args: str, timeout: float = 600, env: dict | None =
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def pytest_configure(config):
-    if not any(line.split(":")[0].strip() == "slow" for line in config.getini("markers")):
-        config.addinivalue_line("markers", "slow: spawns a subprocess or trains a model (deselect with -m 'not slow')")
+def run_ok(*args, env: dict | None = None) -> str:
+    """Run ex1_convnet.py, require exit code 0, return its stdout."""
+    result = run_script("ex1_convnet.py", *args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def call(main, argv, capsys) -> tuple[int, str, str]:
+    """Run a script's main() in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The last 'error: ...' line of stderr."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines, f"no 'error:' line in stderr:\n{err[-2000:]}"
+    return lines[-1]
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def metrics(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "metrics.json")
+
+
+def assert_png(path: Path, min_side: int = 50) -> None:
+    """`path` is a PNG file that decodes, each side longer than `min_side` pixels."""
+    assert path.is_file(), f"{path.name} missing"
+    with Image.open(path) as image:
+        image.load()
+        assert image.format == "PNG" and min(image.size) > min_side, path.name
+
+
+def save_untrained_checkpoint(kind: str, settings: dict, model, path: Path) -> Path:
+    """A checkpoint of `model` written as a run writes best.pt and last.pt, before any training."""
+    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    training = common.Training(model, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+    common.save_checkpoint(common._checkpoint(kind, settings, training, [], common.BestEpoch()), path)
+    return path
+
+
+def fake_training(calls: list):
+    """A stand-in for common.train_and_report that records its settings and writes a one-epoch run's files."""
+    def train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from=None):
+        calls.append({**settings, "run_dir": out_dir})
+        history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5 - settings["dropout"] / 2, "val_loss": 1.2,
+                    "val_accuracy": 0.4, "lr": 0.1, "seconds": 1.0, "images_per_s": 32.0}]
+        metrics = {"test_accuracy": 0.45, "test_accuracy_first1000": 0.45, "best_val_accuracy": 0.4, "best_epoch": 1,
+                   "epochs_run": 1, "settings": {k: v for k, v in settings.items() if k not in common.RUNTIME_KEYS}}
+        common.save_json(history, out_dir / "history.json")
+        common.save_json(metrics, out_dir / "metrics.json")
+        return metrics
+    return train_and_report
+
+
+@pytest.fixture
+def no_filter_plots(monkeypatch):
+    """In-process runs skip the 128-panel filter figures (seconds each on a CPU; the report tests cover them)."""
+    monkeypatch.setattr(common, "plot_filters", lambda *args, **kwargs: None)

@@ -1,7 +1,6 @@
 """--time-budget: the plan made from the speed of the first steps, the schedule over it, the partial last epoch,
 --resume keeping the plan, and the refusals. A fake clock stands in for time: no assertion depends on real speed."""
 import itertools
-import json
 import math
 from types import SimpleNamespace
 
@@ -10,7 +9,7 @@ import torch
 
 import common
 import ex1_convnet
-from conftest import QUICK
+from conftest import QUICK, read_json
 
 STEPS_PER_EPOCH = 8  # the fixture's 320 training images, less 64 for validation, in batches of 32
 CPU = common.TrainContext(torch.device("cpu"), torch.float32)
@@ -26,15 +25,6 @@ def run_ex1(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     code = ex1_convnet.main([str(a) for a in argv])
     return code, capsys.readouterr().err
-
-
-def read_json(path):
-    return json.loads(path.read_text())
-
-
-@pytest.fixture
-def no_filter_plots(monkeypatch):
-    monkeypatch.setattr(common, "plot_filters", lambda *args, **kwargs: None)
 
 
 def test_plan_fills_the_time_left_after_the_validation_passes():
@@ -152,8 +142,10 @@ def test_epochs_and_a_budget_together_are_refused(cifar_dir, tmp_path, capsys):
 def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe, monkeypatch):
     seen = {}
 
-    def fake_run_experiment(args, kind, recipe_values, model_defaults, build_model, default_out_dir):
-        seen.update(common.resolve_settings(args, recipe_values, model_defaults))
+    def fake_run_experiment(args, kind, recipes, model_defaults, build_model, default_out_dir, default_recipe, sweeps):
+        given = common.explicit_flags(args)
+        seen.update(common.resolve_settings(given, common.choose_recipe(recipes, given.get("recipe", default_recipe)),
+                                            model_defaults))
         return 0
 
     monkeypatch.setattr(common, "run_experiment", fake_run_experiment)

@@ -14,7 +14,7 @@ import torch
 
 import common
 import ex1_convnet
-from conftest import QUICK, ROOT, run_script
+from conftest import QUICK, ROOT, metrics, run_script
 
 N_TEST = 120  # test images of the conftest fixture
 TINY = [*QUICK, "--epochs", "1", "--limit-train", "64"]
@@ -39,10 +39,6 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def model_state(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def metrics(run_dir) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def files(run_dir) -> set[str]:

@@ -1,16 +1,14 @@
 """ex1_convnet.py end to end on the small fixture data set, on the CPU."""
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 import common
 import ex1_convnet
-from conftest import CLASS_NAMES, QUICK, run_script
+from conftest import CLASS_NAMES, QUICK, assert_png, read_json, run_ok
 
 KIND = "ex1_convnet.py"
 PARAMS_BN, PARAMS_NO_BN = 7_682_826, 7_678_474
@@ -22,24 +20,6 @@ TEST_FIGURES = ["per_class.png", "confusion.png", "misclassified.png"]
 RUN_FILES = ["metrics.json", "history.json", "history.png", "filters_before.png", "filters_after.png", *TEST_FIGURES,
              "train.log", "best.pt", "last.pt"]
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
-
-
-def run_ok(*args) -> str:
-    """Run ex1_convnet.py, require exit code 0, return its stdout."""
-    result = run_script("ex1_convnet.py", *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
-
-
-def assert_pngs_decode(folder: Path, names: list[str]) -> None:
-    for name in names:
-        with Image.open(folder / name) as image:
-            image.load()
-            assert image.format == "PNG" and min(image.size) > 50
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +43,9 @@ def no_bn_runs(cifar_dir, tmp_path_factory) -> tuple[Path, Path]:
 def test_run_writes_every_report(trained):
     for name in RUN_FILES:
         assert (trained / name).is_file(), name
-    assert_pngs_decode(trained, [n for n in RUN_FILES if n.endswith(".png")])
+    for name in RUN_FILES:
+        if name.endswith(".png"):
+            assert_png(trained / name)
 
 
 @pytest.mark.slow
@@ -130,7 +112,8 @@ def test_eval_only_rebuilds_no_bn_model_into_eval_folder(no_bn_runs, cifar_dir):
     m = read_json(out / "metrics.json")
     assert m["params"] == PARAMS_NO_BN
     assert m["test_accuracy"] == read_json(run_dir / "metrics.json")["test_accuracy"]
-    assert_pngs_decode(out, TEST_FIGURES)
+    for name in TEST_FIGURES:
+        assert_png(out / name)
     assert not any((out / name).exists() for name in ("history.json", "best.pt", "last.pt"))
     assert "epoch   1/" not in stdout
 
@@ -142,7 +125,8 @@ def test_eval_only_writes_into_out_dir(trained, cifar_dir, tmp_path):
     m = read_json(out / "metrics.json")
     assert m["params"] == PARAMS_BN
     assert m["test_accuracy"] == read_json(trained / "metrics.json")["test_accuracy"]
-    assert_pngs_decode(out, TEST_FIGURES)
+    for name in TEST_FIGURES:
+        assert_png(out / name)
     assert not (trained / "eval").exists()
 
 

@@ -13,13 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from PIL import Image
 from torchvision.models import VGG11_BN_Weights
 
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import QUICK, make_images, run_script
+from conftest import QUICK, assert_png, make_images, run_script, save_untrained_checkpoint
 
 IMAGENET_MEAN = list(VGG11_BN_Weights.IMAGENET1K_V1.transforms().mean)
 IMAGENET_STD = list(VGG11_BN_Weights.IMAGENET1K_V1.transforms().std)
@@ -30,13 +29,6 @@ HEAD_PARAMS = 6  # Linear(512,256) weight+bias, BatchNorm1d weight+bias, Linear(
 
 def features_of(state: dict) -> dict:
     return {k: v for k, v in state.items() if k.startswith("features.")}
-
-
-def assert_png(path: Path) -> None:
-    assert path.is_file(), f"{path.name} missing"
-    with Image.open(path) as image:
-        image.load()
-        assert image.format == "PNG" and image.width > 50 and image.height > 50, path.name
 
 
 def quiet_env(torch_home: Path) -> dict:
@@ -75,13 +67,9 @@ def vgg_features(vgg_weights) -> dict:
 def wrong_files(tmp_path_factory, vgg_weights) -> dict:
     """Files --weights must refuse: an ex1 best.pt, an ex1 model state dict, a truncated vgg11_bn file."""
     folder = tmp_path_factory.mktemp("wrong")
-    settings = common.resolve_settings(ex1_convnet.parse_args([]), ex1_convnet.RECIPES["default"], {"batch_norm": True})
+    settings = common.resolve_settings({}, ex1_convnet.RECIPES["default"], {"batch_norm": True})
     model = ex1_convnet.build_model(settings)
-    optimizer = common.make_optimizer(list(model.parameters()), settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    common.save_checkpoint(common._checkpoint("ex1_convnet.py", settings, model, optimizer, scheduler, scaler, [], (None, -1.0)),
-                           folder / "best.pt")
+    save_untrained_checkpoint("ex1_convnet.py", settings, model, folder / "best.pt")
     torch.save(model.state_dict(), folder / "convnet_state.pt")
     with open(vgg_weights, "rb") as f:
         (folder / "truncated.pth").write_bytes(f.read(4 << 20))
@@ -147,8 +135,10 @@ def test_network_is_vgg11_bn_features_and_the_new_head():
 def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mode):
     seen = {}
 
-    def fake_run_experiment(args, kind, recipe, model_defaults, build_model, default_out_dir):
-        seen.update(settings=common.resolve_settings(args, recipe, model_defaults), out=default_out_dir)
+    def fake_run_experiment(args, kind, recipes, model_defaults, build_model, default_out_dir):
+        given = common.explicit_flags(args)
+        recipe = common.choose_recipe(recipes, given.get("recipe", "default"))
+        seen.update(settings=common.resolve_settings(given, recipe, model_defaults), out=default_out_dir)
         return 0
 
     monkeypatch.setattr(common, "run_experiment", fake_run_experiment)
@@ -261,7 +251,7 @@ def test_scratch_never_reads_weights(monkeypatch):
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", forbidden)
     monkeypatch.setattr(torch.hub, "download_url_to_file", forbidden)
-    model = ex2_transfer.build_model({"mode": "scratch", "weights": None}, pretrained=True)
+    model = ex2_transfer.build_model({"mode": "scratch", "weights": None}, initial_weights=True)
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -269,7 +259,8 @@ def test_scratch_never_reads_weights(monkeypatch):
 
 def test_freeze_training_step_changes_only_the_head(vgg_weights):
     args = ex2_transfer.parse_args(["--freeze", "--weights", str(vgg_weights), "--batch-size", "16", "--seed", "3"])
-    settings = common.resolve_settings(args, ex2_transfer.RECIPES["frozen"], {"mode": "frozen", "weights": None})
+    settings = common.resolve_settings(common.explicit_flags(args), ex2_transfer.RECIPES["frozen"],
+                                       {"mode": "frozen", "weights": None})
     model = ex2_transfer.build_model(settings)
     assert not any(p.requires_grad for p in model.features.parameters())
     assert all(p.requires_grad for p in model.head.parameters())

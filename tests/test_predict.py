@@ -1,5 +1,4 @@
 """--predict on image files of every kind, and test-time augmentation (--tta), on the small fixture data set."""
-import argparse
 import csv
 import json
 import shutil
@@ -16,24 +15,12 @@ from PIL import Image
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import CLASS_NAMES, QUICK, run_script
+from conftest import CLASS_NAMES, QUICK, call, error_line, run_script
 
 KIND = "ex1_convnet.py"
 CPU = ["--device", "cpu", "--precision", "fp32"]
 # Two epochs of a small model, its final test with --tta: the checkpoint every prediction below uses.
 TRAIN = [*QUICK, "--batch-size", "16", "--limit-train", "64", "--epochs", "2", "--lr", "0.01", "--tta"]
-
-
-def call(main, argv, capsys) -> tuple[int, str, str]:
-    """Run a script's main() in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    return next(line for line in reversed(err.splitlines()) if line.startswith("error:"))
 
 
 def cifar_test_images(cifar_dir: Path) -> torch.Tensor:
@@ -118,8 +105,7 @@ def test_predict_with_tta_averages_the_softmax_of_the_views():
 def test_tta_and_predict_are_runtime_flags_that_resume_accepts():
     assert {"tta", "predict"} <= common.RUNTIME_KEYS
     saved = {**common.DEFAULTS, "epochs": 2}
-    args = argparse.Namespace(tta=True, predict=["x.png"], epochs=None)
-    assert common._resume_settings(args, saved)["tta"] is True
+    assert common._resume_settings({"tta": True, "predict": ["x.png"]}, saved)["tta"] is True
 
 
 # ----------------------------------------------------------------------------- reading image files

@@ -25,7 +25,7 @@ import torch.nn as nn
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import QUICK, ROOT, run_script, write_cifar
+from conftest import QUICK, ROOT, call, error_line, metrics, run_script, save_untrained_checkpoint, write_cifar
 
 # 64 training images in batches of 32: 2 steps per epoch.
 RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]
@@ -41,30 +41,9 @@ def history_columns(run_dir: Path) -> list[dict]:
     return [{k: row[k] for k in HISTORY_COLUMNS} for row in json.loads((run_dir / "history.json").read_text())]
 
 
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 def temp_files(folder: Path) -> list[str]:
     """Leftovers of atomic_write (.<name>.<random>.tmp) in `folder`."""
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
-
-
-def call(main, argv, capsys) -> tuple[int, str, str]:
-    """Run a script's main() in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert lines, f"no 'error:' line in stderr:\n{err[-2000:]}"
-    return lines[-1]
 
 
 class Launched:
@@ -102,12 +81,6 @@ class Launched:
             pytest.fail(f"the run did not stop within {timeout}s of signal {sig}:\n{self.output()[-3000:]}")
 
 
-@pytest.fixture
-def no_filter_plots(monkeypatch):
-    """In-process runs skip the 128-panel filter figures (seconds each on a CPU; the report tests cover them)."""
-    monkeypatch.setattr(common, "plot_filters", lambda *args, **kwargs: None)
-
-
 # ----------------------------------------------------------------------------- shared runs
 
 @pytest.fixture(scope="module")
@@ -137,14 +110,8 @@ def ex2_checkpoint(tmp_path_factory) -> Path:
     """A genuine checkpoint written the way ex2_transfer.py writes them (VGG-11-bn from scratch, no training)."""
     settings = {**common.DEFAULTS, **ex2_transfer.RECIPES["scratch"], "mode": "scratch", "weights": None,
                 "augment": ["flip", "crop"]}
-    model = ex2_transfer.build_model(settings, pretrained=False)
-    optimizer = common.make_optimizer(list(model.parameters()), settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    path = tmp_path_factory.mktemp("ex2") / "best.pt"
-    common.save_checkpoint(common._checkpoint("ex2_transfer.py", settings, model, optimizer, scheduler, scaler,
-                                              [], (None, -1.0)), path)
-    return path
+    model = ex2_transfer.build_model(settings, initial_weights=False)
+    return save_untrained_checkpoint("ex2_transfer.py", settings, model, tmp_path_factory.mktemp("ex2") / "best.pt")
 
 
 # ----------------------------------------------------------------------------- interruptions
@@ -502,15 +469,15 @@ class NaNAfter(nn.Module):
 @pytest.mark.slow
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_best_pt(tmp_path, cifar_dir, capsys, no_filter_plots):
     """A model whose loss turns NaN at epoch 2, step 2 (of 2), through the real driver."""
-    def build_model(settings, pretrained=False):
+    def build_model(settings, *, initial_weights=True):
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(4, 10), NaNAfter(3))
 
     out_dir = tmp_path / "run"
     args = ex1_convnet.parse_args(["--data-dir", str(cifar_dir), "--out-dir", str(out_dir), *RUN])
     capsys.readouterr()
-    code = common.run_experiment(args, "ex1_convnet.py", ex1_convnet.RECIPES["default"], {"batch_norm": True},
-                                 build_model, "unused")
+    code = common.run_experiment(args, "ex1_convnet.py", ex1_convnet.RECIPES, {"batch_norm": True}, build_model,
+                                 "unused")
     err = capsys.readouterr().err
     assert code not in (0, 2) and code == 3
     assert "not finite at epoch 2, step 2 of 2" in error_line(err)

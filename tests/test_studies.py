@@ -1,15 +1,13 @@
 """The assignment's studies, one command each: BatchNorm (--no-bn and --compare), early stopping (the last and the
 best epoch's model), augmentation (a flag per op) and dropout (a sweep over several --dropout values)."""
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import common
 import ex1_convnet
-from conftest import QUICK, run_script
+from conftest import QUICK, assert_png, fake_training, read_json, run_ok
 
 KIND = "ex1_convnet.py"
 # Two epochs of two batches of 32: enough for a curve, a best epoch and a last epoch.
@@ -20,29 +18,12 @@ SWEEP = [*QUICK, "--epochs", "1", "--limit-train", "32", "--dropout", *SWEEP_PS]
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-def run_ok(*args) -> str:
-    """Run ex1_convnet.py, require exit code 0, return its stdout."""
-    result = run_script(KIND, *args, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
-
-
-def assert_png(path: Path) -> None:
-    with Image.open(path) as image:
-        image.load()
-        assert image.format == "PNG" and min(image.size) > 100, path
-
-
 @pytest.fixture(scope="module")
 def bn_runs(cifar_dir, tmp_path_factory) -> dict[str, Path]:
     """Out-dirs of a default run and a --no-bn run with the same small flags."""
     runs = {"bn": tmp_path_factory.mktemp("study-bn"), "no-bn": tmp_path_factory.mktemp("study-no-bn")}
-    run_ok(*RUN, "--data-dir", cifar_dir, "--out-dir", runs["bn"])
-    run_ok(*RUN, "--no-bn", "--data-dir", cifar_dir, "--out-dir", runs["no-bn"])
+    run_ok(*RUN, "--data-dir", cifar_dir, "--out-dir", runs["bn"], env=ENV)
+    run_ok(*RUN, "--no-bn", "--data-dir", cifar_dir, "--out-dir", runs["no-bn"], env=ENV)
     return runs
 
 
@@ -50,7 +31,7 @@ def bn_runs(cifar_dir, tmp_path_factory) -> dict[str, Path]:
 def compared(bn_runs, tmp_path_factory) -> dict:
     """`ex1_convnet.py --compare BN NO_BN --out-dir D`: its out-dir and stdout."""
     out_dir = tmp_path_factory.mktemp("study-compare") / "compare"
-    stdout = run_ok("--compare", bn_runs["bn"], bn_runs["no-bn"], "--out-dir", out_dir)
+    stdout = run_ok("--compare", bn_runs["bn"], bn_runs["no-bn"], "--out-dir", out_dir, env=ENV)
     return {"out_dir": out_dir, "stdout": stdout}
 
 
@@ -58,7 +39,7 @@ def compared(bn_runs, tmp_path_factory) -> dict:
 def sweep(cifar_dir, tmp_path_factory) -> dict:
     """`ex1_convnet.py --dropout 0.1 0.5` without --augment: its out-dir and stdout."""
     out_dir = tmp_path_factory.mktemp("study-dropout")
-    stdout = run_ok(*SWEEP, "--data-dir", cifar_dir, "--out-dir", out_dir)
+    stdout = run_ok(*SWEEP, "--data-dir", cifar_dir, "--out-dir", out_dir, env=ENV)
     return {"out_dir": out_dir, "stdout": stdout}
 
 
@@ -79,7 +60,7 @@ def test_no_bn_run_has_no_batchnorm(bn_runs):
 @pytest.mark.slow
 def test_compare_writes_figure_and_json_that_agree_with_the_runs(bn_runs, compared):
     out_dir = compared["out_dir"]
-    assert_png(out_dir / "compare.png")
+    assert_png(out_dir / "compare.png", min_side=100)
     summary = read_json(out_dir / "compare.json")
     dirs = [bn_runs["bn"], bn_runs["no-bn"]]
     assert [Path(r["run"]) for r in summary["runs"]] == dirs
@@ -116,7 +97,7 @@ def test_metrics_report_the_last_and_the_best_epochs_model(bn_runs, cifar_dir):
     assert m["best_val_accuracy"] == max(h["val_accuracy"] for h in history)
     assert history[m["best_epoch"] - 1]["val_accuracy"] == m["best_val_accuracy"]
     assert (run_dir / "history.png").is_file()
-    assert_png(run_dir / "history.png")
+    assert_png(run_dir / "history.png", min_side=100)
 
     data = common.load_cifar10(cifar_dir, download=False)
     ctx = common.TrainContext(torch.device("cpu"), torch.float32)
@@ -137,7 +118,7 @@ def test_metrics_report_the_last_and_the_best_epochs_model(bn_runs, cifar_dir):
 def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
     """plot_history draws a vertical line at the best epoch in both panels, named in the legend."""
     figures = []
-    monkeypatch.setattr(common, "_savefig", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(common, "save_figure", lambda fig, path: figures.append(fig))
     history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "train_accuracy": 0.2 * e,
                 "val_accuracy": v} for e, v in zip((1, 2, 3, 4), (0.3, 0.6, 0.5, 0.55))]
     common.plot_history(history, 2, tmp_path / "history.png")
@@ -155,7 +136,7 @@ def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
 
 def augment_of(*flags: str, recipe: str = "default") -> list[str]:
     args = ex1_convnet.parse_args(list(flags))
-    return common.resolve_settings(args, ex1_convnet.RECIPES[recipe], {"batch_norm": True})["augment"]
+    return common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES[recipe], {"batch_norm": True})["augment"]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -176,7 +157,7 @@ def test_per_op_flags_turn_ops_on_and_off(flags, expected):
 
 def test_strength_flags_set_the_strength_and_override_the_recipe():
     args = ex1_convnet.parse_args(["--recipe", "original", "--rotate-deg", "5", "--jitter", "0", "--crop-pad", "2"])
-    settings = common.resolve_settings(args, ex1_convnet.RECIPES["original"], {"batch_norm": True})
+    settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES["original"], {"batch_norm": True})
     assert settings["augment"] == ["flip", "crop", "rotate"]  # the original recipe's flip,crop,rotate,jitter less jitter
     assert settings["rotate_deg"] == 5 and settings["crop_pad"] == 2 and settings["jitter"] == 0
     assert augment_of(recipe="original") == ["flip", "crop", "rotate", "jitter"]
@@ -199,7 +180,7 @@ def test_dropout_sweep_trains_one_run_per_p_without_augmentation(sweep):
 @pytest.mark.slow
 def test_dropout_sweep_writes_figure_and_json_that_agree_with_the_runs(sweep):
     out_dir = sweep["out_dir"]
-    assert_png(out_dir / "dropout_sweep.png")
+    assert_png(out_dir / "dropout_sweep.png", min_side=100)
     runs = read_json(out_dir / "dropout_sweep.json")["runs"]
     assert [r["p"] for r in runs] == [float(p) for p in SWEEP_PS]
     for p, r in zip(SWEEP_PS, runs):
@@ -213,20 +194,6 @@ def test_dropout_sweep_writes_figure_and_json_that_agree_with_the_runs(sweep):
         assert r["best_val_accuracy"] == metrics["best_val_accuracy"]
         assert 0 <= r["final_train_accuracy"] <= 1 and 0 <= r["final_val_accuracy"] <= 1
     assert f"wrote {out_dir / 'dropout_sweep.png'}" in sweep["stdout"]
-
-
-def fake_training(calls: list):
-    """A stand-in for common.train_and_report that records its settings and writes a one-epoch run's files."""
-    def train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from=None):
-        calls.append({**settings, "run_dir": out_dir})
-        history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5 - settings["dropout"] / 2, "val_loss": 1.2,
-                    "val_accuracy": 0.4, "lr": 0.1, "seconds": 1.0, "images_per_s": 32.0}]
-        metrics = {"test_accuracy": 0.45, "test_accuracy_first1000": 0.45, "best_val_accuracy": 0.4, "best_epoch": 1,
-                   "epochs_run": 1, "settings": {k: v for k, v in settings.items() if k not in common.RUNTIME_KEYS}}
-        common.save_json(history, out_dir / "history.json")
-        common.save_json(metrics, out_dir / "metrics.json")
-        return metrics
-    return train_and_report
 
 
 def test_dropout_sweep_with_augment_keeps_it_and_reuses_finished_runs(tmp_path, monkeypatch):
@@ -244,7 +211,7 @@ def test_dropout_sweep_with_augment_keeps_it_and_reuses_finished_runs(tmp_path, 
         assert read_json(tmp_path / f"p{p}" / "metrics.json")["settings"]["augment"] == ["flip"]
     summary = read_json(tmp_path / "dropout_sweep.json")
     assert [r["final_train_accuracy"] for r in summary["runs"]] == pytest.approx([0.4, 0.3, 0.2])
-    assert_png(tmp_path / "dropout_sweep.png")
+    assert_png(tmp_path / "dropout_sweep.png", min_side=100)
 
     assert ex1_convnet.main(argv) == 0
     assert len(calls) == 3  # nothing trained again

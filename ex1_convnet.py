@@ -9,6 +9,7 @@
     python ex1_convnet.py --predict my_photos/ cat.jpg [--tta]   # classify your images with runs/ex1/best.pt
     python ex1_convnet.py --no-bn --out-dir runs/ex1-nobn  # then: --compare runs/ex1 runs/ex1-nobn
     python ex1_convnet.py --dropout 0.1 0.3 0.5 0.7 0.9 --out-dir runs/dropout
+    python ex1_convnet.py --seeds 3 --out-dir runs/ex1-seeds   # 3 seeds: mean ± std in seeds.json
     torchrun --standalone --nproc_per_node=4 ex1_convnet.py  # 4 GPUs (or CPU processes) of one machine
 
 Each block is Conv3x3 (pad 1) -> BatchNorm -> MaxPool 2x2 -> ReLU -> Dropout; one Linear 512 -> 10 ends it.
@@ -59,12 +60,14 @@ def build_model(settings: dict, *, initial_weights: bool = True) -> nn.Sequentia
 
 
 def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
-    """Final training and validation accuracy against p, and each p's validation curve."""
+    """Final training and validation accuracy against p (with ± one standard deviation over seeds), and each p's
+    validation curve (its mean over seeds)."""
     plt = common.pyplot()
     fig, (ax_p, ax_curves) = plt.subplots(1, 2, figsize=(11, 4))
     ps = [r["p"] for r in rows]
-    ax_p.plot(ps, [r["final_train_accuracy"] for r in rows], "o-", label="train (last epoch)")
-    ax_p.plot(ps, [r["final_val_accuracy"] for r in rows], "o-", label="validation (last epoch)")
+    for key, label in (("final_train_accuracy", "train (last epoch)"), ("final_val_accuracy", "validation (last epoch)")):
+        ax_p.errorbar(ps, [r[key] for r in rows], yerr=[r.get(f"{key}_std") or 0 for r in rows], fmt="o-",
+                      capsize=3, label=label)
     for r in rows:
         ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
     common.style_axes(ax_p, "dropout p", "accuracy", integer_x=False)
@@ -73,18 +76,26 @@ def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
 
 
 def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -> None:
-    """dropout_sweep.json and .png and a table of each p's run."""
+    """dropout_sweep.json and .png and a table: per p its run's accuracies, or their mean and std over its seeds."""
     rows = []
     for p, run in zip(ps, common.load_runs(run_dirs)):
-        history, metrics = run["history"], run["metrics"]
-        rows.append({"p": p, "run": run["run"], "final_train_accuracy": history[-1]["train_accuracy"],
-                     "final_val_accuracy": history[-1]["val_accuracy"], "best_val_accuracy": metrics["best_val_accuracy"],
-                     "test_accuracy": metrics["test_accuracy"], "val_accuracy": [h["val_accuracy"] for h in history]})
+        row = {"p": p, "run": run["run"]}
+        for key, values in common.run_values(run).items():
+            if key != "test_accuracy_first1000":
+                spread = common.spread(values)
+                row[key] = spread["mean"]
+                if "members" in run:
+                    row[f"{key}_std"] = spread["std"]
+        row["val_accuracy"] = [h["val_accuracy"] for h in run["history"]]
+        if "members" in run:
+            row["seeds"] = run["seeds"]["seeds"]
+        rows.append(row)
     plot_dropout_sweep(rows, out_dir / "dropout_sweep.png")
     common.save_json({"runs": rows}, out_dir / "dropout_sweep.json")
-    print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}")
+    print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}" + ("   (means over seeds; test ± std)" if "seeds" in rows[0] else ""))
     for r in rows:
-        print(f"{r['p']:>5}{r['final_train_accuracy']:>9.2%}{r['final_val_accuracy']:>9.2%}{r['test_accuracy']:>9.2%}")
+        spread = f"   ± {r['test_accuracy_std']:.2%}" if r.get("test_accuracy_std") is not None else ""
+        print(f"{r['p']:>5}{r['final_train_accuracy']:>9.2%}{r['final_val_accuracy']:>9.2%}{r['test_accuracy']:>9.2%}{spread}")
     print(f"wrote {out_dir / 'dropout_sweep.png'} and {out_dir / 'dropout_sweep.json'}")
 
 

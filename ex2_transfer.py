@@ -5,6 +5,7 @@
     python ex2_transfer.py --freeze            # train only the new head on frozen ImageNet features, runs/ex2-frozen/
     python ex2_transfer.py --weights vgg11_bn-6002323d.pth    # ImageNet weights from a local file (no network)
     python ex2_transfer.py --compare runs/ex2-pretrained runs/ex2-scratch
+    python ex2_transfer.py --scratch --seeds 3  # 3 seeds in runs/ex2-scratch/seed<S>/: mean ± std in seeds.json
     python ex2_transfer.py --predict my_photos/ [--tta]      # classify your images with runs/ex2-pretrained/best.pt
     torchrun --standalone --nproc_per_node=4 ex2_transfer.py --scratch
 

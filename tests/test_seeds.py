@@ -1,0 +1,136 @@
+"""--seeds: N runs that differ only in their seed, their spread in seeds.json and seeds.png; with the dropout sweep,
+a grid; finished runs reused, unfinished ones resumed; --compare takes a seeds folder as its mean."""
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+import common
+import ex1_convnet
+import ex2_transfer
+from conftest import QUICK, assert_png, call, error_line, fake_training, metrics, read_json, run_ok
+
+RUN = [*QUICK, "--epochs", "2", "--limit-train", "64"]
+SPREAD_KEYS = ("test_accuracy", "test_accuracy_first1000", "best_val_accuracy")
+
+
+@pytest.fixture(scope="module")
+def two_seeds(cifar_dir, tmp_path_factory) -> dict:
+    """`ex1_convnet.py --seeds 2 --seed 3` on the fixture data: its out-dir and stdout."""
+    out_dir = tmp_path_factory.mktemp("seeds") / "run"
+    stdout = run_ok(*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir, "--seeds", "2", "--seed", "3")
+    return {"out_dir": out_dir, "stdout": stdout}
+
+
+@pytest.mark.slow
+def test_seeds_trains_one_run_per_seed_and_seeds_json_agrees_with_them(two_seeds):
+    out_dir = two_seeds["out_dir"]
+    runs = [metrics(out_dir / "seed3"), metrics(out_dir / "seed4")]
+    assert [m["settings"]["seed"] for m in runs] == [3, 4]
+    assert read_json(out_dir / "seed3" / "history.json") != read_json(out_dir / "seed4" / "history.json")
+    assert not (out_dir / "metrics.json").exists()  # no run of its own at the top
+    summary = read_json(out_dir / "seeds.json")
+    assert summary["seeds"] == [3, 4]
+    for key in SPREAD_KEYS:
+        values = [m[key] for m in runs]
+        assert summary[key]["values"] == values
+        assert summary[key]["mean"] == pytest.approx(statistics.mean(values))
+        assert summary[key]["std"] == pytest.approx(statistics.stdev(values))  # the sample standard deviation
+        assert (summary[key]["min"], summary[key]["max"]) == (min(values), max(values))
+    assert_png(out_dir / "seeds.png")
+    mean, std = summary["test_accuracy"]["mean"] * 100, summary["test_accuracy"]["std"] * 100
+    assert f"test accuracy {mean:.1f} ± {std:.1f}% over 2 seeds" in two_seeds["stdout"]
+
+
+@pytest.mark.slow
+def test_a_second_call_reuses_the_runs_and_resume_finishes_an_unfinished_one(two_seeds, cifar_dir, tmp_path, capsys,
+                                                                           no_filter_plots):
+    copy = tmp_path / "run"
+    shutil.copytree(two_seeds["out_dir"], copy)
+    (copy / "seed4" / "metrics.json").unlink()  # seed 4 as a run killed after its last epoch's checkpoint
+    argv = [*RUN, "--data-dir", cifar_dir, "--out-dir", copy, "--seeds", "2", "--seed", "3"]
+    code, _, err = call(ex1_convnet.main, argv, capsys)
+    assert code == 2 and "unfinished run" in error_line(err) and "--resume" in error_line(err)
+
+    code, out, _ = call(ex1_convnet.main, [*argv, "--resume"], capsys)
+    assert code == 0
+    assert f"{copy / 'seed3'} is finished; using its results" in out
+    assert "resuming after epoch 2 of 2" in out
+    assert metrics(copy / "seed4")["test_accuracy"] == metrics(two_seeds["out_dir"] / "seed4")["test_accuracy"]
+    resumed, first = read_json(copy / "seeds.json"), read_json(two_seeds["out_dir"] / "seeds.json")
+    assert {k: resumed[k] for k in SPREAD_KEYS} == {k: first[k] for k in SPREAD_KEYS}
+
+
+@pytest.mark.slow
+def test_compare_takes_a_seeds_folder_as_its_mean(two_seeds, tmp_path, capsys):
+    out_dir = two_seeds["out_dir"]
+    code, out, _ = call(ex1_convnet.main, ["--compare", out_dir, out_dir / "seed3", "--out-dir", tmp_path], capsys)
+    assert code == 0
+    seeds_row, single_row = read_json(tmp_path / "compare.json")["runs"]
+    summary = read_json(out_dir / "seeds.json")
+    assert seeds_row["seeds"] == [3, 4]
+    assert seeds_row["test_accuracy"] == summary["test_accuracy"]["mean"]
+    assert seeds_row["test_accuracy_std"] == summary["test_accuracy"]["std"]
+    histories = [read_json(out_dir / f"seed{s}" / "history.json") for s in (3, 4)]
+    assert seeds_row["val_accuracy"] == pytest.approx([statistics.mean(h[i]["val_accuracy"] for h in histories)
+                                                        for i in range(2)])
+    assert single_row["test_accuracy"] == metrics(out_dir / "seed3")["test_accuracy"] and "seeds" not in single_row
+    assert "mean of 2 seeds" in out
+
+
+def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(common, "train_and_report", fake_training(calls))
+    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
+    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--epochs", "1",
+            "--dropout", "0.1", "0.5", "--seeds", "3"]
+    code, out, _ = call(ex1_convnet.main, argv, capsys)
+    assert code == 0
+    grid = [tmp_path / f"p{p}" / f"seed{s}" for p in ("0.1", "0.5") for s in (0, 1, 2)]
+    assert [c["run_dir"] for c in calls] == grid
+    assert [(c["dropout"], c["seed"]) for c in calls] == [(p, s) for p in (0.1, 0.5) for s in (0, 1, 2)]
+    assert all(c["augment"] == [] for c in calls)  # the dropout sweep's rule holds in every cell
+    tests = [0.45, 0.46, 0.47]  # the fake's test accuracy of seeds 0, 1, 2
+    for p in ("0.1", "0.5"):
+        assert read_json(tmp_path / f"p{p}" / "seeds.json")["test_accuracy"]["values"] == pytest.approx(tests)
+        assert_png(tmp_path / f"p{p}" / "seeds.png")
+    rows = read_json(tmp_path / "dropout_sweep.json")["runs"]
+    assert [r["p"] for r in rows] == [0.1, 0.5] and [Path(r["run"]) for r in rows] == [tmp_path / "p0.1", tmp_path / "p0.5"]
+    for row, p in zip(rows, (0.1, 0.5)):
+        assert row["seeds"] == [0, 1, 2]
+        assert row["test_accuracy"] == pytest.approx(statistics.mean(tests))
+        assert row["test_accuracy_std"] == pytest.approx(statistics.stdev(tests))
+        assert row["final_train_accuracy"] == pytest.approx(0.5 - p / 2) and row["final_train_accuracy_std"] == pytest.approx(0)
+        assert row["val_accuracy"] == pytest.approx([0.41])  # the mean curve over the seeds
+    assert_png(tmp_path / "dropout_sweep.png")
+    assert "over 3 seeds" in out
+
+    code, _, _ = call(ex1_convnet.main, argv, capsys)
+    assert code == 0 and len(calls) == 6  # every cell reused
+
+
+def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(common, "train_and_report", fake_training(calls))
+    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = call(ex2_transfer.main, [*QUICK, "--scratch", "--epochs", "1", "--seeds", "2"], capsys)
+    assert code == 0
+    assert [c["run_dir"] for c in calls] == [Path("runs/ex2-scratch/seed0"), Path("runs/ex2-scratch/seed1")]
+    assert read_json(tmp_path / "runs/ex2-scratch/seeds.json")["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("flags, words", [(["--seeds", "0"], "--seeds must be at least 1"),
+                                          (["--seeds", "2", "--eval-only"], "does not go with --eval-only")])
+def test_bad_seeds_are_refused(flags, words, tmp_path, capsys):
+    code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path, *flags], capsys)
+    assert code == 2 and words in error_line(err)
+
+
+def test_spread_is_the_sample_standard_deviation():
+    result = common.spread([0.80, 0.84, 0.85])
+    assert result["mean"] == pytest.approx(0.83) and result["std"] == pytest.approx(0.026457513)
+    assert (result["min"], result["max"]) == (0.80, 0.85)
+    assert common.spread([0.5])["std"] is None
+    assert common.format_spread(result) == "83.0 ± 2.6%" and common.format_spread(common.spread([0.5])) == "50.0%"

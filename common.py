@@ -1302,8 +1302,8 @@ def with_data_mean_std(settings: dict, train_images: torch.Tensor) -> dict:
 
 def set_up_training(settings: dict, build_model: ModelBuilder, steps_per_epoch: int, ctx: TrainContext,
                     resume_from: dict | None) -> Training:
-    """The network, optimizer, learning-rate schedule and gradient scaler: new (the first-layer filters drawn), or
-    as the checkpoint `resume_from` left them; the network wrapped for several processes and compiled if asked."""
+    """The network, optimizer, learning-rate schedule and gradient scaler: new, or as the checkpoint `resume_from`
+    left them; the network wrapped for several processes and compiled if asked."""
     torch.manual_seed(settings["seed"])
     model = build_model(settings, initial_weights=resume_from is None).to(ctx.device)
     if ctx.is_main:
@@ -1342,7 +1342,8 @@ class Fitted(NamedTuple):
 def fit(training: Training, kind: str, settings: dict, splits: tuple[torch.Tensor, ...], fingerprint: str,
         classes: Sequence[str], out_dir: Path, ctx: TrainContext, history: list[dict], best: BestEpoch) -> Fitted:
     """The epoch loop after `history`: train, validate, keep the best epoch, save best.pt and last.pt after each;
-    ends at the last epoch (of the time budget's plan), or early after --patience epochs without a better one."""
+    ends at the last epoch (of the time budget's plan, which it writes into the run's `settings`), or early after
+    --patience epochs without a better one."""
     train_images, train_labels, val_images, val_labels = splits
     steps_per_epoch = len(train_images) // settings["batch_size"]
     train_images, train_labels = train_images.to(ctx.device), train_labels.to(ctx.device)
@@ -1566,7 +1567,7 @@ def start_or_resume(kind: str, settings: dict, given: dict, build_model: ModelBu
         with tee_stdout(out_dir / "train.log", mode="a" if resume_from else "w", enabled=ctx.is_main):
             return train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from)
     except KeyboardInterrupt:
-        command = shlex.join([sys.argv[0], "--resume", "--out-dir", str(out_dir)])
+        command = shlex.join([*sys.argv, *(["--resume"] if "--resume" not in sys.argv else [])])  # a sweep's too
         if not (out_dir / "last.pt").exists():
             raise KeyboardInterrupt(f"no epoch had finished: nothing to resume in {out_dir}; start the run again") from None
         raise KeyboardInterrupt(f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}") from None

@@ -461,6 +461,21 @@ def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: fl
     return steps_done + max(0, int((left - epochs * val_s) / step_s))
 
 
+WHITEN_IMAGES = 5000  # training images whose 3x3 patches fix the whitening filters
+WHITEN_EPS = 5e-4  # added to the patch covariance's eigenvalues before their square root
+
+
+def patch_whitening_filters(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Conv filters (54, 3, 3, 3) that whiten the 3x3 patches of uint8 `images` normalized as the network sees
+    them: each eigenvector of the patches' covariance over the square root of its eigenvalue, then their negatives
+    (a ReLU follows, so each direction needs both signs)."""
+    x = normalize(images[:WHITEN_IMAGES].float().div(255), mean, std)
+    patches = F.unfold(x, 3).transpose(1, 2).reshape(-1, 27).double()  # (channel, row, column) as in a conv weight
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
+    filters = (eigenvectors.T / (eigenvalues + WHITEN_EPS).sqrt()[:, None]).reshape(27, 3, 3, 3)
+    return torch.cat([filters, -filters]).float()
+
+
 def make_optimizer(params: list[nn.Parameter], settings: dict) -> torch.optim.Optimizer:
     """Adam (L2 penalty in the gradient), AdamW (decoupled weight decay) or SGD with Nesterov momentum."""
     if settings["optimizer"] == "adam":
@@ -1301,11 +1316,17 @@ def with_data_mean_std(settings: dict, train_images: torch.Tensor) -> dict:
 
 
 def set_up_training(settings: dict, build_model: ModelBuilder, steps_per_epoch: int, ctx: TrainContext,
-                    resume_from: dict | None) -> Training:
-    """The network, optimizer, learning-rate schedule and gradient scaler: new, or as the checkpoint `resume_from`
-    left them; the network wrapped for several processes and compiled if asked."""
+                    resume_from: dict | None, train_images: torch.Tensor) -> Training:
+    """The network, optimizer, learning-rate schedule and gradient scaler: new (with --whiten, the first filters
+    whitening the patches of `train_images`), or as the checkpoint `resume_from` left them; the network wrapped for
+    several processes and compiled if asked."""
     torch.manual_seed(settings["seed"])
-    model = build_model(settings, initial_weights=resume_from is None).to(ctx.device)
+    model = build_model(settings, initial_weights=resume_from is None)
+    if resume_from is None and settings.get("whiten"):
+        whitening = patch_whitening_filters(train_images, settings["mean"], settings["std"])
+        with torch.no_grad():
+            first_conv_weight(model)[:len(whitening)] = whitening
+    model = model.to(ctx.device)
     if ctx.is_main:
         print(model)
         print(f"parameters: {count_parameters(model):,}  trainable: "
@@ -1428,7 +1449,7 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
                          f"trained on; resume with that data, or start a new run (--overwrite or another --out-dir)")
     settings = with_data_mean_std(settings, splits[0])
     steps_per_epoch = len(splits[0]) // settings["batch_size"]
-    training = set_up_training(settings, build_model, steps_per_epoch, ctx, resume_from)
+    training = set_up_training(settings, build_model, steps_per_epoch, ctx, resume_from, splits[0])
     history, best = [], BestEpoch()
     if resume_from is None:
         if ctx.is_main:

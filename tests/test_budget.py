@@ -153,3 +153,4 @@ def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe,
     assert seen["recipe"] == recipe  # the name metrics.json records
     assert (seen["batch_size"], seen["dropout"]) == (ex1_convnet.RECIPES[recipe]["batch_size"],
                                                      ex1_convnet.RECIPES[recipe]["dropout"])
+    assert seen["whiten"] == (recipe == "short")

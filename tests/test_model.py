@@ -1,4 +1,5 @@
-"""The Exercise 1 ConvNet as the command line builds it: size, output, the --no-bn variant, the original recipe."""
+"""The Exercise 1 ConvNet as the command line builds it: size, output, the --no-bn variant, the original recipe,
+the whitened first-layer filters."""
 import torch
 import torch.nn as nn
 
@@ -50,7 +51,6 @@ def test_original_recipe_dropout_and_linear_init():
 def test_dropout_flag_sets_every_block():
     model = model_for("--recipe", "original", "--dropout", "0.2")
     assert [m.p for m in layers(model, nn.Dropout)] == [0.2] * 5
-
 
 
 def whitening_setup(*argv: str, images: torch.Tensor, resume_from: dict | None = None) -> common.Training:

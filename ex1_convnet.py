@@ -38,7 +38,7 @@ RECIPES = {
                      jitter=0.1, gray_p=0.05, patience=10, whiten=False, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
 }
 # For the few epochs a CPU hour buys (what --time-budget uses unless --recipe is given): more, smaller steps, no
-# dropout and a lighter crop, since a network that sees each image 4-6 times underfits rather than overfits; and
+# dropout and a lighter crop, since a network that sees each image 3-5 times underfits rather than overfits; and
 # first-layer filters that start as a whitening of the image patches, which the first steps need not learn.
 RECIPES["short"] = dict(RECIPES["default"], recipe="short", epochs=5, batch_size=64, dropout=0.0, crop_pad=2,
                         label_smoothing=0.2, whiten=True)

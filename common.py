@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import datetime
 import functools
 import hashlib
 import io
@@ -56,6 +57,10 @@ class UsageError(Exception):
 def describe_error(error: BaseException) -> str:
     """'Type: first line of the message', short enough for a one-line error report."""
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+
+
+class SaveError(OSError):
+    """Writing a result file failed (a full disk, a lost mount): OSError's errno, strerror and the file's name."""
 
 
 class NonFiniteLoss(Exception):
@@ -331,10 +336,21 @@ def augmentation(settings: dict) -> dict[str, float]:
     return {op: strengths[op] for op in settings["augment"]}
 
 
-def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.Generator) -> torch.Tensor:
-    """uint8 images -> float images in [0, 1], augmented with `ops` (see augmentation)."""
+def alternating_flips(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """Which of `n` images to mirror in `epoch` under --alternate-flip: half of them, drawn once from the seed, in odd
+    epochs, the other half in even ones, so that every image is seen both ways every two epochs."""
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return (first ^ (epoch % 2 == 0)).to(device)
+
+
+def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.Generator,
+                  flips: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images -> float images in [0, 1], augmented with `ops` (see augmentation); `flips`, one bool per image,
+    says which to mirror in place of the flip op's random draw."""
     x = images.float().div_(255)
     flip_p, pad = ops.get("flip", 0.0), int(ops.get("crop", 0))
+    if flips is not None:
+        x, flip_p = torch.where(flips[:, None, None, None], x.flip(-1), x), 0.0
     if "rotate" in ops:
         x = batch_rotate(x, ops["rotate"], generator, flip_p, pad)
     else:
@@ -452,13 +468,19 @@ def lr_factor(settings: dict, step: int, steps_per_epoch: int) -> float:
 
 
 def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
-                     steps_per_epoch: int) -> int:
-    """Steps that fill a time budget: those done, then as many as the time left holds at `step_s` each, after one
-    validation pass of `val_s` for every epoch they reach (counted for the most steps, so never too few)."""
+                     steps_per_epoch: int, epochs_validated: int = 0) -> int:
+    """The most steps a time budget holds: those done, then more at `step_s` each, with a validation pass of `val_s`
+    for every epoch they reach beyond the `epochs_validated`."""
     left = budget_s - elapsed_s
-    most = steps_done + max(0, int(left / step_s))
-    epochs = -(-most // steps_per_epoch)
-    return steps_done + max(0, int((left - epochs * val_s) / step_s))
+
+    def cost(total: int) -> float:
+        return (total - steps_done) * step_s + (-(-total // steps_per_epoch) - epochs_validated) * val_s
+
+    low, high = steps_done, steps_done + max(0, int(left / step_s))
+    while low < high:  # the cost grows with the total: the largest total it affords
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= left else (low, middle - 1)
+    return low
 
 
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches fix the whitening filters
@@ -476,7 +498,17 @@ def patch_whitening_filters(images: torch.Tensor, mean: Sequence[float], std: Se
     return torch.cat([filters, -filters]).float()
 
 
-def make_optimizer(params: list[nn.Parameter], settings: dict) -> torch.optim.Optimizer:
+def parameter_groups(model: nn.Module, decay_norm_bias: bool) -> list[dict]:
+    """The trainable parameters as optimizer groups: one, or without `decay_norm_bias` two, the second (BatchNorm
+    weights and biases, every bias: the parameters of one dimension) free of weight decay."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if decay_norm_bias:
+        return [{"params": trainable}]
+    return [{"params": [p for p in trainable if p.ndim > 1]},
+            {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def make_optimizer(params: list[nn.Parameter] | list[dict], settings: dict) -> torch.optim.Optimizer:
     """Adam (L2 penalty in the gradient), AdamW (decoupled weight decay) or SGD with Nesterov momentum."""
     if settings["optimizer"] == "adam":
         return torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
@@ -520,10 +552,10 @@ def share_from_rank0(value: int, ctx: TrainContext) -> int:
 
 
 def budget_planner(settings: dict, steps_per_epoch: int, val_images: int, start: float,
-                   ctx: TrainContext) -> Callable[[int], None]:
+                   ctx: TrainContext, on_plan: Callable[[], None] = lambda: None) -> Callable[[int], None]:
     """The first epoch's hook under --time-budget: after each step it may time the run, and after PLAN_STEPS steps
     that follow PLAN_WARMUP warm-up steps it fixes settings['planned_steps'] from their speed (measured on rank 0,
-    shared). A short first epoch shortens both."""
+    shared), then calls `on_plan`. A short first epoch shortens both."""
     budget_s = settings["time_budget"] * 60
     warmup = min(PLAN_WARMUP, steps_per_epoch - 1)
     last = min(warmup + PLAN_STEPS, steps_per_epoch)
@@ -549,8 +581,55 @@ def budget_planner(settings: dict, steps_per_epoch: int, val_images: int, start:
             tqdm.write(f"plan: {settings['time_budget']:g} min ≈ {settings['planned_steps'] / steps_per_epoch:.1f} "
                        f"epochs ({settings['planned_steps']} steps of {settings['batch_size']}) at "
                        f"{settings['planned_images_per_s']:.0f} images/s", file=sys.stdout)
+        on_plan()
 
     return after_step
+
+
+def replan(settings: dict, elapsed_s: float, steps_done: int, steps_per_epoch: int, step_s: float, epoch_extra_s: float,
+           ctx: TrainContext) -> None:
+    """At the end of an epoch under --time-budget: fix settings['planned_steps'] anew from the time used so far, the
+    last epoch's seconds per step and the seconds it spent besides its steps (validation, checkpoints), so that a
+    machine that slows down or speeds up still ends on time; the schedule follows the new total."""
+    total = plan_total_steps(settings["time_budget"] * 60, elapsed_s, step_s, epoch_extra_s, steps_done, steps_per_epoch,
+                             epochs_validated=steps_done // steps_per_epoch)
+    total = share_from_rank0(total, ctx)
+    if total != settings["planned_steps"] and ctx.is_main:
+        tqdm.write(f"re-plan: {total / steps_per_epoch:.1f} epochs ({total} steps) at {settings['batch_size'] / step_s:.0f} "
+                   f"images/s, {elapsed_s / 60:.1f} of {settings['time_budget']:g} min used", file=sys.stdout)
+    settings["planned_steps"] = total
+    settings["epochs"] = -(-total // steps_per_epoch)
+
+
+def scaled_by_epochs(scaling: dict, epochs: float) -> dict:
+    """Settings for a run of `epochs` epochs from a recipe's budget_scaling {"epochs": [few, many], key: [value at few,
+    value at many], ...}: each value interpolated on the logarithm of the epochs, held at the ends; crop_pad rounded."""
+    few, many = scaling["epochs"]
+    t = min(1.0, max(0.0, math.log(max(epochs, 1e-9) / few) / math.log(many / few)))
+    chosen = {key: low + t * (high - low) for key, (low, high) in scaling.items() if key != "epochs"}
+    return {key: round(value) if key == "crop_pad" else round(value, 3) for key, value in chosen.items()}
+
+
+def apply_budget_scaling(settings: dict, model: nn.Module, steps_per_epoch: int, ctx: TrainContext) -> None:
+    """Once a time budget's plan knows how many epochs it buys, set the regularisation the recipe's budget_scaling
+    gives for that many (the flags given on the command line were taken out of it): in `settings`, and the dropout
+    of the model's Dropout layers; record the choice in settings['budget_choice'] and say it."""
+    scaling = settings.get("budget_scaling") or {}
+    if len(scaling) < 2:
+        return
+    epochs = settings["planned_steps"] / steps_per_epoch
+    chosen = scaled_by_epochs(scaling, epochs)
+    settings.update(chosen)
+    if "dropout" in chosen:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = chosen["dropout"]
+    settings["augment"] = [op for op in settings["augment"] if op != "crop" or settings["crop_pad"] > 0]
+    settings["budget_choice"] = {"planned_epochs": round(epochs, 2), **chosen}
+    if ctx.is_main:
+        tqdm.write(f"plan: for {epochs:.1f} epochs " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items())
+                   + f" (between the {scaling['epochs'][0]:g}- and {scaling['epochs'][1]:g}-epoch values of the recipe's "
+                   "budget_scaling; a flag given keeps its value)", file=sys.stdout)
 
 
 def progress_label(settings: dict, epoch: int, steps_per_epoch: int) -> str:
@@ -585,10 +664,12 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
                leave=False, dynamic_ncols=True)
     mean, std = mean_std_tensors(settings, ctx.device)
     ops = augmentation(settings)
+    flips = alternating_flips(len(images), settings["seed"], epoch, ctx.device) \
+        if settings.get("alternate_flip") and "flip" in ops else None
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
         if step >= steps:
             break
-        x = normalize(augment_batch(images[index], ops, augment_gen), mean, std)
+        x = normalize(augment_batch(images[index], ops, augment_gen, None if flips is None else flips[index]), mean, std)
         y = labels[index]
         with autocast(ctx):
             logits = model(x)
@@ -606,6 +687,8 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
         if after_step is not None:
             after_step(step + 1)
             steps = epoch_steps(settings, epoch, steps_per_epoch)  # a plan made in this epoch may end it early
+            criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])  # or change what it trains
+            ops = augmentation(settings)
             bar.total = steps
             bar.set_description(progress_label(settings, epoch, steps_per_epoch), refresh=False)
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -705,9 +788,11 @@ def atomic_write(path: Path, write: Callable) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, SaveError):
+            raise SaveError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
@@ -716,7 +801,14 @@ def save_json(obj, path: Path) -> None:
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save through atomic_write, serialised in memory first: torch's zip writer turns a failed file write
+    (a full disk) into a RuntimeError, a plain write keeps the OSError and its errno."""
+    def write(f) -> None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        f.write(buffer.getbuffer())
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: Path, kind: str) -> dict:
@@ -1046,8 +1138,12 @@ def summarize_seeds(seeds: Sequence[int], run_dirs: Sequence[Path], out_dir: Pat
     """seeds.json (each run's SEED_METRICS with their spread) and seeds.png (each run's validation curve and their
     mean) for finished runs that differ only in their seed; prints 'test accuracy 84.1 ± 0.3% over 3 seeds'."""
     runs = [_load_run(Path(d)) for d in run_dirs]
-    summary = {"seeds": list(seeds), "runs": [r["run"] for r in runs],
+    commits = [r["metrics"].get("git_commit") for r in runs]
+    summary = {"seeds": list(seeds), "runs": [r["run"] for r in runs], "git_commits": commits,
                **{key: spread([r["metrics"][key] for r in runs]) for key in SEED_METRICS}}
+    if len(set(commits)) > 1:
+        print(f"note: these runs were trained by {len(set(commits))} different commits of the project "
+              f"({', '.join(str(c)[:7] for c in dict.fromkeys(commits))}): their spread is not the seeds' alone")
     save_json(summary, out_dir / "seeds.json")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -1065,35 +1161,135 @@ def summarize_seeds(seeds: Sequence[int], run_dirs: Sequence[Path], out_dir: Pat
 
 
 @contextlib.contextmanager
-def tee_stdout(path: Path, mode: str = "a", enabled: bool = True):
-    """Copy everything printed to stdout into `path` as well, while the block runs."""
+def tee_console(path: Path, enabled: bool = True):
+    """Append what the block prints to stdout and stderr to `path` as well, after a line naming the command and the
+    time; progress-bar redraws (lines that begin with a carriage return) stay on the console."""
     if not enabled:
         yield
         return
 
     class Tee:
-        def __init__(self, *streams):
-            self.streams = streams
+        def __init__(self, console, log):
+            self.console, self.log = console, log
 
         def write(self, text):
-            for s in self.streams:
-                s.write(text)
+            self.console.write(text)
+            if not text.startswith("\r"):
+                self.log.write(text)
             return len(text)
 
         def flush(self):
-            for s in self.streams:
-                s.flush()
+            self.console.flush()
+            self.log.flush()
 
         def isatty(self):
             return False
 
-    with open(path, mode, encoding="utf-8") as log:
-        original = sys.stdout
-        sys.stdout = Tee(original, log)
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"==== {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  python {shlex.join(sys.argv)}\n")
+        original = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
         try:
             yield
         finally:
-            sys.stdout = original
+            sys.stdout, sys.stderr = original
+
+
+# ----------------------------------------------------------------------------- export
+
+EXPORT_PACKAGES = "onnx onnxscript onnxruntime"  # the optional packages --export needs
+CALIBRATION_IMAGES = 512  # training images that calibrate --quantize int8 (never test images)
+
+
+class PicturesToProbabilities(nn.Module):
+    """A trained network as a picture classifier: uint8 RGB images (N, 32, 32, 3) in, class probabilities (N, 10)
+    out; the layout change and the network's own normalisation happen inside."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", 1 / (255 * torch.tensor(std, dtype=torch.float32)).view(1, 3, 1, 1))
+        self.register_buffer("shift", (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() * self.scale - self.shift
+        return self.model(x).softmax(1)
+
+
+def export_packages():
+    """(onnx, onnxruntime) imported, or a UsageError naming the pip command."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as e:
+        raise UsageError(f"--export needs the optional packages {EXPORT_PACKAGES} ({e.name} is missing): "
+                         f"pip install {EXPORT_PACKAGES}") from None
+    return onnx, onnxruntime
+
+
+def export_onnx(classifier: PicturesToProbabilities, path: Path, metadata: dict[str, str]) -> None:
+    """Write `classifier` as an ONNX model (input `images`, output `probabilities`, batch dimension dynamic) with
+    `metadata` in its metadata_props, whole or not at all."""
+    onnx, _ = export_packages()
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        raw = Path(folder) / "model.onnx"
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            torch.onnx.export(classifier.eval(), (example,), raw, input_names=["images"], output_names=["probabilities"],
+                              dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False,
+                              dynamo=True)
+        model = onnx.load(str(raw))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
+
+
+def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> None:
+    """Write a statically quantised (int8 weights and activations, QDQ format) copy of the ONNX model at `fp32_path`,
+    its activation ranges calibrated on the uint8 images (N, 32, 32, 3) `calibration`."""
+    onnx, _ = export_packages()
+    from onnxruntime import quantization
+
+    class Calibration(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration.split(64))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch.numpy()}
+
+    with tempfile.TemporaryDirectory() as folder:
+        prepared, out = Path(folder) / "prepared.onnx", Path(folder) / "int8.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantization.quant_pre_process(str(fp32_path), str(prepared))
+            quantization.quantize_static(str(prepared), str(out), Calibration(), quant_format=quantization.QuantFormat.QDQ,
+                                         per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                         weight_type=quantization.QuantType.QInt8)
+        quantized = out.read_bytes()
+    model, source = onnx.load_from_string(quantized), onnx.load(str(fp32_path))
+    del model.metadata_props[:]
+    model.metadata_props.extend(source.metadata_props)  # the quantiser keeps none of them
+    model.metadata_props.add(key="quantization", value=f"int8 static, calibrated on {len(calibration)} training images")
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
+
+
+def onnx_probabilities(path: Path, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Class probabilities ONNX Runtime computes for uint8 images (N, 32, 32, 3) with the model at `path`."""
+    _, ort = export_packages()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    outputs = [session.run(["probabilities"], {"images": batch.numpy()})[0] for batch in images.split(batch_size)]
+    return torch.from_numpy(np.concatenate(outputs)) if outputs else torch.zeros(0, 10)
+
+
+def nhwc(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) as decoded pictures are laid out: (N, H, W, 3)."""
+    return images.permute(0, 2, 3, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------- drive
@@ -1102,10 +1298,10 @@ def tee_stdout(path: Path, mode: str = "a", enabled: bool = True):
 DEFAULTS = {"data_dir": "data", "no_download": False, "out_dir": None, "val_size": 1000, "limit_train": None,
             "seed": 0, "time_budget": None, "device": "auto", "precision": "auto", "recipe": "default", "compile": False,
             "sync_bn": True, "resume": False, "overwrite": False, "eval_only": False, "checkpoint": None,
-            "predict": None, "tta": False}
+            "predict": None, "tta": False, "export": None, "quantize": None}
 # Flags that say where and how a run executes, not what it computes: free to change on --resume.
 RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn",
-                "resume", "overwrite", "eval_only", "checkpoint", "compare", "predict", "tta"}
+                "resume", "overwrite", "eval_only", "checkpoint", "compare", "predict", "tta", "export", "quantize"}
 RESUME_EXTENDABLE = {"epochs", "patience"}
 
 
@@ -1127,6 +1323,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr", type=float, help="peak learning rate (default: the recipe's)")
     a("--weight-decay", type=float, help="weight decay (default: the recipe's)")
     a("--label-smoothing", type=float, help="label smoothing of the training loss (default: the recipe's)")
+    a("--decay-norm-bias", action=argparse.BooleanOptionalAction,
+      help="apply weight decay to BatchNorm and bias parameters too; --no-decay-norm-bias: to weights of more than "
+           "one dimension only (default: the recipe's)")
+    a("--alternate-flip", action=argparse.BooleanOptionalAction,
+      help="flip: mirror each training image in every other epoch (half of them in odd epochs, the others in even "
+           "ones) instead of at random (default: the recipe's)")
     a("--augment", help=f"comma-separated augmentation ops from {','.join(AUGMENT_OPS)}, or 'none' (default: the recipe's)")
     a("--no-augment", dest="augment", action="store_const", const="none", help="no augmentation (same as --augment none)")
     a("--crop-pad", type=int, help="crop: zero padding before the random 32x32 crop, in pixels; > 0 turns crop on, 0 off")
@@ -1163,6 +1365,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
            "over 6 views, the image and its left-right mirror, each as it is and shifted by 2 pixels diagonally "
            "both ways (+2,+2 and -2,-2, zero fill); metrics.json then adds test_accuracy_tta and "
            "test_accuracy_first1000_tta")
+    a("--export", metavar="FILE.onnx",
+      help="write the model of --checkpoint (default: best.pt in --out-dir) as an ONNX file for ONNX Runtime: input "
+           "'images', uint8 (N, 32, 32, 3) RGB, output 'probabilities' (N, 10), normalisation inside; then check it "
+           f"against PyTorch on the test set. Needs: pip install {EXPORT_PACKAGES}")
+    a("--quantize", choices=["int8"],
+      help=f"with --export: a statically quantised int8 model instead, calibrated on {CALIBRATION_IMAGES} training images")
     a("--compare", nargs="+", metavar="RUN_DIR",
       help="compare finished runs: compare.png and compare.json in --out-dir (default: runs/compare)")
 
@@ -1195,6 +1403,14 @@ def resolve_settings(given: dict, recipe: dict, model_defaults: dict) -> dict:
     settings = {**DEFAULTS, **recipe, **model_defaults, **given}
     if settings["time_budget"] is not None:
         settings["epochs"] = None  # the plan made in the first epoch sets it
+        if settings["patience"]:
+            if "patience" in given:
+                print(f"note: --patience {given['patience']} is not applied under --time-budget: a budget run trains "
+                      "its whole schedule", file=sys.stderr)
+            settings["patience"] = 0
+    fixed = set(given) | ({"crop_pad"} if "augment" in given else set())
+    settings["budget_scaling"] = {key: value for key, value in (settings.get("budget_scaling") or {}).items()
+                                  if key not in fixed} if settings["time_budget"] is not None else None
     ops = set(parse_augment(settings["augment"]))
     for op, key in STRENGTH_FLAGS.items():  # an explicit strength turns its op on (> 0) or off (0)
         if key in given:
@@ -1279,6 +1495,9 @@ class Training(NamedTuple):
 
 
 TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
+# One row of history.json: elapsed_s is the run's wall-clock time (training, validation, saving) at the epoch's end.
+HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps", "seconds",
+                "images_per_s", "elapsed_s", "precision")
 
 
 def _checkpoint(kind: str, settings: dict, training: Training, history: list[dict], best: BestEpoch,
@@ -1334,7 +1553,7 @@ def set_up_training(settings: dict, build_model: ModelBuilder, steps_per_epoch: 
         print(f"device: {ctx.device}  precision: {str(ctx.dtype).replace('torch.', '')}  processes: {ctx.world}")
         print("settings: " + json.dumps({k: v for k, v in settings.items() if k not in RUNTIME_KEYS}))
     model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
+    optimizer = make_optimizer(parameter_groups(model, settings.get("decay_norm_bias", True)), settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(settings, step, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     if resume_from is not None:
@@ -1363,16 +1582,20 @@ class Fitted(NamedTuple):
 def fit(training: Training, kind: str, settings: dict, splits: tuple[torch.Tensor, ...], fingerprint: str,
         classes: Sequence[str], out_dir: Path, ctx: TrainContext, history: list[dict], best: BestEpoch) -> Fitted:
     """The epoch loop after `history`: train, validate, keep the best epoch, save best.pt and last.pt after each;
-    ends at the last epoch (of the time budget's plan, which it writes into the run's `settings`), or early after
-    --patience epochs without a better one."""
+    ends at the last epoch, or early after --patience epochs without a better one. Under a time budget the first
+    epoch plans the run (see budget_planner) and the end of every epoch plans it again from the speed and the time
+    it has used so far (see replan), writing the plan into the run's `settings`."""
     train_images, train_labels, val_images, val_labels = splits
     steps_per_epoch = len(train_images) // settings["batch_size"]
     train_images, train_labels = train_images.to(ctx.device), train_labels.to(ctx.device)
     history = list(history)
     start = time.perf_counter()
+    earlier_s = history[-1].get("elapsed_s", 0.0) if history else 0.0  # what the calls before this one used
+    budget = settings.get("time_budget") is not None
     after_step = None
-    if settings.get("time_budget") is not None and settings.get("planned_steps") is None:
-        after_step = budget_planner(settings, steps_per_epoch, len(val_images), start, ctx)
+    if budget and settings.get("planned_steps") is None:
+        after_step = budget_planner(settings, steps_per_epoch, len(val_images), start, ctx,
+                                    on_plan=lambda: apply_budget_scaling(settings, training.model, steps_per_epoch, ctx))
     epoch = len(history)
     while settings["epochs"] is None or epoch < settings["epochs"]:  # a budget's plan sets epochs in the first one
         epoch += 1
@@ -1380,6 +1603,7 @@ def fit(training: Training, kind: str, settings: dict, splits: tuple[torch.Tenso
             if ctx.is_main:
                 print(f"early stop: no better validation accuracy for {settings['patience']} epochs")
             break
+        epoch_start = time.perf_counter()
         row = {"epoch": epoch, "lr": training.optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(training.train_model, training.optimizer, training.scheduler, training.scaler,
                                    train_images, train_labels, settings, epoch, ctx, after_step if epoch == 1 else None))
@@ -1390,8 +1614,9 @@ def fit(training: Training, kind: str, settings: dict, splits: tuple[torch.Tenso
         if ctx.world > 1:
             dist.broadcast(val, 0)
         row["val_loss"], row["val_accuracy"] = val.tolist()
-        row = {k: row[k] for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
-                                   "steps", "seconds", "images_per_s")}
+        row["precision"] = str(ctx.dtype).replace("torch.", "")
+        row["elapsed_s"] = earlier_s + time.perf_counter() - start
+        row = {k: row[k] for k in HISTORY_KEYS}
         history.append(row)
         improved = row["val_accuracy"] > best.val_accuracy
         if improved:
@@ -1402,10 +1627,16 @@ def fit(training: Training, kind: str, settings: dict, splits: tuple[torch.Tenso
                        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
                        + ("  *best" if improved else ""), file=sys.stdout)
             checkpoint = _checkpoint(kind, settings, training, history, best, fingerprint, classes)
+            if epoch == 1:  # a new run: what an --overwrite replaces goes once it has trained an epoch
+                (out_dir / "metrics.json").unlink(missing_ok=True)
             if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
                 save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
             save_checkpoint(checkpoint, out_dir / "last.pt")
             save_json(history, out_dir / "history.json")
+        if budget and not settings.get("plan_from") and row["steps"] == steps_per_epoch and epoch < settings["epochs"]:
+            epoch_s = time.perf_counter() - epoch_start  # training, validation and saving
+            replan(settings, earlier_s + time.perf_counter() - start, epoch * steps_per_epoch, steps_per_epoch,
+                   row["seconds"] / row["steps"], epoch_s - row["seconds"], ctx)
     return Fitted(history, best, time.perf_counter() - start)
 
 
@@ -1429,7 +1660,8 @@ def final_report(kind: str, settings: dict, model: nn.Module, fitted: Fitted, re
         "time_budget_minutes": settings.get("time_budget"), "planned_steps": total_steps(settings, steps_per_epoch),
         "run_steps": sum(r.get("steps", steps_per_epoch) for r in history),
         "train_images_per_s": (sum(r["images_per_s"] * r["seconds"] for r in trained) / max(1e-9, sum(r["seconds"] for r in trained))),
-        "device": str(ctx.device), "precision": str(ctx.dtype).replace("torch.", ""), "processes": ctx.world,
+        "device": str(ctx.device), "processes": ctx.world,
+        "precision": "+".join(dict.fromkeys(r.get("precision", str(ctx.dtype).replace("torch.", "")) for r in history)),
         "classes": list(data.classes), "settings": {k: v for k, v in settings.items() if k not in RUNTIME_KEYS},
         "args": dict(settings), **environment})
     save_json(metrics, out_dir / "metrics.json")
@@ -1493,6 +1725,69 @@ def eval_only(kind: str, checkpoint_path: Path, out_dir: Path, settings: dict, b
     return metrics
 
 
+def export_model(kind: str, checkpoint_path: Path, path: Path, quantize: str | None, settings: dict,
+                 build_model: ModelBuilder) -> int:
+    """--export: write the checkpoint's network as an ONNX picture classifier at `path` (int8 with `quantize`), then
+    check it: ONNX Runtime against PyTorch on the test set, or on one random batch where no test set is at hand.
+    Returns the exit code: 1 when an fp32 export disagrees with PyTorch (the file is then removed), else 0."""
+    export_packages()
+    checkpoint = load_checkpoint(checkpoint_path, kind)
+    saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
+    prepare_out_dir(path.parent)
+    try:
+        data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
+    except UsageError as e:
+        if quantize:
+            raise UsageError(f"--quantize int8 calibrates on training images, and there are none at hand: {e}") from None
+        data = None
+    cpu = TrainContext(torch.device("cpu"), torch.float32)
+    model = model_from_checkpoint(checkpoint, build_model, cpu).eval()
+    classifier = PicturesToProbabilities(model, saved["mean"], saved["std"])
+    run_metrics = {}  # the test accuracy its training run measured, where it lies beside the checkpoint
+    with contextlib.suppress(OSError, ValueError):
+        run_metrics = json.loads((checkpoint_path.parent / "metrics.json").read_text())
+    metadata = {"classes": json.dumps(classes), "script": kind, "checkpoint": str(checkpoint_path),
+                "checkpoint_epoch": str(checkpoint["epoch"]), "test_accuracy": str(run_metrics.get("test_accuracy")),
+                "git_commit": str(environment_info(cpu.device)["git_commit"]),
+                "input": "images: uint8 (N, 32, 32, 3), RGB", "output": "probabilities: float32 (N, 10), softmax"}
+    print(f"exporting {checkpoint_path} (epoch {checkpoint['epoch']}) to {path}" + (" as int8" if quantize else ""))
+    if quantize:
+        with tempfile.TemporaryDirectory() as folder:
+            export_onnx(classifier, Path(folder) / "fp32.onnx", metadata)
+            calibration = nhwc(data.train_images[:CALIBRATION_IMAGES])
+            quantize_int8(Path(folder) / "fp32.onnx", path, calibration)
+        print(f"int8: calibrated on the first {len(calibration)} training images")
+    else:
+        export_onnx(classifier, path, metadata)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if data is None:
+        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        labels = None
+    else:
+        images, labels = data.test_images, data.test_labels
+    expected = predict(model, images, saved, cpu).softmax(1)
+    got = onnx_probabilities(path, nhwc(images))
+    same = (expected.argmax(1) == got.argmax(1)).sum().item()
+    largest = (expected - got).abs().max().item() if len(images) else 0.0
+    what = "int8" if quantize else "fp32"
+    if labels is None:
+        print(f"check on one random batch of {len(images)} images: the same class for {same}/{len(images)}, largest "
+              f"difference in probability {largest:.1e}; the accuracy check was skipped (no test set at hand)")
+    else:
+        onnx_accuracy = (got.argmax(1) == labels).float().mean().item()
+        torch_accuracy = (expected.argmax(1) == labels).float().mean().item()
+        print(f"check on the {len(images)} test images: ONNX Runtime ({what}) {onnx_accuracy:.2%}, PyTorch "
+              f"{torch_accuracy:.2%}; the same class for {same}/{len(images)} ({same / len(images):.2%}); largest "
+              f"difference in probability {largest:.1e}"
+              + (f"; int8 against PyTorch: {(onnx_accuracy - torch_accuracy) * 100:+.2f} points" if quantize else ""))
+    if not quantize and same < 0.999 * len(images):
+        path.unlink()
+        print(f"error: the ONNX model gives another class than PyTorch for {len(images) - same} of {len(images)} "
+              f"images; {path} removed", file=sys.stderr)
+        return 1
+    return 0
+
+
 PREDICT_BATCH = 256  # images read, held and predicted at a time
 PREVIEW_COUNT = 64  # inputs drawn in predictions.png
 
@@ -1554,6 +1849,42 @@ def _resume_settings(given: dict, saved: dict) -> dict:
     return {**saved, **{k: v for k, v in given.items() if k in RUNTIME_KEYS or k in RESUME_EXTENDABLE}}
 
 
+def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: bool) -> TrainContext:
+    """The context a resumed run trains in: the precision its last epoch trained in, unless --precision names one
+    (then a line says so). Checkpoints from before history rows recorded it resolve the run's own --precision."""
+    history = resume_from["history"]
+    saved = history[-1].get("precision") if history else None
+    if saved is None:
+        saved = str(resolve_precision(resume_from["settings"].get("precision", "auto"), ctx.device)).replace("torch.", "")
+    dtype = getattr(torch, saved)
+    if not precision_given:
+        return ctx._replace(dtype=dtype)
+    if dtype != ctx.dtype and ctx.is_main:
+        print(f"note: epochs 1-{len(history)} trained in {saved}; --precision makes the rest "
+              f"{str(ctx.dtype).replace('torch.', '')} (history.json records each epoch's precision)")
+    return ctx
+
+
+@contextlib.contextmanager
+def run_dir_lock(out_dir: Path):
+    """Hold an exclusive lock on out_dir/.lock (with this process's id in it) while the block runs: a second run into
+    the same folder is refused at once. The system drops the lock when the process ends, however it ends."""
+    import fcntl  # POSIX only: imported here so that the module loads everywhere
+    with open(out_dir / ".lock", "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise UsageError(f"{out_dir} is in use by another run (process {holder}); wait for it to end, or choose "
+                             "another --out-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
 def start_or_resume(kind: str, settings: dict, given: dict, build_model: ModelBuilder, out_dir: Path,
                     ctx: TrainContext) -> dict | None:
     """Train in `out_dir`: fresh, resumed from its last.pt (the flags `given` checked against its settings), or not
@@ -1569,29 +1900,37 @@ def start_or_resume(kind: str, settings: dict, given: dict, build_model: ModelBu
             raise UsageError(f"nothing to resume in {out_dir}: it has no last.pt (start without --resume)")
         resume_from = load_checkpoint(out_dir / "last.pt", kind)
         settings = _resume_settings(given, resume_from["settings"])
+        ctx = resumed_precision(ctx, resume_from, "precision" in given)
     elif (finished or unfinished) and not settings["overwrite"]:
         what = "a finished run (metrics.json)" if finished else "an unfinished run (last.pt); --resume continues it"
         raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
     check_settings(settings)
     prepare_out_dir(out_dir)
-    if ctx.is_main:  # temporary files of atomic_write left by a run killed while saving
-        for stale in out_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-    data, splits = load_training_data(settings, ctx)
-    if ctx.is_main and resume_from is None:  # --overwrite: the old run goes only once the new one can start
-        for name in ("metrics.json", "last.pt", "best.pt", "history.json"):
-            with contextlib.suppress(FileNotFoundError):
-                (out_dir / name).unlink()
-    if ctx.world > 1:
-        dist.barrier()
-    try:
-        with tee_stdout(out_dir / "train.log", mode="a" if resume_from else "w", enabled=ctx.is_main):
-            return train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from)
-    except KeyboardInterrupt:
+    with contextlib.ExitStack() as stack:
+        if ctx.is_main:
+            stack.enter_context(run_dir_lock(out_dir))
+            for stale in out_dir.glob(".*.tmp"):  # temporary files of atomic_write left by a run killed while saving
+                stale.unlink(missing_ok=True)
+        data, splits = load_training_data(settings, ctx)
+        if ctx.world > 1:
+            dist.barrier()
         command = shlex.join([*sys.argv, *(["--resume"] if "--resume" not in sys.argv else [])])  # a sweep's too
-        if not (out_dir / "last.pt").exists():
-            raise KeyboardInterrupt(f"no epoch had finished: nothing to resume in {out_dir}; start the run again") from None
-        raise KeyboardInterrupt(f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}") from None
+        try:
+            with tee_console(out_dir / "train.log", enabled=ctx.is_main):
+                return train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from)
+        except KeyboardInterrupt:
+            if not (out_dir / "last.pt").exists():
+                raise KeyboardInterrupt(f"no epoch had finished: nothing to resume in {out_dir}; start the run again") from None
+            raise KeyboardInterrupt(f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}") from None
+        except SaveError as e:
+            if (out_dir / "last.pt").exists():
+                kept = " and ".join(name for name in ("last.pt", "best.pt") if (out_dir / name).exists())
+                intact = f"{kept} in {out_dir} hold the last epochs saved whole; resume with: python {command}"
+            elif (out_dir / "best.pt").exists():
+                intact = f"best.pt in {out_dir} holds the best epoch saved whole, but no last.pt to resume from"
+            else:
+                intact = "no epoch was saved"
+            raise SaveError(e.errno, f"{e.strerror}; {intact}", e.filename) from None
 
 
 class Sweep(NamedTuple):
@@ -1603,24 +1942,69 @@ class Sweep(NamedTuple):
     report: Callable[[list, list[Path], Path], object]  # (values, their run folders, the folder): the sweep's summary
 
 
+PLAN_KEYS = ("planned_steps", "planned_images_per_s", "epochs", "budget_choice")  # what a time budget's plan sets
+
+
+def differing_settings(asked: dict, saved: dict) -> list[str]:
+    """The settings a finished run was trained with that differ from those `asked` for now, as 'name: saved -> asked'.
+    What the run itself filled in is left out: its plan under a time budget, a mean and std taken from the data."""
+    filled = {"plan_from", *PLAN_KEYS, *(saved.get("budget_choice") or {})} if asked.get("time_budget") is not None \
+        else {"plan_from"}
+    differences = []
+    for key, value in asked.items():
+        if key in RUNTIME_KEYS or key in filled or key not in saved or (key in ("mean", "std") and value == "data"):
+            continue  # a key the run did not record is a setting added since, whose default keeps what it did
+        if key == "budget_scaling" and not value:
+            value = None
+        if saved.get(key) != (parse_augment(value) if key == "augment" else value):
+            differences.append(f"{key}: {saved.get(key)} -> {value}")
+    return differences
+
+
+def reusable_run(run_dir: Path, settings: dict) -> bool:
+    """True when `run_dir` holds a finished run trained with `settings` (and not --overwrite); refuses a finished run
+    with other settings, naming them."""
+    if settings["overwrite"] or not (run_dir / "metrics.json").exists():
+        return False
+    saved = _load_run(run_dir)["metrics"].get("settings", {})
+    differences = differing_settings(settings, saved)
+    if differences:
+        raise UsageError(f"{run_dir} holds a finished run trained with other settings ({'; '.join(differences)}); "
+                         "pass --overwrite to train it again with these, or choose another --out-dir")
+    return True
+
+
+def shared_plan(run_dir: Path) -> dict:
+    """The time budget's plan of the finished run in `run_dir`, for the next runs of a sweep to train the same steps."""
+    saved = _load_run(run_dir)["metrics"]["settings"]
+    chosen = {key: saved[key] for key in saved.get("budget_choice") or {} if key != "planned_epochs"}
+    return {**{key: saved[key] for key in PLAN_KEYS if key in saved}, **chosen, "plan_from": str(run_dir)}
+
+
 def run_sweeps(sweeps: Sequence[Sweep], kind: str, settings: dict, given: dict, build_model: ModelBuilder,
                out_dir: Path, ctx: TrainContext) -> None:
     """One run per value of the first sweep in out_dir/<prefix><value>/, each swept in turn by the others; a finished
-    run is reused, an unfinished one continued with --resume. Then the main process writes the sweep's report."""
+    run is reused when its settings are these, an unfinished one continued with --resume. Under a time budget the
+    first run plans and the others train its planned steps. Then the main process writes the sweep's report."""
     sweep, inner = sweeps[0], sweeps[1:]
     run_dirs = []
     for value in sweep.values:
         run_dir = out_dir / f"{sweep.prefix}{value}"
         run_settings = {**settings, **sweep.changes, sweep.key: value}
+        if run_settings.get("budget_scaling"):  # the swept setting is the sweep's, not the plan's
+            run_settings["budget_scaling"] = {k: v for k, v in run_settings["budget_scaling"].items() if k != sweep.key}
         if inner:
             run_sweeps(inner, kind, run_settings, given, build_model, run_dir, ctx)
-        elif (run_dir / "metrics.json").exists() and not settings["overwrite"]:
+        elif reusable_run(run_dir, run_settings):
             if ctx.is_main:
                 print(f"{run_dir} is finished; using its results")
         else:
             start_or_resume(kind, {**run_settings, "resume": settings["resume"] and (run_dir / "last.pt").exists()},
                             given, build_model, run_dir, ctx)
         run_dirs.append(run_dir)
+        if settings.get("time_budget") is not None and "planned_steps" not in settings:
+            first = run_dir.joinpath(*(f"{s.prefix}{s.values[0]}" for s in inner))
+            settings = {**settings, **shared_plan(first)}
     if ctx.is_main:
         sweep.report(sweep.values, run_dirs, out_dir)
 
@@ -1632,6 +2016,40 @@ def seeds_sweep(first: int, count: int) -> Sweep:
     return Sweep("seed", list(range(first, first + count)), "seed", {}, summarize_seeds)
 
 
+def interrupted_outside_training(given: dict, sweep: bool, out_dir: Path) -> str:
+    """What Ctrl-C outside an epoch (loading data, between the runs of a sweep, writing a report) leaves, and how to
+    go on."""
+    command = shlex.join([*sys.argv, *(["--resume"] if sweep and "--resume" not in sys.argv else [])])
+    if sweep:
+        return (f"the finished runs in {out_dir} are kept, and so is the last epoch of an unfinished one; continue "
+                f"with: python {command}")
+    if any(given.get(task) for task in TASK_FLAGS):
+        return f"no training was affected; run the command again: python {command}"
+    return (f"{out_dir} keeps what it held before (a run's last.pt and best.pt are written whole or not at all); "
+            f"to go on: python {command}")
+
+
+TASK_FLAGS = ("compare", "predict", "eval_only", "seeds", "export")  # each one a task of its own: one a command line
+
+
+def task_checkpoint(given: dict, out_dir: Path) -> Path:
+    """The checkpoint --eval-only, --predict and --export read: --checkpoint, else best.pt of the run in --out-dir
+    (the script's run folder by default)."""
+    return Path(given["checkpoint"]) if "checkpoint" in given else out_dir / "best.pt"
+
+
+def checkpoint_and_reports(given: dict, out_dir: Path, task: str) -> tuple[Path, Path]:
+    """(the checkpoint --eval-only or --predict reads (task_checkpoint), the folder its reports go to): <task>/ beside
+    the checkpoint, or --out-dir when --checkpoint names the checkpoint, a folder that must not hold a training run."""
+    checkpoint = task_checkpoint(given, out_dir)
+    if "checkpoint" not in given or "out_dir" not in given:
+        return checkpoint, checkpoint.parent / task
+    if any((out_dir / name).exists() for name in ("last.pt", "history.json")):
+        raise UsageError(f"--out-dir {out_dir} holds a training run, whose files an evaluation would overwrite: "
+                         f"choose another folder, or leave --out-dir out to write into {checkpoint.parent / task}")
+    return checkpoint, out_dir
+
+
 def run_experiment(args: argparse.Namespace, kind: str, recipes: dict[str, dict], model_defaults: dict,
                    build_model: ModelBuilder, default_out_dir: str, default_recipe: str = "default",
                    sweeps: Sequence[Sweep] = ()) -> int:
@@ -1640,12 +2058,17 @@ def run_experiment(args: argparse.Namespace, kind: str, recipes: dict[str, dict]
     given = explicit_flags(args)
     out_dir = Path(given.get("out_dir", default_out_dir))
     try:
+        tasks = [f"--{key.replace('_', '-')}" for key in TASK_FLAGS if given.get(key)]
+        if sweeps and "--seeds" not in tasks:  # the script's sweep trains runs as --seeds does, and composes with it
+            tasks.append(f"--{sweeps[0].key} with several values")
+        if len(tasks) > 1:
+            raise UsageError(f"{' and '.join(tasks)} are separate tasks: give one of them")
+        if "quantize" in given and "export" not in given:
+            raise UsageError("--quantize int8 goes with --export FILE.onnx: it says how to export")
         if "compare" in given:
             compare_runs(given["compare"], Path(given.get("out_dir", "runs/compare")))
             return 0
         if "seeds" in given:
-            if given.get("eval_only") or given.get("predict"):
-                raise UsageError("--seeds trains several runs: it does not go with --eval-only or --predict")
             sweeps = [*sweeps, seeds_sweep(given.pop("seed", DEFAULTS["seed"]), given.pop("seeds"))]
         given = {k: v for k, v in given.items() if k not in {sweep.key for sweep in sweeps}}
         settings = resolve_settings(given, choose_recipe(recipes, given.get("recipe", default_recipe)), model_defaults)
@@ -1654,17 +2077,17 @@ def run_experiment(args: argparse.Namespace, kind: str, recipes: dict[str, dict]
         ctx = TrainContext(device, resolve_precision(settings["precision"], device), rank, world)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if settings["export"]:
+            return export_model(kind, task_checkpoint(given, out_dir), Path(settings["export"]), settings["quantize"],
+                                settings, build_model) if ctx.is_main else 0
         if settings["predict"]:
-            if settings["eval_only"]:
-                raise UsageError("--predict and --eval-only are separate tasks: give one of them")
-            checkpoint = Path(settings["checkpoint"] or Path(default_out_dir) / "best.pt")
+            checkpoint, reports = checkpoint_and_reports(given, out_dir, "predict")
             return predict_images(kind, settings["predict"], settings["tta"], build_model, ctx, checkpoint,
-                                  out_dir if "out_dir" in given else checkpoint.parent / "predict") if ctx.is_main else 0
+                                  reports) if ctx.is_main else 0
         if settings["eval_only"]:
-            checkpoint = Path(settings["checkpoint"] or out_dir / "best.pt")
+            checkpoint, reports = checkpoint_and_reports(given, out_dir, "eval")
             if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
-                eval_only(kind, checkpoint, out_dir if "out_dir" in given else checkpoint.parent / "eval", settings,
-                          build_model, ctx)
+                eval_only(kind, checkpoint, reports, settings, build_model, ctx)
         elif sweeps:
             check_settings(settings)
             for sweep in sweeps:  # every value, before the first run starts
@@ -1681,8 +2104,11 @@ def run_experiment(args: argparse.Namespace, kind: str, recipes: dict[str, dict]
         kept = "; best.pt and last.pt keep the last good epochs" if (out_dir / "last.pt").exists() else ""
         print(f"error: {e}; stopped{kept}", file=sys.stderr)
         return 3
+    except SaveError as e:
+        print(f"error: could not write {e.filename}: {e.strerror}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt as e:
-        print(f"\ninterrupted. {e}", file=sys.stderr)
+        print(f"\ninterrupted. {str(e) or interrupted_outside_training(given, bool(sweeps), out_dir)}", file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

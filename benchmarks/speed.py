@@ -6,14 +6,20 @@
                 worker per core, fp32, NCHW, Adam (ex1's original recipe)
   4. aug        augmentation alone: batched (common.augment_batch) against PIL per image, original recipe's ops
 
+With --inference CHECKPOINT it measures inference on the CPU instead: the checkpoint's network as PyTorch runs it
+(eager, fp32) and as ONNX Runtime runs its --export in fp32 and int8, at batch 1 and 256, from uint8 test pictures
+to probabilities, with the size of each model file (needs the optional packages of --export).
+
     python benchmarks/speed.py --data-dir data
     python benchmarks/speed.py --data-dir data --device cuda --json speed.json
+    python benchmarks/speed.py --data-dir data --inference runs/ex1/best.pt
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,6 +167,44 @@ def bench_augment(images, settings, device: torch.device, batch_size: int, warmu
     return n / timed(lambda: batched(n), device), n / timed(lambda: per_image(n), torch.device("cpu"))
 
 
+def images_per_s(run, pictures: torch.Tensor, batch_size: int, warmup: int) -> float:
+    """Images/s of `run(batch)` over `pictures` in batches of `batch_size`, after `warmup` untimed batches."""
+    batches = list(pictures.split(batch_size))
+    for batch in batches[:warmup]:
+        run(batch)
+    return len(pictures) / timed(lambda: [run(batch) for batch in batches], torch.device("cpu"))
+
+
+def bench_inference(checkpoint_path: Path, data: common.CifarData, single: int, batched: int) -> list[dict]:
+    """5: per engine (PyTorch eager fp32, ONNX Runtime fp32 and int8) its model file's size and images/s at batch 1
+    (`single` test pictures) and at batch 256 (`batched` of them)."""
+    checkpoint = common.load_checkpoint(checkpoint_path, "ex1_convnet.py")
+    cpu = common.TrainContext(torch.device("cpu"), torch.float32)
+    model = common.model_from_checkpoint(checkpoint, ex1_convnet.build_model, cpu).eval()
+    classifier = common.PicturesToProbabilities(model, checkpoint["settings"]["mean"], checkpoint["settings"]["std"])
+    pictures = common.nhwc(data.test_images)
+    _, ort = common.export_packages()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        fp32, int8 = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        common.export_onnx(classifier, fp32, {})
+        common.quantize_int8(fp32, int8, common.nhwc(data.train_images[:common.CALIBRATION_IMAGES]))
+
+        @torch.no_grad()
+        def eager(batch):
+            classifier(batch)
+
+        engines = [("PyTorch eager fp32", checkpoint_path, eager)]
+        for name, path in (("ONNX Runtime fp32", fp32), ("ONNX Runtime int8", int8)):
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            engines.append((name, path, lambda batch, session=session: session.run(None, {"images": batch.numpy()})))
+        for name, path, run in engines:
+            rows.append({"engine": name, "file_mb": path.stat().st_size / 1e6,
+                         "batch1_img_s": images_per_s(run, pictures[:single], 1, 10),
+                         "batch256_img_s": images_per_s(run, pictures[:batched], 256, 1)})
+    return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (never downloaded; default: data)")
@@ -175,8 +219,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps before each measurement (default: 5 on CUDA, 2 elsewhere)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help=f"DataLoader workers of the original pipeline (default: one per core, {os.cpu_count()} here)")
+    parser.add_argument("--inference", metavar="CHECKPOINT",
+                        help="measure inference of this ex1 checkpoint instead (5: PyTorch eager, ONNX Runtime fp32 "
+                             "and int8 on the CPU, batch 1 and 256)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
+
+
+def report_inference(args: argparse.Namespace, data: common.CifarData) -> int:
+    """Measurement 5 as a table (and --json)."""
+    single, batched = min(args.images or 500, len(data.test_images)), min(args.images or 2560, len(data.test_images))
+    try:
+        rows = bench_inference(Path(args.inference), data, single, batched)
+    except common.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"inference on the CPU ({common.cpu_name()}, {torch.get_num_threads()} threads), uint8 test pictures to "
+          f"probabilities: batch 1 over {single} pictures, batch 256 over {batched}")
+    print(f"{'engine':<22}{'file MB':>9}{'batch 1 img/s':>15}{'batch 256 img/s':>17}")
+    for row in rows:
+        print(f"{row['engine']:<22}{row['file_mb']:>9.1f}{row['batch1_img_s']:>15.0f}{row['batch256_img_s']:>17.0f}")
+    if args.json:
+        common.save_json({"inference": rows, "checkpoint": args.inference, "cpu": common.cpu_name(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__}, Path(args.json))
+        print(f"wrote {args.json}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -188,6 +255,8 @@ def main(argv=None) -> int:
     except common.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.inference:
+        return report_inference(args, data)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the driver does
     cuda = device.type == "cuda"

@@ -15,6 +15,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import ex2_transfer  # noqa: E402
 
 # One well-separated colour per class, so that a few epochs learn the task.
 PALETTE = np.array([(230, 25, 25), (25, 230, 25), (25, 25, 230), (230, 230, 25), (230, 25, 230),
@@ -141,6 +142,15 @@ def fake_training(calls: list):
         common.save_json(metrics, out_dir / "metrics.json")
         return metrics
     return train_and_report
+
+
+@pytest.fixture(scope="session")
+def ex2_checkpoint(tmp_path_factory) -> Path:
+    """A genuine checkpoint written the way ex2_transfer.py writes them (VGG-11-bn from scratch, no training)."""
+    settings = {**common.DEFAULTS, **ex2_transfer.RECIPES["scratch"], "mode": "scratch", "weights": None,
+                "augment": ["flip", "crop"]}
+    model = ex2_transfer.build_model(settings, initial_weights=False)
+    return save_untrained_checkpoint("ex2_transfer.py", settings, model, tmp_path_factory.mktemp("ex2") / "best.pt")
 
 
 @pytest.fixture

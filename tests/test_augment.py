@@ -206,3 +206,18 @@ def test_rotation_angle_stays_within_the_chosen_degrees():
     assert torch.allclose(torch.hypot(dx, dy), torch.full((n,), 11.0), atol=0.3)
     assert angle.abs().max() <= max_degrees + 0.5
     assert angle.max() > max_degrees / 2 and angle.min() < -max_degrees / 2
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch():
+    odd, even = (common.alternating_flips(1000, seed=3, epoch=e, device=torch.device("cpu")) for e in (1, 2))
+    assert torch.equal(even, ~odd) and 400 < int(odd.sum()) < 600
+    assert torch.equal(odd, common.alternating_flips(1000, seed=3, epoch=5, device=torch.device("cpu")))
+    assert not torch.equal(odd, common.alternating_flips(1000, seed=4, epoch=1, device=torch.device("cpu")))
+
+
+def test_augment_batch_mirrors_exactly_the_images_it_is_told_to():
+    x = (images() * 255).to(torch.uint8)
+    flips = torch.arange(len(x)) % 3 == 0
+    out = common.augment_batch(x, {"flip": 0.5}, gen(), flips)  # the mask replaces the random draw
+    expected = torch.where(flips[:, None, None, None], x.flip(-1), x).float() / 255
+    assert torch.equal(out, expected)

@@ -26,3 +26,20 @@ def test_speed_refuses_too_few_images(cifar_dir):
     result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--device", "cpu", "--images", "100")
     assert result.returncode == 2
     assert "must hold at least one batch" in result.stderr
+
+
+def test_inference_smoke(cifar_dir, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the optional export packages are not installed")
+    run = tmp_path / "run"
+    result = run_script("ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", run, "--no-download", "--device", "cpu",
+                        "--precision", "fp32", "--val-size", "64", "--batch-size", "32", "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "inference.json"
+    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--inference", run / "best.pt", "--images", "20",
+                        "--json", out, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["inference"]
+    assert [r["engine"] for r in rows] == ["PyTorch eager fp32", "ONNX Runtime fp32", "ONNX Runtime int8"]
+    assert all(r["batch1_img_s"] > 0 and r["batch256_img_s"] > 0 for r in rows)
+    assert rows[2]["file_mb"] < rows[1]["file_mb"] / 2
+    assert "ONNX Runtime int8" in result.stdout

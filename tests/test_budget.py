@@ -9,7 +9,7 @@ import torch
 
 import common
 import ex1_convnet
-from conftest import QUICK, read_json
+from conftest import QUICK, fake_training, read_json
 
 STEPS_PER_EPOCH = 8  # the fixture's 320 training images, less 64 for validation, in batches of 32
 CPU = common.TrainContext(torch.device("cpu"), torch.float32)
@@ -67,29 +67,81 @@ def test_the_schedule_waits_for_the_plan_then_ends_at_its_last_step():
     assert [common.epoch_steps(settings, epoch, 100) for epoch in (1, 2, 3)] == [100, 100, 50]
 
 
+SCALING = ex1_convnet.RECIPES["short"]["budget_scaling"]
+
+
+def test_the_regularisation_follows_the_planned_epochs_between_the_recipes_ends():
+    short, default = ex1_convnet.RECIPES["short"], ex1_convnet.RECIPES["default"]
+    keys = ("dropout", "crop_pad", "label_smoothing")
+    assert SCALING["epochs"] == [10, 30]
+    assert common.scaled_by_epochs(SCALING, 10) == {k: short[k] for k in keys}
+    assert common.scaled_by_epochs(SCALING, 3) == {k: short[k] for k in keys}  # held at the ends
+    assert common.scaled_by_epochs(SCALING, 30) == {k: default[k] for k in keys}
+    assert common.scaled_by_epochs(SCALING, 100) == {k: default[k] for k in keys}
+    middle = common.scaled_by_epochs(SCALING, math.sqrt(10 * 30))  # halfway on the logarithm
+    assert middle == {"dropout": 0.05, "crop_pad": 3, "label_smoothing": 0.15}
+
+
+def test_a_flag_given_keeps_its_value_under_the_budget_and_no_budget_scales_nothing():
+    given = {"time_budget": 60.0, "dropout": 0.3}
+    settings = common.resolve_settings(given, ex1_convnet.RECIPES["short"], {"batch_norm": True})
+    assert set(settings["budget_scaling"]) == {"epochs", "crop_pad", "label_smoothing"}
+    settings = common.resolve_settings({"time_budget": 60.0, "augment": "flip,crop"}, ex1_convnet.RECIPES["short"], {})
+    assert set(settings["budget_scaling"]) == {"epochs", "dropout", "label_smoothing"}  # --augment fixes the crop
+    assert common.resolve_settings({}, ex1_convnet.RECIPES["short"], {})["budget_scaling"] is None
+
+
+def test_the_plan_sets_the_scaled_regularisation_in_the_settings_and_the_model():
+    settings = common.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], {"batch_norm": True})
+    model = ex1_convnet.build_model(settings)
+    settings["planned_steps"] = 30 * 100  # 30 epochs of 100 steps
+    common.apply_budget_scaling(settings, model, 100, CPU)
+    assert (settings["dropout"], settings["crop_pad"], settings["label_smoothing"]) == (0.1, 4, 0.1)
+    assert settings["budget_choice"] == {"planned_epochs": 30.0, "dropout": 0.1, "crop_pad": 4, "label_smoothing": 0.1}
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_a_budget_run_ignores_patience_and_says_so_when_it_was_given(capsys):
+    settings = common.resolve_settings({"time_budget": 60.0, "patience": 3}, ex1_convnet.RECIPES["short"], {})
+    assert settings["patience"] == 0
+    assert "--patience 3 is not applied under --time-budget" in capsys.readouterr().err
+    settings = common.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], {})
+    assert settings["patience"] == 0 and capsys.readouterr().err == ""
+
+
+def test_a_re_plan_counts_only_the_validation_passes_still_ahead():
+    # after 2 of 10-step epochs, 10 s used, 1 s a step and 2 s of validation and saving an epoch: 50 s left hold
+    # 4 more epochs and their passes (48 s), not a step more
+    assert common.plan_total_steps(60, 10, 1.0, 2.0, 20, 10, epochs_validated=2) == 60
+    assert common.plan_total_steps(60, 10, 1.0, 2.0, 20, 10) == 58  # epochs 1 and 2 still to validate
+    # one step of 1 s in an epoch of 100 steps, validation 30 s: 100 s left hold the validation of the epoch the run
+    # is in and 70 steps; a plan that counted the passes of the most steps it could ever take would allow none
+    assert common.plan_total_steps(100, 0, 1.0, 30.0, 0, 100) == 70
+
+
 def budget_run(cifar_dir, out_dir, minutes: str = "0.1") -> list:
     return [*QUICK, "--data-dir", cifar_dir, "--out-dir", out_dir, "--time-budget", minutes]
 
 
 @pytest.mark.slow
-def test_a_budget_run_trains_the_planned_steps_with_a_partial_last_epoch(cifar_dir, tmp_path, capsys, monkeypatch,
+def test_a_budget_run_trains_the_planned_steps_the_last_epoch_what_is_left(cifar_dir, tmp_path, capsys, monkeypatch,
                                                                         no_filter_plots):
-    fake_clock(monkeypatch, itertools.count(0.0, 1.0))  # every reading one second later
-    code, err = run_ex1(budget_run(cifar_dir, tmp_path), capsys)
+    fake_clock(monkeypatch, itertools.count(0.0, 0.1))  # every reading a tenth of a second later
+    code, err = run_ex1(budget_run(cifar_dir, tmp_path, "0.2"), capsys)
     assert code == 0, err[-3000:]
     metrics, history = read_json(tmp_path / "metrics.json"), read_json(tmp_path / "history.json")
     planned = metrics["planned_steps"]
-    assert metrics["time_budget_minutes"] == 0.1 and planned > STEPS_PER_EPOCH
+    assert metrics["time_budget_minutes"] == 0.2 and planned > STEPS_PER_EPOCH
     assert metrics["run_steps"] == planned == sum(row["steps"] for row in history)
     assert len(history) == metrics["epochs_run"] == math.ceil(planned / STEPS_PER_EPOCH)
-    assert history[-1]["steps"] == planned - STEPS_PER_EPOCH * (len(history) - 1) < STEPS_PER_EPOCH
+    assert 0 < history[-1]["steps"] == planned - STEPS_PER_EPOCH * (len(history) - 1) <= STEPS_PER_EPOCH
     last = common.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
     assert last["scheduler"]["last_epoch"] == planned and last["scheduler"]["_last_lr"] == [0.0]  # schedule done
 
 
 @pytest.mark.slow
-def test_resume_continues_the_saved_plan_without_timing_again(cifar_dir, tmp_path, capsys, monkeypatch,
-                                                              no_filter_plots):
+def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used_before(cifar_dir, tmp_path, capsys,
+                                                                                         monkeypatch, no_filter_plots):
     evaluate = common.evaluate
     calls = itertools.count(1)
 
@@ -98,23 +150,32 @@ def test_resume_continues_the_saved_plan_without_timing_again(cifar_dir, tmp_pat
             raise KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
-    fake_clock(monkeypatch, itertools.count(0.0, 1.0))
+    fake_clock(monkeypatch, itertools.count(0.0, 0.1))
     monkeypatch.setattr(common, "evaluate", interrupted_in_epoch_2)
     code, err = run_ex1(budget_run(cifar_dir, tmp_path), capsys)
     assert code == 130, err[-3000:]
     saved = common.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
-    assert saved["epoch"] == 1 and saved["settings"]["planned_steps"] > STEPS_PER_EPOCH
+    assert saved["epoch"] == 1 and saved["settings"]["planned_steps"] > 2 * STEPS_PER_EPOCH
+    used = saved["history"][0]["elapsed_s"]
+    assert 0 < used < 6
 
     resume = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--resume"]
     code, err = run_ex1([*resume, "--epochs", "5"], capsys)
     assert code == 2 and "--resume continues its plan" in err
 
     monkeypatch.setattr(common, "evaluate", evaluate)
-    fake_clock(monkeypatch, itertools.count(0.0, 50.0))  # fifty times slower: a new plan would differ
-    code, err = run_ex1(resume, capsys)
+    # every reading 5 s later: epoch 2 ends past the 6-second budget, which the re-plan sees
+    fake_clock(monkeypatch, itertools.count(0.0, 5.0))
+    capsys.readouterr()
+    code = ex1_convnet.main([str(a) for a in resume])
+    out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
-    metrics = read_json(tmp_path / "metrics.json")
-    assert metrics["planned_steps"] == metrics["run_steps"] == saved["settings"]["planned_steps"]
+    assert "\nplan: " not in out and not out.startswith("plan: ")  # the saved plan, not a new timing
+    assert "re-plan: 2.0 epochs (16 steps)" in out
+    metrics, history = read_json(tmp_path / "metrics.json"), read_json(tmp_path / "history.json")
+    assert metrics["planned_steps"] == metrics["run_steps"] == 2 * STEPS_PER_EPOCH
+    # counted on from the first call's time: the new call's readings are whole multiples of 5 s, `used` is not
+    assert (history[1]["elapsed_s"] - used) % 5 == pytest.approx(0, abs=1e-6) and used % 5 > 1e-6
 
 
 @pytest.mark.parametrize("budget", ["0", "-1", "nan", "inf"])
@@ -130,6 +191,15 @@ def test_a_budget_too_short_for_one_step_exits_2(cifar_dir, tmp_path, capsys, no
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(cifar_dir, tmp_path, capsys, no_filter_plots):
+    previous = {"metrics.json": b'{"test_accuracy": 0.5}', "last.pt": b"last", "best.pt": b"best", "history.json": b"[]"}
+    for name, content in previous.items():
+        (tmp_path / name).write_bytes(content)
+    code, err = run_ex1([*budget_run(cifar_dir, tmp_path, "0.00001"), "--overwrite"], capsys)
+    assert code == 2 and "too short for a single training step" in err
+    assert {name: (tmp_path / name).read_bytes() for name in previous} == previous
+
+
 def test_epochs_and_a_budget_together_are_refused(cifar_dir, tmp_path, capsys):
     code, err = run_ex1([*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--time-budget", "5", "--epochs", "3"],
                         capsys)
@@ -139,18 +209,14 @@ def test_epochs_and_a_budget_together_are_refused(cifar_dir, tmp_path, capsys):
 @pytest.mark.parametrize("flags, recipe", [(["--time-budget", "60"], "short"),
                                            (["--time-budget", "60", "--recipe", "default"], "default"),
                                            ([], "default")])
-def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe, monkeypatch):
-    seen = {}
-
-    def fake_run_experiment(args, kind, recipes, model_defaults, build_model, default_out_dir, default_recipe, sweeps):
-        given = common.explicit_flags(args)
-        seen.update(common.resolve_settings(given, common.choose_recipe(recipes, given.get("recipe", default_recipe)),
-                                            model_defaults))
-        return 0
-
-    monkeypatch.setattr(common, "run_experiment", fake_run_experiment)
-    assert ex1_convnet.main(flags) == 0
+def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(common, "train_and_report", fake_training(calls))  # the real driver up to the training
+    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
+    code, err = run_ex1([*QUICK, "--out-dir", tmp_path, *flags], capsys)
+    assert code == 0, err[-3000:]
+    seen = calls[0]
     assert seen["recipe"] == recipe  # the name metrics.json records
-    assert (seen["batch_size"], seen["dropout"]) == (ex1_convnet.RECIPES[recipe]["batch_size"],
-                                                     ex1_convnet.RECIPES[recipe]["dropout"])
+    assert seen["dropout"] == ex1_convnet.RECIPES[recipe]["dropout"]
     assert seen["whiten"] == (recipe == "short")
+    assert bool(seen["budget_scaling"]) == (recipe == "short")  # only a budget on the short recipe scales it

@@ -1,10 +1,12 @@
 """The Exercise 1 ConvNet as the command line builds it: size, output, the --no-bn variant, the original recipe,
 the whitened first-layer filters."""
+import pytest
 import torch
 import torch.nn as nn
 
 import common
 import ex1_convnet
+from conftest import QUICK, call
 
 PARAMS_BN = 7_682_826
 PARAMS_NO_BN = PARAMS_BN - 2 * (128 + 4 * 512)
@@ -85,3 +87,32 @@ def test_whiten_sets_the_first_54_filters_of_a_new_run_only(cifar_dir):
     checkpoint = common._checkpoint("ex1_convnet.py", {}, plain, [], common.BestEpoch())
     resumed = whitening_setup("--whiten", images=images, resume_from=checkpoint)
     assert torch.equal(common.first_conv_weight(resumed.model), common.first_conv_weight(plain.model))
+
+
+@pytest.mark.slow
+def test_a_real_run_whitens_with_its_first_training_images_only(cifar_dir, tmp_path, capsys, monkeypatch,
+                                                                 no_filter_plots):
+    """Through ex1_convnet.main: the whitening gets the training split, never the validation images, and uses its
+    first WHITEN_IMAGES (here capped at 100 of its 256). A learning rate of 1e-9 leaves the filters in best.pt as
+    they started."""
+    monkeypatch.setattr(common, "WHITEN_IMAGES", 100)
+    given, whiten = [], common.patch_whitening_filters
+
+    def recording(images, mean, std):
+        given.append(images)
+        return whiten(images, mean, std)
+
+    monkeypatch.setattr(common, "patch_whitening_filters", recording)
+    code, _, err = call(ex1_convnet.main, [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "1",
+                                           "--whiten", "--lr", "1e-9"], capsys)
+    assert code == 0, err[-3000:]
+    train_images, _, val_images, _ = common.split_train_val(common.load_cifar10(cifar_dir, False), 64, None)
+    assert len(given) == 1 and torch.equal(given[0], train_images)
+    checkpoint = common.load_checkpoint(tmp_path / "best.pt", "ex1_convnet.py")
+    mean, std = checkpoint["settings"]["mean"], checkpoint["settings"]["std"]
+    assert (mean, std) == common.channel_mean_std(train_images)
+    capped = whiten(train_images[:100], mean, std)
+    assert torch.allclose(checkpoint["model"]["0.weight"][:54], capped, atol=1e-5)
+    assert torch.equal(whiten(train_images, mean, std), capped)  # the cap: images past the 100th do not count
+    monkeypatch.setattr(common, "WHITEN_IMAGES", 5000)
+    assert not torch.equal(whiten(train_images, mean, std), capped)  # ... and they would have

@@ -130,6 +130,57 @@ def test_the_shorter_side_is_resized_to_32_and_the_centre_cropped(tmp_path):
     assert torch.equal(common.load_image(tmp_path / "tall.png"), torch.from_numpy(tall[34:66]).permute(2, 0, 1))
 
 
+def test_the_resize_is_lanczos(tmp_path):
+    """A 64x64 noise image comes out as Pillow's Lanczos makes it, not as bilinear or bicubic would."""
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noise.save(tmp_path / "noise.png")
+    got = common.load_image(tmp_path / "noise.png").permute(1, 2, 0).numpy().astype(float)
+
+    def distance(method) -> float:
+        return np.abs(got - np.asarray(noise.resize((32, 32), method), dtype=float)).mean()
+
+    lanczos = distance(Image.Resampling.LANCZOS)
+    assert lanczos < 1.0
+    for other in (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.BOX):
+        assert distance(other) > lanczos + 2, other
+
+
+def test_every_lossless_image_kind_decodes_to_the_pixels_it_was_made_from(tmp_path):
+    """32x32 images (no resampling) in each mode and format: the RGB pixels come back exactly; a grey image's
+    grey in all three channels; a transparent palette entry as white; lossy formats within a small error."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    base = Image.fromarray(rgb)
+    grey = np.asarray(base.convert("L"))
+    palette = base.convert("P")  # an adaptive palette: its own pixels are what it shows
+    shown = np.asarray(palette.convert("RGB")).copy()
+    transparent = palette.getpixel((0, 0))
+    shown_on_white = shown.copy()
+    shown_on_white[np.asarray(palette) == transparent] = 255
+    ramp = np.linspace(0, 255, 32)  # lossy codecs keep a smooth image close, not noise
+    smooth = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
+                       np.add.outer(255 - ramp, ramp) / 2], 2).astype(np.uint8)
+    smooth_image = Image.fromarray(smooth)
+    cases = {  # name: (writer, expected pixels (32, 32, 3), largest mean absolute error)
+        "rgb.png": (lambda p: base.save(p), rgb, 0), "bitmap.bmp": (lambda p: base.save(p), rgb, 0),
+        "scan.tif": (lambda p: base.save(p), rgb, 0), "lossless.webp": (lambda p: base.save(p, lossless=True), rgb, 0),
+        "cmyk.tif": (lambda p: base.convert("CMYK").save(p), rgb, 0),
+        "grey.png": (lambda p: base.convert("L").save(p), np.repeat(grey[..., None], 3, 2), 0),
+        "grey16.png": (lambda p: Image.fromarray(grey.astype(np.uint16) * 257).save(p), np.repeat(grey[..., None], 3, 2), 0),
+        "palette.png": (lambda p: palette.save(p), shown, 0),
+        "palette_transparent.png": (lambda p: palette.save(p, transparency=transparent), shown_on_white, 0),
+        "rgba.png": (lambda p: Image.fromarray(np.dstack([rgb, np.full((32, 32), 255, np.uint8)])).save(p), rgb, 0),
+        "photo.webp": (lambda p: smooth_image.save(p, quality=95), smooth, 4),
+        "cmyk.jpg": (lambda p: smooth_image.convert("CMYK").save(p, quality=95), smooth, 4),
+    }
+    for name, (write, expected, tolerance) in cases.items():
+        write(tmp_path / name)
+        got = common.load_image(tmp_path / name).permute(1, 2, 0).numpy()
+        error = np.abs(got.astype(float) - expected).mean()
+        assert error <= tolerance, (name, error)
+    assert (shown_on_white == 255).all(axis=2).any()  # the transparent entry was in use
+
+
 def test_an_upscaled_256x256_image_and_a_1x1_image(cifar_dir, tmp_path):
     image = cifar_test_images(cifar_dir)[0]
     to_pil(image).resize((256, 256), Image.Resampling.NEAREST).save(tmp_path / "big.png")
@@ -258,13 +309,45 @@ def test_help_explains_predict_and_the_tta_views(capsys):
 
 # ----------------------------------------------------------------------------- with a trained model
 
+def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tmp_path):
+    """On 1,010 test images, with a network whose views disagree: test_accuracy_tta and test_accuracy_first1000_tta
+    are the averaged views' accuracies on all and on the first 1,000, not the plain ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (1010, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (1010,), generator=generator)
+    data = common.CifarData(images[:0], labels[:0], images, labels, tuple(CLASS_NAMES))
+    settings = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
+    metrics = common.test_report(model, data, settings, ctx, tmp_path, tta=True)
+    plain = common.predict(model, images, settings, ctx).argmax(1)
+    tta = common.predict(model, images, settings, ctx, tta=True).argmax(1)
+    assert (plain != tta).sum() > 100  # the views change many predictions
+
+    def accuracy(predicted):
+        return (predicted == labels[:len(predicted)]).float().mean().item()
+
+    assert metrics["test_accuracy"] == pytest.approx(accuracy(plain))
+    assert metrics["test_accuracy_first1000"] == pytest.approx(accuracy(plain[:1000]))
+    assert metrics["test_accuracy_tta"] == pytest.approx(accuracy(tta))
+    assert metrics["test_accuracy_first1000_tta"] == pytest.approx(accuracy(tta[:1000]))
+    assert len({metrics["test_accuracy_tta"], metrics["test_accuracy_first1000_tta"], metrics["test_accuracy"],
+                metrics["test_accuracy_first1000"]}) == 4  # four different figures, so no key can stand for another
+
+
 @pytest.mark.slow
-def test_a_training_run_with_tta_reports_both_accuracies(trained):
+def test_a_training_run_with_tta_reports_both_accuracies(trained, cifar_dir):
     metrics = json.loads((trained / "metrics.json").read_text())
     for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["test_images"] == 120 and metrics["test_accuracy_first1000_tta"] == metrics["test_accuracy_tta"]
     assert common.load_checkpoint(trained / "best.pt", KIND)["classes"] == CLASS_NAMES
+    model, settings = model_of(trained / "best.pt")  # the final test ran the views, not the plain images
+    data = common.load_cifar10(cifar_dir, download=False)
+    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
+    predicted = common.predict(model, data.test_images, settings, ctx, tta=True).argmax(1)
+    assert metrics["test_accuracy_tta"] == (predicted == data.test_labels).sum().item() / 120
 
 
 @pytest.mark.slow

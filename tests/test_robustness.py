@@ -105,15 +105,6 @@ def killed(tmp_path_factory, cifar_dir) -> dict:
     return {"dir": out_dir, "unfinished": pristine, "code": code, "output": run.output()}
 
 
-@pytest.fixture(scope="module")
-def ex2_checkpoint(tmp_path_factory) -> Path:
-    """A genuine checkpoint written the way ex2_transfer.py writes them (VGG-11-bn from scratch, no training)."""
-    settings = {**common.DEFAULTS, **ex2_transfer.RECIPES["scratch"], "mode": "scratch", "weights": None,
-                "augment": ["flip", "crop"]}
-    model = ex2_transfer.build_model(settings, initial_weights=False)
-    return save_untrained_checkpoint("ex2_transfer.py", settings, model, tmp_path_factory.mktemp("ex2") / "best.pt")
-
-
 # ----------------------------------------------------------------------------- interruptions
 
 @pytest.mark.slow
@@ -325,6 +316,33 @@ def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path,
 
 
 @pytest.mark.slow
+def test_resume_keeps_the_precision_the_run_trained_in(tmp_path, killed, cifar_dir, capsys, monkeypatch, no_filter_plots):
+    """On a CPU where --precision auto means bf16 (simulated here, so that every CPU runs this), a run started with
+    --precision fp32 resumes in fp32; a --precision given to --resume wins, is announced, and history.json and
+    metrics.json record both."""
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: True)
+    assert common.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    resume = ["--resume", "--data-dir", cifar_dir, "--no-download", "--device", "cpu"]
+    kept, switched = tmp_path / "kept", tmp_path / "switched"
+    for run_dir in (kept, switched):
+        shutil.copytree(killed["unfinished"], run_dir)
+    done = common.load_checkpoint(kept / "last.pt", "ex1_convnet.py")["epoch"]
+
+    code, out, err = call(ex1_convnet.main, [*resume, "--out-dir", kept], capsys)
+    assert code == 0, err[-3000:]
+    assert "precision: float32" in out and "note:" not in out
+    assert [row["precision"] for row in json.loads((kept / "history.json").read_text())] == ["float32"] * 3
+    assert metrics(kept)["precision"] == "float32"
+
+    code, out, err = call(ex1_convnet.main, [*resume, "--out-dir", switched, "--precision", "bf16"], capsys)
+    assert code == 0, err[-3000:]
+    assert f"note: epochs 1-{done} trained in float32; --precision makes the rest bfloat16" in out
+    assert [row["precision"] for row in json.loads((switched / "history.json").read_text())] == \
+        ["float32"] * done + ["bfloat16"] * (3 - done)
+    assert metrics(switched)["precision"] == "float32+bfloat16"
+
+
+@pytest.mark.slow
 def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(tmp_path, killed, reference, cifar_dir,
                                                                               capsys, no_filter_plots):
     """last.pt and best.pt hold a fingerprint of the training and validation images and labels: --resume on another
@@ -350,6 +368,155 @@ def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(t
     assert history_columns(run_dir) == history_columns(reference)
     for name in ("last.pt", "best.pt"):
         assert common.load_checkpoint(run_dir / name, "ex1_convnet.py")["data_fingerprint"] == expected, name
+
+
+def fill_the_disk_at(out_dir: Path, monkeypatch, epoch: int) -> None:
+    """torch.save fails with 'No space left on device' from the given epoch's first save on."""
+    save, calls = torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch", 0) >= epoch:
+            raise OSError(28, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+
+
+def assert_a_full_disk_is_reported(code: int, err: str, out_dir: Path) -> None:
+    assert code == 4, err[-3000:]
+    assert "Traceback" not in err
+    line = error_line(err)
+    assert line.startswith(f"error: could not write {out_dir / 'best.pt'}") or \
+        line.startswith(f"error: could not write {out_dir / 'last.pt'}"), line
+    assert "No space left on device" in line and "last.pt and best.pt" in line and "resume with: python " in line
+    assert "--resume" in line.split("resume with: ")[1]
+    assert temp_files(out_dir) == []
+    assert common.load_checkpoint(out_dir / "last.pt", "ex1_convnet.py")["epoch"] == 1  # the epoch saved whole
+    assert not (out_dir / "metrics.json").exists()
+
+
+def test_a_full_disk_ends_with_one_line_naming_the_file_what_is_kept_and_how_to_resume(tmp_path, cifar_dir, capsys,
+                                                                                       monkeypatch, no_filter_plots):
+    out_dir = tmp_path / "run"
+    fill_the_disk_at(out_dir, monkeypatch, epoch=2)
+    code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir], capsys)
+    assert_a_full_disk_is_reported(code, err, out_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="mounting a tmpfs needs root on Linux")
+def test_a_really_full_file_system_is_reported_the_same_way(tmp_path, cifar_dir, capsys, no_filter_plots):
+    """A 150 MB tmpfs holds epoch 1's best.pt (31 MB) and last.pt (92 MB), and no room for epoch 2's."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not let a test mount a tmpfs")
+    try:
+        out_dir = disk / "run"
+        code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir], capsys)
+        assert_a_full_disk_is_reported(code, err, out_dir)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_train_log_holds_stderr_too_and_each_call_appends(tmp_path, cifar_dir, capsys, monkeypatch,
+                                                                  no_filter_plots):
+    evaluate = common.evaluate
+
+    def warning_evaluate(*args, **kwargs):
+        print("warning: a line on stderr during the run", file=sys.stderr)  # as Python's warnings print
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(common, "evaluate", warning_evaluate)
+    out_dir = tmp_path / "run"
+    argv = [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir]
+    assert call(ex1_convnet.main, argv, capsys)[0] == 0
+    assert call(ex1_convnet.main, [*argv, "--overwrite"], capsys)[0] == 0
+    log = (out_dir / "train.log").read_text()
+    assert "warning: a line on stderr during the run" in log  # stderr reaches it
+    assert log.count("==== ") == 2 and log.count("epoch   1/3") == 2  # both calls, each under its command line
+    assert "\r" not in log  # no progress-bar redraws
+
+
+def test_ctrl_c_while_loading_data_says_what_is_kept_and_how_to_go_on(tmp_path, cifar_dir, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "load_cifar10", interrupted)
+    code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run"], capsys)
+    assert code == 130
+    assert f"interrupted. {tmp_path / 'run'} keeps what it held before" in err and "to go on: python " in err
+    code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", tmp_path / "s", "--seeds", "2"],
+                        capsys)
+    assert code == 130
+    assert f"the finished runs in {tmp_path / 's'} are kept" in err and "--resume" in err.split("continue with: ")[1]
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_folder_exits_2_naming_the_holder(tmp_path, cifar_dir, capsys, no_filter_plots):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; sys.path.insert(0, "
+                               f"{str(ROOT)!r}); import common; lock = common.run_dir_lock(Path({str(out_dir)!r})); "
+                               "lock.__enter__(); print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir], capsys)
+        assert code == 2
+        assert error_line(err) == (f"error: {out_dir} is in use by another run (process {holder.pid}); wait for it to "
+                                   "end, or choose another --out-dir")
+        assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir], capsys)
+    assert code == 0, err[-3000:]  # the lock went with the process that held it
+
+
+@pytest.mark.slow
+def test_eval_only_never_writes_over_a_training_run(tmp_path, reference, cifar_dir, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    cpu = ["--no-download", "--device", "cpu", "--precision", "fp32", "--data-dir", cifar_dir]
+    code, _, err = call(ex1_convnet.main, [*cpu, "--eval-only", "--out-dir", run_dir], capsys)
+    assert code == 0, err[-3000:]
+    assert (run_dir / "eval" / "metrics.json").exists()  # best.pt of --out-dir, reports in eval/ beside it
+    code, _, err = call(ex1_convnet.main, [*cpu, "--eval-only", "--checkpoint", run_dir / "best.pt",
+                                           "--out-dir", run_dir], capsys)
+    assert code == 2 and "holds a training run" in error_line(err)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    code, _, _ = call(ex1_convnet.main, ["--compare", run_dir, "--out-dir", tmp_path / "compare"], capsys)
+    assert code == 0
+
+
+@pytest.mark.parametrize("flags", [["--compare", "a", "--predict", "x.png"], ["--compare", "a", "--seeds", "2"],
+                                   ["--eval-only", "--predict", "x.png"], ["--predict", "x.png", "--seeds", "2"],
+                                   ["--compare", "a", "--eval-only"], ["--dropout", "0.1", "0.2", "--eval-only"]],
+                         ids=lambda f: " ".join(f))
+def test_two_tasks_on_one_command_line_are_refused(flags, tmp_path, capsys):
+    code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path / "out", *flags], capsys)
+    assert code == 2 and "are separate tasks: give one of them" in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_the_data_fingerprint_resumes_and_gains_one(tmp_path, killed, cifar_dir, capsys,
+                                                                             no_filter_plots):
+    """Decided: a last.pt without a fingerprint (written before checkpoints held one) resumes on the data given,
+    as it always did, and the checkpoints it writes from then on hold the fingerprint."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed["unfinished"], run_dir)
+    old = common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")
+    del old["data_fingerprint"]
+    torch.save(old, run_dir / "last.pt")
+    code, out, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir, "--data-dir", cifar_dir], capsys)
+    assert code == 0, err[-3000:]
+    assert f"resuming after epoch {old['epoch']} of 3" in out
+    expected = common.data_fingerprint(common.split_train_val(common.load_cifar10(cifar_dir, False), 64, 64))
+    assert common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected
 
 
 # ----------------------------------------------------------------------------- bad input

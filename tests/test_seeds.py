@@ -122,7 +122,7 @@ def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, monkey
 
 
 @pytest.mark.parametrize("flags, words", [(["--seeds", "0"], "--seeds must be at least 1"),
-                                          (["--seeds", "2", "--eval-only"], "does not go with --eval-only")])
+                                          (["--seeds", "2", "--eval-only"], "--eval-only and --seeds are separate tasks")])
 def test_bad_seeds_are_refused(flags, words, tmp_path, capsys):
     code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path, *flags], capsys)
     assert code == 2 and words in error_line(err)
@@ -134,3 +134,60 @@ def test_spread_is_the_sample_standard_deviation():
     assert (result["min"], result["max"]) == (0.80, 0.85)
     assert common.spread([0.5])["std"] is None
     assert common.format_spread(result) == "83.0 ± 2.6%" and common.format_spread(common.spread([0.5])) == "50.0%"
+
+
+def test_a_finished_member_trained_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(common, "train_and_report", fake_training(calls))
+    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
+    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "2"]
+    assert call(ex1_convnet.main, [*argv, "--epochs", "1"], capsys)[0] == 0 and len(calls) == 2
+    before = read_json(tmp_path / "seeds.json")
+
+    code, out, err = call(ex1_convnet.main, [*argv, "--epochs", "30", "--no-bn"], capsys)
+    assert code == 2 and len(calls) == 2
+    message = error_line(err)
+    assert str(tmp_path / "seed0") in message and "trained with other settings" in message
+    assert "epochs: 1 -> 30" in message and "batch_norm: True -> False" in message and "--overwrite" in message
+    assert "using its results" not in out and read_json(tmp_path / "seeds.json") == before
+
+    code, out, _ = call(ex1_convnet.main, [*argv, "--epochs", "1"], capsys)  # the same settings: reused
+    assert code == 0 and len(calls) == 2 and f"{tmp_path / 'seed1'} is finished; using its results" in out
+    code, _, _ = call(ex1_convnet.main, [*argv, "--epochs", "3", "--overwrite"], capsys)
+    assert code == 0 and [c["epochs"] for c in calls[2:]] == [3, 3]
+
+
+def test_seeds_json_records_each_runs_commit_and_says_when_they_differ(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(common, "train_and_report", fake_training(calls))
+    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
+    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "2", "--epochs", "1"]
+    assert call(ex1_convnet.main, argv, capsys)[0] == 0
+    for seed, commit in ((0, "a" * 40), (1, "b" * 40)):
+        run = metrics(tmp_path / f"seed{seed}")
+        common.save_json({**run, "git_commit": commit}, tmp_path / f"seed{seed}" / "metrics.json")
+    code, out, _ = call(ex1_convnet.main, argv, capsys)
+    assert code == 0
+    assert read_json(tmp_path / "seeds.json")["git_commits"] == ["a" * 40, "b" * 40]
+    assert "trained by 2 different commits of the project (aaaaaaa, bbbbbbb)" in out
+
+
+def test_under_a_time_budget_the_first_seed_plans_and_the_others_train_its_steps(tmp_path, monkeypatch, capsys):
+    calls = []
+    fake = fake_training(calls)
+
+    def planning_fake(kind, settings, *args, **kwargs):
+        planned = settings.get("planned_steps") is None
+        settings = {**settings, "planned_steps": 40, "epochs": 5, "label_smoothing": 0.17,
+                    "budget_choice": {"planned_epochs": 4.9, "label_smoothing": 0.17}} if planned else settings
+        return fake(kind, settings, *args, **kwargs)
+
+    monkeypatch.setattr(common, "train_and_report", planning_fake)
+    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
+    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "3", "--time-budget", "5"]
+    assert call(ex1_convnet.main, argv, capsys)[0] == 0
+    assert calls[0]["planned_steps"] == 40 and "plan_from" not in calls[0]
+    for later in calls[1:]:
+        assert (later["planned_steps"], later["epochs"], later["label_smoothing"]) == (40, 5, 0.17)
+        assert later["plan_from"] == str(tmp_path / "seed0")
+    assert call(ex1_convnet.main, argv, capsys)[0] == 0 and len(calls) == 3  # and they are reused as such

@@ -1,0 +1,149 @@
+"""--export: the ONNX model of a small trained run against PyTorch (classes, probabilities, uint8 NHWC input with a
+dynamic batch, metadata), the int8 model, the check without a test set, and the refusals."""
+import builtins
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import ex1_convnet
+from conftest import CLASS_NAMES, QUICK, call, error_line, metrics, run_ok
+
+onnx = pytest.importorskip("onnx", reason="the optional export packages are not installed (make test installs them)")
+ort = pytest.importorskip("onnxruntime", reason="the optional export packages are not installed")
+
+CPU = ["--no-download", "--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def exported(cifar_dir, tmp_path_factory) -> dict:
+    """A 3-epoch run on the fixture data, exported in fp32 and in int8: the folders and the exports' stdout."""
+    base = tmp_path_factory.mktemp("export")
+    run_dir = base / "run"
+    run_ok(*QUICK, "--data-dir", cifar_dir, "--out-dir", run_dir, "--epochs", "3")
+    fp32 = run_ok("--export", base / "model.onnx", "--out-dir", run_dir, "--data-dir", cifar_dir, *CPU)
+    int8 = run_ok("--export", base / "model-int8.onnx", "--quantize", "int8", "--out-dir", run_dir,
+                  "--data-dir", cifar_dir, *CPU)
+    return {"run": run_dir, "fp32": base / "model.onnx", "int8": base / "model-int8.onnx", "fp32_out": fp32,
+            "int8_out": int8}
+
+
+def session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def pytorch_probabilities(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
+    checkpoint = common.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")
+    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
+    model = common.model_from_checkpoint(checkpoint, ex1_convnet.build_model, ctx)
+    return common.predict(model, images, checkpoint["settings"], ctx).softmax(1)
+
+
+@pytest.mark.slow
+def test_the_fp32_model_gives_pytorchs_classes_and_probabilities_on_the_test_set(exported, cifar_dir):
+    data = common.load_cifar10(cifar_dir, download=False)
+    expected = pytorch_probabilities(exported["run"], data.test_images)
+    pictures = data.test_images.permute(0, 2, 3, 1).numpy()  # what a decoder gives: (N, 32, 32, 3) uint8 RGB
+    got = torch.from_numpy(session(exported["fp32"]).run(["probabilities"], {"images": pictures})[0])
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert (got - expected).abs().max().item() < 1e-4
+    accuracy = (expected.argmax(1) == data.test_labels).float().mean().item()
+    assert accuracy > 0.5  # a trained model, so that agreeing means something
+    n = len(data.test_images)
+    assert f"check on the {n} test images: ONNX Runtime (fp32) {accuracy:.2%}, PyTorch {accuracy:.2%}; " \
+           f"the same class for {n}/{n} (100.00%)" in exported["fp32_out"]
+
+
+@pytest.mark.slow
+def test_the_input_is_uint8_pictures_with_a_dynamic_batch(exported):
+    model = session(exported["fp32"])
+    (images,), (probabilities,) = model.get_inputs(), model.get_outputs()
+    assert (images.name, images.type, images.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
+    assert isinstance(images.shape[0], str)  # a named, dynamic dimension
+    assert probabilities.name == "probabilities"
+    rng = np.random.default_rng(0)
+    for n in (1, 7):
+        out = model.run(None, {"images": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)})[0]
+        assert out.shape == (n, 10) and np.allclose(out.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_metadata_names_the_classes_the_script_and_the_checkpoint(exported):
+    props = {p.key: p.value for p in onnx.load(str(exported["fp32"])).metadata_props}
+    assert json.loads(props["classes"]) == CLASS_NAMES
+    assert props["script"] == "ex1_convnet.py"
+    best = common.load_checkpoint(exported["run"] / "best.pt", "ex1_convnet.py")
+    assert props["checkpoint_epoch"] == str(best["epoch"])
+    assert props["test_accuracy"] == str(metrics(exported["run"])["test_accuracy"])
+    assert props["git_commit"] == str(metrics(exported["run"])["git_commit"])
+
+
+@pytest.mark.slow
+def test_the_int8_model_is_smaller_runs_and_says_its_accuracy(exported, cifar_dir):
+    assert exported["int8"].stat().st_size < exported["fp32"].stat().st_size / 2
+    data = common.load_cifar10(cifar_dir, download=False)
+    out = session(exported["int8"]).run(None, {"images": data.test_images.permute(0, 2, 3, 1).numpy()})[0]
+    assert out.shape == (len(data.test_images), 10)
+    accuracy = (torch.from_numpy(out).argmax(1) == data.test_labels).float().mean().item()
+    assert f"ONNX Runtime (int8) {accuracy:.2%}" in exported["int8_out"] and "int8 against PyTorch:" in exported["int8_out"]
+    props = {p.key: p.value for p in onnx.load(str(exported["int8"])).metadata_props}
+    assert json.loads(props["classes"]) == CLASS_NAMES
+    assert props["quantization"] == "int8 static, calibrated on 320 training images"  # the fixture's 320, not test images
+
+
+@pytest.mark.slow
+def test_without_a_test_set_it_exports_and_checks_one_random_batch(exported, tmp_path, capsys):
+    path = tmp_path / "model.onnx"
+    code, out, err = call(ex1_convnet.main, ["--export", path, "--checkpoint", exported["run"] / "best.pt",
+                                             "--data-dir", tmp_path / "no-data", *CPU], capsys)
+    assert code == 0, err[-3000:]
+    assert "check on one random batch of 16 images: the same class for 16/16" in out
+    assert "the accuracy check was skipped (no test set at hand)" in out
+    assert path.stat().st_size > 1e6
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_quantize_without_export_is_refused(tmp_path, capsys):
+    code, _, err = call(ex1_convnet.main, [*CPU, "--quantize", "int8", "--out-dir", tmp_path / "run"], capsys)
+    assert code == 2 and "--quantize int8 goes with --export" in error_line(err)
+
+
+@pytest.mark.slow
+def test_bad_exports_are_refused_and_leave_nothing_behind(exported, ex2_checkpoint, tmp_path, capsys):
+    best = exported["run"] / "best.pt"
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    out = tmp_path / "out"
+    cases = [(["--export", a_file / "model.onnx", "--checkpoint", best], "cannot write to output folder"),
+             (["--export", out / "model.onnx", "--checkpoint", ex2_checkpoint], "a checkpoint of ex2_transfer.py"),
+             (["--export", out / "model.onnx", "--checkpoint", not_a_checkpoint], "not a readable checkpoint"),
+             (["--export", out / "model.onnx", "--checkpoint", tmp_path / "missing.pt"], "does not exist")]
+    for flags, words in cases:
+        code, _, err = call(ex1_convnet.main, [*CPU, "--data-dir", tmp_path / "no-data", *flags], capsys)
+        assert code == 2 and words in error_line(err), (flags, err[-2000:])
+        assert "Traceback" not in err
+    assert leftovers(out) == [] and leftovers(tmp_path) == ["a-file", "notes.pt"]
+
+
+def test_a_missing_export_package_names_the_pip_command(tmp_path, capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def without_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_onnxruntime)
+    code, _, err = call(ex1_convnet.main, [*CPU, "--export", tmp_path / "m.onnx", "--checkpoint", tmp_path / "x.pt"],
+                        capsys)
+    assert code == 2
+    assert "onnxruntime is missing" in error_line(err) and "pip install onnx onnxscript onnxruntime" in error_line(err)
+    assert leftovers(tmp_path) == []

@@ -627,9 +627,11 @@ def apply_budget_scaling(settings: dict, model: nn.Module, steps_per_epoch: int,
     settings["augment"] = [op for op in settings["augment"] if op != "crop" or settings["crop_pad"] > 0]
     settings["budget_choice"] = {"planned_epochs": round(epochs, 2), **chosen}
     if ctx.is_main:
+        few, many = scaling["epochs"]
         tqdm.write(f"plan: for {epochs:.1f} epochs " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items())
-                   + f" (between the {scaling['epochs'][0]:g}- and {scaling['epochs'][1]:g}-epoch values of the recipe's "
-                   "budget_scaling; a flag given keeps its value)", file=sys.stdout)
+                   + f" (the recipe's budget_scaling: its {few:g}-epoch values up to {few:g} epochs, its {many:g}-epoch "
+                   f"values from {many:g}, on the logarithm of the epochs between; a flag given keeps its value)",
+                   file=sys.stdout)
 
 
 def progress_label(settings: dict, epoch: int, steps_per_epoch: int) -> str:

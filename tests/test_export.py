@@ -2,15 +2,18 @@
 dynamic batch, metadata), the int8 model, the check without a test set, and the refusals."""
 import builtins
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
 import ex1_convnet
-from conftest import CLASS_NAMES, QUICK, call, error_line, metrics, run_ok
+from conftest import CLASS_NAMES, QUICK, ROOT, call, error_line, metrics, run_ok
 
 onnx = pytest.importorskip("onnx", reason="the optional export packages are not installed (make test installs them)")
 ort = pytest.importorskip("onnxruntime", reason="the optional export packages are not installed")
@@ -103,6 +106,22 @@ def test_without_a_test_set_it_exports_and_checks_one_random_batch(exported, tmp
     assert "check on one random batch of 16 images: the same class for 16/16" in out
     assert "the accuracy check was skipped (no test set at hand)" in out
     assert path.stat().st_size > 1e6
+
+
+@pytest.mark.slow
+def test_the_readmes_example_classifies_a_picture_without_torch(exported, cifar_dir, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("Classifying a picture with the exported model needs only")[1]
+    example = example.split("```python\n", 1)[1].split("```", 1)[0]
+    data = common.load_cifar10(cifar_dir, download=False)
+    picture = tmp_path / "picture.png"
+    Image.fromarray(common.nhwc(data.test_images[:1])[0].numpy()).save(picture)
+    code = example.replace("runs/ex1/model.onnx", str(exported["fp32"])).replace("cat.jpg", str(picture))
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None  # no torch\n" + code],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = pytorch_probabilities(exported["run"], data.test_images[:1])[0]
+    assert result.stdout.strip() == f"{CLASS_NAMES[expected.argmax()]} {expected.max().item():.1%}"
 
 
 def leftovers(folder: Path) -> list[str]:

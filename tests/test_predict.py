@@ -298,6 +298,14 @@ def test_the_default_checkpoint_is_the_default_run_folders_best_pt(tmp_path, cif
         assert code == 2 and f"checkpoint {expected} does not exist" in error_line(err), err
 
 
+def test_predict_and_eval_only_read_best_pt_of_the_out_dir_by_one_rule(tmp_path, cifar_dir, capsys):
+    to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
+    run = tmp_path / "my-run"
+    for task in (["--predict", tmp_path / "cat.png"], ["--eval-only", "--data-dir", cifar_dir, "--no-download"]):
+        code, _, err = call(ex1_convnet.main, [*task, "--out-dir", run, *CPU], capsys)
+        assert code == 2 and f"checkpoint {run / 'best.pt'} does not exist" in error_line(err), err
+
+
 def test_help_explains_predict_and_the_tta_views(capsys):
     for parse_args in (ex1_convnet.parse_args, ex2_transfer.parse_args):
         with pytest.raises(SystemExit):

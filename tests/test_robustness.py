@@ -484,6 +484,7 @@ def test_eval_only_never_writes_over_a_training_run(tmp_path, reference, cifar_d
     code, _, err = call(ex1_convnet.main, [*cpu, "--eval-only", "--out-dir", run_dir], capsys)
     assert code == 0, err[-3000:]
     assert (run_dir / "eval" / "metrics.json").exists()  # best.pt of --out-dir, reports in eval/ beside it
+    assert metrics(run_dir / "eval")["checkpoint"] == str(run_dir / "best.pt")  # the path as the rule made it
     code, _, err = call(ex1_convnet.main, [*cpu, "--eval-only", "--checkpoint", run_dir / "best.pt",
                                            "--out-dir", run_dir], capsys)
     assert code == 2 and "holds a training run" in error_line(err)

@@ -668,6 +668,8 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
     ops = augmentation(settings)
     flips = alternating_flips(len(images), settings["seed"], epoch, ctx.device) \
         if settings.get("alternate_flip") and "flip" in ops else None
+    planned_at = min(PLAN_WARMUP, steps_per_epoch - 1) + PLAN_STEPS if after_step is not None else None
+    planned_at = planned_at and min(planned_at, steps_per_epoch)  # the step after which budget_planner plans
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
         if step >= steps:
             break
@@ -689,8 +691,9 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
         if after_step is not None:
             after_step(step + 1)
             steps = epoch_steps(settings, epoch, steps_per_epoch)  # a plan made in this epoch may end it early
-            criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])  # or change what it trains
-            ops = augmentation(settings)
+            if step + 1 == planned_at:  # ... or change what it trains (apply_budget_scaling)
+                criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
+                ops = augmentation(settings)
             bar.total = steps
             bar.set_description(progress_label(settings, epoch, steps_per_epoch), refresh=False)
         if (step + 1) % log_every == 0 or step + 1 == steps:

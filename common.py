@@ -454,7 +454,8 @@ def epoch_steps(settings: dict, epoch: int, steps_per_epoch: int) -> int:
 
 
 def lr_factor(settings: dict, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at `step`: one-cycle (linear up, linear down) or exponential per epoch.
+    """Learning-rate multiplier at `step`: one-cycle (linear up, linear down to settings['lr_end'] of the peak) or
+    exponential per epoch.
 
     The one-cycle runs over the run's total steps; before a time budget's plan fixes them, it stays at its first value.
     """
@@ -464,7 +465,7 @@ def lr_factor(settings: dict, step: int, steps_per_epoch: int) -> float:
     if total is None:
         return 0.1
     warm = max(1, int(settings["warmup"] * total))
-    return float(np.interp(step, [0, warm, total], [0.1, 1.0, 0.0]))
+    return float(np.interp(step, [0, warm, total], [0.1, 1.0, settings.get("lr_end", 0.0)]))
 
 
 def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
@@ -498,14 +499,18 @@ def patch_whitening_filters(images: torch.Tensor, mean: Sequence[float], std: Se
     return torch.cat([filters, -filters]).float()
 
 
-def parameter_groups(model: nn.Module, decay_norm_bias: bool) -> list[dict]:
-    """The trainable parameters as optimizer groups: one, or without `decay_norm_bias` two, the second (BatchNorm
-    weights and biases, every bias: the parameters of one dimension) free of weight decay."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if decay_norm_bias:
-        return [{"params": trainable}]
-    return [{"params": [p for p in trainable if p.ndim > 1]},
-            {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+def parameter_groups(model: nn.Module, decay_norm_bias: bool, lr: float, norm_bias_lr: float = 1.0) -> list[dict]:
+    """The trainable parameters as optimizer groups: all of them at `lr`, except that without `decay_norm_bias` the
+    parameters of one dimension (BatchNorm weights and biases, every bias) are free of weight decay, and that
+    BatchNorm biases learn at `norm_bias_lr` times `lr` (the first group holds the weights of the layers)."""
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   and m.bias is not None} if norm_bias_lr != 1.0 else set()
+    groups: dict[tuple, list] = {}
+    for p in (p for p in model.parameters() if p.requires_grad):
+        key = (p.ndim <= 1 and not decay_norm_bias, id(p) in norm_biases)
+        groups.setdefault(key, []).append(p)
+    return [{"params": params, "lr": lr * (norm_bias_lr if fast else 1.0), **({"weight_decay": 0.0} if free else {})}
+            for (free, fast), params in sorted(groups.items())]
 
 
 def make_optimizer(params: list[nn.Parameter] | list[dict], settings: dict) -> torch.optim.Optimizer:
@@ -634,6 +639,25 @@ def apply_budget_scaling(settings: dict, model: nn.Module, steps_per_epoch: int,
                    file=sys.stdout)
 
 
+LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = 5, 0.95  # --lookahead: steps between pulls; the average's decay per step at the end
+
+
+def lookahead_decay(step: int, total: int | None) -> float:
+    """The weight --lookahead gives the average against the network after `step` of `total` steps: from 0 (the
+    network as it is) rising with the cube of the progress to LOOKAHEAD_DECAY per step, over LOOKAHEAD_EVERY steps."""
+    return 0.0 if not total else LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * min(1.0, step / total) ** 3
+
+
+@torch.no_grad()
+def lookahead_pull(model: nn.Module, average: dict[str, torch.Tensor], decay: float) -> None:
+    """Move the running average of the model's floating-point weights and buffers towards them by 1 - `decay`, then
+    set the model to it."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            average[name].lerp_(value, 1 - decay)
+            value.copy_(average[name])
+
+
 def progress_label(settings: dict, epoch: int, steps_per_epoch: int) -> str:
     """'epoch 2/5', and under a time budget its plan: 'epoch 2/5 (60 min ≈ 4.7 epochs)'."""
     label = f"epoch {epoch}/{settings['epochs'] or '?'}"
@@ -670,6 +694,8 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
         if settings.get("alternate_flip") and "flip" in ops else None
     planned_at = min(PLAN_WARMUP, steps_per_epoch - 1) + PLAN_STEPS if after_step is not None else None
     planned_at = planned_at and min(planned_at, steps_per_epoch)  # the step after which budget_planner plans
+    average = {name: value.detach().clone() for name, value in model.state_dict().items()} \
+        if settings.get("lookahead") else None  # the epoch ends on the average: a resumed run starts as this one goes on
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
         if step >= steps:
             break
@@ -688,6 +714,9 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
         correct += (logits.argmax(1) == y).sum()
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
         seen += len(y)
+        if average is not None and ((step + 1) % LOOKAHEAD_EVERY == 0 or step + 1 == steps):
+            done = (epoch - 1) * steps_per_epoch + step + 1
+            lookahead_pull(model, average, lookahead_decay(done, total_steps(settings, steps_per_epoch)))
         if after_step is not None:
             after_step(step + 1)
             steps = epoch_steps(settings, epoch, steps_per_epoch)  # a plan made in this epoch may end it early
@@ -1334,6 +1363,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--alternate-flip", action=argparse.BooleanOptionalAction,
       help="flip: mirror each training image in every other epoch (half of them in odd epochs, the others in even "
            "ones) instead of at random (default: the recipe's)")
+    a("--lookahead", action=argparse.BooleanOptionalAction,
+      help=f"every {LOOKAHEAD_EVERY} steps and at each epoch's end, pull the weights and BatchNorm statistics towards "
+           f"their running average and continue from it; the average's weight rises with the cube of the run's "
+           f"progress to {LOOKAHEAD_DECAY}^{LOOKAHEAD_EVERY} (default: the recipe's)")
+    a("--norm-bias-lr", type=float, metavar="X",
+      help="learning rate of the BatchNorm biases: X times --lr (default: the recipe's)")
+    a("--lr-end", type=float, metavar="F",
+      help="one-cycle schedule: end at F times the peak learning rate instead of 0 (default: the recipe's)")
     a("--augment", help=f"comma-separated augmentation ops from {','.join(AUGMENT_OPS)}, or 'none' (default: the recipe's)")
     a("--no-augment", dest="augment", action="store_const", const="none", help="no augmentation (same as --augment none)")
     a("--crop-pad", type=int, help="crop: zero padding before the random 32x32 crop, in pixels; > 0 turns crop on, 0 off")
@@ -1558,7 +1595,8 @@ def set_up_training(settings: dict, build_model: ModelBuilder, steps_per_epoch: 
         print(f"device: {ctx.device}  precision: {str(ctx.dtype).replace('torch.', '')}  processes: {ctx.world}")
         print("settings: " + json.dumps({k: v for k, v in settings.items() if k not in RUNTIME_KEYS}))
     model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(parameter_groups(model, settings.get("decay_norm_bias", True)), settings)
+    optimizer = make_optimizer(parameter_groups(model, settings.get("decay_norm_bias", True), settings["lr"],
+                                                settings.get("norm_bias_lr", 1.0)), settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(settings, step, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     if resume_from is not None:

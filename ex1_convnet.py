@@ -30,12 +30,14 @@ RECIPES = {
     "default": dict(epochs=30, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="onecycle",
                     warmup=0.2, lr_decay=None, label_smoothing=0.1, dropout=0.1, linear_init_std=None,
                     augment="flip,crop", crop_pad=4, rotate_deg=15.0, jitter=0.1, gray_p=0.05, patience=10,
-                    whiten=False, decay_norm_bias=True, alternate_flip=False, mean="data", std="data"),
+                    whiten=False, decay_norm_bias=True, alternate_flip=False, lookahead=False, norm_bias_lr=1.0,
+                    lr_end=0.0, bn_momentum=0.1, output_scale=1.0, mean="data", std="data"),
     # The assignment's: Adam, lr x0.95 per epoch, heavier augmentation, mean/std 0.5.
     "original": dict(epochs=30, batch_size=200, optimizer="adam", lr=2e-3, weight_decay=1e-3, schedule="exp",
                      warmup=0.0, lr_decay=0.95, label_smoothing=0.0, dropout=[0.4, 0.3, 0.3, 0.3, 0.3],
                      linear_init_std=1e-3, augment="flip,crop,rotate,jitter", crop_pad=3, rotate_deg=15.0,
                      jitter=0.1, gray_p=0.05, patience=10, whiten=False, decay_norm_bias=True, alternate_flip=False,
+                     lookahead=False, norm_bias_lr=1.0, lr_end=0.0, bn_momentum=0.1, output_scale=1.0,
                      mean=[0.5, 0.5, 0.5],
                      std=[0.5, 0.5, 0.5]),
 }
@@ -58,13 +60,28 @@ def build_model(settings: dict, *, initial_weights: bool = True) -> nn.Sequentia
     layers, in_channels = [], 3
     for width, p in zip(WIDTHS, per_block):
         layers += [nn.Conv2d(in_channels, width, 3, padding=1)]
-        layers += [nn.BatchNorm2d(width)] if settings["batch_norm"] else []
+        layers += [nn.BatchNorm2d(width, momentum=settings.get("bn_momentum", 0.1))] if settings["batch_norm"] else []
         layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Dropout(p)]
         in_channels = width
     classifier = nn.Linear(WIDTHS[-1], 10)
     if settings["linear_init_std"]:
         nn.init.normal_(classifier.weight, 0.0, settings["linear_init_std"])
-    return nn.Sequential(*layers, nn.Flatten(), classifier)
+    scale = settings.get("output_scale", 1.0)
+    return nn.Sequential(*layers, nn.Flatten(), classifier, *([Scaled(scale)] if scale != 1.0 else []))
+
+
+class Scaled(nn.Module):
+    """Multiplies its input by a constant (--output-scale on the logits)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
 
 
 def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
@@ -125,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="start 54 of the 128 first-layer filters as a whitening of the training images' 3x3 "
                              "patches (each principal direction and its negative); --no-whiten: all random "
                              "(default: the recipe's)")
+    parser.add_argument("--bn-momentum", type=float,
+                        help="BatchNorm's momentum: the weight of each batch in the running statistics (default: the "
+                             "recipe's, PyTorch's 0.1)")
+    parser.add_argument("--output-scale", type=float,
+                        help="multiply the logits by this constant (default: the recipe's, 1)")
     args = parser.parse_args(argv)
     if args.dropout is not None and len(args.dropout) == 1:
         args.dropout = args.dropout[0]

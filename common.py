@@ -1,12 +1,15 @@
-"""Shared parts of both exercises, in the order data flows: load -> augment -> train -> evaluate -> report -> drive.
+"""Shared parts of both exercises, in the order data flows: load -> augment -> train -> evaluate -> report -> export
+-> drive (the banners below, one a section).
 
-`run_experiment` is the driver both scripts call; everything it uses sits above it in this file.
+Below the drive sections, functions take plain values: the drive sections alone read the run's Settings (made once,
+never changed). `run_experiment` is the driver both scripts call; everything it uses sits above it in this file.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -24,7 +27,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +46,7 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILE = "test_batch"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
-STRENGTH_FLAGS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}
+STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}  # op: its strength's setting
 EVAL_BATCH = 500
 PLAN_WARMUP, PLAN_STEPS = 5, 20  # a --time-budget run times PLAN_STEPS steps after PLAN_WARMUP to plan its total
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -71,7 +74,7 @@ class UnreadableImage(Exception):
     """An image file that cannot be predicted (not an image, truncated, too large): skipped with this reason."""
 
 
-# ----------------------------------------------------------------------------- load
+# ---------------- load: CIFAR-10 into tensors, the train/validation split, your own pictures
 
 class CifarData(NamedTuple):
     train_images: torch.Tensor  # (N, 3, 32, 32) uint8
@@ -238,7 +241,7 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 
-# ----------------------------------------------------------------------------- augment
+# ---------------- augment: batched random ops on the training device
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
@@ -329,11 +332,10 @@ def batch_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) 
     return torch.where(gray[:, None, None, None], _luma(images).expand_as(images), images)
 
 
-def augmentation(settings: dict) -> dict[str, float]:
-    """The ops a run applies and their strengths, e.g. {"flip": 0.5, "crop": 4}: settings['augment'] names them
-    (resolve_settings leaves there only ops whose strength is above 0)."""
-    strengths = {"flip": 0.5, **{op: settings[key] for op, key in STRENGTH_FLAGS.items()}}
-    return {op: strengths[op] for op in settings["augment"]}
+def augmentation(ops: Sequence[str], strengths: Mapping[str, float]) -> dict[str, float]:
+    """The `ops` a run applies with their strengths, e.g. {"flip": 0.5, "crop": 4}: flip's is its probability, the
+    others' from `strengths` (by op)."""
+    return {op: 0.5 if op == "flip" else strengths[op] for op in ops}
 
 
 def alternating_flips(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -365,11 +367,6 @@ def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.
     return x
 
 
-def mean_std_tensors(settings: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The settings' per-channel mean and std on `device`: made once per pass, not once per batch."""
-    return torch.tensor(settings["mean"], device=device), torch.tensor(settings["std"], device=device)
-
-
 def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """(x - mean) / std per channel, returned in channels_last layout."""
     mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype)[:, None, None]
@@ -377,7 +374,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: S
     return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
-# ----------------------------------------------------------------------------- train
+# ---------------- train: device, precision, optimizer, schedule, the plan, one epoch, the epoch loop
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda, mps or cpu; refuse devices that do not exist here."""
@@ -437,35 +434,46 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, rank: int
         yield order[start + rank:start + batch_size:world]
 
 
-def total_steps(settings: dict, steps_per_epoch: int) -> int | None:
-    """Optimizer steps of the whole run: the time budget's plan, else epochs x steps per epoch.
-
-    None while a time budget's plan is not made yet (during the first steps, whose speed it measures).
-    """
-    if settings.get("time_budget") is not None:
-        return settings.get("planned_steps")
-    return settings["epochs"] * steps_per_epoch
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch: full batches only (a last partial batch is left out)."""
+    return train_images // batch_size
 
 
-def epoch_steps(settings: dict, epoch: int, steps_per_epoch: int) -> int:
+@dataclasses.dataclass
+class Plan:
+    """How many steps a run trains, owned by the fit loop and read by the learning-rate schedule: epochs x steps per
+    epoch, or what a time budget buys (None until the first epoch has timed its steps, then fixed again at the end of
+    every epoch from the speed measured so far; see budget_planner and replan)."""
+    steps_per_epoch: int
+    total_steps: int | None
+    images_per_s: float | None = None  # the speed a time budget's plan was last made at
+
+    @property
+    def epochs(self) -> int | None:
+        """Epochs the plan reaches, the last of them perhaps partial (None before a time budget's plan)."""
+        return None if self.total_steps is None else -(-self.total_steps // self.steps_per_epoch)
+
+
+def epoch_steps(total_steps: int | None, epoch: int, steps_per_epoch: int) -> int:
     """Steps of `epoch`: a full epoch, or what the run's total leaves for its last, partial one."""
-    total = total_steps(settings, steps_per_epoch)
-    return steps_per_epoch if total is None else max(0, min(steps_per_epoch, total - (epoch - 1) * steps_per_epoch))
+    if total_steps is None:
+        return steps_per_epoch
+    return max(0, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
 
 
-def lr_factor(settings: dict, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at `step`: one-cycle (linear up, linear down to settings['lr_end'] of the peak) or
-    exponential per epoch.
+def lr_factor(step: int, total_steps: int | None, steps_per_epoch: int, schedule: str, warmup: float,
+              lr_decay: float | None, lr_end: float) -> float:
+    """Learning-rate multiplier at `step`: one-cycle (linear up over the `warmup` fraction, linear down to `lr_end`
+    of the peak) or exponential per epoch (`lr_decay` each).
 
     The one-cycle runs over the run's total steps; before a time budget's plan fixes them, it stays at its first value.
     """
-    if settings["schedule"] == "exp":
-        return settings["lr_decay"] ** (step // steps_per_epoch)
-    total = total_steps(settings, steps_per_epoch)
-    if total is None:
+    if schedule == "exp":
+        return lr_decay ** (step // steps_per_epoch)
+    if total_steps is None:
         return 0.1
-    warm = max(1, int(settings["warmup"] * total))
-    return float(np.interp(step, [0, warm, total], [0.1, 1.0, settings.get("lr_end", 0.0)]))
+    warm = max(1, int(warmup * total_steps))
+    return float(np.interp(step, [0, warm, total_steps], [0.1, 1.0, lr_end]))
 
 
 def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
@@ -513,14 +521,22 @@ def parameter_groups(model: nn.Module, decay_norm_bias: bool, lr: float, norm_bi
             for (free, fast), params in sorted(groups.items())]
 
 
-def make_optimizer(params: list[nn.Parameter] | list[dict], settings: dict) -> torch.optim.Optimizer:
-    """Adam (L2 penalty in the gradient), AdamW (decoupled weight decay) or SGD with Nesterov momentum."""
-    if settings["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
-    if settings["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
-    return torch.optim.SGD(params, lr=settings["lr"], momentum=0.9, nesterov=True,
-                           weight_decay=settings["weight_decay"])
+def first_conv_weight(model: nn.Module) -> torch.Tensor:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_optimizer(params: list[nn.Parameter] | list[dict], name: str, lr: float, weight_decay: float
+                   ) -> torch.optim.Optimizer:
+    """Adam (L2 penalty in the gradient), AdamW (decoupled weight decay) or SGD with Nesterov momentum, by `name`."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
 
 
 class TrainContext(NamedTuple):
@@ -556,54 +572,51 @@ def share_from_rank0(value: int, ctx: TrainContext) -> int:
     return int(shared)
 
 
-def budget_planner(settings: dict, steps_per_epoch: int, val_images: int, start: float,
-                   ctx: TrainContext, on_plan: Callable[[], None] = lambda: None) -> Callable[[int], None]:
+def budget_planner(plan: Plan, budget_minutes: float, batch_size: int, val_images: int, start: float,
+                   ctx: TrainContext) -> Callable[[int], bool]:
     """The first epoch's hook under --time-budget: after each step it may time the run, and after PLAN_STEPS steps
-    that follow PLAN_WARMUP warm-up steps it fixes settings['planned_steps'] from their speed (measured on rank 0,
-    shared), then calls `on_plan`. A short first epoch shortens both."""
-    budget_s = settings["time_budget"] * 60
-    warmup = min(PLAN_WARMUP, steps_per_epoch - 1)
-    last = min(warmup + PLAN_STEPS, steps_per_epoch)
+    that follow PLAN_WARMUP warm-up steps it sets the plan's total steps from their speed (measured on rank 0,
+    shared) and returns True, once. A short first epoch shortens both."""
+    budget_s = budget_minutes * 60
+    warmup = min(PLAN_WARMUP, plan.steps_per_epoch - 1)
+    last = min(warmup + PLAN_STEPS, plan.steps_per_epoch)
     clock = {0: start}
 
-    def after_step(step: int) -> None:
+    def after_step(step: int) -> bool:
         if step not in (1, warmup, last):
-            return
+            return False
         synchronize(ctx.device)
         clock[step] = time.perf_counter()
         if step == 1 and share_from_rank0(int(clock[1] - start > budget_s), ctx):
-            raise UsageError(f"--time-budget {settings['time_budget']:g} minutes is too short for a single training "
+            raise UsageError(f"--time-budget {budget_minutes:g} minutes is too short for a single training "
                              f"step (the first took {clock[1] - start:.1f} s)")
         if step != last:
-            return
+            return False
         step_s = (clock[last] - clock[warmup]) / (last - warmup)
-        val_s = step_s * ctx.world * val_images / settings["batch_size"] / 3  # a forward pass: about a third of a step
-        total = plan_total_steps(budget_s, clock[last] - start, step_s, val_s, last, steps_per_epoch)
-        settings["planned_steps"] = share_from_rank0(total, ctx)
-        settings["planned_images_per_s"] = settings["batch_size"] / step_s
-        settings["epochs"] = -(-settings["planned_steps"] // steps_per_epoch)
+        val_s = step_s * ctx.world * val_images / batch_size / 3  # a forward pass: about a third of a step
+        total = plan_total_steps(budget_s, clock[last] - start, step_s, val_s, last, plan.steps_per_epoch)
+        plan.total_steps = share_from_rank0(total, ctx)
+        plan.images_per_s = batch_size / step_s
         if ctx.is_main:
-            tqdm.write(f"plan: {settings['time_budget']:g} min ≈ {settings['planned_steps'] / steps_per_epoch:.1f} "
-                       f"epochs ({settings['planned_steps']} steps of {settings['batch_size']}) at "
-                       f"{settings['planned_images_per_s']:.0f} images/s", file=sys.stdout)
-        on_plan()
+            tqdm.write(f"plan: {budget_minutes:g} min ≈ {plan.total_steps / plan.steps_per_epoch:.1f} epochs "
+                       f"({plan.total_steps} steps of {batch_size}) at {plan.images_per_s:.0f} images/s", file=sys.stdout)
+        return True
 
     return after_step
 
 
-def replan(settings: dict, elapsed_s: float, steps_done: int, steps_per_epoch: int, step_s: float, epoch_extra_s: float,
-           ctx: TrainContext) -> None:
-    """At the end of an epoch under --time-budget: fix settings['planned_steps'] anew from the time used so far, the
+def replan(plan: Plan, budget_minutes: float, batch_size: int, elapsed_s: float, steps_done: int, step_s: float,
+           epoch_extra_s: float, ctx: TrainContext) -> None:
+    """At the end of an epoch under --time-budget: set the plan's total steps anew from the time used so far, the
     last epoch's seconds per step and the seconds it spent besides its steps (validation, checkpoints), so that a
     machine that slows down or speeds up still ends on time; the schedule follows the new total."""
-    total = plan_total_steps(settings["time_budget"] * 60, elapsed_s, step_s, epoch_extra_s, steps_done, steps_per_epoch,
-                             epochs_validated=steps_done // steps_per_epoch)
+    total = plan_total_steps(budget_minutes * 60, elapsed_s, step_s, epoch_extra_s, steps_done, plan.steps_per_epoch,
+                             epochs_validated=steps_done // plan.steps_per_epoch)
     total = share_from_rank0(total, ctx)
-    if total != settings["planned_steps"] and ctx.is_main:
-        tqdm.write(f"re-plan: {total / steps_per_epoch:.1f} epochs ({total} steps) at {settings['batch_size'] / step_s:.0f} "
-                   f"images/s, {elapsed_s / 60:.1f} of {settings['time_budget']:g} min used", file=sys.stdout)
-    settings["planned_steps"] = total
-    settings["epochs"] = -(-total // steps_per_epoch)
+    if total != plan.total_steps and ctx.is_main:
+        tqdm.write(f"re-plan: {total / plan.steps_per_epoch:.1f} epochs ({total} steps) at {batch_size / step_s:.0f} "
+                   f"images/s, {elapsed_s / 60:.1f} of {budget_minutes:g} min used", file=sys.stdout)
+    plan.total_steps = total
 
 
 def scaled_by_epochs(scaling: dict, epochs: float) -> dict:
@@ -615,37 +628,20 @@ def scaled_by_epochs(scaling: dict, epochs: float) -> dict:
     return {key: round(value) if key == "crop_pad" else round(value, 3) for key, value in chosen.items()}
 
 
-def apply_budget_scaling(settings: dict, model: nn.Module, steps_per_epoch: int, ctx: TrainContext) -> None:
-    """Once a time budget's plan knows how many epochs it buys, set the regularisation the recipe's budget_scaling
-    gives for that many (the flags given on the command line were taken out of it): in `settings`, and the dropout
-    of the model's Dropout layers; record the choice in settings['budget_choice'] and say it."""
-    scaling = settings.get("budget_scaling") or {}
-    if len(scaling) < 2:
-        return
-    epochs = settings["planned_steps"] / steps_per_epoch
-    chosen = scaled_by_epochs(scaling, epochs)
-    settings.update(chosen)
-    if "dropout" in chosen:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = chosen["dropout"]
-    settings["augment"] = [op for op in settings["augment"] if op != "crop" or settings["crop_pad"] > 0]
-    settings["budget_choice"] = {"planned_epochs": round(epochs, 2), **chosen}
-    if ctx.is_main:
-        few, many = scaling["epochs"]
-        tqdm.write(f"plan: for {epochs:.1f} epochs " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items())
-                   + f" (the recipe's budget_scaling: its {few:g}-epoch values up to {few:g} epochs, its {many:g}-epoch "
-                   f"values from {many:g}, on the logarithm of the epochs between; a flag given keeps its value)",
-                   file=sys.stdout)
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the probability of every Dropout layer of `model`."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
 
 
 LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = 5, 0.95  # --lookahead: steps between pulls; the average's decay per step at the end
 
 
-def lookahead_decay(step: int, total: int | None) -> float:
-    """The weight --lookahead gives the average against the network after `step` of `total` steps: from 0 (the
+def lookahead_decay(step: int, total_steps: int | None) -> float:
+    """The weight --lookahead gives the average against the network after `step` of `total_steps` steps: from 0 (the
     network as it is) rising with the cube of the progress to LOOKAHEAD_DECAY per step, over LOOKAHEAD_EVERY steps."""
-    return 0.0 if not total else LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * min(1.0, step / total) ** 3
+    return 0.0 if not total_steps else LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * min(1.0, step / total_steps) ** 3
 
 
 @torch.no_grad()
@@ -658,44 +654,52 @@ def lookahead_pull(model: nn.Module, average: dict[str, torch.Tensor], decay: fl
             value.copy_(average[name])
 
 
-def progress_label(settings: dict, epoch: int, steps_per_epoch: int) -> str:
+def progress_label(epoch: int, plan: Plan, budget_minutes: float | None) -> str:
     """'epoch 2/5', and under a time budget its plan: 'epoch 2/5 (60 min ≈ 4.7 epochs)'."""
-    label = f"epoch {epoch}/{settings['epochs'] or '?'}"
-    if settings.get("time_budget") is None:
+    label = f"epoch {epoch}/{plan.epochs or '?'}"
+    if budget_minutes is None:
         return label
-    if settings.get("planned_steps") is None:
-        return f"{label} (timing steps for the {settings['time_budget']:g}-min plan)"
-    return f"{label} ({settings['time_budget']:g} min ≈ {settings['planned_steps'] / steps_per_epoch:.1f} epochs)"
+    if plan.total_steps is None:
+        return f"{label} (timing steps for the {budget_minutes:g}-min plan)"
+    return f"{label} ({budget_minutes:g} min ≈ {plan.total_steps / plan.steps_per_epoch:.1f} epochs)"
+
+
+class TrainStep(NamedTuple):
+    """What a training step does with its batch besides the network and the optimizer."""
+    ops: dict[str, float]  # augmentation ops and their strengths (see augmentation)
+    mean: list[float]  # the normalisation after augmentation
+    std: list[float]
+    label_smoothing: float  # of the training loss
+    alternate_flip: bool  # flip each image in every other epoch (see alternating_flips) instead of at random
+    lookahead: bool  # pull the weights towards their running average (see lookahead_pull)
 
 
 def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torch.Tensor, labels: torch.Tensor,
-                    settings: dict, epoch: int, ctx: TrainContext, after_step: Callable[[int], None] | None = None,
+                    step_with: TrainStep, plan: Plan, epoch: int, seed: int, batch_size: int, ctx: TrainContext,
+                    budget_minutes: float | None = None, after_step: Callable[[int], TrainStep | None] | None = None,
                     log_every: int = 25) -> dict:
     """One pass over the shuffled training set (the last epoch of a planned run may stop short); returns loss,
-    accuracy, steps and images/s for the epoch. `after_step(steps done)` runs after every step when given."""
+    accuracy, steps and images/s for the epoch. `after_step(steps done)` runs after every step when given; what it
+    returns, when not None, is how the steps after it train (a time budget's plan, made in the first epoch, may change
+    the augmentation and the loss)."""
     model.train()
-    shuffle = torch.Generator().manual_seed(epoch_seed(settings["seed"], epoch, 0))
-    augment_gen = torch.Generator(ctx.device).manual_seed(epoch_seed(settings["seed"], epoch, 1, ctx.rank))
-    torch.manual_seed(epoch_seed(settings["seed"], epoch, 2, ctx.rank))
-    criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
-    batch_size = settings["batch_size"]
-    steps_per_epoch = len(images) // batch_size
-    steps = epoch_steps(settings, epoch, steps_per_epoch)
+    shuffle = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0))
+    augment_gen = torch.Generator(ctx.device).manual_seed(epoch_seed(seed, epoch, 1, ctx.rank))
+    torch.manual_seed(epoch_seed(seed, epoch, 2, ctx.rank))
+    criterion = nn.CrossEntropyLoss(label_smoothing=step_with.label_smoothing)
+    steps = epoch_steps(plan.total_steps, epoch, plan.steps_per_epoch)
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=progress_label(settings, epoch, steps_per_epoch), unit="batch", disable=not ctx.is_main,
+    bar = tqdm(total=steps, desc=progress_label(epoch, plan, budget_minutes), unit="batch", disable=not ctx.is_main,
                leave=False, dynamic_ncols=True)
-    mean, std = mean_std_tensors(settings, ctx.device)
-    ops = augmentation(settings)
-    flips = alternating_flips(len(images), settings["seed"], epoch, ctx.device) \
-        if settings.get("alternate_flip") and "flip" in ops else None
-    planned_at = min(PLAN_WARMUP, steps_per_epoch - 1) + PLAN_STEPS if after_step is not None else None
-    planned_at = planned_at and min(planned_at, steps_per_epoch)  # the step after which budget_planner plans
+    mean, std = torch.tensor(step_with.mean, device=ctx.device), torch.tensor(step_with.std, device=ctx.device)
+    ops = step_with.ops
+    flips = alternating_flips(len(images), seed, epoch, ctx.device) if step_with.alternate_flip and "flip" in ops else None
     average = {name: value.detach().clone() for name, value in model.state_dict().items()} \
-        if settings.get("lookahead") else None  # the epoch ends on the average: a resumed run starts as this one goes on
+        if step_with.lookahead else None  # the epoch ends on the average: a resumed run starts as this one goes on
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
         if step >= steps:
             break
@@ -715,16 +719,16 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
         seen += len(y)
         if average is not None and ((step + 1) % LOOKAHEAD_EVERY == 0 or step + 1 == steps):
-            done = (epoch - 1) * steps_per_epoch + step + 1
-            lookahead_pull(model, average, lookahead_decay(done, total_steps(settings, steps_per_epoch)))
+            done = (epoch - 1) * plan.steps_per_epoch + step + 1
+            lookahead_pull(model, average, lookahead_decay(done, plan.total_steps))
         if after_step is not None:
-            after_step(step + 1)
-            steps = epoch_steps(settings, epoch, steps_per_epoch)  # a plan made in this epoch may end it early
-            if step + 1 == planned_at:  # ... or change what it trains (apply_budget_scaling)
-                criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
-                ops = augmentation(settings)
+            changed = after_step(step + 1)
+            if changed is not None:
+                criterion = nn.CrossEntropyLoss(label_smoothing=changed.label_smoothing)
+                ops = changed.ops
+            steps = epoch_steps(plan.total_steps, epoch, plan.steps_per_epoch)  # a plan made now may end it early
             bar.total = steps
-            bar.set_description(progress_label(settings, epoch, steps_per_epoch), refresh=False)
+            bar.set_description(progress_label(epoch, plan, budget_minutes), refresh=False)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             bad = int(first_bad_step)
             if bad >= 0:
@@ -744,7 +748,99 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
             "seconds": seconds, "images_per_s": seen_total / seconds}
 
 
-# ----------------------------------------------------------------------------- evaluate
+class Training(NamedTuple):
+    """A run's network and what trains it."""
+    model: nn.Module  # the plain network: validated, tested and saved
+    train_model: nn.Module  # what the steps run: the network under DistributedDataParallel and torch.compile if asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
+class Splits(NamedTuple):
+    """The training and validation images (uint8) and labels a run uses."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+
+
+class BestEpoch(NamedTuple):
+    """The epoch of the highest validation accuracy so far (epoch None before the first)."""
+    epoch: int | None = None
+    val_accuracy: float = -1.0
+
+
+class Fitted(NamedTuple):
+    """What the epoch loop leaves: every epoch's row, the best epoch, the seconds this call trained."""
+    history: list[dict]
+    best: BestEpoch
+    seconds: float
+
+
+# One row of history.json: elapsed_s is the run's wall-clock time (training, validation, saving) at the epoch's end.
+HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps", "seconds",
+                "images_per_s", "elapsed_s", "precision")
+
+
+def fit(training: Training, splits: Splits, plan: Plan, step_with: TrainStep, seed: int, batch_size: int,
+        patience: int, budget_minutes: float | None, replans: bool, history: list[dict], best: BestEpoch,
+        ctx: TrainContext, on_plan: Callable[[], TrainStep], save_epoch: Callable[[list[dict], BestEpoch, bool], None]
+        ) -> Fitted:
+    """The epoch loop after `history`: train, validate, keep the best epoch, and on the main process `save_epoch`
+    (history, best, improved) after each; ends at the plan's last epoch, or early after `patience` epochs without a
+    better one. Under a time budget the first epoch's steps make the plan (see budget_planner; `on_plan` then says how
+    the steps train), and with `replans` the end of every full epoch plans again from the speed and the time used so
+    far (see replan)."""
+    train_images, train_labels = splits.train_images.to(ctx.device), splits.train_labels.to(ctx.device)
+    history = list(history)
+    start = time.perf_counter()
+    earlier_s = history[-1].get("elapsed_s", 0.0) if history else 0.0  # what the calls before this one used
+    timing = budget_planner(plan, budget_minutes, batch_size, len(splits.val_images), start, ctx) \
+        if budget_minutes is not None and plan.total_steps is None else None
+
+    def after_step(done: int) -> TrainStep | None:  # the first epoch's, while a time budget plans
+        return on_plan() if timing(done) else None
+    epoch = len(history)
+    while plan.epochs is None or epoch < plan.epochs:  # a time budget's plan is made in the first epoch
+        epoch += 1
+        if patience and best.epoch is not None and epoch - 1 - best.epoch >= patience:
+            if ctx.is_main:
+                print(f"early stop: no better validation accuracy for {patience} epochs")
+            break
+        epoch_start = time.perf_counter()
+        row = {"epoch": epoch, "lr": training.optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(training.train_model, training.optimizer, training.scheduler, training.scaler,
+                                   train_images, train_labels, step_with, plan, epoch, seed, batch_size, ctx,
+                                   budget_minutes, after_step if epoch == 1 and timing is not None else None))
+        val = torch.zeros(2, device=ctx.device, dtype=torch.float64)
+        if ctx.is_main:
+            result = evaluate(training.model, splits.val_images, splits.val_labels, step_with.mean, step_with.std, ctx)
+            val = torch.tensor([result["loss"], result["accuracy"]], device=ctx.device, dtype=torch.float64)
+        if ctx.world > 1:
+            dist.broadcast(val, 0)
+        row["val_loss"], row["val_accuracy"] = val.tolist()
+        row["precision"] = str(ctx.dtype).replace("torch.", "")
+        row["elapsed_s"] = earlier_s + time.perf_counter() - start
+        row = {k: row[k] for k in HISTORY_KEYS}
+        history.append(row)
+        improved = row["val_accuracy"] > best.val_accuracy
+        if improved:
+            best = BestEpoch(epoch, row["val_accuracy"])
+        if ctx.is_main:
+            tqdm.write(f"epoch {epoch:3d}/{plan.epochs}  train loss {row['train_loss']:.4f} acc "
+                       f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
+                       f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
+                       + ("  *best" if improved else ""), file=sys.stdout)
+            save_epoch(history, best, improved)
+        if budget_minutes is not None and replans and row["steps"] == plan.steps_per_epoch and epoch < plan.epochs:
+            epoch_s = time.perf_counter() - epoch_start  # training, validation and saving
+            replan(plan, budget_minutes, batch_size, earlier_s + time.perf_counter() - start,
+                   epoch * plan.steps_per_epoch, row["seconds"] / row["steps"], epoch_s - row["seconds"], ctx)
+    return Fitted(history, best, time.perf_counter() - start)
+
+
+# ---------------- evaluate: predictions (--tta), accuracy, the test results
 
 def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
     """The views --tta averages over, for float images (N, C, H, W) in [0, 1]: the image and its mirror along the
@@ -760,13 +856,15 @@ def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, settings: dict, ctx: TrainContext, tta: bool = False) -> torch.Tensor:
-    """Logits (float32, on the device) for uint8 images, in eval mode and large batches. With `tta`, the log of the
-    softmax averaged over tta_views: its softmax is that average, its argmax the averaged prediction.
+def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], ctx: TrainContext,
+            tta: bool = False) -> torch.Tensor:
+    """Logits (float32, on the device) for uint8 images normalised with `mean` and `std`, in eval mode and large
+    batches. With `tta`, the log of the softmax averaged over tta_views: its softmax is that average, its argmax the
+    averaged prediction.
     """
     model.eval()
     outputs = []
-    mean, std = mean_std_tensors(settings, ctx.device)
+    mean, std = torch.tensor(mean, device=ctx.device), torch.tensor(std, device=ctx.device)
     for start in range(0, len(images), EVAL_BATCH):
         x = images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255)
         with autocast(ctx):
@@ -778,10 +876,10 @@ def predict(model: nn.Module, images: torch.Tensor, settings: dict, ctx: TrainCo
     return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=ctx.device)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: dict, ctx: TrainContext,
-             tta: bool = False) -> dict:
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+             ctx: TrainContext, tta: bool = False) -> dict:
     """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set (with `tta`: of the averaged views)."""
-    logits = predict(model, images, settings, ctx, tta)
+    logits = predict(model, images, mean, std, ctx, tta)
     labels = labels.to(ctx.device)
     predictions = logits.argmax(1)
     return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (predictions == labels).sum().item() / max(1, len(labels)),
@@ -799,7 +897,37 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, n_classes:
     return torch.bincount(labels * n_classes + predictions, minlength=n_classes ** 2).reshape(n_classes, n_classes)
 
 
-# ----------------------------------------------------------------------------- report
+class TestResults(NamedTuple):
+    """A model's results on the test set (the *_tta ones None without test-time augmentation)."""
+    accuracy: float
+    loss: float
+    accuracy_first1000: float  # of the first 1,000 test images, the assignment's figure
+    predictions: torch.Tensor
+    per_class: dict[str, float]
+    confusion: torch.Tensor
+    accuracy_tta: float | None = None
+    accuracy_first1000_tta: float | None = None
+
+
+def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
+                 mean: Sequence[float], std: Sequence[float], ctx: TrainContext, tta: bool = False) -> TestResults:
+    """Evaluate on the whole test set: accuracies, loss, predictions, per class and confusion (with `tta`, the
+    accuracies of test-time augmentation too)."""
+    result = evaluate(model, images, labels, mean, std, ctx)
+    first = min(1000, len(labels))
+
+    def accuracy_of_first(predicted: torch.Tensor) -> float:
+        return (predicted[:first] == labels[:first]).sum().item() / max(1, first)
+
+    predictions = result["predictions"]
+    tta_result = evaluate(model, images, labels, mean, std, ctx, tta=True) if tta else None
+    return TestResults(result["accuracy"], result["loss"], accuracy_of_first(predictions), predictions,
+                       per_class_accuracy(labels, predictions, classes),
+                       confusion_matrix(labels, predictions, len(classes)),
+                       tta_result and tta_result["accuracy"], tta_result and accuracy_of_first(tta_result["predictions"]))
+
+
+# ---------------- report: files, checkpoints, pictures, metrics.json, --compare, --seeds, train.log
 
 def current_umask() -> int:
     """The process's umask: os.umask reads it only by setting it, so set a strict one and put it back at once."""
@@ -845,7 +973,7 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     atomic_write(path, write)
 
 
-def load_checkpoint(path: Path, kind: str) -> dict:
+def load_checkpoint(path: Path, script: str) -> dict:
     """Load one of this project's checkpoints (weights_only), refusing other files with a message."""
     path = Path(path)
     if not path.is_file():
@@ -870,9 +998,34 @@ def load_checkpoint(path: Path, kind: str) -> dict:
         raise UsageError(f"{path}: not a readable checkpoint: {what} ({type(e).__name__}: {detail[:200]})") from None
     if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "model" not in checkpoint:
         raise UsageError(f"{path}: not a checkpoint of this project (a bare state dict or another program's file)")
-    if checkpoint["kind"] != kind:
-        raise UsageError(f"{path}: a checkpoint of {checkpoint['kind']}, not of {kind}; use the script that wrote it")
+    if checkpoint["kind"] != script:
+        raise UsageError(f"{path}: a checkpoint of {checkpoint['kind']}, not of {script}; use the script that wrote it")
     return checkpoint
+
+
+TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
+
+
+def checkpoint_state(script: str, settings: Mapping, training: Training, history: list[dict], best: BestEpoch,
+                     fingerprint: str | None = None, classes: Sequence[str] = CLASSES) -> dict:
+    """What last.pt holds after an epoch (best.pt: the same without TRAINING_STATE); `fingerprint` is
+    data_fingerprint of the splits the run trains on (None outside a run)."""
+    return {"kind": script, "settings": dict(settings), "model": training.model.state_dict(),
+            "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
+            "scaler": training.scaler.state_dict(), "epoch": len(history), "history": history,
+            "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy, "data_fingerprint": fingerprint,
+            "classes": list(classes)}
+
+
+def save_epoch_files(checkpoint: dict, improved: bool, out_dir: Path) -> None:
+    """After an epoch: last.pt, best.pt when the epoch is the best so far, history.json. The first epoch of a new run
+    removes the metrics.json an --overwrite replaces."""
+    if checkpoint["epoch"] == 1:
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+    if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
+        save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
+    save_checkpoint(checkpoint, out_dir / "last.pt")
+    save_json(checkpoint["history"], out_dir / "history.json")
 
 
 def save_figure(fig, path: Path) -> None:
@@ -1037,39 +1190,34 @@ def environment_info(device: torch.device) -> dict:
             "git_commit": commit, "hardware": hardware}
 
 
-def test_report(model: nn.Module, data: CifarData, settings: dict, ctx: TrainContext, out_dir: Path,
-                tta: bool = False) -> dict:
-    """Evaluate on the whole test set, draw the test figures, print the per-class table; return the metrics.
-    With `tta`, the accuracies of test-time augmentation too (test_accuracy_tta, test_accuracy_first1000_tta).
-    """
-    result = evaluate(model, data.test_images, data.test_labels, settings, ctx)
-    predictions = result["predictions"]
-    first = min(1000, len(predictions))
-
-    def accuracy_of_first(predicted: torch.Tensor) -> float:
-        return (predicted[:first] == data.test_labels[:first]).sum().item() / max(1, first)
-
-    accuracy_first = accuracy_of_first(predictions)
-    per_class = per_class_accuracy(data.test_labels, predictions, data.classes)
-    matrix = confusion_matrix(data.test_labels, predictions, len(data.classes))
-    plot_per_class(per_class, out_dir / "per_class.png", f"test accuracy per class ({result['accuracy']:.2%} overall)")
-    plot_confusion(matrix, data.classes, out_dir / "confusion.png")
-    plot_misclassified(data.test_images, data.test_labels, predictions, data.classes, out_dir / "misclassified.png")
+def write_test_report(results: TestResults, data: CifarData, out_dir: Path) -> None:
+    """Draw the test figures (per class, confusion, misclassified) in `out_dir` and print the per-class table."""
+    plot_per_class(results.per_class, out_dir / "per_class.png", f"test accuracy per class ({results.accuracy:.2%} overall)")
+    plot_confusion(results.confusion, data.classes, out_dir / "confusion.png")
+    plot_misclassified(data.test_images, data.test_labels, results.predictions, data.classes, out_dir / "misclassified.png")
+    first = min(1000, len(results.predictions))
     print(f"\n{'class':<12}{'accuracy':>9}")
-    for name, acc in per_class.items():
+    for name, acc in results.per_class.items():
         print(f"{name:<12}{acc:>9.2%}")
-    print(f"{'all':<12}{result['accuracy']:>9.2%}   ({len(predictions)} test images; first {first}: "
-          f"{accuracy_first:.2%})")
-    metrics = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
-               "test_accuracy_first1000": accuracy_first,
-               "test_images": len(predictions), "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
-    if tta:
-        tta_result = evaluate(model, data.test_images, data.test_labels, settings, ctx, tta=True)
-        metrics["test_accuracy_tta"] = tta_result["accuracy"]
-        metrics["test_accuracy_first1000_tta"] = accuracy_of_first(tta_result["predictions"])
-        print(f"{'all, --tta':<12}{tta_result['accuracy']:>9.2%}   (test-time augmentation; first {first}: "
-              f"{metrics['test_accuracy_first1000_tta']:.2%})")
-    return metrics
+    print(f"{'all':<12}{results.accuracy:>9.2%}   ({len(results.predictions)} test images; first {first}: "
+          f"{results.accuracy_first1000:.2%})")
+    if results.accuracy_tta is not None:
+        print(f"{'all, --tta':<12}{results.accuracy_tta:>9.2%}   (test-time augmentation; first {first}: "
+              f"{results.accuracy_first1000_tta:.2%})")
+
+
+def metrics_record(results: TestResults, model: nn.Module, device: torch.device, classes: Sequence[str],
+                   settings: dict, environment: dict, **run) -> dict:
+    """metrics.json: the test results, then what `run` adds (training's epochs and speed, or the checkpoint an
+    evaluation read), the network's size, where it ran, its classes, its settings (recorded_settings) and the
+    environment (versions, commit, hardware)."""
+    metrics = {"test_accuracy": results.accuracy, "test_loss": results.loss,
+               "test_accuracy_first1000": results.accuracy_first1000, "test_images": len(results.predictions),
+               "per_class_accuracy": results.per_class, "confusion_matrix": results.confusion.tolist()}
+    if results.accuracy_tta is not None:
+        metrics.update(test_accuracy_tta=results.accuracy_tta, test_accuracy_first1000_tta=results.accuracy_first1000_tta)
+    return {**metrics, **run, "params": count_parameters(model), "device": str(device), "classes": list(classes),
+            "settings": settings, **environment}
 
 
 SEED_METRICS = ("test_accuracy", "test_accuracy_first1000", "best_val_accuracy")  # what seeds.json spreads
@@ -1229,7 +1377,7 @@ def tee_console(path: Path, enabled: bool = True):
             sys.stdout, sys.stderr = original
 
 
-# ----------------------------------------------------------------------------- export
+# ---------------- export: ONNX and int8 for ONNX Runtime
 
 EXPORT_PACKAGES = "onnx onnxscript onnxruntime"  # the optional packages --export needs
 CALIBRATION_IMAGES = 512  # training images that calibrate --quantize int8 (never test images)
@@ -1326,17 +1474,96 @@ def nhwc(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 2, 3, 1).contiguous()
 
 
-# ----------------------------------------------------------------------------- drive
+# ---------------- drive: the settings, made once from the flags
 
-# Defaults of the flags that no recipe sets. Recipes set the training hyperparameters.
-DEFAULTS = {"data_dir": "data", "no_download": False, "out_dir": None, "val_size": 1000, "limit_train": None,
-            "seed": 0, "time_budget": None, "device": "auto", "precision": "auto", "recipe": "default", "compile": False,
-            "sync_bn": True, "resume": False, "overwrite": False, "eval_only": False, "checkpoint": None,
-            "predict": None, "tta": False, "export": None, "quantize": None}
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(Mapping):
+    """Every setting of a run, made once by resolve_settings (defaults, then a recipe, then the flags given), checked
+    by check_settings, never changed after: --resume, a sweep's runs and a time budget's plan make new ones with
+    dataclasses.replace. A script adds the settings of its own network in a subclass (see ex1_convnet.Settings).
+    It reads as a mapping too (settings["lr"]), as the settings a checkpoint saves do, so that a script's
+    build_model takes either."""
+    # where the data comes from and how much of it
+    data_dir: str = "data"
+    no_download: bool = False
+    val_size: int = 1000
+    limit_train: int | None = None
+    seed: int = 0
+    # how long to train: epochs, or a time budget whose plan fills in the planned_* fields, epochs and budget_choice
+    recipe: str = "default"
+    epochs: int | None
+    time_budget: float | None = None
+    budget_scaling: dict | None = None  # a recipe's rule for the settings a budget chooses (see scaled_by_epochs)
+    planned_steps: int | None = None
+    planned_images_per_s: float | None = None
+    budget_choice: dict | None = None
+    plan_from: str | None = None  # a sweep's run that trains the steps another run planned
+    patience: int
+    # the optimizer and its schedule
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    decay_norm_bias: bool = True
+    norm_bias_lr: float = 1.0
+    schedule: str
+    warmup: float
+    lr_decay: float | None
+    lr_end: float = 0.0
+    lookahead: bool = False
+    label_smoothing: float
+    # the input: augmentation and normalisation ('data': the training images' channel mean and std)
+    augment: list[str]
+    alternate_flip: bool = False
+    crop_pad: int
+    rotate_deg: float
+    jitter: float
+    gray_p: float
+    mean: str | list[float]
+    std: str | list[float]
+    # where and how it runs, and the tasks besides training (RUNTIME_KEYS)
+    out_dir: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    sync_bn: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    eval_only: bool = False
+    checkpoint: str | None = None
+    predict: list[str] | None = None
+    tta: bool = False
+    export: str | None = None
+    quantize: str | None = None
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+
 # Flags that say where and how a run executes, not what it computes: free to change on --resume.
 RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn",
                 "resume", "overwrite", "eval_only", "checkpoint", "compare", "predict", "tta", "export", "quantize"}
 RESUME_EXTENDABLE = {"epochs", "patience"}
+
+
+def recorded_settings(settings: Mapping) -> dict:
+    """The settings as checkpoints and metrics.json record what a run computes: without RUNTIME_KEYS."""
+    return {k: v for k, v in settings.items() if k not in RUNTIME_KEYS}
+
+
+def settings_from(settings_type: type[Settings], values: Mapping) -> Settings:
+    """A script's Settings from saved values (a checkpoint's or metrics.json's): a value for a setting added since
+    is its default, one for a setting since removed is left out."""
+    fields = {f.name for f in dataclasses.fields(settings_type)}
+    return settings_type(**{k: v for k, v in values.items() if k in fields})
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1438,47 +1665,47 @@ def parse_augment(value: str | list) -> list[str]:
     return ops
 
 
-def resolve_settings(given: dict, recipe: dict, model_defaults: dict) -> dict:
-    """Defaults, then the recipe, then the model's defaults, then the flags given (see explicit_flags)."""
-    if "time_budget" in given and "epochs" in given:
+def resolve_settings(flags_given: dict, recipe: dict, settings_type: type[Settings] = Settings) -> Settings:
+    """The run's settings: the type's defaults, then the recipe, then the flags given (see explicit_flags); checked."""
+    if "time_budget" in flags_given and "epochs" in flags_given:
         raise UsageError("--time-budget and --epochs both say how long to train: give one of them")
-    settings = {**DEFAULTS, **recipe, **model_defaults, **given}
-    if settings["time_budget"] is not None:
-        settings["epochs"] = None  # the plan made in the first epoch sets it
-        if settings["patience"]:
-            if "patience" in given:
-                print(f"note: --patience {given['patience']} is not applied under --time-budget: a budget run trains "
-                      "its whole schedule", file=sys.stderr)
-            settings["patience"] = 0
-    fixed = set(given) | ({"crop_pad"} if "augment" in given else set())
-    settings["budget_scaling"] = {key: value for key, value in (settings.get("budget_scaling") or {}).items()
-                                  if key not in fixed} if settings["time_budget"] is not None else None
-    ops = set(parse_augment(settings["augment"]))
-    for op, key in STRENGTH_FLAGS.items():  # an explicit strength turns its op on (> 0) or off (0)
-        if key in given:
-            ops = ops | {op} if given[key] > 0 else ops - {op}
-    on = {op for op in ops if op not in STRENGTH_FLAGS or settings[STRENGTH_FLAGS[op]] > 0}  # a strength of 0 is off
-    settings["augment"] = [op for op in AUGMENT_OPS if op in on]
-    return settings
+    values = {**recipe, **flags_given}
+    if values.get("time_budget") is not None:
+        values["epochs"] = None  # the plan made in the first epoch sets it
+        if values["patience"]:
+            if "patience" in flags_given:
+                print(f"note: --patience {flags_given['patience']} is not applied under --time-budget: a budget run "
+                      "trains its whole schedule", file=sys.stderr)
+            values["patience"] = 0
+    fixed = set(flags_given) | ({"crop_pad"} if "augment" in flags_given else set())
+    values["budget_scaling"] = {key: value for key, value in (values.get("budget_scaling") or {}).items()
+                                if key not in fixed} if values.get("time_budget") is not None else None
+    ops = set(parse_augment(values["augment"]))
+    for op, key in STRENGTH_KEYS.items():  # an explicit strength turns its op on (> 0) or off (0)
+        if key in flags_given:
+            ops = ops | {op} if flags_given[key] > 0 else ops - {op}
+    on = {op for op in ops if op not in STRENGTH_KEYS or values[STRENGTH_KEYS[op]] > 0}  # a strength of 0 is off
+    values["augment"] = [op for op in AUGMENT_OPS if op in on]
+    return settings_type(**values)
 
 
-def check_settings(settings: dict) -> None:
+def check_settings(settings: Settings) -> None:
     """Refuse values that cannot train, before any work starts."""
     for key in ("epochs", "batch_size"):
         if settings[key] is not None and settings[key] <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive (got {settings[key]})")
-    budget = settings.get("time_budget")
+    budget = settings.time_budget
     if budget is not None and not 0 < budget < math.inf:
         raise UsageError(f"--time-budget must be a positive number of minutes (got {budget:g})")
-    if not 0 < settings["lr"] < math.inf:
-        raise UsageError(f"--lr must be positive and finite (got {settings['lr']})")
+    if not 0 < settings.lr < math.inf:
+        raise UsageError(f"--lr must be positive and finite (got {settings.lr})")
     dropout = settings.get("dropout", 0)
     for p in dropout if isinstance(dropout, list) else [dropout]:
         if not 0 <= p < 1:
             raise UsageError(f"--dropout must be in [0, 1) (got {p})")
-    if settings["limit_train"] is not None and settings["limit_train"] <= 0:
-        raise UsageError(f"--limit-train must be positive (got {settings['limit_train']})")
-    if settings["weight_decay"] < 0 or settings["patience"] < 0 or not 0 <= settings["label_smoothing"] < 1:
+    if settings.limit_train is not None and settings.limit_train <= 0:
+        raise UsageError(f"--limit-train must be positive (got {settings.limit_train})")
+    if settings.weight_decay < 0 or settings.patience < 0 or not 0 <= settings.label_smoothing < 1:
         raise UsageError("--weight-decay and --patience must not be negative, --label-smoothing must be in [0, 1)")
 
 
@@ -1506,85 +1733,91 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, local_rank
 
 
+# ---------------- drive: one training run, from set-up to its report
+
 class ModelBuilder(Protocol):
-    """How a script builds its network from a run's settings. With `initial_weights` False a checkpoint's weights
-    replace the new ones at once, so a builder need not fetch any starting weights (ex2's ImageNet download)."""
+    """How a script builds its network from a run's settings (its Settings, or the dict a checkpoint saved). With
+    `initial_weights` False a checkpoint's weights replace the new ones at once, so a builder need not fetch any
+    starting weights (ex2's ImageNet download)."""
 
-    def __call__(self, settings: dict, *, initial_weights: bool = True) -> nn.Module: ...
-
-
-def first_conv_weight(model: nn.Module) -> torch.Tensor:
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
+    def __call__(self, settings: Mapping, *, initial_weights: bool = True) -> nn.Module: ...
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-class BestEpoch(NamedTuple):
-    """The epoch of the highest validation accuracy so far (epoch None before the first)."""
-    epoch: int | None = None
-    val_accuracy: float = -1.0
-
-
-class Training(NamedTuple):
-    """A run's network and what trains it."""
-    model: nn.Module  # the plain network: validated, tested and saved
-    train_model: nn.Module  # what the steps run: the network under DistributedDataParallel and torch.compile if asked
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-
-
-TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
-# One row of history.json: elapsed_s is the run's wall-clock time (training, validation, saving) at the epoch's end.
-HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps", "seconds",
-                "images_per_s", "elapsed_s", "precision")
-
-
-def _checkpoint(kind: str, settings: dict, training: Training, history: list[dict], best: BestEpoch,
-                fingerprint: str | None = None, classes: Sequence[str] = CLASSES) -> dict:
-    """The run's state after an epoch; `fingerprint` is data_fingerprint of the splits it trains on (None outside a run)."""
-    return {"kind": kind, "settings": settings, "model": training.model.state_dict(),
-            "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
-            "scaler": training.scaler.state_dict(), "epoch": len(history), "history": history,
-            "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy, "data_fingerprint": fingerprint,
-            "classes": list(classes)}
-
-
-def load_training_data(settings: dict, ctx: TrainContext) -> tuple[CifarData, tuple[torch.Tensor, ...]]:
-    """The data set and its (train images, train labels, val images, val labels), checked to give a full batch."""
+def load_training_data(settings: Settings, ctx: TrainContext) -> tuple[CifarData, Splits]:
+    """The data set and its training and validation splits, checked to give a full batch."""
     if ctx.world > 1 and ctx.rank != 0:
         dist.barrier()  # rank 0 downloads first
-    data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
+    data = load_cifar10(settings.data_dir, download=not settings.no_download)
     if ctx.world > 1 and ctx.rank == 0:
         dist.barrier()
-    splits = split_train_val(data, settings["val_size"], settings["limit_train"])
-    if settings["batch_size"] % ctx.world:
-        raise UsageError(f"--batch-size {settings['batch_size']} must be divisible by the {ctx.world} processes")
-    if len(splits[0]) < settings["batch_size"]:
-        raise UsageError(f"{len(splits[0])} training images (after --val-size/--limit-train) leave no full "
-                         f"batch of {settings['batch_size']}; lower --batch-size or train on more images")
+    splits = Splits(*split_train_val(data, settings.val_size, settings.limit_train))
+    if settings.batch_size % ctx.world:
+        raise UsageError(f"--batch-size {settings.batch_size} must be divisible by the {ctx.world} processes")
+    if len(splits.train_images) < settings.batch_size:
+        raise UsageError(f"{len(splits.train_images)} training images (after --val-size/--limit-train) leave no full "
+                         f"batch of {settings.batch_size}; lower --batch-size or train on more images")
     return data, splits
 
 
-def with_data_mean_std(settings: dict, train_images: torch.Tensor) -> dict:
-    """A copy of `settings` in which mean and std 'data' became the training images' channel mean and std."""
-    if settings["mean"] != "data":
-        return dict(settings)
+def with_data_mean_std(settings: Settings, train_images: torch.Tensor) -> Settings:
+    """The settings in which mean and std 'data' became the training images' channel mean and std."""
+    if settings.mean != "data":
+        return settings
     mean, std = channel_mean_std(train_images)
-    return {**settings, "mean": mean, "std": std}
+    return dataclasses.replace(settings, mean=mean, std=std)
 
 
-def set_up_training(settings: dict, build_model: ModelBuilder, steps_per_epoch: int, ctx: TrainContext,
+def train_step(settings: Settings) -> TrainStep:
+    """What each training step applies, from the settings."""
+    ops = augmentation(settings.augment, {op: settings[key] for op, key in STRENGTH_KEYS.items()})
+    return TrainStep(ops, settings.mean, settings.std, settings.label_smoothing, settings.alternate_flip,
+                     settings.lookahead)
+
+
+def first_plan(settings: Settings, steps_per_epoch: int) -> Plan:
+    """The plan a run starts with: its epochs' steps, a resumed time budget's last plan, or none yet (None)."""
+    if settings.time_budget is None:
+        return Plan(steps_per_epoch, settings.epochs * steps_per_epoch)
+    return Plan(steps_per_epoch, settings.planned_steps, settings.planned_images_per_s)
+
+
+def with_plan(settings: Settings, plan: Plan) -> Settings:
+    """The settings as a time budget's run records them: with its plan's steps, speed and epochs."""
+    if settings.time_budget is None:
+        return settings
+    return dataclasses.replace(settings, planned_steps=plan.total_steps, planned_images_per_s=plan.images_per_s,
+                               epochs=plan.epochs)
+
+
+def with_budget_choice(settings: Settings, plan: Plan, ctx: TrainContext) -> Settings:
+    """Once a time budget's plan knows how many epochs it buys: the settings with the regularisation the recipe's
+    budget_scaling gives for that many (the flags given on the command line were taken out of it), the choice
+    recorded in budget_choice, and said."""
+    scaling = settings.budget_scaling or {}
+    if len(scaling) < 2:
+        return settings
+    epochs = plan.total_steps / plan.steps_per_epoch
+    chosen = scaled_by_epochs(scaling, epochs)
+    augment = [op for op in settings.augment if op != "crop" or chosen.get("crop_pad", settings.crop_pad) > 0]
+    if ctx.is_main:
+        few, many = scaling["epochs"]
+        tqdm.write(f"plan: for {epochs:.1f} epochs " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items())
+                   + f" (the recipe's budget_scaling: its {few:g}-epoch values up to {few:g} epochs, its {many:g}-epoch "
+                   f"values from {many:g}, on the logarithm of the epochs between; a flag given keeps its value)",
+                   file=sys.stdout)
+    return dataclasses.replace(settings, **chosen, augment=augment,
+                               budget_choice={"planned_epochs": round(epochs, 2), **chosen})
+
+
+def set_up_training(settings: Settings, build_model: ModelBuilder, plan: Plan, ctx: TrainContext,
                     resume_from: dict | None, train_images: torch.Tensor) -> Training:
-    """The network, optimizer, learning-rate schedule and gradient scaler: new (with --whiten, the first filters
-    whitening the patches of `train_images`), or as the checkpoint `resume_from` left them; the network wrapped for
-    several processes and compiled if asked."""
-    torch.manual_seed(settings["seed"])
+    """The network, optimizer, learning-rate schedule (over the `plan`'s steps, as they stand at each step) and
+    gradient scaler: new (with whiten, the first filters whitening the patches of `train_images`), or as the checkpoint
+    `resume_from` left them; the network wrapped for several processes and compiled if asked."""
+    torch.manual_seed(settings.seed)
     model = build_model(settings, initial_weights=resume_from is None)
     if resume_from is None and settings.get("whiten"):
-        whitening = patch_whitening_filters(train_images, settings["mean"], settings["std"])
+        whitening = patch_whitening_filters(train_images, settings.mean, settings.std)
         with torch.no_grad():
             first_conv_weight(model)[:len(whitening)] = whitening
     model = model.to(ctx.device)
@@ -1593,11 +1826,13 @@ def set_up_training(settings: dict, build_model: ModelBuilder, steps_per_epoch: 
         print(f"parameters: {count_parameters(model):,}  trainable: "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
         print(f"device: {ctx.device}  precision: {str(ctx.dtype).replace('torch.', '')}  processes: {ctx.world}")
-        print("settings: " + json.dumps({k: v for k, v in settings.items() if k not in RUNTIME_KEYS}))
+        print("settings: " + json.dumps(recorded_settings(settings)))
     model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(parameter_groups(model, settings.get("decay_norm_bias", True), settings["lr"],
-                                                settings.get("norm_bias_lr", 1.0)), settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(settings, step, steps_per_epoch))
+    groups = parameter_groups(model, settings.decay_norm_bias, settings.lr, settings.norm_bias_lr)
+    optimizer = make_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, plan.total_steps, plan.steps_per_epoch, settings.schedule, settings.warmup, settings.lr_decay,
+        settings.lr_end))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
@@ -1606,125 +1841,68 @@ def set_up_training(settings: dict, build_model: ModelBuilder, steps_per_epoch: 
         scaler.load_state_dict(resume_from["scaler"])
     train_model = model
     if ctx.world > 1:
-        if ctx.device.type == "cuda" and settings["sync_bn"]:
+        if ctx.device.type == "cuda" and settings.sync_bn:
             train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if settings["compile"]:
+    if settings.compile:
         train_model = torch.compile(train_model)
     return Training(model, train_model, optimizer, scheduler, scaler)
 
 
-class Fitted(NamedTuple):
-    """What the epoch loop leaves: every epoch's row, the best epoch, the seconds this call trained."""
-    history: list[dict]
-    best: BestEpoch
-    seconds: float
+class FinalTest(NamedTuple):
+    """The final test of a run: the best epoch's model (its weights now in the network), the last epoch's accuracy."""
+    results: TestResults
+    last_accuracy: float
 
 
-def fit(training: Training, kind: str, settings: dict, splits: tuple[torch.Tensor, ...], fingerprint: str,
-        classes: Sequence[str], out_dir: Path, ctx: TrainContext, history: list[dict], best: BestEpoch) -> Fitted:
-    """The epoch loop after `history`: train, validate, keep the best epoch, save best.pt and last.pt after each;
-    ends at the last epoch, or early after --patience epochs without a better one. Under a time budget the first
-    epoch plans the run (see budget_planner) and the end of every epoch plans it again from the speed and the time
-    it has used so far (see replan), writing the plan into the run's `settings`."""
-    train_images, train_labels, val_images, val_labels = splits
-    steps_per_epoch = len(train_images) // settings["batch_size"]
-    train_images, train_labels = train_images.to(ctx.device), train_labels.to(ctx.device)
-    history = list(history)
-    start = time.perf_counter()
-    earlier_s = history[-1].get("elapsed_s", 0.0) if history else 0.0  # what the calls before this one used
-    budget = settings.get("time_budget") is not None
-    after_step = None
-    if budget and settings.get("planned_steps") is None:
-        after_step = budget_planner(settings, steps_per_epoch, len(val_images), start, ctx,
-                                    on_plan=lambda: apply_budget_scaling(settings, training.model, steps_per_epoch, ctx))
-    epoch = len(history)
-    while settings["epochs"] is None or epoch < settings["epochs"]:  # a budget's plan sets epochs in the first one
-        epoch += 1
-        if settings["patience"] and best.epoch is not None and epoch - 1 - best.epoch >= settings["patience"]:
-            if ctx.is_main:
-                print(f"early stop: no better validation accuracy for {settings['patience']} epochs")
-            break
-        epoch_start = time.perf_counter()
-        row = {"epoch": epoch, "lr": training.optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(training.train_model, training.optimizer, training.scheduler, training.scaler,
-                                   train_images, train_labels, settings, epoch, ctx, after_step if epoch == 1 else None))
-        val = torch.zeros(2, device=ctx.device, dtype=torch.float64)
-        if ctx.is_main:
-            result = evaluate(training.model, val_images, val_labels, settings, ctx)
-            val = torch.tensor([result["loss"], result["accuracy"]], device=ctx.device, dtype=torch.float64)
-        if ctx.world > 1:
-            dist.broadcast(val, 0)
-        row["val_loss"], row["val_accuracy"] = val.tolist()
-        row["precision"] = str(ctx.dtype).replace("torch.", "")
-        row["elapsed_s"] = earlier_s + time.perf_counter() - start
-        row = {k: row[k] for k in HISTORY_KEYS}
-        history.append(row)
-        improved = row["val_accuracy"] > best.val_accuracy
-        if improved:
-            best = BestEpoch(epoch, row["val_accuracy"])
-        if ctx.is_main:
-            tqdm.write(f"epoch {epoch:3d}/{settings['epochs']}  train loss {row['train_loss']:.4f} acc "
-                       f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
-                       f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
-                       + ("  *best" if improved else ""), file=sys.stdout)
-            checkpoint = _checkpoint(kind, settings, training, history, best, fingerprint, classes)
-            if epoch == 1:  # a new run: what an --overwrite replaces goes once it has trained an epoch
-                (out_dir / "metrics.json").unlink(missing_ok=True)
-            if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
-                save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
-            save_checkpoint(checkpoint, out_dir / "last.pt")
-            save_json(history, out_dir / "history.json")
-        if budget and not settings.get("plan_from") and row["steps"] == steps_per_epoch and epoch < settings["epochs"]:
-            epoch_s = time.perf_counter() - epoch_start  # training, validation and saving
-            replan(settings, earlier_s + time.perf_counter() - start, epoch * steps_per_epoch, steps_per_epoch,
-                   row["seconds"] / row["steps"], epoch_s - row["seconds"], ctx)
-    return Fitted(history, best, time.perf_counter() - start)
+def final_test(script: str, model: nn.Module, fitted: Fitted, data: CifarData, mean: Sequence[float],
+               std: Sequence[float], tta: bool, out_dir: Path, ctx: TrainContext) -> FinalTest:
+    """Test the last epoch's model, then load the best epoch's weights from best.pt and test them (once, when the
+    last epoch is the best)."""
+    last_is_best = fitted.best.epoch == len(fitted.history)  # then best.pt holds these very weights
+    last = None if last_is_best else evaluate(model, data.test_images, data.test_labels, mean, std, ctx)["accuracy"]
+    model.load_state_dict(load_checkpoint(out_dir / "best.pt", script)["model"])
+    results = test_results(model, data.test_images, data.test_labels, data.classes, mean, std, ctx, tta)
+    return FinalTest(results, results.accuracy if last_is_best else last)
 
 
-def final_report(kind: str, settings: dict, model: nn.Module, fitted: Fitted, resumed_epochs: int, steps_per_epoch: int,
-                 data: CifarData, out_dir: Path, ctx: TrainContext, environment: dict) -> dict:
-    """Test the last epoch's and the best epoch's model, draw the history and the trained filters, write
-    metrics.json; the model ends holding the best epoch's weights."""
+def write_final_report(settings: Settings, model: nn.Module, plan: Plan, fitted: Fitted, tested: FinalTest,
+                       resumed_epochs: int, data: CifarData, out_dir: Path, ctx: TrainContext, environment: dict) -> dict:
+    """The trained filters, the history, the test figures and metrics.json of a finished run; returns the metrics."""
     history, best = fitted.history, fitted.best
-    last_is_best = best.epoch == len(history)  # then best.pt holds these very weights: test them once
-    test_last = None if last_is_best else evaluate(model, data.test_images, data.test_labels, settings, ctx)["accuracy"]
-    model.load_state_dict(load_checkpoint(out_dir / "best.pt", kind)["model"])
     plot_filters(first_conv_weight(model), out_dir / "filters_after.png",
                  f"first-layer filters after training (epoch {best.epoch})")
     plot_history(history, best.epoch, out_dir / "history.png")
-    metrics = test_report(model, data, settings, ctx, out_dir, tta=settings.get("tta", False))  # absent: resumed older run
-    test_last = metrics["test_accuracy"] if last_is_best else test_last
+    write_test_report(tested.results, data, out_dir)
     trained = history[resumed_epochs:]  # the epochs this call trained
-    metrics.update({
-        "test_accuracy_last": test_last, "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy,
-        "params": count_parameters(model), "epochs_run": len(history), "train_seconds": fitted.seconds,
-        "time_budget_minutes": settings.get("time_budget"), "planned_steps": total_steps(settings, steps_per_epoch),
-        "run_steps": sum(r.get("steps", steps_per_epoch) for r in history),
-        "train_images_per_s": (sum(r["images_per_s"] * r["seconds"] for r in trained) / max(1e-9, sum(r["seconds"] for r in trained))),
-        "device": str(ctx.device), "processes": ctx.world,
-        "precision": "+".join(dict.fromkeys(r.get("precision", str(ctx.dtype).replace("torch.", "")) for r in history)),
-        "classes": list(data.classes), "settings": {k: v for k, v in settings.items() if k not in RUNTIME_KEYS},
-        "args": dict(settings), **environment})
+    metrics = metrics_record(
+        tested.results, model, ctx.device, data.classes, recorded_settings(settings), environment,
+        test_accuracy_last=tested.last_accuracy, best_epoch=best.epoch, best_val_accuracy=best.val_accuracy,
+        epochs_run=len(history), train_seconds=fitted.seconds, time_budget_minutes=settings.time_budget,
+        planned_steps=plan.total_steps, run_steps=sum(r.get("steps", plan.steps_per_epoch) for r in history),
+        train_images_per_s=(sum(r["images_per_s"] * r["seconds"] for r in trained)
+                            / max(1e-9, sum(r["seconds"] for r in trained))),
+        processes=ctx.world,
+        precision="+".join(dict.fromkeys(r.get("precision", str(ctx.dtype).replace("torch.", "")) for r in history)),
+        args=dict(settings))
     save_json(metrics, out_dir / "metrics.json")
     print(f"best epoch {best.epoch} (val {best.val_accuracy:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
-          f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {test_last:.2%}; reports in {out_dir}")
+          f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {tested.last_accuracy:.2%}; reports in {out_dir}")
     return metrics
 
 
-def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[torch.Tensor, ...],
-                     build_model: ModelBuilder, out_dir: Path, ctx: TrainContext, resume_from: dict | None = None) -> dict:
-    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report. The caller's
-    `settings` stay as they are: the run works on its own copy (which a time budget's plan completes)."""
+def train_and_report(script: str, settings: Settings, data: CifarData, splits: Splits, build_model: ModelBuilder,
+                     out_dir: Path, ctx: TrainContext, resume_from: dict | None = None) -> dict:
+    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report."""
     environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
     fingerprint = data_fingerprint(splits)
     if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
-        raise UsageError(f"--data-dir {settings['data_dir']}: the data differs from the data the run in {out_dir} was "
+        raise UsageError(f"--data-dir {settings.data_dir}: the data differs from the data the run in {out_dir} was "
                          f"trained on; resume with that data, or start a new run (--overwrite or another --out-dir)")
-    settings = with_data_mean_std(settings, splits[0])
-    steps_per_epoch = len(splits[0]) // settings["batch_size"]
-    training = set_up_training(settings, build_model, steps_per_epoch, ctx, resume_from, splits[0])
+    settings = with_data_mean_std(settings, splits.train_images)
+    plan = first_plan(settings, steps_per_epoch(len(splits.train_images), settings.batch_size))
+    training = set_up_training(settings, build_model, plan, ctx, resume_from, splits.train_images)
     history, best = [], BestEpoch()
     if resume_from is None:
         if ctx.is_main:
@@ -1733,13 +1911,30 @@ def train_and_report(kind: str, settings: dict, data: CifarData, splits: tuple[t
     else:
         history, best = resume_from["history"], BestEpoch(resume_from["best_epoch"], resume_from["best_val_accuracy"])
         if ctx.is_main:
-            print(f"resuming after epoch {len(history)} of {settings['epochs']} (best so far: epoch {best.epoch})")
-    fitted = fit(training, kind, settings, splits, fingerprint, data.classes, out_dir, ctx, history, best)
+            print(f"resuming after epoch {len(history)} of {settings.epochs} (best so far: epoch {best.epoch})")
+    chosen = settings  # with the choices a time budget's plan makes (with_budget_choice)
+
+    def on_plan() -> TrainStep:
+        nonlocal chosen
+        chosen = with_budget_choice(chosen, plan, ctx)
+        if "dropout" in (chosen.budget_choice or {}):
+            set_dropout(training.model, chosen["dropout"])
+        return train_step(chosen)
+
+    def save_epoch(history: list[dict], best: BestEpoch, improved: bool) -> None:
+        checkpoint = checkpoint_state(script, with_plan(chosen, plan), training, history, best, fingerprint, data.classes)
+        save_epoch_files(checkpoint, improved, out_dir)
+
+    fitted = fit(training, splits, plan, train_step(settings), settings.seed, settings.batch_size, settings.patience,
+                 settings.time_budget, not settings.plan_from, history, best, ctx, on_plan, save_epoch)
     if not ctx.is_main:
         return {}
-    return final_report(kind, settings, training.model, fitted, len(history), steps_per_epoch, data, out_dir, ctx,
-                        environment)
+    tested = final_test(script, training.model, fitted, data, settings.mean, settings.std, settings.tta, out_dir, ctx)
+    return write_final_report(with_plan(chosen, plan), training.model, plan, fitted, tested, len(history), data,
+                              out_dir, ctx, environment)
 
+
+# ---------------- drive: the tasks on a checkpoint (--eval-only, --export, --predict)
 
 def model_from_checkpoint(checkpoint: dict, build_model: ModelBuilder, ctx: TrainContext) -> nn.Module:
     """The network a checkpoint holds, rebuilt from its settings and weights, on the device."""
@@ -1748,37 +1943,37 @@ def model_from_checkpoint(checkpoint: dict, build_model: ModelBuilder, ctx: Trai
     return model.to(ctx.device, memory_format=torch.channels_last)
 
 
-def eval_only(kind: str, checkpoint_path: Path, out_dir: Path, settings: dict, build_model: ModelBuilder,
-              ctx: TrainContext) -> dict:
-    """Rebuild the model of a checkpoint, evaluate it on the test set of settings['data_dir'], write metrics.json
-    and the test figures in `out_dir`."""
-    checkpoint = load_checkpoint(checkpoint_path, kind)
+def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, download: bool, tta: bool,
+              build_model: ModelBuilder, ctx: TrainContext) -> dict:
+    """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir`, write metrics.json and the test
+    figures in `out_dir`."""
+    checkpoint = load_checkpoint(checkpoint_path, script)
     saved = checkpoint["settings"]
     prepare_out_dir(out_dir)
-    data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
+    data = load_cifar10(data_dir, download=download)
     model = model_from_checkpoint(checkpoint, build_model, ctx)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
-    metrics = test_report(model, data, saved, ctx, out_dir, tta=settings["tta"])
-    metrics.update({"checkpoint": str(checkpoint_path), "epoch": checkpoint["epoch"],
-                    "best_epoch": checkpoint["best_epoch"], "best_val_accuracy": checkpoint["best_val_accuracy"],
-                    "params": count_parameters(model), "device": str(ctx.device), "classes": list(data.classes),
-                    "settings": saved, **environment_info(ctx.device)})
+    results = test_results(model, data.test_images, data.test_labels, data.classes, saved["mean"], saved["std"], ctx, tta)
+    write_test_report(results, data, out_dir)
+    metrics = metrics_record(results, model, ctx.device, data.classes, recorded_settings(saved),
+                             environment_info(ctx.device), checkpoint=str(checkpoint_path), epoch=checkpoint["epoch"],
+                             best_epoch=checkpoint["best_epoch"], best_val_accuracy=checkpoint["best_val_accuracy"])
     save_json(metrics, out_dir / "metrics.json")
     print(f"reports in {out_dir}")
     return metrics
 
 
-def export_model(kind: str, checkpoint_path: Path, path: Path, quantize: str | None, settings: dict,
+def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str | None, data_dir: str, download: bool,
                  build_model: ModelBuilder) -> int:
     """--export: write the checkpoint's network as an ONNX picture classifier at `path` (int8 with `quantize`), then
     check it: ONNX Runtime against PyTorch on the test set, or on one random batch where no test set is at hand.
     Returns the exit code: 1 when an fp32 export disagrees with PyTorch (the file is then removed), else 0."""
     export_packages()
-    checkpoint = load_checkpoint(checkpoint_path, kind)
+    checkpoint = load_checkpoint(checkpoint_path, script)
     saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
     prepare_out_dir(path.parent)
     try:
-        data = load_cifar10(settings["data_dir"], download=not settings["no_download"])
+        data = load_cifar10(data_dir, download=download)
     except UsageError as e:
         if quantize:
             raise UsageError(f"--quantize int8 calibrates on training images, and there are none at hand: {e}") from None
@@ -1789,7 +1984,7 @@ def export_model(kind: str, checkpoint_path: Path, path: Path, quantize: str | N
     run_metrics = {}  # the test accuracy its training run measured, where it lies beside the checkpoint
     with contextlib.suppress(OSError, ValueError):
         run_metrics = json.loads((checkpoint_path.parent / "metrics.json").read_text())
-    metadata = {"classes": json.dumps(classes), "script": kind, "checkpoint": str(checkpoint_path),
+    metadata = {"classes": json.dumps(classes), "script": script, "checkpoint": str(checkpoint_path),
                 "checkpoint_epoch": str(checkpoint["epoch"]), "test_accuracy": str(run_metrics.get("test_accuracy")),
                 "git_commit": str(environment_info(cpu.device)["git_commit"]),
                 "input": "images: uint8 (N, 32, 32, 3), RGB", "output": "probabilities: float32 (N, 10), softmax"}
@@ -1808,7 +2003,7 @@ def export_model(kind: str, checkpoint_path: Path, path: Path, quantize: str | N
         labels = None
     else:
         images, labels = data.test_images, data.test_labels
-    expected = predict(model, images, saved, cpu).softmax(1)
+    expected = predict(model, images, saved["mean"], saved["std"], cpu).softmax(1)
     got = onnx_probabilities(path, nhwc(images))
     same = (expected.argmax(1) == got.argmax(1)).sum().item()
     largest = (expected - got).abs().max().item() if len(images) else 0.0
@@ -1835,14 +2030,14 @@ PREDICT_BATCH = 256  # images read, held and predicted at a time
 PREVIEW_COUNT = 64  # inputs drawn in predictions.png
 
 
-def predict_images(kind: str, paths: Sequence[str], tta: bool, build_model: ModelBuilder, ctx: TrainContext,
+def predict_images(script: str, paths: Sequence[str], tta: bool, build_model: ModelBuilder, ctx: TrainContext,
                    checkpoint_path: Path, out_dir: Path) -> int:
     """Predict the class of every image file in `paths` (files and folders) with a checkpoint: print a table, write
     predictions.json, .csv and .png in `out_dir`. Returns the exit code: 1 when a file was skipped as unreadable,
     else 0.
     """
     files = image_files(paths)  # a missing path or an empty folder is refused before the model loads
-    checkpoint = load_checkpoint(checkpoint_path, kind)
+    checkpoint = load_checkpoint(checkpoint_path, script)
     saved, classes = checkpoint["settings"], checkpoint.get("classes", CLASSES)
     prepare_out_dir(out_dir)
     model = model_from_checkpoint(checkpoint, build_model, ctx)
@@ -1862,7 +2057,7 @@ def predict_images(kind: str, paths: Sequence[str], tta: bool, build_model: Mode
             bar.update()
         if not images:
             continue
-        probabilities = predict(model, torch.stack(images), saved, ctx, tta).softmax(1).cpu()
+        probabilities = predict(model, torch.stack(images), saved["mean"], saved["std"], ctx, tta).softmax(1).cpu()
         top_p, top_i = probabilities.topk(3, dim=1)
         for path, image, p, i in zip(read, images, top_p.tolist(), top_i.tolist()):
             top3 = [{"label": classes[c], "probability": round(q, 6)} for c, q in zip(i, p)]
@@ -1878,18 +2073,21 @@ def predict_images(kind: str, paths: Sequence[str], tta: bool, build_model: Mode
     return 1 if skipped else 0
 
 
-def _resume_settings(given: dict, saved: dict) -> dict:
-    """The saved run's settings with the runtime flags, --epochs and --patience of this call (`given`) on top."""
-    if "epochs" in given and saved.get("time_budget") is not None:
+# ---------------- drive: start or resume, sweeps, the command line
+
+def resume_settings(flags_given: dict, saved: dict, settings_type: type[Settings]) -> Settings:
+    """The saved run's settings with the runtime flags, --epochs and --patience of this call on top."""
+    if "epochs" in flags_given and saved.get("time_budget") is not None:
         raise UsageError(f"--epochs: the run being resumed trains for --time-budget {saved['time_budget']:g} minutes, "
                          f"and --resume continues its plan ({saved.get('planned_steps')} steps)")
-    for key, value in given.items():
+    for key, value in flags_given.items():
         if key in RUNTIME_KEYS or key in RESUME_EXTENDABLE:
             continue
         if (parse_augment(value) if key == "augment" else value) != saved.get(key):
             raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run being resumed "
                              f"({saved.get(key)}): --resume keeps the run's settings; only --epochs and --patience may change")
-    return {**saved, **{k: v for k, v in given.items() if k in RUNTIME_KEYS or k in RESUME_EXTENDABLE}}
+    return settings_from(settings_type, {**saved, **{k: v for k, v in flags_given.items()
+                                                     if k in RUNTIME_KEYS or k in RESUME_EXTENDABLE}})
 
 
 def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: bool) -> TrainContext:
@@ -1928,23 +2126,23 @@ def run_dir_lock(out_dir: Path):
         yield
 
 
-def start_or_resume(kind: str, settings: dict, given: dict, build_model: ModelBuilder, out_dir: Path,
+def start_or_resume(script: str, settings: Settings, flags_given: dict, build_model: ModelBuilder, out_dir: Path,
                     ctx: TrainContext) -> dict | None:
-    """Train in `out_dir`: fresh, resumed from its last.pt (the flags `given` checked against its settings), or not
+    """Train in `out_dir`: fresh, resumed from its last.pt (the flags given checked against its settings), or not
     at all when it already holds a finished run."""
     finished, unfinished = (out_dir / "metrics.json").exists(), (out_dir / "last.pt").exists()
     resume_from = None
-    if settings["resume"]:
+    if settings.resume:
         if finished:
             if ctx.is_main:
                 print(f"{out_dir} holds a finished run (metrics.json); nothing to resume")
             return None
         if not unfinished:
             raise UsageError(f"nothing to resume in {out_dir}: it has no last.pt (start without --resume)")
-        resume_from = load_checkpoint(out_dir / "last.pt", kind)
-        settings = _resume_settings(given, resume_from["settings"])
-        ctx = resumed_precision(ctx, resume_from, "precision" in given)
-    elif (finished or unfinished) and not settings["overwrite"]:
+        resume_from = load_checkpoint(out_dir / "last.pt", script)
+        settings = resume_settings(flags_given, resume_from["settings"], type(settings))
+        ctx = resumed_precision(ctx, resume_from, "precision" in flags_given)
+    elif (finished or unfinished) and not settings.overwrite:
         what = "a finished run (metrics.json)" if finished else "an unfinished run (last.pt); --resume continues it"
         raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
     check_settings(settings)
@@ -1960,7 +2158,7 @@ def start_or_resume(kind: str, settings: dict, given: dict, build_model: ModelBu
         command = shlex.join([*sys.argv, *(["--resume"] if "--resume" not in sys.argv else [])])  # a sweep's too
         try:
             with tee_console(out_dir / "train.log", enabled=ctx.is_main):
-                return train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from)
+                return train_and_report(script, settings, data, splits, build_model, out_dir, ctx, resume_from)
         except KeyboardInterrupt:
             if not (out_dir / "last.pt").exists():
                 raise KeyboardInterrupt(f"no epoch had finished: nothing to resume in {out_dir}; start the run again") from None
@@ -1988,7 +2186,7 @@ class Sweep(NamedTuple):
 PLAN_KEYS = ("planned_steps", "planned_images_per_s", "epochs", "budget_choice")  # what a time budget's plan sets
 
 
-def differing_settings(asked: dict, saved: dict) -> list[str]:
+def differing_settings(asked: Mapping, saved: dict) -> list[str]:
     """The settings a finished run was trained with that differ from those `asked` for now, as 'name: saved -> asked'.
     What the run itself filled in is left out: its plan under a time budget, a mean and std taken from the data."""
     filled = {"plan_from", *PLAN_KEYS, *(saved.get("budget_choice") or {})} if asked.get("time_budget") is not None \
@@ -2004,10 +2202,10 @@ def differing_settings(asked: dict, saved: dict) -> list[str]:
     return differences
 
 
-def reusable_run(run_dir: Path, settings: dict) -> bool:
+def reusable_run(run_dir: Path, settings: Settings) -> bool:
     """True when `run_dir` holds a finished run trained with `settings` (and not --overwrite); refuses a finished run
     with other settings, naming them."""
-    if settings["overwrite"] or not (run_dir / "metrics.json").exists():
+    if settings.overwrite or not (run_dir / "metrics.json").exists():
         return False
     saved = _load_run(run_dir)["metrics"].get("settings", {})
     differences = differing_settings(settings, saved)
@@ -2024,7 +2222,7 @@ def shared_plan(run_dir: Path) -> dict:
     return {**{key: saved[key] for key in PLAN_KEYS if key in saved}, **chosen, "plan_from": str(run_dir)}
 
 
-def run_sweeps(sweeps: Sequence[Sweep], kind: str, settings: dict, given: dict, build_model: ModelBuilder,
+def run_sweeps(sweeps: Sequence[Sweep], script: str, settings: Settings, flags_given: dict, build_model: ModelBuilder,
                out_dir: Path, ctx: TrainContext) -> None:
     """One run per value of the first sweep in out_dir/<prefix><value>/, each swept in turn by the others; a finished
     run is reused when its settings are these, an unfinished one continued with --resume. Under a time budget the
@@ -2033,21 +2231,22 @@ def run_sweeps(sweeps: Sequence[Sweep], kind: str, settings: dict, given: dict, 
     run_dirs = []
     for value in sweep.values:
         run_dir = out_dir / f"{sweep.prefix}{value}"
-        run_settings = {**settings, **sweep.changes, sweep.key: value}
-        if run_settings.get("budget_scaling"):  # the swept setting is the sweep's, not the plan's
-            run_settings["budget_scaling"] = {k: v for k, v in run_settings["budget_scaling"].items() if k != sweep.key}
+        run_settings = dataclasses.replace(settings, **sweep.changes, **{sweep.key: value})
+        if run_settings.budget_scaling:  # the swept setting is the sweep's, not the plan's
+            run_settings = dataclasses.replace(run_settings, budget_scaling={
+                k: v for k, v in run_settings.budget_scaling.items() if k != sweep.key})
         if inner:
-            run_sweeps(inner, kind, run_settings, given, build_model, run_dir, ctx)
+            run_sweeps(inner, script, run_settings, flags_given, build_model, run_dir, ctx)
         elif reusable_run(run_dir, run_settings):
             if ctx.is_main:
                 print(f"{run_dir} is finished; using its results")
         else:
-            start_or_resume(kind, {**run_settings, "resume": settings["resume"] and (run_dir / "last.pt").exists()},
-                            given, build_model, run_dir, ctx)
+            resume = settings.resume and (run_dir / "last.pt").exists()
+            start_or_resume(script, dataclasses.replace(run_settings, resume=resume), flags_given, build_model, run_dir, ctx)
         run_dirs.append(run_dir)
-        if settings.get("time_budget") is not None and "planned_steps" not in settings:
+        if settings.time_budget is not None and settings.planned_steps is None:
             first = run_dir.joinpath(*(f"{s.prefix}{s.values[0]}" for s in inner))
-            settings = {**settings, **shared_plan(first)}
+            settings = dataclasses.replace(settings, **shared_plan(first))
     if ctx.is_main:
         sweep.report(sweep.values, run_dirs, out_dir)
 
@@ -2059,14 +2258,14 @@ def seeds_sweep(first: int, count: int) -> Sweep:
     return Sweep("seed", list(range(first, first + count)), "seed", {}, summarize_seeds)
 
 
-def interrupted_outside_training(given: dict, sweep: bool, out_dir: Path) -> str:
+def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) -> str:
     """What Ctrl-C outside an epoch (loading data, between the runs of a sweep, writing a report) leaves, and how to
     go on."""
     command = shlex.join([*sys.argv, *(["--resume"] if sweep and "--resume" not in sys.argv else [])])
     if sweep:
         return (f"the finished runs in {out_dir} are kept, and so is the last epoch of an unfinished one; continue "
                 f"with: python {command}")
-    if any(given.get(task) for task in TASK_FLAGS):
+    if any(flags_given.get(task) for task in TASK_FLAGS):
         return f"no training was affected; run the command again: python {command}"
     return (f"{out_dir} keeps what it held before (a run's last.pt and best.pt are written whole or not at all); "
             f"to go on: python {command}")
@@ -2075,17 +2274,17 @@ def interrupted_outside_training(given: dict, sweep: bool, out_dir: Path) -> str
 TASK_FLAGS = ("compare", "predict", "eval_only", "seeds", "export")  # each one a task of its own: one a command line
 
 
-def task_checkpoint(given: dict, out_dir: Path) -> Path:
+def task_checkpoint(flags_given: dict, out_dir: Path) -> Path:
     """The checkpoint --eval-only, --predict and --export read: --checkpoint, else best.pt of the run in --out-dir
     (the script's run folder by default)."""
-    return Path(given["checkpoint"]) if "checkpoint" in given else out_dir / "best.pt"
+    return Path(flags_given["checkpoint"]) if "checkpoint" in flags_given else out_dir / "best.pt"
 
 
-def checkpoint_and_reports(given: dict, out_dir: Path, task: str) -> tuple[Path, Path]:
+def checkpoint_and_reports(flags_given: dict, out_dir: Path, task: str) -> tuple[Path, Path]:
     """(the checkpoint --eval-only or --predict reads (task_checkpoint), the folder its reports go to): <task>/ beside
     the checkpoint, or --out-dir when --checkpoint names the checkpoint, a folder that must not hold a training run."""
-    checkpoint = task_checkpoint(given, out_dir)
-    if "checkpoint" not in given or "out_dir" not in given:
+    checkpoint = task_checkpoint(flags_given, out_dir)
+    if "checkpoint" not in flags_given or "out_dir" not in flags_given:
         return checkpoint, checkpoint.parent / task
     if any((out_dir / name).exists() for name in ("last.pt", "history.json")):
         raise UsageError(f"--out-dir {out_dir} holds a training run, whose files an evaluation would overwrite: "
@@ -2093,52 +2292,55 @@ def checkpoint_and_reports(given: dict, out_dir: Path, task: str) -> tuple[Path,
     return checkpoint, out_dir
 
 
-def run_experiment(args: argparse.Namespace, kind: str, recipes: dict[str, dict], model_defaults: dict,
+def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dict], settings_type: type[Settings],
                    build_model: ModelBuilder, default_out_dir: str, default_recipe: str = "default",
                    sweeps: Sequence[Sweep] = ()) -> int:
-    """Everything a script's command line can ask for; returns the exit code. `sweeps` are the script's own (ex1's
-    dropout values); --seeds adds one inside them. The settings they vary are left out of the flags given."""
-    given = explicit_flags(args)
-    out_dir = Path(given.get("out_dir", default_out_dir))
+    """Everything a script's command line can ask for; returns the exit code. `settings_type` is the script's
+    Settings; `sweeps` are its own (ex1's dropout values); --seeds adds one inside them. The settings they vary are
+    left out of the flags given."""
+    flags_given = explicit_flags(args)
+    out_dir = Path(flags_given.get("out_dir", default_out_dir))
     try:
-        tasks = [f"--{key.replace('_', '-')}" for key in TASK_FLAGS if given.get(key)]
+        tasks = [f"--{key.replace('_', '-')}" for key in TASK_FLAGS if flags_given.get(key)]
         if sweeps and "--seeds" not in tasks:  # the script's sweep trains runs as --seeds does, and composes with it
             tasks.append(f"--{sweeps[0].key} with several values")
         if len(tasks) > 1:
             raise UsageError(f"{' and '.join(tasks)} are separate tasks: give one of them")
-        if "quantize" in given and "export" not in given:
+        if "quantize" in flags_given and "export" not in flags_given:
             raise UsageError("--quantize int8 goes with --export FILE.onnx: it says how to export")
-        if "compare" in given:
-            compare_runs(given["compare"], Path(given.get("out_dir", "runs/compare")))
+        if "compare" in flags_given:
+            compare_runs(flags_given["compare"], Path(flags_given.get("out_dir", "runs/compare")))
             return 0
-        if "seeds" in given:
-            sweeps = [*sweeps, seeds_sweep(given.pop("seed", DEFAULTS["seed"]), given.pop("seeds"))]
-        given = {k: v for k, v in given.items() if k not in {sweep.key for sweep in sweeps}}
-        settings = resolve_settings(given, choose_recipe(recipes, given.get("recipe", default_recipe)), model_defaults)
+        if "seeds" in flags_given:
+            sweeps = [*sweeps, seeds_sweep(flags_given.pop("seed", settings_type.seed), flags_given.pop("seeds"))]
+        flags_given = {k: v for k, v in flags_given.items() if k not in {sweep.key for sweep in sweeps}}
+        recipe = choose_recipe(recipes, flags_given.get("recipe", default_recipe))
+        settings = resolve_settings(flags_given, recipe, settings_type)
         rank, world, local_rank = init_distributed()
-        device = resolve_device(settings["device"], local_rank)
-        ctx = TrainContext(device, resolve_precision(settings["precision"], device), rank, world)
+        device = resolve_device(settings.device, local_rank)
+        ctx = TrainContext(device, resolve_precision(settings.precision, device), rank, world)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        if settings["export"]:
-            return export_model(kind, task_checkpoint(given, out_dir), Path(settings["export"]), settings["quantize"],
-                                settings, build_model) if ctx.is_main else 0
-        if settings["predict"]:
-            checkpoint, reports = checkpoint_and_reports(given, out_dir, "predict")
-            return predict_images(kind, settings["predict"], settings["tta"], build_model, ctx, checkpoint,
+        if settings.export:
+            return export_model(script, task_checkpoint(flags_given, out_dir), Path(settings.export), settings.quantize,
+                                settings.data_dir, not settings.no_download, build_model) if ctx.is_main else 0
+        if settings.predict:
+            checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "predict")
+            return predict_images(script, settings.predict, settings.tta, build_model, ctx, checkpoint,
                                   reports) if ctx.is_main else 0
-        if settings["eval_only"]:
-            checkpoint, reports = checkpoint_and_reports(given, out_dir, "eval")
+        if settings.eval_only:
+            checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "eval")
             if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
-                eval_only(kind, checkpoint, reports, settings, build_model, ctx)
+                eval_only(script, checkpoint, reports, settings.data_dir, not settings.no_download, settings.tta,
+                          build_model, ctx)
         elif sweeps:
             check_settings(settings)
             for sweep in sweeps:  # every value, before the first run starts
                 for value in sweep.values:
-                    check_settings({**settings, **sweep.changes, sweep.key: value})
-            run_sweeps(sweeps, kind, settings, given, build_model, out_dir, ctx)
+                    check_settings(dataclasses.replace(settings, **sweep.changes, **{sweep.key: value}))
+            run_sweeps(sweeps, script, settings, flags_given, build_model, out_dir, ctx)
         else:
-            start_or_resume(kind, settings, given, build_model, out_dir, ctx)
+            start_or_resume(script, settings, flags_given, build_model, out_dir, ctx)
         return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -2151,7 +2353,7 @@ def run_experiment(args: argparse.Namespace, kind: str, recipes: dict[str, dict]
         print(f"error: could not write {e.filename}: {e.strerror}", file=sys.stderr)
         return 4
     except KeyboardInterrupt as e:
-        print(f"\ninterrupted. {str(e) or interrupted_outside_training(given, bool(sweeps), out_dir)}", file=sys.stderr)
+        print(f"\ninterrupted. {str(e) or interrupted_outside_training(flags_given, bool(sweeps), out_dir)}", file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -15,8 +15,10 @@
 Each block is Conv3x3 (pad 1) -> BatchNorm -> MaxPool 2x2 -> ReLU -> Dropout; one Linear 512 -> 10 ends it.
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Mapping
 
 import torch.nn as nn
 
@@ -53,7 +55,18 @@ RECIPES["short"] = dict(RECIPES["default"], recipe="short", epochs=5, batch_size
                                         "label_smoothing": [0.2, 0.1]})
 
 
-def build_model(settings: dict, *, initial_weights: bool = True) -> nn.Sequential:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(common.Settings):
+    """common.Settings and this network's own."""
+    dropout: float | list[float]  # of every block, or one value per block
+    batch_norm: bool = True  # False: the variant without BatchNorm (--no-bn)
+    bn_momentum: float = 0.1
+    linear_init_std: float | None  # the last layer's initial weights: normal with this std (None: PyTorch's default)
+    output_scale: float = 1.0  # the logits multiplied by it
+    whiten: bool = False  # the first 54 filters start as a whitening of the training images' patches
+
+
+def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequential:
     """The ConvNet for these settings, from random weights (all it has, so `initial_weights` changes nothing)."""
     dropout = settings["dropout"]
     per_block = dropout if isinstance(dropout, list) else [dropout] * len(WIDTHS)
@@ -126,7 +139,7 @@ def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -
 
 def dropout_sweep(args: argparse.Namespace) -> common.Sweep:
     """One run per --dropout value in p<P>/, without augmentation unless a flag asks for it."""
-    augment_given = any(getattr(args, key) is not None for key in ("augment", *common.STRENGTH_FLAGS.values()))
+    augment_given = any(getattr(args, key) is not None for key in ("augment", *common.STRENGTH_KEYS.values()))
     return common.Sweep("dropout", args.dropout, "p", {} if augment_given else {"augment": []}, report_dropout_sweep)
 
 
@@ -155,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return common.run_experiment(args, "ex1_convnet.py", RECIPES, {"batch_norm": True}, build_model, "runs/ex1",
+    return common.run_experiment(args, "ex1_convnet.py", RECIPES, Settings, build_model, "runs/ex1",
                                  default_recipe="short" if args.time_budget is not None else "default",
                                  sweeps=[dropout_sweep(args)] if isinstance(args.dropout, list) else [])
 

@@ -14,9 +14,11 @@ Linear(512, 256) -> BatchNorm1d -> ReLU -> Linear(256, 10). Every mode normalise
 ImageNet mean and std that torchvision's weights carry.
 """
 import argparse
+import dataclasses
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -85,7 +87,14 @@ def imagenet_state_dict(path: str | None) -> dict:
     return {k: state[k] for k in expected}  # extra entries beside torchvision's would fail the strict load
 
 
-def build_model(settings: dict, *, initial_weights: bool = True) -> nn.Sequential:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(common.Settings):
+    """common.Settings and this network's own."""
+    mode: str = "pretrained"  # pretrained, scratch or frozen
+    weights: str | None = None  # ImageNet weights from this file instead of torchvision's download
+
+
+def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequential:
     """VGG-11-bn features and the new head; the ImageNet weights loaded when the mode starts from them and
     `initial_weights` asks for them (not when a checkpoint's weights come next)."""
     vgg = torchvision.models.vgg11_bn()
@@ -122,8 +131,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     mode = args.mode or "pretrained"
     recipes = {"default": RECIPES[mode], "original": RECIPES["original"]}  # 'default': ours for the mode
-    return common.run_experiment(args, "ex2_transfer.py", recipes, {"mode": mode, "weights": None}, build_model,
-                                 f"runs/ex2-{mode}")
+    return common.run_experiment(args, "ex2_transfer.py", recipes, Settings, build_model, f"runs/ex2-{mode}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ to probabilities, with the size of each model file (needs the optional packages 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -35,9 +36,9 @@ import ex1_convnet  # noqa: E402
 TARGETS = {"loop_vs_model": 0.9, "loop_vs_original": 2.0, "aug_batched_vs_pil": 20.0}  # on a 2-core CPU
 
 
-def recipe_settings(name: str, images: torch.Tensor) -> dict:
+def recipe_settings(name: str, images: torch.Tensor) -> ex1_convnet.Settings:
     """Settings as the driver resolves them for `ex1_convnet.py --recipe name`, mean/std from `images`."""
-    settings = common.resolve_settings({}, ex1_convnet.RECIPES[name], {"batch_norm": True})
+    settings = common.resolve_settings({}, ex1_convnet.RECIPES[name], ex1_convnet.Settings)
     return common.with_data_mean_std(settings, images)
 
 
@@ -73,7 +74,7 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def new_model(settings: dict, device: torch.device, channels_last: bool) -> nn.Module:
+def new_model(settings: ex1_convnet.Settings, device: torch.device, channels_last: bool) -> nn.Module:
     torch.manual_seed(0)
     model = ex1_convnet.build_model(settings).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
@@ -85,7 +86,7 @@ def bench_model(images, labels, settings, ctx, n_steps: int, warmup: int) -> flo
     x_all = common.normalize(images.to(ctx.device).float().div_(255), settings["mean"], settings["std"])
     y_all = labels.to(ctx.device)
     model = new_model(settings, ctx.device, channels_last=True).train()
-    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    optimizer = common.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
 
@@ -110,11 +111,13 @@ def bench_loop(images, labels, settings, ctx, n_steps: int, warmup: int) -> floa
     bs = settings["batch_size"]
     images, labels = images.to(ctx.device), labels.to(ctx.device)
     model = new_model(settings, ctx.device, channels_last=True)
-    optimizer = common.make_optimizer(list(model.parameters()), settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.lr_factor(settings, step, n_steps))
+    optimizer = common.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
+    plan = common.Plan(n_steps, settings.epochs * n_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.lr_factor(
+        step, plan.total_steps, n_steps, settings.schedule, settings.warmup, settings.lr_decay, settings.lr_end))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     run = lambda epoch, n: common.train_one_epoch(model, optimizer, scheduler, scaler, images[:n], labels[:n],  # noqa: E731
-                                                  settings, epoch, ctx)
+                                                  common.train_step(settings), plan, epoch, settings.seed, bs, ctx)
     if warmup:
         run(0, warmup * bs)
     return n_steps * bs / timed(lambda: run(1, n_steps * bs), ctx.device)
@@ -124,7 +127,7 @@ def bench_original(images, labels, settings, device: torch.device, n_steps: int,
     """3: images/s of the original pipeline: PIL transforms in DataLoader workers, fp32, NCHW, Adam."""
     bs = settings["batch_size"]
     model = new_model(settings, device, channels_last=False).train()
-    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    optimizer = common.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
     criterion = nn.CrossEntropyLoss()
     dataset = PilDataset(images, labels, original_transform())
 
@@ -147,7 +150,7 @@ def bench_augment(images, settings, device: torch.device, batch_size: int, warmu
     """4: images/s of the original recipe's augmentation (to normalised tensors), batched and PIL per image."""
     on_device = images.to(device)
     generator = torch.Generator(device).manual_seed(0)
-    ops = common.augmentation(settings)
+    ops = common.train_step(settings).ops
 
     def batched(n: int):
         for s in range(0, n, batch_size):
@@ -266,7 +269,7 @@ def main(argv=None) -> int:
     ours = recipe_settings("default", images)
     original = recipe_settings("original", images)
     if args.batch_size:
-        ours["batch_size"] = args.batch_size
+        ours = dataclasses.replace(ours, batch_size=args.batch_size)
     bs, bs_orig = ours["batch_size"], original["batch_size"]
     if n < max(bs, bs_orig) or n < warmup * max(bs, bs_orig):
         print(f"error: --images {n} must hold at least one batch and the {warmup} warm-up steps "

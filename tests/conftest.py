@@ -120,10 +120,11 @@ def assert_png(path: Path, min_side: int = 50) -> None:
 
 def save_untrained_checkpoint(kind: str, settings: dict, model, path: Path) -> Path:
     """A checkpoint of `model` written as a run writes best.pt and last.pt, before any training."""
-    optimizer = common.make_optimizer(list(model.parameters()), settings)
+    optimizer = common.make_optimizer(list(model.parameters()), settings["optimizer"], settings["lr"],
+                                      settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     training = common.Training(model, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
-    common.save_checkpoint(common._checkpoint(kind, settings, training, [], common.BestEpoch()), path)
+    common.save_checkpoint(common.checkpoint_state(kind, settings, training, [], common.BestEpoch()), path)
     return path
 
 
@@ -147,8 +148,7 @@ def fake_training(calls: list):
 @pytest.fixture(scope="session")
 def ex2_checkpoint(tmp_path_factory) -> Path:
     """A genuine checkpoint written the way ex2_transfer.py writes them (VGG-11-bn from scratch, no training)."""
-    settings = {**common.DEFAULTS, **ex2_transfer.RECIPES["scratch"], "mode": "scratch", "weights": None,
-                "augment": ["flip", "crop"]}
+    settings = common.resolve_settings({"mode": "scratch"}, ex2_transfer.RECIPES["scratch"], ex2_transfer.Settings)
     model = ex2_transfer.build_model(settings, initial_weights=False)
     return save_untrained_checkpoint("ex2_transfer.py", settings, model, tmp_path_factory.mktemp("ex2") / "best.pt")
 

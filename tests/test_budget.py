@@ -35,36 +35,36 @@ def test_plan_fills_the_time_left_after_the_validation_passes():
 
 
 def test_planner_times_the_steps_after_the_warm_up_and_fixes_the_total(monkeypatch):
-    settings = {"time_budget": 1.0, "batch_size": 32, "epochs": None}
-    after_step = common.budget_planner(settings, steps_per_epoch=25, val_images=96, start=0.0, ctx=CPU)
+    plan = common.Plan(steps_per_epoch=25, total_steps=None)
+    after_step = common.budget_planner(plan, 1.0, batch_size=32, val_images=96, start=0.0, ctx=CPU)
     fake_clock(monkeypatch, [1.5, 5.0, 25.0])  # read after step 1, step 5 (the warm-up's end) and step 25
     for step in range(1, 25):
-        after_step(step)
-        assert settings.get("planned_steps") is None
-    after_step(25)
+        assert after_step(step) is False
+        assert plan.total_steps is None
+    assert after_step(25) is True
     # 1 s a step, so a validation pass of 96 images is 1 s (a third of 3 steps of 32); 35 s left hold 60 steps
     # at most (3 epochs): 25 + 35 - 3 = 57
-    assert settings["planned_steps"] == 57
-    assert settings["epochs"] == 3 and settings["planned_images_per_s"] == 32
+    assert plan.total_steps == 57
+    assert plan.epochs == 3 and plan.images_per_s == 32
 
 
 def test_a_budget_shorter_than_the_first_step_is_refused(monkeypatch):
-    settings = {"time_budget": 1.0, "batch_size": 32, "epochs": None}
-    after_step = common.budget_planner(settings, steps_per_epoch=25, val_images=96, start=0.0, ctx=CPU)
+    plan = common.Plan(steps_per_epoch=25, total_steps=None)
+    after_step = common.budget_planner(plan, 1.0, batch_size=32, val_images=96, start=0.0, ctx=CPU)
     fake_clock(monkeypatch, [61.0])
     with pytest.raises(common.UsageError, match="too short for a single training step"):
         after_step(1)
 
 
 def test_the_schedule_waits_for_the_plan_then_ends_at_its_last_step():
-    settings = {"schedule": "onecycle", "warmup": 0.2, "time_budget": 60.0, "epochs": None}
-    assert common.lr_factor(settings, 5, 100) == 0.1  # no plan yet: the warm-up's first value
-    assert common.epoch_steps(settings, 1, 100) == 100
-    settings["planned_steps"] = 250
-    assert common.lr_factor(settings, 0, 100) == 0.1
-    assert common.lr_factor(settings, 50, 100) == 1.0  # warm-up ends at 20% of the planned steps
-    assert common.lr_factor(settings, 250, 100) == 0.0
-    assert [common.epoch_steps(settings, epoch, 100) for epoch in (1, 2, 3)] == [100, 100, 50]
+    def factor(step: int, total: int | None) -> float:
+        return common.lr_factor(step, total, 100, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.0)
+    assert factor(5, None) == 0.1  # no plan yet: the warm-up's first value
+    assert common.epoch_steps(None, 1, 100) == 100
+    assert factor(0, 250) == 0.1
+    assert factor(50, 250) == 1.0  # warm-up ends at 20% of the planned steps
+    assert factor(250, 250) == 0.0
+    assert [common.epoch_steps(250, epoch, 100) for epoch in (1, 2, 3)] == [100, 100, 50]
 
 
 SCALING = ex1_convnet.RECIPES["short"]["budget_scaling"]
@@ -84,28 +84,30 @@ def test_the_regularisation_follows_the_planned_epochs_between_the_recipes_ends(
 
 def test_a_flag_given_keeps_its_value_under_the_budget_and_no_budget_scales_nothing():
     given = {"time_budget": 60.0, "dropout": 0.3}
-    settings = common.resolve_settings(given, ex1_convnet.RECIPES["short"], {"batch_norm": True})
+    settings = common.resolve_settings(given, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     assert set(settings["budget_scaling"]) == {"epochs", "crop_pad", "label_smoothing"}
-    settings = common.resolve_settings({"time_budget": 60.0, "augment": "flip,crop"}, ex1_convnet.RECIPES["short"], {})
+    settings = common.resolve_settings({"time_budget": 60.0, "augment": "flip,crop"}, ex1_convnet.RECIPES["short"],
+                                       ex1_convnet.Settings)
     assert set(settings["budget_scaling"]) == {"epochs", "dropout", "label_smoothing"}  # --augment fixes the crop
-    assert common.resolve_settings({}, ex1_convnet.RECIPES["short"], {})["budget_scaling"] is None
+    assert common.resolve_settings({}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)["budget_scaling"] is None
 
 
 def test_the_plan_sets_the_scaled_regularisation_in_the_settings_and_the_model():
-    settings = common.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], {"batch_norm": True})
+    settings = common.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     model = ex1_convnet.build_model(settings)
-    settings["planned_steps"] = 30 * 100  # 30 epochs of 100 steps
-    common.apply_budget_scaling(settings, model, 100, CPU)
+    settings = common.with_budget_choice(settings, common.Plan(100, 30 * 100), CPU)  # 30 epochs of 100 steps
+    common.set_dropout(model, settings["dropout"])
     assert (settings["dropout"], settings["crop_pad"], settings["label_smoothing"]) == (0.1, 4, 0.1)
     assert settings["budget_choice"] == {"planned_epochs": 30.0, "dropout": 0.1, "crop_pad": 4, "label_smoothing": 0.1}
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
 def test_a_budget_run_ignores_patience_and_says_so_when_it_was_given(capsys):
-    settings = common.resolve_settings({"time_budget": 60.0, "patience": 3}, ex1_convnet.RECIPES["short"], {})
+    settings = common.resolve_settings({"time_budget": 60.0, "patience": 3}, ex1_convnet.RECIPES["short"],
+                                       ex1_convnet.Settings)
     assert settings["patience"] == 0
     assert "--patience 3 is not applied under --time-budget" in capsys.readouterr().err
-    settings = common.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], {})
+    settings = common.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     assert settings["patience"] == 0 and capsys.readouterr().err == ""
 
 

@@ -67,7 +67,7 @@ def vgg_features(vgg_weights) -> dict:
 def wrong_files(tmp_path_factory, vgg_weights) -> dict:
     """Files --weights must refuse: an ex1 best.pt, an ex1 model state dict, a truncated vgg11_bn file."""
     folder = tmp_path_factory.mktemp("wrong")
-    settings = common.resolve_settings({}, ex1_convnet.RECIPES["default"], {"batch_norm": True})
+    settings = common.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
     model = ex1_convnet.build_model(settings)
     save_untrained_checkpoint("ex1_convnet.py", settings, model, folder / "best.pt")
     torch.save(model.state_dict(), folder / "convnet_state.pt")
@@ -135,10 +135,10 @@ def test_network_is_vgg11_bn_features_and_the_new_head():
 def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mode):
     seen = {}
 
-    def fake_run_experiment(args, kind, recipes, model_defaults, build_model, default_out_dir):
+    def fake_run_experiment(args, script, recipes, settings_type, build_model, default_out_dir):
         given = common.explicit_flags(args)
         recipe = common.choose_recipe(recipes, given.get("recipe", "default"))
-        seen.update(settings=common.resolve_settings(given, recipe, model_defaults), out=default_out_dir)
+        seen.update(settings=common.resolve_settings(given, recipe, settings_type), out=default_out_dir)
         return 0
 
     monkeypatch.setattr(common, "run_experiment", fake_run_experiment)
@@ -260,18 +260,21 @@ def test_scratch_never_reads_weights(monkeypatch):
 def test_freeze_training_step_changes_only_the_head(vgg_weights):
     args = ex2_transfer.parse_args(["--freeze", "--weights", str(vgg_weights), "--batch-size", "16", "--seed", "3"])
     settings = common.resolve_settings(common.explicit_flags(args), ex2_transfer.RECIPES["frozen"],
-                                       {"mode": "frozen", "weights": None})
+                                       ex2_transfer.Settings)
     model = ex2_transfer.build_model(settings)
     assert not any(p.requires_grad for p in model.features.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = common.make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
+    optimizer = common.make_optimizer([p for p in model.parameters() if p.requires_grad], settings.optimizer,
+                                      settings.lr, settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images, labels = make_images(32, np.random.default_rng(1))
     images = torch.from_numpy(images.reshape(-1, 3, 32, 32))
     ctx = common.TrainContext(torch.device("cpu"), torch.float32)
-    result = common.train_one_epoch(model, optimizer, scheduler, scaler, images, torch.tensor(labels), settings, 1, ctx)
+    plan = common.Plan(steps_per_epoch=2, total_steps=None)
+    result = common.train_one_epoch(model, optimizer, scheduler, scaler, images, torch.tensor(labels),
+                                    common.train_step(settings), plan, 1, settings.seed, settings.batch_size, ctx)
     assert np.isfinite(result["train_loss"])
     assert model.training and model.head.training
     assert not model.features.training and not any(m.training for m in model.features.modules())  # BN in eval mode

@@ -42,7 +42,7 @@ def pytorch_probabilities(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
     checkpoint = common.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")
     ctx = common.TrainContext(torch.device("cpu"), torch.float32)
     model = common.model_from_checkpoint(checkpoint, ex1_convnet.build_model, ctx)
-    return common.predict(model, images, checkpoint["settings"], ctx).softmax(1)
+    return common.predict(model, images, checkpoint["settings"]["mean"], checkpoint["settings"]["std"], ctx).softmax(1)
 
 
 @pytest.mark.slow

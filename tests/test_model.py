@@ -16,7 +16,7 @@ def model_for(*argv: str) -> nn.Module:
     """The model ex1_convnet.py builds for these flags."""
     args = ex1_convnet.parse_args(list(argv))
     settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES[args.recipe or "default"],
-                                       {"batch_norm": True})
+                                       ex1_convnet.Settings)
     torch.manual_seed(0)
     return ex1_convnet.build_model(settings)
 
@@ -58,10 +58,10 @@ def test_dropout_flag_sets_every_block():
 def whitening_setup(*argv: str, images: torch.Tensor, resume_from: dict | None = None) -> common.Training:
     """What set_up_training starts for these ex1 flags on these training images."""
     args = ex1_convnet.parse_args(list(argv))
-    settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES["default"], {"batch_norm": True})
+    settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
     settings = common.with_data_mean_std(settings, images)
     cpu = common.TrainContext(torch.device("cpu"), torch.float32)
-    return common.set_up_training(settings, ex1_convnet.build_model, 10, cpu, resume_from, images)
+    return common.set_up_training(settings, ex1_convnet.build_model, common.Plan(10, 300), cpu, resume_from, images)
 
 
 def test_whitening_filters_decorrelate_the_patches(cifar_dir):
@@ -84,7 +84,7 @@ def test_whiten_sets_the_first_54_filters_of_a_new_run_only(cifar_dir):
     whitened = common.first_conv_weight(whitening_setup("--whiten", images=images).model).detach()
     assert torch.allclose(whitened[:54], common.patch_whitening_filters(images, mean, std))
     assert torch.equal(whitened[54:], common.first_conv_weight(plain.model)[54:])  # the others as without --whiten
-    checkpoint = common._checkpoint("ex1_convnet.py", {}, plain, [], common.BestEpoch())
+    checkpoint = common.checkpoint_state("ex1_convnet.py", {}, plain, [], common.BestEpoch())
     resumed = whitening_setup("--whiten", images=images, resume_from=checkpoint)
     assert torch.equal(common.first_conv_weight(resumed.model), common.first_conv_weight(plain.model))
 

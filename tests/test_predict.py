@@ -97,15 +97,15 @@ def test_predict_with_tta_averages_the_softmax_of_the_views():
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     expected = torch.stack([model(common.normalize(v, settings["mean"], settings["std"])).softmax(1)
                             for v in common.tta_views(images.float() / 255)]).mean(0)
-    got = common.predict(model, images, settings, ctx, tta=True).softmax(1)
+    got = common.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).softmax(1)
     assert torch.allclose(got, expected, atol=1e-6)
-    assert not torch.allclose(common.predict(model, images, settings, ctx).softmax(1), expected, atol=1e-3)
+    assert not torch.allclose(common.predict(model, images, settings["mean"], settings["std"], ctx).softmax(1), expected, atol=1e-3)
 
 
 def test_tta_and_predict_are_runtime_flags_that_resume_accepts():
     assert {"tta", "predict"} <= common.RUNTIME_KEYS
-    saved = {**common.DEFAULTS, "epochs": 2}
-    assert common._resume_settings({"tta": True, "predict": ["x.png"]}, saved)["tta"] is True
+    saved = dict(common.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings))
+    assert common.resume_settings({"tta": True, "predict": ["x.png"]}, saved, ex1_convnet.Settings)["tta"] is True
 
 
 # ----------------------------------------------------------------------------- reading image files
@@ -328,9 +328,10 @@ def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tm
     data = common.CifarData(images[:0], labels[:0], images, labels, tuple(CLASS_NAMES))
     settings = {"mean": [0.5] * 3, "std": [0.25] * 3}
     ctx = common.TrainContext(torch.device("cpu"), torch.float32)
-    metrics = common.test_report(model, data, settings, ctx, tmp_path, tta=True)
-    plain = common.predict(model, images, settings, ctx).argmax(1)
-    tta = common.predict(model, images, settings, ctx, tta=True).argmax(1)
+    results = common.test_results(model, images, labels, data.classes, settings["mean"], settings["std"], ctx, tta=True)
+    metrics = common.metrics_record(results, model, ctx.device, data.classes, settings={}, environment={})
+    plain = common.predict(model, images, settings["mean"], settings["std"], ctx).argmax(1)
+    tta = common.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
     assert (plain != tta).sum() > 100  # the views change many predictions
 
     def accuracy(predicted):
@@ -354,7 +355,7 @@ def test_a_training_run_with_tta_reports_both_accuracies(trained, cifar_dir):
     model, settings = model_of(trained / "best.pt")  # the final test ran the views, not the plain images
     data = common.load_cifar10(cifar_dir, download=False)
     ctx = common.TrainContext(torch.device("cpu"), torch.float32)
-    predicted = common.predict(model, data.test_images, settings, ctx, tta=True).argmax(1)
+    predicted = common.predict(model, data.test_images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
     assert metrics["test_accuracy_tta"] == (predicted == data.test_labels).sum().item() / 120
 
 
@@ -381,7 +382,7 @@ def test_png_files_predict_what_the_evaluation_path_predicts(trained, cifar_dir,
     assert code == 0, err[-3000:]
     model, settings = model_of(trained / "best.pt")
     ctx = common.TrainContext(torch.device("cpu"), torch.float32)
-    expected = common.predict(model, images, settings, ctx, tta=tta).softmax(1)
+    expected = common.predict(model, images, settings["mean"], settings["std"], ctx, tta=tta).softmax(1)
     rows = json.loads((out / "predictions.json").read_text())
     assert [row["path"] for row in rows] == [str(tmp_path / f"test_{i:03d}.png") for i in range(len(images))]
     assert [row["label"] for row in rows] == [CLASS_NAMES[i] for i in expected.argmax(1).tolist()]

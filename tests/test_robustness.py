@@ -644,7 +644,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_best_pt(tmp_path, cifar_
     out_dir = tmp_path / "run"
     args = ex1_convnet.parse_args(["--data-dir", str(cifar_dir), "--out-dir", str(out_dir), *RUN])
     capsys.readouterr()
-    code = common.run_experiment(args, "ex1_convnet.py", ex1_convnet.RECIPES, {"batch_norm": True}, build_model,
+    code = common.run_experiment(args, "ex1_convnet.py", ex1_convnet.RECIPES, ex1_convnet.Settings, build_model,
                                  "unused")
     err = capsys.readouterr().err
     assert code not in (0, 2) and code == 3

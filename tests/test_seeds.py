@@ -186,7 +186,7 @@ def test_under_a_time_budget_the_first_seed_plans_and_the_others_train_its_steps
     monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
     argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "3", "--time-budget", "5"]
     assert call(ex1_convnet.main, argv, capsys)[0] == 0
-    assert calls[0]["planned_steps"] == 40 and "plan_from" not in calls[0]
+    assert calls[0]["planned_steps"] == 40 and calls[0]["plan_from"] is None
     for later in calls[1:]:
         assert (later["planned_steps"], later["epochs"], later["label_smoothing"]) == (40, 5, 0.17)
         assert later["plan_from"] == str(tmp_path / "seed0")

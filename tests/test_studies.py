@@ -107,7 +107,8 @@ def test_metrics_report_the_last_and_the_best_epochs_model(bn_runs, cifar_dir):
         model = ex1_convnet.build_model(checkpoint["settings"])
         model.load_state_dict(checkpoint["model"])
         model = model.to(memory_format=torch.channels_last)
-        accuracy[name] = common.evaluate(model, data.test_images, data.test_labels, checkpoint["settings"], ctx)["accuracy"]
+        accuracy[name] = common.evaluate(model, data.test_images, data.test_labels, checkpoint["settings"]["mean"],
+                                         checkpoint["settings"]["std"], ctx)["accuracy"]
     one_image = 1 / len(data.test_labels)  # allow one argmax tie to fall the other way under another thread count
     assert m["test_accuracy"] == pytest.approx(accuracy["best"], abs=one_image)
     assert m["test_accuracy_last"] == pytest.approx(accuracy["last"], abs=one_image)
@@ -136,7 +137,7 @@ def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
 
 def augment_of(*flags: str, recipe: str = "default") -> list[str]:
     args = ex1_convnet.parse_args(list(flags))
-    return common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES[recipe], {"batch_norm": True})["augment"]
+    return common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES[recipe], ex1_convnet.Settings)["augment"]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -157,7 +158,7 @@ def test_per_op_flags_turn_ops_on_and_off(flags, expected):
 
 def test_strength_flags_set_the_strength_and_override_the_recipe():
     args = ex1_convnet.parse_args(["--recipe", "original", "--rotate-deg", "5", "--jitter", "0", "--crop-pad", "2"])
-    settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES["original"], {"batch_norm": True})
+    settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES["original"], ex1_convnet.Settings)
     assert settings["augment"] == ["flip", "crop", "rotate"]  # the original recipe's flip,crop,rotate,jitter less jitter
     assert settings["rotate_deg"] == 5 and settings["crop_pad"] == 2 and settings["jitter"] == 0
     assert augment_of(recipe="original") == ["flip", "crop", "rotate", "jitter"]

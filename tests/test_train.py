@@ -27,13 +27,19 @@ def test_explicit_precision_is_kept(monkeypatch):
     assert common.resolve_precision("fp32", CUDA) == torch.float32
 
 
-ONE_CYCLE = {"schedule": "onecycle", "epochs": 10, "warmup": 0.2, "lr_decay": None}
-EXP = {"schedule": "exp", "epochs": 10, "warmup": 0.0, "lr_decay": 0.95}
 STEPS = 100  # per epoch: 1000 steps in all, warm-up over the first 200
 
 
+def one_cycle(step: int) -> float:
+    return common.lr_factor(step, 10 * STEPS, STEPS, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.0)
+
+
+def exponential(step: int) -> float:
+    return common.lr_factor(step, 10 * STEPS, STEPS, "exp", warmup=0.0, lr_decay=0.95, lr_end=0.0)
+
+
 def test_one_cycle_rises_from_a_tenth_to_the_peak_then_falls_to_zero():
-    factor = [common.lr_factor(ONE_CYCLE, step, STEPS) for step in range(1001)]
+    factor = [one_cycle(step) for step in range(1001)]
     assert factor[0] == pytest.approx(0.1)  # the first step
     assert factor[100] == pytest.approx(0.55)  # half-way up
     assert factor[200] == pytest.approx(1.0) and max(factor) == factor[200]  # the end of warm-up is the peak
@@ -43,7 +49,7 @@ def test_one_cycle_rises_from_a_tenth_to_the_peak_then_falls_to_zero():
 
 
 def test_exponential_schedule_decays_once_per_epoch():
-    factor = [common.lr_factor(EXP, step, STEPS) for step in range(1000)]
+    factor = [exponential(step) for step in range(1000)]
     assert factor[0] == factor[99] == 1.0  # constant through the first epoch
     assert factor[100] == pytest.approx(0.95) and factor[199] == pytest.approx(0.95)
     assert factor[999] == pytest.approx(0.95 ** 9)  # the last step, in the tenth epoch
@@ -53,7 +59,7 @@ def test_the_optimizer_sees_the_scheduled_learning_rate():
     """Through LambdaLR as training uses it: lr of the first step, after warm-up, and of the last step."""
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=2e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.lr_factor(ONE_CYCLE, step, STEPS))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle)
     seen = []
     for _ in range(1000):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -65,7 +71,7 @@ def test_the_optimizer_sees_the_scheduled_learning_rate():
 def one_step(name: str, lr: float = 0.1, weight_decay: float = 0.5) -> list[float]:
     """Weights [1, 4] after one step of make_optimizer's `name` with a zero gradient: only weight decay moves them."""
     param = nn.Parameter(torch.tensor([1.0, 4.0]))
-    optimizer = common.make_optimizer([param], {"optimizer": name, "lr": lr, "weight_decay": weight_decay})
+    optimizer = common.make_optimizer([param], name, lr, weight_decay)
     param.grad = torch.zeros(2)
     optimizer.step()
     return param.detach().tolist()

@@ -1884,8 +1884,7 @@ def write_final_report(settings: Settings, model: nn.Module, plan: Plan, fitted:
         train_images_per_s=(sum(r["images_per_s"] * r["seconds"] for r in trained)
                             / max(1e-9, sum(r["seconds"] for r in trained))),
         processes=ctx.world,
-        precision="+".join(dict.fromkeys(r.get("precision", str(ctx.dtype).replace("torch.", "")) for r in history)),
-        args=dict(settings))
+        precision="+".join(dict.fromkeys(r.get("precision", str(ctx.dtype).replace("torch.", "")) for r in history)))
     save_json(metrics, out_dir / "metrics.json")
     print(f"best epoch {best.epoch} (val {best.val_accuracy:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
           f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {tested.last_accuracy:.2%}; reports in {out_dir}")

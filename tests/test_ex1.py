@@ -52,7 +52,7 @@ def test_run_writes_every_report(trained):
 def test_metrics(trained):
     m = read_json(trained / "metrics.json")
     for key in ["test_accuracy", "test_accuracy_first1000", "test_accuracy_last", "per_class_accuracy", "best_epoch",
-                "best_val_accuracy", "params", "epochs_run", "train_seconds", "train_images_per_s", "device", "args",
+                "best_val_accuracy", "params", "epochs_run", "train_seconds", "train_images_per_s", "device", "settings",
                 "versions", "git_commit", "hardware"]:
         assert key in m, key
     for key in ["test_accuracy", "test_accuracy_first1000", "test_accuracy_last", "best_val_accuracy"]:
@@ -64,7 +64,8 @@ def test_metrics(trained):
     assert m["params"] == PARAMS_BN and m["epochs_run"] == 3 and 1 <= m["best_epoch"] <= 3
     assert m["train_seconds"] > 0 and m["train_images_per_s"] > 0
     assert m["device"] == "cpu"
-    assert m["args"]["epochs"] == 3 and m["args"]["lr"] == 0.02 and m["args"]["limit_train"] == 96
+    assert m["settings"]["epochs"] == 3 and m["settings"]["lr"] == 0.02 and m["settings"]["limit_train"] == 96
+    assert "args" not in m and not common.RUNTIME_KEYS & m["settings"].keys()  # the settings once, what they compute
     assert m["versions"]["python"] and m["versions"]["torch"] == torch.__version__
     assert m["versions"]["torchvision"] == torchvision.__version__
     assert m["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", m["git_commit"])

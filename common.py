@@ -1006,11 +1006,11 @@ def load_checkpoint(path: Path, script: str) -> dict:
 TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
 
 
-def checkpoint_state(script: str, settings: Mapping, training: Training, history: list[dict], best: BestEpoch,
+def checkpoint_state(script: str, settings: dict, training: Training, history: list[dict], best: BestEpoch,
                      fingerprint: str | None = None, classes: Sequence[str] = CLASSES) -> dict:
     """What last.pt holds after an epoch (best.pt: the same without TRAINING_STATE); `fingerprint` is
     data_fingerprint of the splits the run trains on (None outside a run)."""
-    return {"kind": script, "settings": dict(settings), "model": training.model.state_dict(),
+    return {"kind": script, "settings": settings, "model": training.model.state_dict(),
             "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
             "scaler": training.scaler.state_dict(), "epoch": len(history), "history": history,
             "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy, "data_fingerprint": fingerprint,
@@ -1666,7 +1666,7 @@ def parse_augment(value: str | list) -> list[str]:
 
 
 def resolve_settings(flags_given: dict, recipe: dict, settings_type: type[Settings] = Settings) -> Settings:
-    """The run's settings: the type's defaults, then the recipe, then the flags given (see explicit_flags); checked."""
+    """The run's settings: the type's defaults, then the recipe, then the flags given (see explicit_flags)."""
     if "time_budget" in flags_given and "epochs" in flags_given:
         raise UsageError("--time-budget and --epochs both say how long to train: give one of them")
     values = {**recipe, **flags_given}
@@ -1921,7 +1921,8 @@ def train_and_report(script: str, settings: Settings, data: CifarData, splits: S
         return train_step(chosen)
 
     def save_epoch(history: list[dict], best: BestEpoch, improved: bool) -> None:
-        checkpoint = checkpoint_state(script, with_plan(chosen, plan), training, history, best, fingerprint, data.classes)
+        checkpoint = checkpoint_state(script, dict(with_plan(chosen, plan)), training, history, best, fingerprint,
+                                      data.classes)
         save_epoch_files(checkpoint, improved, out_dir)
 
     fitted = fit(training, splits, plan, train_step(settings), settings.seed, settings.batch_size, settings.patience,

@@ -124,7 +124,7 @@ def save_untrained_checkpoint(kind: str, settings: dict, model, path: Path) -> P
                                       settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     training = common.Training(model, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
-    common.save_checkpoint(common.checkpoint_state(kind, settings, training, [], common.BestEpoch()), path)
+    common.save_checkpoint(common.checkpoint_state(kind, dict(settings), training, [], common.BestEpoch()), path)
     return path
 
 

@@ -5,6 +5,7 @@ with SIGKILL during epoch 2 (kept as an unfinished copy for the --resume tests) 
 Everything that does not need a real signal or a real exit status runs in-process through the scripts' main().
 """
 import ast
+import itertools
 import json
 import os
 import pickle
@@ -25,7 +26,7 @@ import torch.nn as nn
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import QUICK, ROOT, call, error_line, metrics, run_script, save_untrained_checkpoint, write_cifar
+from conftest import QUICK, ROOT, call, error_line, metrics, read_json, run_script, write_cifar
 
 # 64 training images in batches of 32: 2 steps per epoch.
 RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]
@@ -372,7 +373,7 @@ def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(t
 
 def fill_the_disk_at(out_dir: Path, monkeypatch, epoch: int) -> None:
     """torch.save fails with 'No space left on device' from the given epoch's first save on."""
-    save, calls = torch.save, []
+    save = torch.save
 
     def save_until_full(obj, f, *args, **kwargs):
         if isinstance(obj, dict) and obj.get("epoch", 0) >= epoch:
@@ -769,3 +770,25 @@ def test_data_errors_keep_their_message_and_exit_2_under_resume(tmp_path, killed
         assert error_line(fresh[2]) == error_line(resumed[2])
     assert not (tmp_path / "PWNED").exists()
     assert (unfinished / "last.pt").read_bytes() == before and not (unfinished / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_run_with_lookahead_resumes_as_if_never_stopped(tmp_path, cifar_dir, capsys, monkeypatch, no_filter_plots):
+    """Each epoch ends on the average (the network is set to it), so last.pt holds all --lookahead needs."""
+    argv = [*QUICK, "--limit-train", "256", "--epochs", "3", "--data-dir", str(cifar_dir), "--lookahead"]  # 8 steps an epoch
+    assert ex1_convnet.main([*argv, "--out-dir", str(tmp_path / "whole")]) == 0
+    evaluate = common.evaluate
+    calls = itertools.count(1)
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        if next(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(common, "evaluate", interrupted_in_epoch_2)
+    assert ex1_convnet.main([*argv, "--out-dir", str(tmp_path / "broken")]) == 130
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    assert ex1_convnet.main([*argv, "--out-dir", str(tmp_path / "broken"), "--resume"]) == 0
+    whole, broken = (read_json(tmp_path / name / "history.json") for name in ("whole", "broken"))
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    assert [[row[k] for k in keys] for row in broken] == [[row[k] for k in keys] for row in whole]

@@ -122,3 +122,37 @@ def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
     images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 3])
     assert common.data_fingerprint([images, labels]) != common.data_fingerprint([images, torch.tensor([0, 1, 2, 4])])
+
+
+def test_one_cycle_ends_at_lr_end_of_the_peak():
+    factor = [common.lr_factor(step, 1000, STEPS, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.07)
+              for step in (200, 600, 1000)]
+    assert factor == pytest.approx([1.0, (1.0 + 0.07) / 2, 0.07])
+
+
+def test_parameter_groups_spare_one_dimensional_parameters_from_decay_and_speed_up_norm_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 10))
+    conv, norm, linear = model[0], model[1], model[3]
+    plain = common.parameter_groups(model, decay_norm_bias=True, lr=0.1)
+    assert len(plain) == 1 and len(plain[0]["params"]) == 6 and plain[0]["lr"] == 0.1
+    groups = common.parameter_groups(model, decay_norm_bias=False, lr=0.1, norm_bias_lr=8.0)
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert ids[0] == {id(conv.weight), id(linear.weight)} and "weight_decay" not in groups[0]  # the recipe's decay
+    assert ids[1] == {id(conv.bias), id(norm.weight), id(linear.bias)} and groups[1]["weight_decay"] == 0.0
+    assert ids[2] == {id(norm.bias)} and groups[2]["lr"] == pytest.approx(0.8) and groups[2]["weight_decay"] == 0.0
+    optimizer = common.make_optimizer(groups, "adamw", 0.1, 0.05)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0, 0.0]
+
+
+def test_lookahead_pulls_towards_the_average_by_a_weight_that_rises_with_progress():
+    assert common.lookahead_decay(0, 100) == 0.0 and common.lookahead_decay(50, None) == 0.0
+    assert common.lookahead_decay(100, 100) == pytest.approx(0.95 ** 5)
+    assert common.lookahead_decay(50, 100) == pytest.approx(0.95 ** 5 / 8)  # the cube of the progress
+    model = nn.BatchNorm1d(2)
+    average = {name: value.clone() for name, value in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.fill_(3.0)  # the average holds 1
+    model.num_batches_tracked += 7
+    common.lookahead_pull(model, average, decay=0.75)
+    assert torch.allclose(model.weight, torch.full((2,), 1.5)) and torch.equal(average["weight"], model.weight)
+    assert model.num_batches_tracked == 7 and average["num_batches_tracked"] == 0  # counts are not averaged

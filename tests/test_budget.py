@@ -165,8 +165,7 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
     code, err = run_ex1([*resume, "--epochs", "5"], capsys)
     assert code == 2 and "--resume continues its plan" in err
 
-    monkeypatch.setattr(common, "evaluate", evaluate)
-    # every reading 5 s later: epoch 2 ends past the 6-second budget, which the re-plan sees
+    # (interrupted_in_epoch_2 passes every later call on to evaluate) every reading 5 s later: epoch 2 ends past the 6-second budget, which the re-plan sees
     fake_clock(monkeypatch, itertools.count(0.0, 5.0))
     capsys.readouterr()
     code = ex1_convnet.main([str(a) for a in resume])

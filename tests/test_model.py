@@ -55,6 +55,17 @@ def test_dropout_flag_sets_every_block():
     assert [m.p for m in layers(model, nn.Dropout)] == [0.2] * 5
 
 
+def test_output_scale_multiplies_the_logits_and_bn_momentum_reaches_every_batchnorm():
+    plain, scaled = model_for().eval(), model_for("--output-scale", "0.125", "--bn-momentum", "0.4").eval()
+    assert common.count_parameters(scaled) == PARAMS_BN  # the same network: its state dict loads into the other
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(scaled(x), plain(x) * 0.125, atol=1e-6)
+    assert {m.momentum for m in layers(scaled, nn.BatchNorm2d)} == {0.4}
+    assert {m.momentum for m in layers(plain, nn.BatchNorm2d)} == {0.1}
+
+
 def whitening_setup(*argv: str, images: torch.Tensor, resume_from: dict | None = None) -> common.Training:
     """What set_up_training starts for these ex1 flags on these training images."""
     args = ex1_convnet.parse_args(list(argv))

@@ -42,6 +42,12 @@ def history_columns(run_dir: Path) -> list[dict]:
     return [{k: row[k] for k in HISTORY_COLUMNS} for row in json.loads((run_dir / "history.json").read_text())]
 
 
+def same_as(rows: list[dict]) -> list[dict]:
+    """`rows` to compare a history with, their losses within 1e-4 of each: a loss was once seen to differ in its sixth
+    digit between two processes running the same code on a loaded machine, while a broken resume moves it far more."""
+    return [{k: pytest.approx(v, rel=1e-4) if k.endswith("loss") else v for k, v in row.items()} for row in rows]
+
+
 def temp_files(folder: Path) -> list[str]:
     """Leftovers of atomic_write (.<name>.<random>.tmp) in `folder`."""
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
@@ -127,7 +133,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, killed):
     result = run_script("ex1_convnet.py", "--resume", "--out-dir", run_dir)  # settings and data folder from last.pt
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming after epoch {saved['epoch']} of 3" in result.stdout
-    assert history_columns(run_dir) == history_columns(reference)
+    assert history_columns(run_dir) == same_as(history_columns(reference))
     resumed, unbroken = metrics(run_dir), metrics(reference)
     assert {k: resumed[k] for k in METRIC_KEYS} == {k: unbroken[k] for k in METRIC_KEYS}
     assert resumed["settings"] == unbroken["settings"]
@@ -159,7 +165,7 @@ def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(tmp_path, cifa
     assert Path(command[command.index("--out-dir") + 1]) == out_dir
     code, out, err = call(ex1_convnet.main, command[1:], capsys)
     assert code == 0, err[-3000:]
-    assert history_columns(out_dir) == history_columns(reference)
+    assert history_columns(out_dir) == same_as(history_columns(reference))
     assert metrics(out_dir)["test_accuracy"] == metrics(reference)["test_accuracy"]
 
 
@@ -309,7 +315,7 @@ def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path,
     assert f"resuming after epoch {done} of 4" in out
     history = history_columns(run_dir)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
-    assert history[:done] == history_columns(reference)[:done]
+    assert history[:done] == same_as(history_columns(reference)[:done])
     result = metrics(run_dir)
     assert result["epochs_run"] == 4 and result["settings"]["epochs"] == 4
     assert {k: v for k, v in result["settings"].items() if k != "epochs"} == \
@@ -366,7 +372,7 @@ def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(t
     shutil.copytree(cifar_dir, moved)
     code, _, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir, "--data-dir", moved], capsys)
     assert code == 0, err[-3000:]
-    assert history_columns(run_dir) == history_columns(reference)
+    assert history_columns(run_dir) == same_as(history_columns(reference))
     for name in ("last.pt", "best.pt"):
         assert common.load_checkpoint(run_dir / name, "ex1_convnet.py")["data_fingerprint"] == expected, name
 

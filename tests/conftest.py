@@ -128,6 +128,19 @@ def save_untrained_checkpoint(kind: str, settings: dict, model, path: Path) -> P
     return path
 
 
+def interrupt_validation(monkeypatch, call: int = 2) -> None:
+    """common.evaluate raises KeyboardInterrupt at its `call`-th call (the validation of that epoch, in a run without
+    --tta) and passes every other call on."""
+    evaluate, calls = common.evaluate, iter(range(1, 1 << 30))
+
+    def interrupted(*args, **kwargs):
+        if next(calls) == call:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(common, "evaluate", interrupted)
+
+
 def fake_training(calls: list):
     """A stand-in for common.train_and_report that records its settings and writes a one-epoch run's files, with
     accuracies that follow the dropout (training: 0.5 - p/2) and the seed (validation 0.4, test 0.45, plus seed/100)."""

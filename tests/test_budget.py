@@ -9,7 +9,7 @@ import torch
 
 import common
 import ex1_convnet
-from conftest import QUICK, fake_training, read_json
+from conftest import QUICK, fake_training, interrupt_validation, read_json
 
 STEPS_PER_EPOCH = 8  # the fixture's 320 training images, less 64 for validation, in batches of 32
 CPU = common.TrainContext(torch.device("cpu"), torch.float32)
@@ -144,16 +144,8 @@ def test_a_budget_run_trains_the_planned_steps_the_last_epoch_what_is_left(cifar
 @pytest.mark.slow
 def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used_before(cifar_dir, tmp_path, capsys,
                                                                                          monkeypatch, no_filter_plots):
-    evaluate = common.evaluate
-    calls = itertools.count(1)
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        if next(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
     fake_clock(monkeypatch, itertools.count(0.0, 0.1))
-    monkeypatch.setattr(common, "evaluate", interrupted_in_epoch_2)
+    interrupt_validation(monkeypatch, call=2)  # in epoch 2
     code, err = run_ex1(budget_run(cifar_dir, tmp_path), capsys)
     assert code == 130, err[-3000:]
     saved = common.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
@@ -165,7 +157,7 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
     code, err = run_ex1([*resume, "--epochs", "5"], capsys)
     assert code == 2 and "--resume continues its plan" in err
 
-    # (interrupted_in_epoch_2 passes every later call on to evaluate) every reading 5 s later: epoch 2 ends past the 6-second budget, which the re-plan sees
+    # (interrupt_validation passes every later call on to evaluate) every reading 5 s later: epoch 2 ends past the 6-second budget, which the re-plan sees
     fake_clock(monkeypatch, itertools.count(0.0, 5.0))
     capsys.readouterr()
     code = ex1_convnet.main([str(a) for a in resume])

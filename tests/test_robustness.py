@@ -5,7 +5,6 @@ with SIGKILL during epoch 2 (kept as an unfinished copy for the --resume tests) 
 Everything that does not need a real signal or a real exit status runs in-process through the scripts' main().
 """
 import ast
-import itertools
 import json
 import os
 import pickle
@@ -26,7 +25,7 @@ import torch.nn as nn
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import QUICK, ROOT, call, error_line, metrics, read_json, run_script, write_cifar
+from conftest import QUICK, ROOT, call, error_line, interrupt_validation, metrics, read_json, run_script, write_cifar
 
 # 64 training images in batches of 32: 2 steps per epoch.
 RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]
@@ -783,15 +782,7 @@ def test_a_run_with_lookahead_resumes_as_if_never_stopped(tmp_path, cifar_dir, c
     """Each epoch ends on the average (the network is set to it), so last.pt holds all --lookahead needs."""
     argv = [*QUICK, "--limit-train", "256", "--epochs", "3", "--data-dir", str(cifar_dir), "--lookahead"]  # 8 steps an epoch
     assert ex1_convnet.main([*argv, "--out-dir", str(tmp_path / "whole")]) == 0
-    evaluate = common.evaluate
-    calls = itertools.count(1)
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        if next(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(common, "evaluate", interrupted_in_epoch_2)
+    interrupt_validation(monkeypatch, call=2)  # in epoch 2
     assert ex1_convnet.main([*argv, "--out-dir", str(tmp_path / "broken")]) == 130  # later calls pass through
     assert ex1_convnet.main([*argv, "--out-dir", str(tmp_path / "broken"), "--resume"]) == 0
     whole, broken = (read_json(tmp_path / name / "history.json") for name in ("whole", "broken"))

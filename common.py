@@ -1567,7 +1567,8 @@ def settings_from(settings_type: type[Settings], values: Mapping) -> Settings:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data, training, output and device flags both scripts share (all default to None: see DEFAULTS)."""
+    """The data, training, output and device flags both scripts share (all default to None: a flag not given leaves
+    the recipe's value or the Settings default)."""
     a = parser.add_argument
     a("--data-dir", help="folder holding cifar-10-batches-py/ (or that folder itself); downloaded there if missing (default: data)")
     a("--no-download", action="store_true", default=None, help="never download CIFAR-10; fail with a message if it is missing")

@@ -644,14 +644,19 @@ def lookahead_decay(step: int, total_steps: int | None) -> float:
     return 0.0 if not total_steps else LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * min(1.0, step / total_steps) ** 3
 
 
+def lookahead_pairs(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each floating-point weight and buffer of `model` (sharing its storage) with a copy of it that --lookahead
+    averages into: made once an epoch, not at every pull."""
+    return [(value, value.detach().clone()) for value in model.state_dict().values() if value.is_floating_point()]
+
+
 @torch.no_grad()
-def lookahead_pull(model: nn.Module, average: dict[str, torch.Tensor], decay: float) -> None:
-    """Move the running average of the model's floating-point weights and buffers towards them by 1 - `decay`, then
-    set the model to it."""
-    for name, value in model.state_dict().items():
-        if value.is_floating_point():
-            average[name].lerp_(value, 1 - decay)
-            value.copy_(average[name])
+def lookahead_pull(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float) -> None:
+    """Move each running average towards its weight or buffer by 1 - `decay` (see lookahead_pairs), then set the
+    model to it."""
+    for value, average in pairs:
+        average.lerp_(value, 1 - decay)
+        value.copy_(average)
 
 
 def progress_label(epoch: int, plan: Plan, budget_minutes: float | None) -> str:
@@ -698,8 +703,8 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
     mean, std = torch.tensor(step_with.mean, device=ctx.device), torch.tensor(step_with.std, device=ctx.device)
     ops = step_with.ops
     flips = alternating_flips(len(images), seed, epoch, ctx.device) if step_with.alternate_flip and "flip" in ops else None
-    average = {name: value.detach().clone() for name, value in model.state_dict().items()} \
-        if step_with.lookahead else None  # the epoch ends on the average: a resumed run starts as this one goes on
+    average = lookahead_pairs(model) if step_with.lookahead else None  # the epoch ends on the average (below): a
+    # resumed run starts as this one goes on
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
         if step >= steps:
             break
@@ -720,7 +725,7 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
         seen += len(y)
         if average is not None and ((step + 1) % LOOKAHEAD_EVERY == 0 or step + 1 == steps):
             done = (epoch - 1) * plan.steps_per_epoch + step + 1
-            lookahead_pull(model, average, lookahead_decay(done, plan.total_steps))
+            lookahead_pull(average, lookahead_decay(done, plan.total_steps))
         if after_step is not None:
             changed = after_step(step + 1)
             if changed is not None:
@@ -842,16 +847,17 @@ def fit(training: Training, splits: Splits, plan: Plan, step_with: TrainStep, se
 
 # ---------------- evaluate: predictions (--tta), accuracy, the test results
 
-def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
+def tta_views(images: torch.Tensor, pixels: int = TTA_SHIFT, padding: str = "constant") -> list[torch.Tensor]:
     """The views --tta averages over, for float images (N, C, H, W) in [0, 1]: the image and its mirror along the
-    width, each as it is and translated by (+2, +2) and (-2, -2) pixels with zero fill (as training's padded crop).
+    width, each as it is and translated by (+2, +2) and (-2, -2) pixels with zero fill (as training's padded crop);
+    other `pixels` and F.pad's `padding` modes for benchmarks/tta.py.
     """
     h, w = images.shape[-2:]
     views = []
     for image in (images, images.flip(-1)):
-        padded = F.pad(image, (TTA_SHIFT,) * 4)
-        for shift in (0, TTA_SHIFT, -TTA_SHIFT):  # view[..., y, x] = image[..., y - shift, x - shift]
-            views.append(padded[..., TTA_SHIFT - shift:TTA_SHIFT - shift + h, TTA_SHIFT - shift:TTA_SHIFT - shift + w])
+        padded = F.pad(image, (pixels,) * 4, mode=padding)
+        for shift in (0, pixels, -pixels):  # view[..., y, x] = image[..., y - shift, x - shift]
+            views.append(padded[..., pixels - shift:pixels - shift + h, pixels - shift:pixels - shift + w])
     return views
 
 

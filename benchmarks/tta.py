@@ -9,12 +9,10 @@ the figures go to stdout and --out with the precision they were computed in.
 """
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
@@ -22,13 +20,6 @@ import ex1_convnet  # noqa: E402
 import ex2_transfer  # noqa: E402
 
 BUILDERS = {"ex1_convnet.py": ex1_convnet.build_model, "ex2_transfer.py": ex2_transfer.build_model}
-
-
-def shifted(images: torch.Tensor, shift: int, padding: str) -> list[torch.Tensor]:
-    """`images` moved by (+shift, +shift) and (-shift, -shift) pixels, the uncovered border zero or reflected."""
-    padded = F.pad(images, (shift,) * 4, mode=padding)
-    h, w = images.shape[-2:]
-    return [padded[..., :h, :w], padded[..., 2 * shift:, 2 * shift:]]
 
 
 SHIFTS = ((2, "constant"), (1, "reflect"), (1, "constant"))  # (pixels, fill): the first is --tta's
@@ -43,8 +34,8 @@ def view_log_probs(model, images: torch.Tensor, mean, std, ctx: common.TrainCont
     out = {name: [] for name in ("plain", *SHIFTS)}
     for start in range(0, len(images), common.EVAL_BATCH):
         x = images[start:start + common.EVAL_BATCH].float().div(255)
-        views = {"plain": [x, x.flip(-1)],
-                 **{key: [*shifted(x, *key), *shifted(x.flip(-1), *key)] for key in SHIFTS}}
+        views = {"plain": [x, x.flip(-1)]}  # tta_views: the image, its two shifts, the mirror, the mirror's two shifts
+        views.update({key: [common.tta_views(x, *key)[i] for i in (1, 2, 4, 5)] for key in SHIFTS})
         with common.autocast(ctx):
             for name, batch in views.items():
                 out[name].append(torch.stack([model(common.normalize(v, mean, std)).float().log_softmax(1) for v in batch]))
@@ -91,10 +82,8 @@ def main(argv=None) -> int:
     if len(rows) > 1:
         print(f"mean over {len(rows)} checkpoints (± sample std)")
         for name in next(iter(rows.values())):
-            values = [row[name] for row in rows.values()]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-            print(f"  {name:<40}{mean:.2%} ± {std:.2%}")
+            spread = common.spread([row[name] for row in rows.values()])
+            print(f"  {name:<40}{spread['mean']:.2%} ± {spread['std']:.2%}")
     if args.out:
         Path(args.out).write_text(json.dumps({"test_images": len(data.test_labels), "precision": str(cpu.dtype), "accuracy": rows}, indent=1) + "\n")
     return 0

@@ -49,7 +49,7 @@ RECIPES = {
 # BatchNorm biases that learn at 8 times the learning rate (measured over 3 seeds at 3 and 6 epochs: README).
 # Under --time-budget the plan then moves dropout, crop padding and label smoothing from these values, which
 # measured best up to 10 epochs, towards the default recipe's (for 30) as the budget buys more: see
-# common.scaled_by_epochs.
+# common.budget.scaled_by_epochs.
 RECIPES["short"] = dict(RECIPES["default"], recipe="short", epochs=5, batch_size=64, dropout=0.0, crop_pad=2,
                         label_smoothing=0.2, whiten=True, norm_bias_lr=8.0,
                         budget_scaling={"epochs": [10, 30], "dropout": [0.0, 0.1], "crop_pad": [2, 4],
@@ -57,8 +57,8 @@ RECIPES["short"] = dict(RECIPES["default"], recipe="short", epochs=5, batch_size
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings(common.Settings):
-    """common.Settings and this network's own."""
+class Settings(common.settings.Settings):
+    """common.settings.Settings and this network's own."""
     dropout: float | list[float]  # of every block, or one value per block
     batch_norm: bool = True  # False: the variant without BatchNorm (--no-bn)
     bn_momentum: float = 0.1
@@ -101,7 +101,7 @@ class Scaled(nn.Module):
 def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
     """Final training and validation accuracy against p (with ± one standard deviation over seeds), and each p's
     validation curve (its mean over seeds)."""
-    plt = common.pyplot()
+    plt = common.plots.pyplot()
     fig, (ax_p, ax_curves) = plt.subplots(1, 2, figsize=(11, 4))
     ps = [r["p"] for r in rows]
     for key, label in (("final_train_accuracy", "train (last epoch)"), ("final_val_accuracy", "validation (last epoch)")):
@@ -109,19 +109,19 @@ def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
                       capsize=3, label=label)
     for r in rows:
         ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
-    common.style_axes(ax_p, "dropout p", "accuracy", integer_x=False)
-    common.style_axes(ax_curves, "epoch", "validation accuracy")
-    common.save_figure(fig, path)
+    common.plots.style_axes(ax_p, "dropout p", "accuracy", integer_x=False)
+    common.plots.style_axes(ax_curves, "epoch", "validation accuracy")
+    common.plots.save_figure(fig, path)
 
 
 def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -> None:
     """dropout_sweep.json and .png and a table: per p its run's accuracies, or their mean and std over its seeds."""
     rows = []
-    for p, run in zip(ps, common.load_runs(run_dirs)):
+    for p, run in zip(ps, common.studies.load_runs(run_dirs)):
         row = {"p": p, "run": run["run"]}
-        for key, values in common.run_values(run).items():
+        for key, values in common.studies.run_values(run).items():
             if key != "test_accuracy_first1000":
-                spread = common.spread(values)
+                spread = common.studies.spread(values)
                 row[key] = spread["mean"]
                 if "members" in run:
                     row[f"{key}_std"] = spread["std"]
@@ -130,7 +130,7 @@ def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -
             row["seeds"] = run["seeds"]["seeds"]
         rows.append(row)
     plot_dropout_sweep(rows, out_dir / "dropout_sweep.png")
-    common.save_json({"runs": rows}, out_dir / "dropout_sweep.json")
+    common.files.save_json({"runs": rows}, out_dir / "dropout_sweep.json")
     print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}" + ("   (means over seeds; test ± std)" if "seeds" in rows[0] else ""))
     for r in rows:
         spread = f"   ± {r['test_accuracy_std']:.2%}" if r.get("test_accuracy_std") is not None else ""
@@ -138,15 +138,15 @@ def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -
     print(f"wrote {out_dir / 'dropout_sweep.png'} and {out_dir / 'dropout_sweep.json'}")
 
 
-def dropout_sweep(args: argparse.Namespace) -> common.Sweep:
+def dropout_sweep(args: argparse.Namespace) -> common.cli.Sweep:
     """One run per --dropout value in p<P>/, without augmentation unless a flag asks for it."""
-    augment_given = any(getattr(args, key) is not None for key in ("augment", *common.STRENGTH_KEYS.values()))
-    return common.Sweep("dropout", args.dropout, "p", {} if augment_given else {"augment": []}, report_dropout_sweep)
+    augment_given = any(getattr(args, key) is not None for key in ("augment", *common.augment.STRENGTH_KEYS.values()))
+    return common.cli.Sweep("dropout", args.dropout, "p", {} if augment_given else {"augment": []}, report_dropout_sweep)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_arguments(parser)
+    common.settings.add_common_arguments(parser)
     parser.add_argument("--dropout", type=float, nargs="+", metavar="P",
                         help="dropout of every block (default: the recipe's); several values train one model each "
                              "in --out-dir/p<P>/ (augmentation off unless --augment) and draw dropout_sweep.png")
@@ -169,7 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return common.run_experiment(args, "ex1_convnet.py", RECIPES, Settings, build_model, "runs/ex1",
+    return common.cli.run_experiment(args, "ex1_convnet.py", RECIPES, Settings, build_model, "runs/ex1",
                                  default_recipe="short" if args.time_budget is not None else "default",
                                  sweeps=[dropout_sweep(args)] if isinstance(args.dropout, list) else [])
 

@@ -1,10 +1,10 @@
 """Training speed of Exercise 1's ConvNet on one device, measured in one run on the same images:
 
   1. model      the bare model: forward, backward and optimizer step on ready (normalised, on-device) batches
-  2. loop       the project's training loop, augmentation included (common.train_one_epoch, ex1 default recipe)
+  2. loop       the project's training loop, augmentation included (common.train.train_one_epoch, ex1 default recipe)
   3. original   the original pipeline: PIL images through torchvision transforms in a DataLoader with one
                 worker per core, fp32, NCHW, Adam (ex1's original recipe)
-  4. aug        augmentation alone: batched (common.augment_batch) against PIL per image, original recipe's ops
+  4. aug        augmentation alone: batched (common.augment.augment_batch) against PIL per image, original recipe's ops
 
 With --inference CHECKPOINT it measures inference on the CPU instead: the checkpoint's network as PyTorch runs it
 (eager, fp32) and as ONNX Runtime runs its --export in fp32 and int8, at batch 1 and 256, from uint8 test pictures
@@ -38,8 +38,8 @@ TARGETS = {"loop_vs_model": 0.9, "loop_vs_original": 2.0, "aug_batched_vs_pil": 
 
 def recipe_settings(name: str, images: torch.Tensor) -> ex1_convnet.Settings:
     """Settings as the driver resolves them for `ex1_convnet.py --recipe name`, mean/std from `images`."""
-    settings = common.resolve_settings({}, ex1_convnet.RECIPES[name], ex1_convnet.Settings)
-    return common.with_data_mean_std(settings, images)
+    settings = common.settings.resolve_settings({}, ex1_convnet.RECIPES[name], ex1_convnet.Settings)
+    return common.run.with_data_mean_std(settings, images)
 
 
 def original_transform() -> transforms.Compose:
@@ -67,10 +67,10 @@ class PilDataset(torch.utils.data.Dataset):
 
 def timed(fn, device: torch.device) -> float:
     """Seconds `fn()` takes, the device's queued work included."""
-    common.synchronize(device)
+    common.device.synchronize(device)
     start = time.perf_counter()
     fn()
-    common.synchronize(device)
+    common.device.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -83,17 +83,17 @@ def new_model(settings: ex1_convnet.Settings, device: torch.device, channels_las
 def bench_model(images, labels, settings, ctx, n_steps: int, warmup: int) -> float:
     """1: images/s of forward, backward and step on ready batches (the loop's batch size, precision, layout)."""
     bs = settings["batch_size"]
-    x_all = common.normalize(images.to(ctx.device).float().div_(255), settings["mean"], settings["std"])
+    x_all = common.augment.normalize(images.to(ctx.device).float().div_(255), settings["mean"], settings["std"])
     y_all = labels.to(ctx.device)
     model = new_model(settings, ctx.device, channels_last=True).train()
-    optimizer = common.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
+    optimizer = common.train.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
 
     def steps(count: int):
         for i in range(count):
             s = (i * bs) % (len(x_all) - bs + 1)
-            with common.autocast(ctx):
+            with common.device.autocast(ctx):
                 logits = model(x_all[s:s + bs])
             loss = criterion(logits.float(), y_all[s:s + bs])
             optimizer.zero_grad(set_to_none=True)
@@ -107,17 +107,17 @@ def bench_model(images, labels, settings, ctx, n_steps: int, warmup: int) -> flo
 
 
 def bench_loop(images, labels, settings, ctx, n_steps: int, warmup: int) -> float:
-    """2: images/s of common.train_one_epoch, set up as the driver sets it up."""
+    """2: images/s of common.train.train_one_epoch, set up as the driver sets it up."""
     bs = settings["batch_size"]
     images, labels = images.to(ctx.device), labels.to(ctx.device)
     model = new_model(settings, ctx.device, channels_last=True)
-    optimizer = common.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
-    plan = common.Plan(n_steps, settings.epochs * n_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.lr_factor(
+    optimizer = common.train.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
+    plan = common.budget.Plan(n_steps, settings.epochs * n_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.budget.lr_factor(
         step, plan.total_steps, n_steps, settings.schedule, settings.warmup, settings.lr_decay, settings.lr_end))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    run = lambda epoch, n: common.train_one_epoch(model, optimizer, scheduler, scaler, images[:n], labels[:n],  # noqa: E731
-                                                  common.train_step(settings), plan, epoch, settings.seed, bs, ctx)
+    run = lambda epoch, n: common.train.train_one_epoch(model, optimizer, scheduler, scaler, images[:n], labels[:n],  # noqa: E731
+                                                  common.run.train_step(settings), plan, epoch, settings.seed, bs, ctx)
     if warmup:
         run(0, warmup * bs)
     return n_steps * bs / timed(lambda: run(1, n_steps * bs), ctx.device)
@@ -127,7 +127,7 @@ def bench_original(images, labels, settings, device: torch.device, n_steps: int,
     """3: images/s of the original pipeline: PIL transforms in DataLoader workers, fp32, NCHW, Adam."""
     bs = settings["batch_size"]
     model = new_model(settings, device, channels_last=False).train()
-    optimizer = common.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
+    optimizer = common.train.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
     criterion = nn.CrossEntropyLoss()
     dataset = PilDataset(images, labels, original_transform())
 
@@ -150,12 +150,12 @@ def bench_augment(images, settings, device: torch.device, batch_size: int, warmu
     """4: images/s of the original recipe's augmentation (to normalised tensors), batched and PIL per image."""
     on_device = images.to(device)
     generator = torch.Generator(device).manual_seed(0)
-    ops = common.train_step(settings).ops
+    ops = common.run.train_step(settings).ops
 
     def batched(n: int):
         for s in range(0, n, batch_size):
-            x = common.augment_batch(on_device[s:s + batch_size], ops, generator)
-            common.normalize(x, settings["mean"], settings["std"])
+            x = common.augment.augment_batch(on_device[s:s + batch_size], ops, generator)
+            common.augment.normalize(x, settings["mean"], settings["std"])
 
     pil_images = images.permute(0, 2, 3, 1).contiguous().numpy()
     transform = original_transform()
@@ -178,20 +178,20 @@ def images_per_s(run, pictures: torch.Tensor, batch_size: int, warmup: int) -> f
     return len(pictures) / timed(lambda: [run(batch) for batch in batches], torch.device("cpu"))
 
 
-def bench_inference(checkpoint_path: Path, data: common.CifarData, single: int, batched: int) -> list[dict]:
+def bench_inference(checkpoint_path: Path, data: common.data.CifarData, single: int, batched: int) -> list[dict]:
     """5: per engine (PyTorch eager fp32, ONNX Runtime fp32 and int8) its model file's size and images/s at batch 1
     (`single` test pictures) and at batch 256 (`batched` of them)."""
-    checkpoint = common.load_checkpoint(checkpoint_path, "ex1_convnet.py")
-    cpu = common.TrainContext(torch.device("cpu"), torch.float32)
-    model = common.model_from_checkpoint(checkpoint, ex1_convnet.build_model, cpu).eval()
-    classifier = common.PicturesToProbabilities(model, checkpoint["settings"]["mean"], checkpoint["settings"]["std"])
-    pictures = common.nhwc(data.test_images)
-    _, ort = common.export_packages()
+    checkpoint = common.files.load_checkpoint(checkpoint_path, "ex1_convnet.py")
+    cpu = common.device.TrainContext(torch.device("cpu"), torch.float32)
+    model = common.tasks.model_from_checkpoint(checkpoint, ex1_convnet.build_model, cpu).eval()
+    classifier = common.export.PicturesToProbabilities(model, checkpoint["settings"]["mean"], checkpoint["settings"]["std"])
+    pictures = common.export.nhwc(data.test_images)
+    _, ort = common.export.export_packages()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         fp32, int8 = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
-        common.export_onnx(classifier, fp32, {})
-        common.quantize_int8(fp32, int8, common.nhwc(data.train_images[:common.CALIBRATION_IMAGES]))
+        common.export.export_onnx(classifier, fp32, {})
+        common.export.quantize_int8(fp32, int8, common.export.nhwc(data.train_images[:common.export.CALIBRATION_IMAGES]))
 
         @torch.no_grad()
         def eager(batch):
@@ -229,21 +229,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def report_inference(args: argparse.Namespace, data: common.CifarData) -> int:
+def report_inference(args: argparse.Namespace, data: common.data.CifarData) -> int:
     """Measurement 5 as a table (and --json)."""
     single, batched = min(args.images or 500, len(data.test_images)), min(args.images or 2560, len(data.test_images))
     try:
         rows = bench_inference(Path(args.inference), data, single, batched)
-    except common.UsageError as e:
+    except common.errors.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"inference on the CPU ({common.cpu_name()}, {torch.get_num_threads()} threads), uint8 test pictures to "
+    print(f"inference on the CPU ({common.report.cpu_name()}, {torch.get_num_threads()} threads), uint8 test pictures to "
           f"probabilities: batch 1 over {single} pictures, batch 256 over {batched}")
     print(f"{'engine':<22}{'file MB':>9}{'batch 1 img/s':>15}{'batch 256 img/s':>17}")
     for row in rows:
         print(f"{row['engine']:<22}{row['file_mb']:>9.1f}{row['batch1_img_s']:>15.0f}{row['batch256_img_s']:>17.0f}")
     if args.json:
-        common.save_json({"inference": rows, "checkpoint": args.inference, "cpu": common.cpu_name(),
+        common.files.save_json({"inference": rows, "checkpoint": args.inference, "cpu": common.report.cpu_name(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__}, Path(args.json))
         print(f"wrote {args.json}")
     return 0
@@ -252,10 +252,10 @@ def report_inference(args: argparse.Namespace, data: common.CifarData) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        device = common.resolve_device(args.device)
-        ctx = common.TrainContext(device, common.resolve_precision(args.precision, device))
-        data = common.load_cifar10(args.data_dir, download=False)
-    except common.UsageError as e:
+        device = common.device.resolve_device(args.device)
+        ctx = common.device.TrainContext(device, common.device.resolve_precision(args.precision, device))
+        data = common.data.load_cifar10(args.data_dir, download=False)
+    except common.errors.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.inference:
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
                        images=n // bs * bs, original_images=n // bs_orig * bs_orig, aug_images=n_aug,
                        warmup_steps=warmup, workers=args.workers, torch=torch.__version__,
                        threads=torch.get_num_threads(), cpu_count=os.cpu_count())
-        common.save_json(results, Path(args.json))
+        common.files.save_json(results, Path(args.json))
         print(f"wrote {args.json}")
     return 0
 

@@ -26,19 +26,19 @@ SHIFTS = ((2, "constant"), (1, "reflect"), (1, "constant"))  # (pixels, fill): t
 
 
 @torch.no_grad()
-def view_log_probs(model, images: torch.Tensor, mean, std, ctx: common.TrainContext) -> dict[str, torch.Tensor]:
+def view_log_probs(model, images: torch.Tensor, mean, std, ctx: common.device.TrainContext) -> dict[str, torch.Tensor]:
     """Log-softmax (views, N, 10): of the image and its mirror ("plain"), and for each of SHIFTS of the two shifts of
     the image and of the mirror."""
     model.eval()
     mean, std = torch.tensor(mean), torch.tensor(std)
     out = {name: [] for name in ("plain", *SHIFTS)}
-    for start in range(0, len(images), common.EVAL_BATCH):
-        x = images[start:start + common.EVAL_BATCH].float().div(255)
+    for start in range(0, len(images), common.evaluation.EVAL_BATCH):
+        x = images[start:start + common.evaluation.EVAL_BATCH].float().div(255)
         views = {"plain": [x, x.flip(-1)]}  # tta_views: the image, its two shifts, the mirror, the mirror's two shifts
-        views.update({key: [common.tta_views(x, *key)[i] for i in (1, 2, 4, 5)] for key in SHIFTS})
-        with common.autocast(ctx):
+        views.update({key: [common.evaluation.tta_views(x, *key)[i] for i in (1, 2, 4, 5)] for key in SHIFTS})
+        with common.device.autocast(ctx):
             for name, batch in views.items():
-                out[name].append(torch.stack([model(common.normalize(v, mean, std)).float().log_softmax(1) for v in batch]))
+                out[name].append(torch.stack([model(common.augment.normalize(v, mean, std)).float().log_softmax(1) for v in batch]))
     return {name: torch.cat(parts, 1) for name, parts in out.items()}
 
 
@@ -67,13 +67,13 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto (default): bf16 on a CPU with native bf16, else fp32")
     args = parser.parse_args(argv)
-    data = common.load_cifar10(args.data_dir, download=False)
-    precision = common.resolve_precision(args.precision, torch.device("cpu"))
-    cpu = common.TrainContext(torch.device("cpu"), precision)
+    data = common.data.load_cifar10(args.data_dir, download=False)
+    precision = common.device.resolve_precision(args.precision, torch.device("cpu"))
+    cpu = common.device.TrainContext(torch.device("cpu"), precision)
     rows = {}
     for path in args.checkpoints:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = common.model_from_checkpoint(checkpoint, BUILDERS[checkpoint["kind"]], cpu)
+        model = common.tasks.model_from_checkpoint(checkpoint, BUILDERS[checkpoint["kind"]], cpu)
         mean, std = checkpoint["settings"]["mean"], checkpoint["settings"]["std"]
         rows[path] = variants(view_log_probs(model, data.test_images, mean, std, cpu), data.test_labels)
         print(path)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     if len(rows) > 1:
         print(f"mean over {len(rows)} checkpoints (± sample std)")
         for name in next(iter(rows.values())):
-            spread = common.spread([row[name] for row in rows.values()])
+            spread = common.studies.spread([row[name] for row in rows.values()])
             print(f"  {name:<40}{spread['mean']:.2%} ± {spread['std']:.2%}")
     if args.out:
         Path(args.out).write_text(json.dumps({"test_images": len(data.test_labels), "precision": str(cpu.dtype), "accuracy": rows}, indent=1) + "\n")

@@ -120,29 +120,29 @@ def assert_png(path: Path, min_side: int = 50) -> None:
 
 def save_untrained_checkpoint(kind: str, settings: dict, model, path: Path) -> Path:
     """A checkpoint of `model` written as a run writes best.pt and last.pt, before any training."""
-    optimizer = common.make_optimizer(list(model.parameters()), settings["optimizer"], settings["lr"],
+    optimizer = common.train.make_optimizer(list(model.parameters()), settings["optimizer"], settings["lr"],
                                       settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    training = common.Training(model, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
-    common.save_checkpoint(common.checkpoint_state(kind, dict(settings), training, [], common.BestEpoch()), path)
+    training = common.train.Training(model, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+    common.files.save_checkpoint(common.train.checkpoint_state(kind, dict(settings), training, [], common.train.BestEpoch()), path)
     return path
 
 
 def interrupt_validation(monkeypatch, call: int = 2) -> None:
-    """common.evaluate raises KeyboardInterrupt at its `call`-th call (the validation of that epoch, in a run without
-    --tta) and passes every other call on."""
-    evaluate, calls = common.evaluate, iter(range(1, 1 << 30))
+    """evaluate, as fit calls it (common.train), raises KeyboardInterrupt at its `call`-th call (the validation of
+    that epoch) and passes every other call on."""
+    evaluate, calls = common.evaluation.evaluate, iter(range(1, 1 << 30))
 
     def interrupted(*args, **kwargs):
         if next(calls) == call:
             raise KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(common, "evaluate", interrupted)
+    monkeypatch.setattr(common.train, "evaluate", interrupted)  # fit validates through it
 
 
 def fake_training(calls: list):
-    """A stand-in for common.train_and_report that records its settings and writes a one-epoch run's files, with
+    """A stand-in for common.run.train_and_report that records its settings and writes a one-epoch run's files, with
     accuracies that follow the dropout (training: 0.5 - p/2) and the seed (validation 0.4, test 0.45, plus seed/100)."""
     def train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from=None):
         calls.append({**settings, "run_dir": out_dir})
@@ -151,9 +151,9 @@ def fake_training(calls: list):
                     "val_accuracy": 0.4 + shift, "lr": 0.1, "seconds": 1.0, "images_per_s": 32.0}]
         metrics = {"test_accuracy": 0.45 + shift, "test_accuracy_first1000": 0.46 + shift,
                    "best_val_accuracy": 0.4 + shift, "best_epoch": 1, "epochs_run": 1,
-                   "settings": {k: v for k, v in settings.items() if k not in common.RUNTIME_KEYS}}
-        common.save_json(history, out_dir / "history.json")
-        common.save_json(metrics, out_dir / "metrics.json")
+                   "settings": {k: v for k, v in settings.items() if k not in common.settings.RUNTIME_KEYS}}
+        common.files.save_json(history, out_dir / "history.json")
+        common.files.save_json(metrics, out_dir / "metrics.json")
         return metrics
     return train_and_report
 
@@ -161,7 +161,7 @@ def fake_training(calls: list):
 @pytest.fixture(scope="session")
 def ex2_checkpoint(tmp_path_factory) -> Path:
     """A genuine checkpoint written the way ex2_transfer.py writes them (VGG-11-bn from scratch, no training)."""
-    settings = common.resolve_settings({"mode": "scratch"}, ex2_transfer.RECIPES["scratch"], ex2_transfer.Settings)
+    settings = common.settings.resolve_settings({"mode": "scratch"}, ex2_transfer.RECIPES["scratch"], ex2_transfer.Settings)
     model = ex2_transfer.build_model(settings, initial_weights=False)
     return save_untrained_checkpoint("ex2_transfer.py", settings, model, tmp_path_factory.mktemp("ex2") / "best.pt")
 
@@ -169,4 +169,4 @@ def ex2_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture
 def no_filter_plots(monkeypatch):
     """In-process runs skip the 128-panel filter figures (seconds each on a CPU; the report tests cover them)."""
-    monkeypatch.setattr(common, "plot_filters", lambda *args, **kwargs: None)
+    monkeypatch.setattr(common.run, "plot_filters", lambda *args, **kwargs: None)

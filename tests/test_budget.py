@@ -1,5 +1,6 @@
 """--time-budget: the plan made from the speed of the first steps, the schedule over it, the partial last epoch,
 --resume keeping the plan, and the refusals. A fake clock stands in for time: no assertion depends on real speed."""
+import functools
 import itertools
 import math
 from types import SimpleNamespace
@@ -12,13 +13,15 @@ import ex1_convnet
 from conftest import QUICK, fake_training, interrupt_validation, read_json
 
 STEPS_PER_EPOCH = 8  # the fixture's 320 training images, less 64 for validation, in batches of 32
-CPU = common.TrainContext(torch.device("cpu"), torch.float32)
+CPU = common.device.TrainContext(torch.device("cpu"), torch.float32)
 
 
 def fake_clock(monkeypatch, readings) -> None:
-    """common's time.perf_counter() returns `readings` one after the other."""
-    values = iter(readings)
-    monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=lambda: next(values)))
+    """The training clock (time.perf_counter() as common.budget and common.train read it) returns `readings` one
+    after the other."""
+    clock = SimpleNamespace(perf_counter=functools.partial(next, iter(readings)))
+    for module in (common.budget, common.train):
+        monkeypatch.setattr(module, "time", clock)
 
 
 def run_ex1(argv, capsys) -> tuple[int, str]:
@@ -28,15 +31,15 @@ def run_ex1(argv, capsys) -> tuple[int, str]:
 
 
 def test_plan_fills_the_time_left_after_the_validation_passes():
-    assert common.plan_total_steps(60, 12, 1.0, 0.0, 12, 25) == 60
+    assert common.budget.plan_total_steps(60, 12, 1.0, 0.0, 12, 25) == 60
     # 48 s left hold 48 more steps at most, 60 in all: 3 epochs, whose 3 validation passes of 3 s leave 39
-    assert common.plan_total_steps(60, 12, 1.0, 3.0, 12, 25) == 51
-    assert common.plan_total_steps(60, 70, 1.0, 0.0, 12, 25) == 12  # already over: no step more
+    assert common.budget.plan_total_steps(60, 12, 1.0, 3.0, 12, 25) == 51
+    assert common.budget.plan_total_steps(60, 70, 1.0, 0.0, 12, 25) == 12  # already over: no step more
 
 
 def test_planner_times_the_steps_after_the_warm_up_and_fixes_the_total(monkeypatch):
-    plan = common.Plan(steps_per_epoch=25, total_steps=None)
-    after_step = common.budget_planner(plan, 1.0, batch_size=32, val_images=96, start=0.0, ctx=CPU)
+    plan = common.budget.Plan(steps_per_epoch=25, total_steps=None)
+    after_step = common.budget.budget_planner(plan, 1.0, batch_size=32, val_images=96, start=0.0, ctx=CPU)
     fake_clock(monkeypatch, [1.5, 5.0, 25.0])  # read after step 1, step 5 (the warm-up's end) and step 25
     for step in range(1, 25):
         assert after_step(step) is False
@@ -49,22 +52,22 @@ def test_planner_times_the_steps_after_the_warm_up_and_fixes_the_total(monkeypat
 
 
 def test_a_budget_shorter_than_the_first_step_is_refused(monkeypatch):
-    plan = common.Plan(steps_per_epoch=25, total_steps=None)
-    after_step = common.budget_planner(plan, 1.0, batch_size=32, val_images=96, start=0.0, ctx=CPU)
+    plan = common.budget.Plan(steps_per_epoch=25, total_steps=None)
+    after_step = common.budget.budget_planner(plan, 1.0, batch_size=32, val_images=96, start=0.0, ctx=CPU)
     fake_clock(monkeypatch, [61.0])
-    with pytest.raises(common.UsageError, match="too short for a single training step"):
+    with pytest.raises(common.errors.UsageError, match="too short for a single training step"):
         after_step(1)
 
 
 def test_the_schedule_waits_for_the_plan_then_ends_at_its_last_step():
     def factor(step: int, total: int | None) -> float:
-        return common.lr_factor(step, total, 100, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.0)
+        return common.budget.lr_factor(step, total, 100, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.0)
     assert factor(5, None) == 0.1  # no plan yet: the warm-up's first value
-    assert common.epoch_steps(None, 1, 100) == 100
+    assert common.budget.epoch_steps(None, 1, 100) == 100
     assert factor(0, 250) == 0.1
     assert factor(50, 250) == 1.0  # warm-up ends at 20% of the planned steps
     assert factor(250, 250) == 0.0
-    assert [common.epoch_steps(250, epoch, 100) for epoch in (1, 2, 3)] == [100, 100, 50]
+    assert [common.budget.epoch_steps(250, epoch, 100) for epoch in (1, 2, 3)] == [100, 100, 50]
 
 
 SCALING = ex1_convnet.RECIPES["short"]["budget_scaling"]
@@ -74,51 +77,51 @@ def test_the_regularisation_follows_the_planned_epochs_between_the_recipes_ends(
     short, default = ex1_convnet.RECIPES["short"], ex1_convnet.RECIPES["default"]
     keys = ("dropout", "crop_pad", "label_smoothing")
     assert SCALING["epochs"] == [10, 30]
-    assert common.scaled_by_epochs(SCALING, 10) == {k: short[k] for k in keys}
-    assert common.scaled_by_epochs(SCALING, 3) == {k: short[k] for k in keys}  # held at the ends
-    assert common.scaled_by_epochs(SCALING, 30) == {k: default[k] for k in keys}
-    assert common.scaled_by_epochs(SCALING, 100) == {k: default[k] for k in keys}
-    middle = common.scaled_by_epochs(SCALING, math.sqrt(10 * 30))  # halfway on the logarithm
+    assert common.budget.scaled_by_epochs(SCALING, 10) == {k: short[k] for k in keys}
+    assert common.budget.scaled_by_epochs(SCALING, 3) == {k: short[k] for k in keys}  # held at the ends
+    assert common.budget.scaled_by_epochs(SCALING, 30) == {k: default[k] for k in keys}
+    assert common.budget.scaled_by_epochs(SCALING, 100) == {k: default[k] for k in keys}
+    middle = common.budget.scaled_by_epochs(SCALING, math.sqrt(10 * 30))  # halfway on the logarithm
     assert middle == {"dropout": 0.05, "crop_pad": 3, "label_smoothing": 0.15}
 
 
 def test_a_flag_given_keeps_its_value_under_the_budget_and_no_budget_scales_nothing():
     given = {"time_budget": 60.0, "dropout": 0.3}
-    settings = common.resolve_settings(given, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    settings = common.settings.resolve_settings(given, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     assert set(settings["budget_scaling"]) == {"epochs", "crop_pad", "label_smoothing"}
-    settings = common.resolve_settings({"time_budget": 60.0, "augment": "flip,crop"}, ex1_convnet.RECIPES["short"],
+    settings = common.settings.resolve_settings({"time_budget": 60.0, "augment": "flip,crop"}, ex1_convnet.RECIPES["short"],
                                        ex1_convnet.Settings)
     assert set(settings["budget_scaling"]) == {"epochs", "dropout", "label_smoothing"}  # --augment fixes the crop
-    assert common.resolve_settings({}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)["budget_scaling"] is None
+    assert common.settings.resolve_settings({}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)["budget_scaling"] is None
 
 
 def test_the_plan_sets_the_scaled_regularisation_in_the_settings_and_the_model():
-    settings = common.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    settings = common.settings.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     model = ex1_convnet.build_model(settings)
-    settings = common.with_budget_choice(settings, common.Plan(100, 30 * 100), CPU)  # 30 epochs of 100 steps
-    common.set_dropout(model, settings["dropout"])
+    settings = common.run.with_budget_choice(settings, common.budget.Plan(100, 30 * 100), CPU)  # 30 epochs of 100 steps
+    common.train.set_dropout(model, settings["dropout"])
     assert (settings["dropout"], settings["crop_pad"], settings["label_smoothing"]) == (0.1, 4, 0.1)
     assert settings["budget_choice"] == {"planned_epochs": 30.0, "dropout": 0.1, "crop_pad": 4, "label_smoothing": 0.1}
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
 def test_a_budget_run_ignores_patience_and_says_so_when_it_was_given(capsys):
-    settings = common.resolve_settings({"time_budget": 60.0, "patience": 3}, ex1_convnet.RECIPES["short"],
+    settings = common.settings.resolve_settings({"time_budget": 60.0, "patience": 3}, ex1_convnet.RECIPES["short"],
                                        ex1_convnet.Settings)
     assert settings["patience"] == 0
     assert "--patience 3 is not applied under --time-budget" in capsys.readouterr().err
-    settings = common.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    settings = common.settings.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     assert settings["patience"] == 0 and capsys.readouterr().err == ""
 
 
 def test_a_re_plan_counts_only_the_validation_passes_still_ahead():
     # after 2 of 10-step epochs, 10 s used, 1 s a step and 2 s of validation and saving an epoch: 50 s left hold
     # 4 more epochs and their passes (48 s), not a step more
-    assert common.plan_total_steps(60, 10, 1.0, 2.0, 20, 10, epochs_validated=2) == 60
-    assert common.plan_total_steps(60, 10, 1.0, 2.0, 20, 10) == 58  # epochs 1 and 2 still to validate
+    assert common.budget.plan_total_steps(60, 10, 1.0, 2.0, 20, 10, epochs_validated=2) == 60
+    assert common.budget.plan_total_steps(60, 10, 1.0, 2.0, 20, 10) == 58  # epochs 1 and 2 still to validate
     # one step of 1 s in an epoch of 100 steps, validation 30 s: 100 s left hold the validation of the epoch the run
     # is in and 70 steps; a plan that counted the passes of the most steps it could ever take would allow none
-    assert common.plan_total_steps(100, 0, 1.0, 30.0, 0, 100) == 70
+    assert common.budget.plan_total_steps(100, 0, 1.0, 30.0, 0, 100) == 70
 
 
 def budget_run(cifar_dir, out_dir, minutes: str = "0.1") -> list:
@@ -137,7 +140,7 @@ def test_a_budget_run_trains_the_planned_steps_the_last_epoch_what_is_left(cifar
     assert metrics["run_steps"] == planned == sum(row["steps"] for row in history)
     assert len(history) == metrics["epochs_run"] == math.ceil(planned / STEPS_PER_EPOCH)
     assert 0 < history[-1]["steps"] == planned - STEPS_PER_EPOCH * (len(history) - 1) <= STEPS_PER_EPOCH
-    last = common.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
+    last = common.files.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
     assert last["scheduler"]["last_epoch"] == planned and set(last["scheduler"]["_last_lr"]) == {0.0}  # schedule done
 
 
@@ -148,7 +151,7 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
     interrupt_validation(monkeypatch, call=2)  # in epoch 2
     code, err = run_ex1(budget_run(cifar_dir, tmp_path), capsys)
     assert code == 130, err[-3000:]
-    saved = common.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
+    saved = common.files.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
     assert saved["epoch"] == 1 and saved["settings"]["planned_steps"] > 2 * STEPS_PER_EPOCH
     used = saved["history"][0]["elapsed_s"]
     assert 0 < used < 6
@@ -204,8 +207,8 @@ def test_epochs_and_a_budget_together_are_refused(cifar_dir, tmp_path, capsys):
                                            ([], "default")])
 def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe, tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(common, "train_and_report", fake_training(calls))  # the real driver up to the training
-    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_and_report", fake_training(calls))  # the real driver up to the training
+    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
     code, err = run_ex1([*QUICK, "--out-dir", tmp_path, *flags], capsys)
     assert code == 0, err[-3000:]
     seen = calls[0]

@@ -44,8 +44,8 @@ class CreatesFile:
 
 def test_loads_from_parent_folder_and_from_batches_folder(cifar_dir):
     """--data-dir may name the folder holding cifar-10-batches-py/ or that folder itself; both give the same data."""
-    outer = common.load_cifar10(cifar_dir, download=False)
-    inner = common.load_cifar10(cifar_dir / BATCHES, download=False)
+    outer = common.data.load_cifar10(cifar_dir, download=False)
+    inner = common.data.load_cifar10(cifar_dir / BATCHES, download=False)
     for a, b in zip(outer[:4], inner[:4]):
         assert torch.equal(a, b)
     assert outer.classes == inner.classes == tuple(CLASS_NAMES)
@@ -53,7 +53,7 @@ def test_loads_from_parent_folder_and_from_batches_folder(cifar_dir):
 
 def test_shapes_dtypes_and_content(cifar_dir):
     """Images are (N, 3, 32, 32) uint8 in batch order 1..5, labels int64 in 0..9, matching the files' rows."""
-    data = common.load_cifar10(cifar_dir, download=False)
+    data = common.data.load_cifar10(cifar_dir, download=False)
     assert data.train_images.shape == (320, 3, 32, 32) and data.train_images.dtype == torch.uint8
     assert data.test_images.shape == (120, 3, 32, 32) and data.test_images.dtype == torch.uint8
     assert data.train_labels.shape == (320,) and data.train_labels.dtype == torch.int64
@@ -69,8 +69,8 @@ def test_shapes_dtypes_and_content(cifar_dir):
 
 def test_bytes_keys_load_like_str_keys(cifar_dir, tmp_path):
     """The official Python 2 pickles load with bytes keys and names; they give the same data as str keys."""
-    as_bytes = common.load_cifar10(write_cifar(tmp_path, bytes_keys=True), download=False)
-    as_str = common.load_cifar10(cifar_dir, download=False)
+    as_bytes = common.data.load_cifar10(write_cifar(tmp_path, bytes_keys=True), download=False)
+    as_str = common.data.load_cifar10(cifar_dir, download=False)
     assert isinstance(next(iter(raw_batch(tmp_path, "data_batch_1"))), bytes)
     for a, b in zip(as_bytes[:4], as_str[:4]):
         assert torch.equal(a, b)
@@ -136,8 +136,8 @@ def test_reads_the_official_python2_pickles(tmp_path):
     assert ("SHORT_BINSTRING", "training batch 1 of 5") in ops  # a byte-string value, not only keys
     pickletools.dis(stream, out=io.StringIO())  # a well-formed stream: every opcode's stack effect checks out
 
-    assert set(common.read_batch(tmp_path / BATCHES / "data_batch_1")) == {"batch_label", "labels", "data", "filenames"}
-    data = common.load_cifar10(tmp_path, download=False)
+    assert set(common.data.read_batch(tmp_path / BATCHES / "data_batch_1")) == {"batch_label", "labels", "data", "filenames"}
+    data = common.data.load_cifar10(tmp_path, download=False)
     train = [records[f"data_batch_{i}"] for i in range(1, 6)]
     assert np.array_equal(data.train_images.numpy(), np.concatenate([r[b"data"] for r in train]).reshape(-1, 3, 32, 32))
     assert data.train_labels.tolist() == sum((r[b"labels"] for r in train), [])
@@ -154,8 +154,8 @@ def test_malicious_pickle_is_refused(tmp_path):
     root = write_cifar(tmp_path / "data", per_batch=10, n_test=10)
     path = root / BATCHES / "data_batch_1"
     path.write_bytes(pickle.dumps({"data": CreatesFile(target), "labels": [0]}))
-    with pytest.raises(common.UsageError) as error:
-        common.load_cifar10(root, download=False)
+    with pytest.raises(common.errors.UsageError) as error:
+        common.data.load_cifar10(root, download=False)
     assert not target.exists()
     assert str(path) in str(error.value) and "open" in str(error.value)
 
@@ -179,8 +179,8 @@ def test_corrupt_file_is_named(tmp_path, damage):
     path.write_bytes({"truncated": content[:len(content) // 2],
                       "html": b"<html><body>404 Not Found</body></html>",
                       "absurd-length": b"\x80\x04\x8e" + (2 ** 63 + 5).to_bytes(8, "little")}[damage])
-    with pytest.raises(common.UsageError, match=re.escape(str(path))):
-        common.load_cifar10(root, download=False)
+    with pytest.raises(common.errors.UsageError, match=re.escape(str(path))):
+        common.data.load_cifar10(root, download=False)
 
 
 def test_corrupt_file_on_the_command_line_exits_2(tmp_path, capsys):
@@ -204,14 +204,14 @@ def test_bad_contents_are_refused(tmp_path, changes):
     """Labels outside 0..9, a label count that does not match, or data not uint8 (N, 3072) are refused, naming the file."""
     root = write_cifar(tmp_path, per_batch=10, n_test=10)
     path = rewrite_batch(root, "data_batch_2", **changes)
-    with pytest.raises(common.UsageError, match=re.escape(str(path))):
-        common.load_cifar10(root, download=False)
+    with pytest.raises(common.errors.UsageError, match=re.escape(str(path))):
+        common.data.load_cifar10(root, download=False)
 
 
 def test_split_takes_validation_from_the_end(cifar_dir):
     """Training = the first N - val_size images, validation = the last val_size."""
-    data = common.load_cifar10(cifar_dir, download=False)
-    train_x, train_y, val_x, val_y = common.split_train_val(data, 64, None)
+    data = common.data.load_cifar10(cifar_dir, download=False)
+    train_x, train_y, val_x, val_y = common.data.split_train_val(data, 64, None)
     assert torch.equal(train_x, data.train_images[:256]) and torch.equal(train_y, data.train_labels[:256])
     assert torch.equal(val_x, data.train_images[256:]) and torch.equal(val_y, data.train_labels[256:])
 
@@ -219,8 +219,8 @@ def test_split_takes_validation_from_the_end(cifar_dir):
 @pytest.mark.parametrize("limit, kept", [(100, 100), (1000, 256)])
 def test_limit_train_keeps_the_first_images(cifar_dir, limit, kept):
     """--limit-train N keeps the first N training images, never reaching into the validation images."""
-    data = common.load_cifar10(cifar_dir, download=False)
-    train_x, train_y, val_x, _ = common.split_train_val(data, 64, limit)
+    data = common.data.load_cifar10(cifar_dir, download=False)
+    train_x, train_y, val_x, _ = common.data.split_train_val(data, 64, limit)
     assert torch.equal(train_x, data.train_images[:kept]) and torch.equal(train_y, data.train_labels[:kept])
     assert torch.equal(val_x, data.train_images[256:])
 
@@ -228,8 +228,8 @@ def test_limit_train_keeps_the_first_images(cifar_dir, limit, kept):
 @pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"), reason="set CIFAR10_DIR to a real CIFAR-10 copy")
 def test_real_cifar10_loads():
     """The official files (Python 2 pickles) pass the restricted unpickler: 50,000 + 10,000 images, 5,000 per class."""
-    data = common.load_cifar10(os.environ["CIFAR10_DIR"], download=False)
+    data = common.data.load_cifar10(os.environ["CIFAR10_DIR"], download=False)
     assert data.train_images.shape == (50000, 3, 32, 32) and data.test_images.shape == (10000, 3, 32, 32)
     assert torch.bincount(data.train_labels).tolist() == [5000] * 10
     assert torch.bincount(data.test_labels).tolist() == [1000] * 10
-    assert data.classes == common.CLASSES
+    assert data.classes == common.data.CLASSES

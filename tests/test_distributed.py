@@ -68,20 +68,20 @@ def ex2_runs(cifar_dir, tmp_path_factory):
 def test_plain_run_sets_up_no_process_group(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    assert common.init_distributed() == (0, 1, 0)
+    assert common.device.init_distributed() == (0, 1, 0)
     assert not torch.distributed.is_initialized()
 
 
 def test_batch_size_is_global_in_help():
     import argparse
     parser = argparse.ArgumentParser()
-    common.add_common_arguments(parser)
+    common.settings.add_common_arguments(parser)
     assert "global batch size" in " ".join(parser.format_help().split())
 
 
 def test_ranks_take_disjoint_shards_of_the_same_global_batches():
-    single = list(common.epoch_batches(100, 32, torch.Generator().manual_seed(5)))
-    shards = [list(common.epoch_batches(100, 32, torch.Generator().manual_seed(5), rank, 4)) for rank in range(4)]
+    single = list(common.train.epoch_batches(100, 32, torch.Generator().manual_seed(5)))
+    shards = [list(common.train.epoch_batches(100, 32, torch.Generator().manual_seed(5), rank, 4)) for rank in range(4)]
     assert all(len(s) == len(single) == 3 for s in shards)
     for step, batch in enumerate(single):
         parts = [shards[rank][step] for rank in range(4)]

@@ -65,7 +65,7 @@ def test_metrics(trained):
     assert m["train_seconds"] > 0 and m["train_images_per_s"] > 0
     assert m["device"] == "cpu"
     assert m["settings"]["epochs"] == 3 and m["settings"]["lr"] == 0.02 and m["settings"]["limit_train"] == 96
-    assert "args" not in m and not common.RUNTIME_KEYS & m["settings"].keys()  # the settings once, what they compute
+    assert "args" not in m and not common.settings.RUNTIME_KEYS & m["settings"].keys()  # the settings once, what they compute
     assert m["versions"]["python"] and m["versions"]["torch"] == torch.__version__
     assert m["versions"]["torchvision"] == torchvision.__version__
     assert m["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", m["git_commit"])
@@ -84,9 +84,9 @@ def test_history_and_checkpoints(trained):
         assert round(row["images_per_s"] * row["seconds"]) == 96
     assert m["best_val_accuracy"] == max(row["val_accuracy"] for row in history)
     assert history[m["best_epoch"] - 1]["val_accuracy"] == m["best_val_accuracy"]
-    best, last = common.load_checkpoint(trained / "best.pt", KIND), common.load_checkpoint(trained / "last.pt", KIND)
+    best, last = common.files.load_checkpoint(trained / "best.pt", KIND), common.files.load_checkpoint(trained / "last.pt", KIND)
     assert best["epoch"] == m["best_epoch"] and last["epoch"] == 3
-    assert not set(common.TRAINING_STATE) & best.keys() and set(common.TRAINING_STATE) <= last.keys()
+    assert not set(common.train.TRAINING_STATE) & best.keys() and set(common.train.TRAINING_STATE) <= last.keys()
 
 
 @pytest.mark.slow

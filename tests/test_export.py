@@ -39,15 +39,15 @@ def session(path: Path):
 
 
 def pytorch_probabilities(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
-    checkpoint = common.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")
-    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
-    model = common.model_from_checkpoint(checkpoint, ex1_convnet.build_model, ctx)
-    return common.predict(model, images, checkpoint["settings"]["mean"], checkpoint["settings"]["std"], ctx).softmax(1)
+    checkpoint = common.files.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")
+    ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
+    model = common.tasks.model_from_checkpoint(checkpoint, ex1_convnet.build_model, ctx)
+    return common.evaluation.predict(model, images, checkpoint["settings"]["mean"], checkpoint["settings"]["std"], ctx).softmax(1)
 
 
 @pytest.mark.slow
 def test_the_fp32_model_gives_pytorchs_classes_and_probabilities_on_the_test_set(exported, cifar_dir):
-    data = common.load_cifar10(cifar_dir, download=False)
+    data = common.data.load_cifar10(cifar_dir, download=False)
     expected = pytorch_probabilities(exported["run"], data.test_images)
     pictures = data.test_images.permute(0, 2, 3, 1).numpy()  # what a decoder gives: (N, 32, 32, 3) uint8 RGB
     got = torch.from_numpy(session(exported["fp32"]).run(["probabilities"], {"images": pictures})[0])
@@ -78,7 +78,7 @@ def test_the_metadata_names_the_classes_the_script_and_the_checkpoint(exported):
     props = {p.key: p.value for p in onnx.load(str(exported["fp32"])).metadata_props}
     assert json.loads(props["classes"]) == CLASS_NAMES
     assert props["script"] == "ex1_convnet.py"
-    best = common.load_checkpoint(exported["run"] / "best.pt", "ex1_convnet.py")
+    best = common.files.load_checkpoint(exported["run"] / "best.pt", "ex1_convnet.py")
     assert props["checkpoint_epoch"] == str(best["epoch"])
     assert props["test_accuracy"] == str(metrics(exported["run"])["test_accuracy"])
     assert props["git_commit"] == str(metrics(exported["run"])["git_commit"])
@@ -87,7 +87,7 @@ def test_the_metadata_names_the_classes_the_script_and_the_checkpoint(exported):
 @pytest.mark.slow
 def test_the_int8_model_is_smaller_runs_and_says_its_accuracy(exported, cifar_dir):
     assert exported["int8"].stat().st_size < exported["fp32"].stat().st_size / 2
-    data = common.load_cifar10(cifar_dir, download=False)
+    data = common.data.load_cifar10(cifar_dir, download=False)
     out = session(exported["int8"]).run(None, {"images": data.test_images.permute(0, 2, 3, 1).numpy()})[0]
     assert out.shape == (len(data.test_images), 10)
     accuracy = (torch.from_numpy(out).argmax(1) == data.test_labels).float().mean().item()
@@ -113,9 +113,9 @@ def test_the_readmes_example_classifies_a_picture_without_torch(exported, cifar_
     readme = (ROOT / "README.md").read_text()
     example = readme.split("Classifying a picture with the exported model needs only")[1]
     example = example.split("```python\n", 1)[1].split("```", 1)[0]
-    data = common.load_cifar10(cifar_dir, download=False)
+    data = common.data.load_cifar10(cifar_dir, download=False)
     picture = tmp_path / "picture.png"
-    Image.fromarray(common.nhwc(data.test_images[:1])[0].numpy()).save(picture)
+    Image.fromarray(common.export.nhwc(data.test_images[:1])[0].numpy()).save(picture)
     code = example.replace("runs/ex1/model.onnx", str(exported["fp32"])).replace("cat.jpg", str(picture))
     result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None  # no torch\n" + code],
                             capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ PARAMS_NO_BN = PARAMS_BN - 2 * (128 + 4 * 512)
 def model_for(*argv: str) -> nn.Module:
     """The model ex1_convnet.py builds for these flags."""
     args = ex1_convnet.parse_args(list(argv))
-    settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES[args.recipe or "default"],
+    settings = common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES[args.recipe or "default"],
                                        ex1_convnet.Settings)
     torch.manual_seed(0)
     return ex1_convnet.build_model(settings)
@@ -27,7 +27,7 @@ def layers(model: nn.Module, kind: type) -> list[nn.Module]:
 
 def test_parameter_count_and_output_shape():
     model = model_for().eval()
-    assert common.count_parameters(model) == PARAMS_BN
+    assert common.train.count_parameters(model) == PARAMS_BN
     assert len(layers(model, nn.BatchNorm2d)) == 5
     with torch.no_grad():
         assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
@@ -36,7 +36,7 @@ def test_parameter_count_and_output_shape():
 def test_no_bn_variant_has_no_batchnorm():
     model = model_for("--no-bn").eval()
     assert not layers(model, nn.modules.batchnorm._BatchNorm)
-    assert common.count_parameters(model) == PARAMS_NO_BN
+    assert common.train.count_parameters(model) == PARAMS_NO_BN
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -57,7 +57,7 @@ def test_dropout_flag_sets_every_block():
 
 def test_output_scale_multiplies_the_logits_and_bn_momentum_reaches_every_batchnorm():
     plain, scaled = model_for().eval(), model_for("--output-scale", "0.125", "--bn-momentum", "0.4").eval()
-    assert common.count_parameters(scaled) == PARAMS_BN  # the same network: its state dict loads into the other
+    assert common.train.count_parameters(scaled) == PARAMS_BN  # the same network: its state dict loads into the other
     scaled.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -66,38 +66,38 @@ def test_output_scale_multiplies_the_logits_and_bn_momentum_reaches_every_batchn
     assert {m.momentum for m in layers(plain, nn.BatchNorm2d)} == {0.1}
 
 
-def whitening_setup(*argv: str, images: torch.Tensor, resume_from: dict | None = None) -> common.Training:
+def whitening_setup(*argv: str, images: torch.Tensor, resume_from: dict | None = None) -> common.train.Training:
     """What set_up_training starts for these ex1 flags on these training images."""
     args = ex1_convnet.parse_args(list(argv))
-    settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
-    settings = common.with_data_mean_std(settings, images)
-    cpu = common.TrainContext(torch.device("cpu"), torch.float32)
-    return common.set_up_training(settings, ex1_convnet.build_model, common.Plan(10, 300), cpu, resume_from, images)
+    settings = common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
+    settings = common.run.with_data_mean_std(settings, images)
+    cpu = common.device.TrainContext(torch.device("cpu"), torch.float32)
+    return common.run.set_up_training(settings, ex1_convnet.build_model, common.budget.Plan(10, 300), cpu, resume_from, images)
 
 
 def test_whitening_filters_decorrelate_the_patches(cifar_dir):
     """Convolved with the first 27 filters, the images' 3x3 patches have unit variance and no correlation; the
     other 27 are their negatives."""
-    images = common.load_cifar10(cifar_dir, download=False).train_images
-    mean, std = common.channel_mean_std(images)
-    filters = common.patch_whitening_filters(images, mean, std)
+    images = common.data.load_cifar10(cifar_dir, download=False).train_images
+    mean, std = common.data.channel_mean_std(images)
+    filters = common.train.patch_whitening_filters(images, mean, std)
     assert filters.shape == (54, 3, 3, 3)
     assert torch.equal(filters[27:], -filters[:27])
-    out = torch.nn.functional.conv2d(common.normalize(images.float() / 255, mean, std), filters[:27])
+    out = torch.nn.functional.conv2d(common.augment.normalize(images.float() / 255, mean, std), filters[:27])
     covariance = torch.cov(out.permute(1, 0, 2, 3).reshape(27, -1))
     assert torch.allclose(covariance, torch.eye(27), atol=0.02)
 
 
 def test_whiten_sets_the_first_54_filters_of_a_new_run_only(cifar_dir):
-    images = common.load_cifar10(cifar_dir, download=False).train_images
-    mean, std = common.channel_mean_std(images)
+    images = common.data.load_cifar10(cifar_dir, download=False).train_images
+    mean, std = common.data.channel_mean_std(images)
     plain = whitening_setup(images=images)
-    whitened = common.first_conv_weight(whitening_setup("--whiten", images=images).model).detach()
-    assert torch.allclose(whitened[:54], common.patch_whitening_filters(images, mean, std))
-    assert torch.equal(whitened[54:], common.first_conv_weight(plain.model)[54:])  # the others as without --whiten
-    checkpoint = common.checkpoint_state("ex1_convnet.py", {}, plain, [], common.BestEpoch())
+    whitened = common.train.first_conv_weight(whitening_setup("--whiten", images=images).model).detach()
+    assert torch.allclose(whitened[:54], common.train.patch_whitening_filters(images, mean, std))
+    assert torch.equal(whitened[54:], common.train.first_conv_weight(plain.model)[54:])  # the others as without --whiten
+    checkpoint = common.train.checkpoint_state("ex1_convnet.py", {}, plain, [], common.train.BestEpoch())
     resumed = whitening_setup("--whiten", images=images, resume_from=checkpoint)
-    assert torch.equal(common.first_conv_weight(resumed.model), common.first_conv_weight(plain.model))
+    assert torch.equal(common.train.first_conv_weight(resumed.model), common.train.first_conv_weight(plain.model))
 
 
 @pytest.mark.slow
@@ -106,24 +106,24 @@ def test_a_real_run_whitens_with_its_first_training_images_only(cifar_dir, tmp_p
     """Through ex1_convnet.main: the whitening gets the training split, never the validation images, and uses its
     first WHITEN_IMAGES (here capped at 100 of its 256). A learning rate of 1e-9 leaves the filters in best.pt as
     they started."""
-    monkeypatch.setattr(common, "WHITEN_IMAGES", 100)
-    given, whiten = [], common.patch_whitening_filters
+    monkeypatch.setattr(common.train, "WHITEN_IMAGES", 100)
+    given, whiten = [], common.train.patch_whitening_filters
 
     def recording(images, mean, std):
         given.append(images)
         return whiten(images, mean, std)
 
-    monkeypatch.setattr(common, "patch_whitening_filters", recording)
+    monkeypatch.setattr(common.run, "patch_whitening_filters", recording)
     code, _, err = call(ex1_convnet.main, [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "1",
                                            "--whiten", "--lr", "1e-9"], capsys)
     assert code == 0, err[-3000:]
-    train_images, _, val_images, _ = common.split_train_val(common.load_cifar10(cifar_dir, False), 64, None)
+    train_images, _, val_images, _ = common.data.split_train_val(common.data.load_cifar10(cifar_dir, False), 64, None)
     assert len(given) == 1 and torch.equal(given[0], train_images)
-    checkpoint = common.load_checkpoint(tmp_path / "best.pt", "ex1_convnet.py")
+    checkpoint = common.files.load_checkpoint(tmp_path / "best.pt", "ex1_convnet.py")
     mean, std = checkpoint["settings"]["mean"], checkpoint["settings"]["std"]
-    assert (mean, std) == common.channel_mean_std(train_images)
+    assert (mean, std) == common.data.channel_mean_std(train_images)
     capped = whiten(train_images[:100], mean, std)
     assert torch.allclose(checkpoint["model"]["0.weight"][:54], capped, atol=1e-5)
     assert torch.equal(whiten(train_images, mean, std), capped)  # the cap: images past the 100th do not count
-    monkeypatch.setattr(common, "WHITEN_IMAGES", 5000)
+    monkeypatch.setattr(common.train, "WHITEN_IMAGES", 5000)
     assert not torch.equal(whiten(train_images, mean, std), capped)  # ... and they would have

@@ -25,7 +25,7 @@ TRAIN = [*QUICK, "--batch-size", "16", "--limit-train", "64", "--epochs", "2", "
 
 def cifar_test_images(cifar_dir: Path) -> torch.Tensor:
     """The fixture's test images, (N, 3, 32, 32) uint8, as the evaluation path reads them."""
-    return common.load_cifar10(cifar_dir, download=False).test_images
+    return common.data.load_cifar10(cifar_dir, download=False).test_images
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -67,7 +67,7 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
 
 
 def model_of(checkpoint_path: Path) -> tuple[nn.Module, dict]:
-    checkpoint = common.load_checkpoint(checkpoint_path, KIND)
+    checkpoint = common.files.load_checkpoint(checkpoint_path, KIND)
     model = ex1_convnet.build_model(checkpoint["settings"])
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint["settings"]
@@ -77,7 +77,7 @@ def model_of(checkpoint_path: Path) -> tuple[nn.Module, dict]:
 
 def test_tta_views_mirror_along_the_width_and_translate_with_zero_fill():
     x = torch.rand(2, 3, 8, 10)  # not square and random: a vertical mirror or a transpose cannot pass
-    views = common.tta_views(x)
+    views = common.evaluation.tta_views(x)
     assert len(views) == 6 and all(v.shape == x.shape for v in views)
     assert torch.equal(views[0], x)
     assert torch.equal(views[3], x.flip(-1)) and not torch.equal(views[3], x.flip(-2))
@@ -93,19 +93,19 @@ def test_predict_with_tta_averages_the_softmax_of_the_views():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     settings = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
-    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
+    ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    expected = torch.stack([model(common.normalize(v, settings["mean"], settings["std"])).softmax(1)
-                            for v in common.tta_views(images.float() / 255)]).mean(0)
-    got = common.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).softmax(1)
+    expected = torch.stack([model(common.augment.normalize(v, settings["mean"], settings["std"])).softmax(1)
+                            for v in common.evaluation.tta_views(images.float() / 255)]).mean(0)
+    got = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).softmax(1)
     assert torch.allclose(got, expected, atol=1e-6)
-    assert not torch.allclose(common.predict(model, images, settings["mean"], settings["std"], ctx).softmax(1), expected, atol=1e-3)
+    assert not torch.allclose(common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx).softmax(1), expected, atol=1e-3)
 
 
 def test_tta_and_predict_are_runtime_flags_that_resume_accepts():
-    assert {"tta", "predict"} <= common.RUNTIME_KEYS
-    saved = dict(common.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings))
-    assert common.resume_settings({"tta": True, "predict": ["x.png"]}, saved, ex1_convnet.Settings)["tta"] is True
+    assert {"tta", "predict"} <= common.settings.RUNTIME_KEYS
+    saved = dict(common.settings.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings))
+    assert common.cli.resume_settings({"tta": True, "predict": ["x.png"]}, saved, ex1_convnet.Settings)["tta"] is True
 
 
 # ----------------------------------------------------------------------------- reading image files
@@ -114,27 +114,27 @@ def test_a_32x32_image_reaches_the_network_exactly_as_in_the_test_set(cifar_dir,
     images = cifar_test_images(cifar_dir)[:10]
     for i, image in enumerate(images):
         to_pil(image).save(tmp_path / f"{i}.png")
-        assert torch.equal(common.load_image(tmp_path / f"{i}.png"), image)
+        assert torch.equal(common.data.load_image(tmp_path / f"{i}.png"), image)
 
 
 def test_the_shorter_side_is_resized_to_32_and_the_centre_cropped(tmp_path):
     wide = np.zeros((40, 120, 3), np.uint8)  # three 40x40 squares: red, green, blue
     wide[:, :40, 0] = wide[:, 40:80, 1] = wide[:, 80:, 2] = 255
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    image = common.load_image(tmp_path / "wide.png")
+    image = common.data.load_image(tmp_path / "wide.png")
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
     inside = image[:, :, 2:-2]  # the resampling filter reads a little past the square's edges
     assert (inside[1] >= 250).all() and (inside[[0, 2]] <= 5).all()  # only the green centre is left
     tall = np.random.default_rng(0).integers(0, 256, (100, 32, 3), dtype=np.uint8)  # shorter side 32: cropped only
     Image.fromarray(tall).save(tmp_path / "tall.png")
-    assert torch.equal(common.load_image(tmp_path / "tall.png"), torch.from_numpy(tall[34:66]).permute(2, 0, 1))
+    assert torch.equal(common.data.load_image(tmp_path / "tall.png"), torch.from_numpy(tall[34:66]).permute(2, 0, 1))
 
 
 def test_the_resize_is_lanczos(tmp_path):
     """A 64x64 noise image comes out as Pillow's Lanczos makes it, not as bilinear or bicubic would."""
     noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     noise.save(tmp_path / "noise.png")
-    got = common.load_image(tmp_path / "noise.png").permute(1, 2, 0).numpy().astype(float)
+    got = common.data.load_image(tmp_path / "noise.png").permute(1, 2, 0).numpy().astype(float)
 
     def distance(method) -> float:
         return np.abs(got - np.asarray(noise.resize((32, 32), method), dtype=float)).mean()
@@ -175,7 +175,7 @@ def test_every_lossless_image_kind_decodes_to_the_pixels_it_was_made_from(tmp_pa
     }
     for name, (write, expected, tolerance) in cases.items():
         write(tmp_path / name)
-        got = common.load_image(tmp_path / name).permute(1, 2, 0).numpy()
+        got = common.data.load_image(tmp_path / name).permute(1, 2, 0).numpy()
         error = np.abs(got.astype(float) - expected).mean()
         assert error <= tolerance, (name, error)
     assert (shown_on_white == 255).all(axis=2).any()  # the transparent entry was in use
@@ -184,11 +184,11 @@ def test_every_lossless_image_kind_decodes_to_the_pixels_it_was_made_from(tmp_pa
 def test_an_upscaled_256x256_image_and_a_1x1_image(cifar_dir, tmp_path):
     image = cifar_test_images(cifar_dir)[0]
     to_pil(image).resize((256, 256), Image.Resampling.NEAREST).save(tmp_path / "big.png")
-    restored = common.load_image(tmp_path / "big.png")
+    restored = common.data.load_image(tmp_path / "big.png")
     assert restored.shape == (3, 32, 32)
     assert (restored.float() - image.float()).abs().mean() < 8  # Lanczos rings a little on the fixture's noise
     Image.new("RGB", (1, 1), (10, 200, 30)).save(tmp_path / "dot.png")
-    assert torch.equal(common.load_image(tmp_path / "dot.png"), torch.tensor([10, 200, 30], dtype=torch.uint8)[:, None, None].expand(3, 32, 32))
+    assert torch.equal(common.data.load_image(tmp_path / "dot.png"), torch.tensor([10, 200, 30], dtype=torch.uint8)[:, None, None].expand(3, 32, 32))
 
 
 def test_transparency_is_composited_on_white(tmp_path):
@@ -197,15 +197,15 @@ def test_transparency_is_composited_on_white(tmp_path):
     rgba[:, 16:24] = (0, 0, 255, 0)  # fully transparent blue
     rgba[:, 24:] = (0, 0, 0, 128)  # half-transparent black: grey
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    image = common.load_image(tmp_path / "rgba.png")
+    image = common.data.load_image(tmp_path / "rgba.png")
     assert (image[:, :, :16] == torch.tensor([255, 0, 0])[:, None, None]).all()
     assert (image[:, :, 16:24] == 255).all()
     assert ((image[:, :, 24:].int() - 127).abs() <= 1).all()
     Image.fromarray(rgba, "RGBA").convert("LA").save(tmp_path / "la.png")
-    assert (common.load_image(tmp_path / "la.png")[:, :, 16:24] == 255).all()
+    assert (common.data.load_image(tmp_path / "la.png")[:, :, 16:24] == 255).all()
     palette = Image.fromarray(rgba[..., :3]).convert("P")  # the transparent index: the colour of the left half
     palette.save(tmp_path / "p.png", transparency=palette.getpixel((0, 0)))
-    assert (common.load_image(tmp_path / "p.png")[:, :, :16] == 255).all()
+    assert (common.data.load_image(tmp_path / "p.png")[:, :, :16] == 255).all()
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -214,7 +214,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
-    image = common.load_image(tmp_path / "rotated.png")
+    image = common.data.load_image(tmp_path / "rotated.png")
     assert (image[0, :12] > 200).all() and (image[0, -12:] < 50).all()
 
 
@@ -224,16 +224,16 @@ def test_16_bit_grey_is_scaled_to_8_bits(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "16bit.png")
     with Image.open(tmp_path / "16bit.png") as check:
         assert check.mode == "I;16"
-    image = common.load_image(tmp_path / "16bit.png")
+    image = common.data.load_image(tmp_path / "16bit.png")
     assert image[:, 0, :3].tolist() == [[0, 255, 1]] * 3 and (image[:, 1:] == 128).all()
     Image.fromarray(pixels.astype(np.int32)).save(tmp_path / "32bit.tif")  # mode I
-    assert torch.equal(common.load_image(tmp_path / "32bit.tif"), image)
+    assert torch.equal(common.data.load_image(tmp_path / "32bit.tif"), image)
 
 
 def test_a_gif_gives_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    assert (common.load_image(tmp_path / "anim.gif") == torch.tensor([255, 0, 0])[:, None, None]).all()
+    assert (common.data.load_image(tmp_path / "anim.gif") == torch.tensor([255, 0, 0])[:, None, None]).all()
 
 
 def test_unreadable_files_raise_with_the_reason(tmp_path, cifar_dir, bombs):
@@ -242,11 +242,11 @@ def test_unreadable_files_raise_with_the_reason(tmp_path, cifar_dir, bombs):
     (tmp_path / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:-300])
     cases = {"notes.png": "cannot identify image file", "truncated.png": "truncated"}
     for name, reason in cases.items():
-        with pytest.raises(common.UnreadableImage, match=reason):
-            common.load_image(tmp_path / name)
+        with pytest.raises(common.errors.UnreadableImage, match=reason):
+            common.data.load_image(tmp_path / name)
     for reason, path in bombs.items():
-        with pytest.raises(common.UnreadableImage, match=f"{reason}: Image size"):
-            common.load_image(path)
+        with pytest.raises(common.errors.UnreadableImage, match=f"{reason}: Image size"):
+            common.data.load_image(path)
 
 
 def test_image_files_lists_folders_sorted_by_suffix_and_refuses_missing_paths(tmp_path):
@@ -255,12 +255,12 @@ def test_image_files_lists_folders_sorted_by_suffix_and_refuses_missing_paths(tm
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "inner.png").write_bytes(b"")
     explicit = tmp_path / "notes.txt"
-    assert common.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG", tmp_path / "c.webp", explicit]
-    with pytest.raises(common.UsageError, match="missing.png: no such file or folder"):
-        common.image_files([tmp_path / "a.jpg", tmp_path / "missing.png"])
+    assert common.data.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG", tmp_path / "c.webp", explicit]
+    with pytest.raises(common.errors.UsageError, match="missing.png: no such file or folder"):
+        common.data.image_files([tmp_path / "a.jpg", tmp_path / "missing.png"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(common.UsageError, match="empty: a folder with no image file"):
-        common.image_files([tmp_path / "empty"])
+    with pytest.raises(common.errors.UsageError, match="empty: a folder with no image file"):
+        common.data.image_files([tmp_path / "empty"])
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -325,13 +325,13 @@ def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tm
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (1010, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (1010,), generator=generator)
-    data = common.CifarData(images[:0], labels[:0], images, labels, tuple(CLASS_NAMES))
+    data = common.data.CifarData(images[:0], labels[:0], images, labels, tuple(CLASS_NAMES))
     settings = {"mean": [0.5] * 3, "std": [0.25] * 3}
-    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
-    results = common.test_results(model, images, labels, data.classes, settings["mean"], settings["std"], ctx, tta=True)
-    metrics = common.metrics_record(results, model, ctx.device, data.classes, settings={}, environment={})
-    plain = common.predict(model, images, settings["mean"], settings["std"], ctx).argmax(1)
-    tta = common.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
+    ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
+    results = common.evaluation.test_results(model, images, labels, data.classes, settings["mean"], settings["std"], ctx, tta=True)
+    metrics = common.report.metrics_record(results, model, ctx.device, data.classes, settings={}, environment={})
+    plain = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx).argmax(1)
+    tta = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
     assert (plain != tta).sum() > 100  # the views change many predictions
 
     def accuracy(predicted):
@@ -351,11 +351,11 @@ def test_a_training_run_with_tta_reports_both_accuracies(trained, cifar_dir):
     for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["test_images"] == 120 and metrics["test_accuracy_first1000_tta"] == metrics["test_accuracy_tta"]
-    assert common.load_checkpoint(trained / "best.pt", KIND)["classes"] == CLASS_NAMES
+    assert common.files.load_checkpoint(trained / "best.pt", KIND)["classes"] == CLASS_NAMES
     model, settings = model_of(trained / "best.pt")  # the final test ran the views, not the plain images
-    data = common.load_cifar10(cifar_dir, download=False)
-    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
-    predicted = common.predict(model, data.test_images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
+    data = common.data.load_cifar10(cifar_dir, download=False)
+    ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
+    predicted = common.evaluation.predict(model, data.test_images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
     assert metrics["test_accuracy_tta"] == (predicted == data.test_labels).sum().item() / 120
 
 
@@ -381,8 +381,8 @@ def test_png_files_predict_what_the_evaluation_path_predicts(trained, cifar_dir,
                                                 "--out-dir", out, *CPU, *(["--tta"] if tta else [])], capsys)
     assert code == 0, err[-3000:]
     model, settings = model_of(trained / "best.pt")
-    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
-    expected = common.predict(model, images, settings["mean"], settings["std"], ctx, tta=tta).softmax(1)
+    ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
+    expected = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=tta).softmax(1)
     rows = json.loads((out / "predictions.json").read_text())
     assert [row["path"] for row in rows] == [str(tmp_path / f"test_{i:03d}.png") for i in range(len(images))]
     assert [row["label"] for row in rows] == [CLASS_NAMES[i] for i in expected.argmax(1).tolist()]
@@ -432,7 +432,7 @@ def test_every_image_kind_is_predicted(trained, cifar_dir, tmp_path, capsys):
         assert row["path"] in stdout
     with open(out / "predictions.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == list(common.PREDICTION_COLUMNS)
+    assert list(table[0]) == list(common.report.PREDICTION_COLUMNS)
     assert [(r["path"], r["label"], float(r["probability"]), r["top3_label"]) for r in table] == \
            [(r["path"], r["label"], r["probability"], r["top3"][2]["label"]) for r in rows]
     with Image.open(out / "predictions.png") as preview:

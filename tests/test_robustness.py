@@ -119,14 +119,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, killed):
     run_dir = killed["dir"]
     assert killed["code"] == -signal.SIGKILL, killed["output"][-3000:]
     assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
-    saved = common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")
+    saved = common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")
     assert 1 <= saved["epoch"] < 3 and len(saved["history"]) == saved["epoch"]
     # a kill during a save may leave a hidden .<name>.<random>.tmp, never a truncated file under the real name
     for name in PROJECT_FILES:
         if (run_dir / name).exists() and name.endswith(".json"):
             json.loads((run_dir / name).read_text())
     if (run_dir / "best.pt").exists():
-        common.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")
+        common.files.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")
 
     (run_dir / ".best.pt.k1ll3d.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")  # as a kill during a save leaves
     result = run_script("ex1_convnet.py", "--resume", "--out-dir", run_dir)  # settings and data folder from last.pt
@@ -136,7 +136,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, killed):
     resumed, unbroken = metrics(run_dir), metrics(reference)
     assert {k: resumed[k] for k in METRIC_KEYS} == {k: unbroken[k] for k in METRIC_KEYS}
     assert resumed["settings"] == unbroken["settings"]
-    assert common.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")["epoch"] == unbroken["best_epoch"]
+    assert common.files.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")["epoch"] == unbroken["best_epoch"]
     assert temp_files(run_dir) == []  # the resumed run cleared what the kill left
 
 
@@ -151,7 +151,7 @@ def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(tmp_path, cifa
     assert code == 130, run.output()[-3000:]
     assert "Traceback" not in stderr
     assert not (out_dir / "metrics.json").exists(), "the run finished before it could be interrupted"
-    saved = common.load_checkpoint(out_dir / "last.pt", "ex1_convnet.py")
+    saved = common.files.load_checkpoint(out_dir / "last.pt", "ex1_convnet.py")
     assert 1 <= saved["epoch"] < 3
     rows = json.loads((out_dir / "history.json").read_text())  # one behind last.pt when stopped between the two
     assert rows == saved["history"][:len(rows)] and len(rows) >= saved["epoch"] - 1
@@ -172,7 +172,7 @@ def test_ctrl_c_before_the_first_epoch_says_there_is_nothing_to_resume(tmp_path,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "train_and_report", interrupted)
+    monkeypatch.setattr(common.cli, "train_and_report", interrupted)
     code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN], capsys)
     assert code == 130
     assert "nothing to resume" in err and "--resume" not in err
@@ -189,12 +189,12 @@ def _half_then_fail(exception: BaseException):
                          ids=["disk-full", "ctrl-c"])
 def test_a_failing_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch, exception):
     metrics_path, checkpoint_path = tmp_path / "metrics.json", tmp_path / "last.pt"
-    common.save_json({"test_accuracy": 0.5}, metrics_path)
-    common.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.ones(3)}, "epoch": 1}, checkpoint_path)
+    common.files.save_json({"test_accuracy": 0.5}, metrics_path)
+    common.files.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.ones(3)}, "epoch": 1}, checkpoint_path)
     old_metrics, old_checkpoint = metrics_path.read_bytes(), checkpoint_path.read_bytes()
 
     with pytest.raises(type(exception)):
-        common.atomic_write(metrics_path, _half_then_fail(exception))
+        common.files.atomic_write(metrics_path, _half_then_fail(exception))
     real_save = torch.save
 
     def half_save(obj, f):  # writes the first half of the real checkpoint, then fails
@@ -206,11 +206,11 @@ def test_a_failing_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, mon
 
     monkeypatch.setattr(torch, "save", half_save)
     with pytest.raises(type(exception)):
-        common.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.zeros(1000)}, "epoch": 2}, checkpoint_path)
+        common.files.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.zeros(1000)}, "epoch": 2}, checkpoint_path)
     monkeypatch.undo()
 
     assert metrics_path.read_bytes() == old_metrics and checkpoint_path.read_bytes() == old_checkpoint
-    assert common.load_checkpoint(checkpoint_path, "ex1_convnet.py")["epoch"] == 1
+    assert common.files.load_checkpoint(checkpoint_path, "ex1_convnet.py")["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.json"]
 
 
@@ -219,7 +219,7 @@ def test_atomic_write_fsyncs_the_temporary_file_in_the_same_folder_before_renami
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b)))
-    common.save_json({"a": 1}, tmp_path / "metrics.json")
+    common.files.save_json({"a": 1}, tmp_path / "metrics.json")
     assert [e[0] for e in events] == ["fsync", "replace"]
     temporary = Path(events[1][1])
     assert events[0][1] == str(temporary) and temporary.parent == tmp_path and events[1][2] == str(tmp_path / "metrics.json")
@@ -231,8 +231,8 @@ def test_result_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
     """Not mkstemp's private 0600: 0666 less the umask, as `open(path, 'w')` gives, so a shared folder stays readable."""
     previous = os.umask(umask)
     try:
-        common.save_json({"a": 1}, tmp_path / "metrics.json")
-        common.save_checkpoint({"kind": "ex1_convnet.py", "model": {}}, tmp_path / "last.pt")
+        common.files.save_json({"a": 1}, tmp_path / "metrics.json")
+        common.files.save_checkpoint({"kind": "ex1_convnet.py", "model": {}}, tmp_path / "last.pt")
         (tmp_path / "plain.txt").write_text("made the ordinary way")
         assert os.umask(umask) == umask  # the write left the umask as it was
     finally:
@@ -243,7 +243,7 @@ def test_result_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
 
 def test_sigkill_in_the_middle_of_a_save_leaves_the_old_checkpoint(tmp_path):
     path = tmp_path / "best.pt"
-    common.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    common.files.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.ones(3)}, "epoch": 1}, path)
     old = path.read_bytes()
     pid = os.fork()
     if pid == 0:  # child: write half of the new file, then die the hard way
@@ -252,13 +252,13 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_old_checkpoint(tmp_path):
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         try:
-            common.atomic_write(path, write)
+            common.files.atomic_write(path, write)
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert path.read_bytes() == old
-    assert common.load_checkpoint(path, "ex1_convnet.py")["epoch"] == 1
+    assert common.files.load_checkpoint(path, "ex1_convnet.py")["epoch"] == 1
 
 
 @pytest.mark.slow
@@ -305,7 +305,7 @@ def test_resume_refuses_a_flag_that_changes_the_model_or_the_data(killed, flags,
 def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path, killed, reference, cifar_dir, capsys, no_filter_plots):
     run_dir = tmp_path / "run"
     shutil.copytree(killed["unfinished"], run_dir)
-    done = common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["epoch"]
+    done = common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["epoch"]
     # the same values as saved and the runtime flags are accepted; --epochs 4 extends the 3-epoch run
     code, out, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir, "--epochs", "4", "--seed", "0",
                                              "--limit-train", "64", "--data-dir", cifar_dir, "--no-download",
@@ -326,13 +326,13 @@ def test_resume_keeps_the_precision_the_run_trained_in(tmp_path, killed, cifar_d
     """On a CPU where --precision auto means bf16 (simulated here, so that every CPU runs this), a run started with
     --precision fp32 resumes in fp32; a --precision given to --resume wins, is announced, and history.json and
     metrics.json record both."""
-    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: True)
-    assert common.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: True)
+    assert common.device.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
     resume = ["--resume", "--data-dir", cifar_dir, "--no-download", "--device", "cpu"]
     kept, switched = tmp_path / "kept", tmp_path / "switched"
     for run_dir in (kept, switched):
         shutil.copytree(killed["unfinished"], run_dir)
-    done = common.load_checkpoint(kept / "last.pt", "ex1_convnet.py")["epoch"]
+    done = common.files.load_checkpoint(kept / "last.pt", "ex1_convnet.py")["epoch"]
 
     code, out, err = call(ex1_convnet.main, [*resume, "--out-dir", kept], capsys)
     assert code == 0, err[-3000:]
@@ -355,9 +355,9 @@ def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(t
     data set is refused before any training, the same files copied to another folder resume as an unbroken run."""
     run_dir = tmp_path / "run"
     shutil.copytree(killed["unfinished"], run_dir)
-    data = common.load_cifar10(cifar_dir, download=False)
-    expected = common.data_fingerprint(common.split_train_val(data, 64, 64))  # RUN: --val-size 64 --limit-train 64
-    assert common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected
+    data = common.data.load_cifar10(cifar_dir, download=False)
+    expected = common.data.data_fingerprint(common.data.split_train_val(data, 64, 64))  # RUN: --val-size 64 --limit-train 64
+    assert common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected
     before = (run_dir / "last.pt").read_bytes()
 
     other = write_cifar(tmp_path / "other", seed=1)
@@ -373,7 +373,7 @@ def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(t
     assert code == 0, err[-3000:]
     assert history_columns(run_dir) == same_as(history_columns(reference))
     for name in ("last.pt", "best.pt"):
-        assert common.load_checkpoint(run_dir / name, "ex1_convnet.py")["data_fingerprint"] == expected, name
+        assert common.files.load_checkpoint(run_dir / name, "ex1_convnet.py")["data_fingerprint"] == expected, name
 
 
 def fill_the_disk_at(out_dir: Path, monkeypatch, epoch: int) -> None:
@@ -397,7 +397,7 @@ def assert_a_full_disk_is_reported(code: int, err: str, out_dir: Path) -> None:
     assert "No space left on device" in line and "last.pt and best.pt" in line and "resume with: python " in line
     assert "--resume" in line.split("resume with: ")[1]
     assert temp_files(out_dir) == []
-    assert common.load_checkpoint(out_dir / "last.pt", "ex1_convnet.py")["epoch"] == 1  # the epoch saved whole
+    assert common.files.load_checkpoint(out_dir / "last.pt", "ex1_convnet.py")["epoch"] == 1  # the epoch saved whole
     assert not (out_dir / "metrics.json").exists()
 
 
@@ -428,13 +428,13 @@ def test_a_really_full_file_system_is_reported_the_same_way(tmp_path, cifar_dir,
 @pytest.mark.slow
 def test_train_log_holds_stderr_too_and_each_call_appends(tmp_path, cifar_dir, capsys, monkeypatch,
                                                                   no_filter_plots):
-    evaluate = common.evaluate
+    evaluate = common.evaluation.evaluate
 
     def warning_evaluate(*args, **kwargs):
         print("warning: a line on stderr during the run", file=sys.stderr)  # as Python's warnings print
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(common, "evaluate", warning_evaluate)
+    monkeypatch.setattr(common.train, "evaluate", warning_evaluate)
     out_dir = tmp_path / "run"
     argv = [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir]
     assert call(ex1_convnet.main, argv, capsys)[0] == 0
@@ -449,7 +449,7 @@ def test_ctrl_c_while_loading_data_says_what_is_kept_and_how_to_go_on(tmp_path, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "load_cifar10", interrupted)
+    monkeypatch.setattr(common.run, "load_cifar10", interrupted)
     code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run"], capsys)
     assert code == 130
     assert f"interrupted. {tmp_path / 'run'} keeps what it held before" in err and "to go on: python " in err
@@ -464,7 +464,7 @@ def test_a_second_run_into_a_busy_folder_exits_2_naming_the_holder(tmp_path, cif
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; sys.path.insert(0, "
-                               f"{str(ROOT)!r}); import common; lock = common.run_dir_lock(Path({str(out_dir)!r})); "
+                               f"{str(ROOT)!r}); import common; lock = common.files.run_dir_lock(Path({str(out_dir)!r})); "
                                "lock.__enter__(); print('locked', flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -516,22 +516,25 @@ def test_a_checkpoint_from_before_the_data_fingerprint_resumes_and_gains_one(tmp
     as it always did, and the checkpoints it writes from then on hold the fingerprint."""
     run_dir = tmp_path / "run"
     shutil.copytree(killed["unfinished"], run_dir)
-    old = common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")
+    old = common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")
     del old["data_fingerprint"]
     torch.save(old, run_dir / "last.pt")
     code, out, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir, "--data-dir", cifar_dir], capsys)
     assert code == 0, err[-3000:]
     assert f"resuming after epoch {old['epoch']} of 3" in out
-    expected = common.data_fingerprint(common.split_train_val(common.load_cifar10(cifar_dir, False), 64, 64))
-    assert common.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected
+    expected = common.data.data_fingerprint(common.data.split_train_val(common.data.load_cifar10(cifar_dir, False), 64, 64))
+    assert common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected
 
 
 # ----------------------------------------------------------------------------- bad input
 
 def test_every_torch_load_uses_weights_only():
     calls = []
-    for script in ("common.py", "ex1_convnet.py", "ex2_transfer.py"):
-        for node in ast.walk(ast.parse((ROOT / script).read_text())):
+    sources = sorted((ROOT / "common").glob("*.py")) + [ROOT / "ex1_convnet.py", ROOT / "ex2_transfer.py"]
+    assert len(sources) > 10  # every module of the package
+    for path in sources:
+        script = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                 keywords = {k.arg: k.value for k in node.keywords}
@@ -650,12 +653,12 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_best_pt(tmp_path, cifar_
     out_dir = tmp_path / "run"
     args = ex1_convnet.parse_args(["--data-dir", str(cifar_dir), "--out-dir", str(out_dir), *RUN])
     capsys.readouterr()
-    code = common.run_experiment(args, "ex1_convnet.py", ex1_convnet.RECIPES, ex1_convnet.Settings, build_model,
+    code = common.cli.run_experiment(args, "ex1_convnet.py", ex1_convnet.RECIPES, ex1_convnet.Settings, build_model,
                                  "unused")
     err = capsys.readouterr().err
     assert code not in (0, 2) and code == 3
     assert "not finite at epoch 2, step 2 of 2" in error_line(err)
-    best = common.load_checkpoint(out_dir / "best.pt", "ex1_convnet.py")
+    best = common.files.load_checkpoint(out_dir / "best.pt", "ex1_convnet.py")
     assert best["epoch"] == 1 and all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
     assert not (out_dir / "metrics.json").exists() and temp_files(out_dir) == []
 

@@ -99,15 +99,15 @@ def test_metrics_report_the_last_and_the_best_epochs_model(bn_runs, cifar_dir):
     assert (run_dir / "history.png").is_file()
     assert_png(run_dir / "history.png", min_side=100)
 
-    data = common.load_cifar10(cifar_dir, download=False)
-    ctx = common.TrainContext(torch.device("cpu"), torch.float32)
+    data = common.data.load_cifar10(cifar_dir, download=False)
+    ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     accuracy = {}
     for name in ("best", "last"):
-        checkpoint = common.load_checkpoint(run_dir / f"{name}.pt", KIND)
+        checkpoint = common.files.load_checkpoint(run_dir / f"{name}.pt", KIND)
         model = ex1_convnet.build_model(checkpoint["settings"])
         model.load_state_dict(checkpoint["model"])
         model = model.to(memory_format=torch.channels_last)
-        accuracy[name] = common.evaluate(model, data.test_images, data.test_labels, checkpoint["settings"]["mean"],
+        accuracy[name] = common.evaluation.evaluate(model, data.test_images, data.test_labels, checkpoint["settings"]["mean"],
                                          checkpoint["settings"]["std"], ctx)["accuracy"]
     one_image = 1 / len(data.test_labels)  # allow one argmax tie to fall the other way under another thread count
     assert m["test_accuracy"] == pytest.approx(accuracy["best"], abs=one_image)
@@ -119,10 +119,10 @@ def test_metrics_report_the_last_and_the_best_epochs_model(bn_runs, cifar_dir):
 def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
     """plot_history draws a vertical line at the best epoch in both panels, named in the legend."""
     figures = []
-    monkeypatch.setattr(common, "save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(common.plots, "save_figure", lambda fig, path: figures.append(fig))
     history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "train_accuracy": 0.2 * e,
                 "val_accuracy": v} for e, v in zip((1, 2, 3, 4), (0.3, 0.6, 0.5, 0.55))]
-    common.plot_history(history, 2, tmp_path / "history.png")
+    common.plots.plot_history(history, 2, tmp_path / "history.png")
     assert len(figures) == 1
     axes = figures[0].axes
     assert len(axes) >= 2
@@ -137,7 +137,7 @@ def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
 
 def augment_of(*flags: str, recipe: str = "default") -> list[str]:
     args = ex1_convnet.parse_args(list(flags))
-    return common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES[recipe], ex1_convnet.Settings)["augment"]
+    return common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES[recipe], ex1_convnet.Settings)["augment"]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -158,7 +158,7 @@ def test_per_op_flags_turn_ops_on_and_off(flags, expected):
 
 def test_strength_flags_set_the_strength_and_override_the_recipe():
     args = ex1_convnet.parse_args(["--recipe", "original", "--rotate-deg", "5", "--jitter", "0", "--crop-pad", "2"])
-    settings = common.resolve_settings(common.explicit_flags(args), ex1_convnet.RECIPES["original"], ex1_convnet.Settings)
+    settings = common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES["original"], ex1_convnet.Settings)
     assert settings["augment"] == ["flip", "crop", "rotate"]  # the original recipe's flip,crop,rotate,jitter less jitter
     assert settings["rotate_deg"] == 5 and settings["crop_pad"] == 2 and settings["jitter"] == 0
     assert augment_of(recipe="original") == ["flip", "crop", "rotate", "jitter"]
@@ -200,8 +200,8 @@ def test_dropout_sweep_writes_figure_and_json_that_agree_with_the_runs(sweep):
 def test_dropout_sweep_with_augment_keeps_it_and_reuses_finished_runs(tmp_path, monkeypatch):
     """--augment flip reaches every sub-run; a second call uses the finished sub-runs instead of training again."""
     calls = []
-    monkeypatch.setattr(common, "train_and_report", fake_training(calls))
-    monkeypatch.setattr(common, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_and_report", fake_training(calls))
+    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
     argv = [*QUICK, "--data-dir", str(tmp_path / "unused"), "--out-dir", str(tmp_path), "--epochs", "1",
             "--augment", "flip", "--dropout", "0.2", "0.4", "0.6"]
     assert ex1_convnet.main(argv) == 0

@@ -18,24 +18,24 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it_natively(monke
     """torch says bf16 is supported on a T4 or V100 too (emulated, slow): auto must still choose fp16 there."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert common.resolve_precision("auto", CUDA) == expected, gpu
+    assert common.device.resolve_precision("auto", CUDA) == expected, gpu
 
 
 def test_explicit_precision_is_kept(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert common.resolve_precision("bf16", CUDA) == torch.bfloat16
-    assert common.resolve_precision("fp32", CUDA) == torch.float32
+    assert common.device.resolve_precision("bf16", CUDA) == torch.bfloat16
+    assert common.device.resolve_precision("fp32", CUDA) == torch.float32
 
 
 STEPS = 100  # per epoch: 1000 steps in all, warm-up over the first 200
 
 
 def one_cycle(step: int) -> float:
-    return common.lr_factor(step, 10 * STEPS, STEPS, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.0)
+    return common.budget.lr_factor(step, 10 * STEPS, STEPS, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.0)
 
 
 def exponential(step: int) -> float:
-    return common.lr_factor(step, 10 * STEPS, STEPS, "exp", warmup=0.0, lr_decay=0.95, lr_end=0.0)
+    return common.budget.lr_factor(step, 10 * STEPS, STEPS, "exp", warmup=0.0, lr_decay=0.95, lr_end=0.0)
 
 
 def test_one_cycle_rises_from_a_tenth_to_the_peak_then_falls_to_zero():
@@ -71,7 +71,7 @@ def test_the_optimizer_sees_the_scheduled_learning_rate():
 def one_step(name: str, lr: float = 0.1, weight_decay: float = 0.5) -> list[float]:
     """Weights [1, 4] after one step of make_optimizer's `name` with a zero gradient: only weight decay moves them."""
     param = nn.Parameter(torch.tensor([1.0, 4.0]))
-    optimizer = common.make_optimizer([param], name, lr, weight_decay)
+    optimizer = common.train.make_optimizer([param], name, lr, weight_decay)
     param.grad = torch.zeros(2)
     optimizer.step()
     return param.detach().tolist()
@@ -98,14 +98,14 @@ PREDICTIONS = torch.tensor([0, 1, 1, 1, 2, 2])
 
 def test_per_class_accuracy_by_hand():
     """Class a: 1 of 3 right, b: 1 of 2, c: 1 of 1."""
-    accuracy = common.per_class_accuracy(LABELS, PREDICTIONS, ("a", "b", "c"))
+    accuracy = common.evaluation.per_class_accuracy(LABELS, PREDICTIONS, ("a", "b", "c"))
     assert list(accuracy) == ["a", "b", "c"]
     assert accuracy == pytest.approx({"a": 1 / 3, "b": 1 / 2, "c": 1.0})
 
 
 def test_confusion_matrix_has_the_true_class_in_rows():
     """Row = true class, column = predicted: two a's taken for b sit in row a, column b."""
-    assert common.confusion_matrix(LABELS, PREDICTIONS, 3).tolist() == [[1, 2, 0],
+    assert common.evaluation.confusion_matrix(LABELS, PREDICTIONS, 3).tolist() == [[1, 2, 0],
                                                                          [0, 1, 1],
                                                                          [0, 0, 1]]
 
@@ -113,7 +113,7 @@ def test_confusion_matrix_has_the_true_class_in_rows():
 def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
     """The same files in another folder give the same fingerprint; other images, labels or split sizes do not."""
     def fingerprint(root, val_size=64):
-        return common.data_fingerprint(common.split_train_val(common.load_cifar10(root, download=False), val_size, None))
+        return common.data.data_fingerprint(common.data.split_train_val(common.data.load_cifar10(root, download=False), val_size, None))
 
     original = fingerprint(write_cifar(tmp_path / "a", per_batch=16, n_test=10))
     assert fingerprint(write_cifar(tmp_path / "moved" / "b", per_batch=16, n_test=10)) == original
@@ -121,11 +121,11 @@ def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
     assert fingerprint(tmp_path / "a", val_size=32) != original
     images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 3])
-    assert common.data_fingerprint([images, labels]) != common.data_fingerprint([images, torch.tensor([0, 1, 2, 4])])
+    assert common.data.data_fingerprint([images, labels]) != common.data.data_fingerprint([images, torch.tensor([0, 1, 2, 4])])
 
 
 def test_one_cycle_ends_at_lr_end_of_the_peak():
-    factor = [common.lr_factor(step, 1000, STEPS, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.07)
+    factor = [common.budget.lr_factor(step, 1000, STEPS, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.07)
               for step in (200, 600, 1000)]
     assert factor == pytest.approx([1.0, (1.0 + 0.07) / 2, 0.07])
 
@@ -133,27 +133,27 @@ def test_one_cycle_ends_at_lr_end_of_the_peak():
 def test_parameter_groups_spare_one_dimensional_parameters_from_decay_and_speed_up_norm_biases():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 10))
     conv, norm, linear = model[0], model[1], model[3]
-    plain = common.parameter_groups(model, decay_norm_bias=True, lr=0.1)
+    plain = common.train.parameter_groups(model, decay_norm_bias=True, lr=0.1)
     assert len(plain) == 1 and len(plain[0]["params"]) == 6 and plain[0]["lr"] == 0.1
-    groups = common.parameter_groups(model, decay_norm_bias=False, lr=0.1, norm_bias_lr=8.0)
+    groups = common.train.parameter_groups(model, decay_norm_bias=False, lr=0.1, norm_bias_lr=8.0)
     ids = [{id(p) for p in g["params"]} for g in groups]
     assert ids[0] == {id(conv.weight), id(linear.weight)} and "weight_decay" not in groups[0]  # the recipe's decay
     assert ids[1] == {id(conv.bias), id(norm.weight), id(linear.bias)} and groups[1]["weight_decay"] == 0.0
     assert ids[2] == {id(norm.bias)} and groups[2]["lr"] == pytest.approx(0.8) and groups[2]["weight_decay"] == 0.0
-    optimizer = common.make_optimizer(groups, "adamw", 0.1, 0.05)
+    optimizer = common.train.make_optimizer(groups, "adamw", 0.1, 0.05)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0, 0.0]
 
 
 def test_lookahead_pulls_towards_the_average_by_a_weight_that_rises_with_progress():
-    assert common.lookahead_decay(0, 100) == 0.0 and common.lookahead_decay(50, None) == 0.0
-    assert common.lookahead_decay(100, 100) == pytest.approx(0.95 ** 5)
-    assert common.lookahead_decay(50, 100) == pytest.approx(0.95 ** 5 / 8)  # the cube of the progress
+    assert common.train.lookahead_decay(0, 100) == 0.0 and common.train.lookahead_decay(50, None) == 0.0
+    assert common.train.lookahead_decay(100, 100) == pytest.approx(0.95 ** 5)
+    assert common.train.lookahead_decay(50, 100) == pytest.approx(0.95 ** 5 / 8)  # the cube of the progress
     model = nn.BatchNorm1d(2)
-    pairs = common.lookahead_pairs(model)
+    pairs = common.train.lookahead_pairs(model)
     with torch.no_grad():
         model.weight.fill_(3.0)  # the average holds 1
     model.num_batches_tracked += 7
-    common.lookahead_pull(pairs, decay=0.75)
+    common.train.lookahead_pull(pairs, decay=0.75)
     average = dict(zip(("weight", "bias", "running_mean", "running_var"), (a for _, a in pairs)))
     assert torch.allclose(model.weight, torch.full((2,), 1.5)) and torch.equal(average["weight"], model.weight)
     assert model.num_batches_tracked == 7 and len(pairs) == 4  # counts are not averaged

@@ -1,0 +1,106 @@
+"""A model's predictions (with test-time augmentation), loss and accuracy, and its results on the test set.
+
+Imports common.augment, common.device."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .augment import normalize
+from .device import autocast, TrainContext
+
+
+EVAL_BATCH = 500
+
+
+TTA_SHIFT = 2  # pixels of the diagonal translations among the test-time augmentation views
+
+
+def tta_views(images: torch.Tensor, pixels: int = TTA_SHIFT, padding: str = "constant") -> list[torch.Tensor]:
+    """The views --tta averages over, for float images (N, C, H, W) in [0, 1]: the image and its mirror along the
+    width, each as it is and translated by (+2, +2) and (-2, -2) pixels with zero fill (as training's padded crop);
+    other `pixels` and F.pad's `padding` modes for benchmarks/tta.py.
+    """
+    h, w = images.shape[-2:]
+    views = []
+    for image in (images, images.flip(-1)):
+        padded = F.pad(image, (pixels,) * 4, mode=padding)
+        for shift in (0, pixels, -pixels):  # view[..., y, x] = image[..., y - shift, x - shift]
+            views.append(padded[..., pixels - shift:pixels - shift + h, pixels - shift:pixels - shift + w])
+    return views
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], ctx: TrainContext,
+            tta: bool = False) -> torch.Tensor:
+    """Logits (float32, on the device) for uint8 images normalised with `mean` and `std`, in eval mode and large
+    batches. With `tta`, the log of the softmax averaged over tta_views: its softmax is that average, its argmax the
+    averaged prediction.
+    """
+    model.eval()
+    outputs = []
+    mean, std = torch.tensor(mean, device=ctx.device), torch.tensor(std, device=ctx.device)
+    for start in range(0, len(images), EVAL_BATCH):
+        x = images[start:start + EVAL_BATCH].to(ctx.device).float().div_(255)
+        with autocast(ctx):
+            if tta:
+                log_probs = torch.stack([model(normalize(v, mean, std)).float().log_softmax(1) for v in tta_views(x)])
+                outputs.append(log_probs.logsumexp(0) - math.log(len(log_probs)))
+            else:
+                outputs.append(model(normalize(x, mean, std)).float())
+    return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=ctx.device)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+             ctx: TrainContext, tta: bool = False) -> dict:
+    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set (with `tta`: of the averaged views)."""
+    logits = predict(model, images, mean, std, ctx, tta)
+    labels = labels.to(ctx.device)
+    predictions = logits.argmax(1)
+    return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (predictions == labels).sum().item() / max(1, len(labels)),
+            "predictions": predictions.cpu()}
+
+
+def per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
+    counts = torch.bincount(labels, minlength=len(classes)).clamp(min=1)
+    hits = torch.bincount(labels[predictions == labels], minlength=len(classes))
+    return {name: hits[i].item() / counts[i].item() for i, name in enumerate(classes)}
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
+    """Counts with true classes as rows and predicted classes as columns."""
+    return torch.bincount(labels * n_classes + predictions, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+
+
+class TestResults(NamedTuple):
+    """A model's results on the test set (the *_tta ones None without test-time augmentation)."""
+    accuracy: float
+    loss: float
+    accuracy_first1000: float  # of the first 1,000 test images, the assignment's figure
+    predictions: torch.Tensor
+    per_class: dict[str, float]
+    confusion: torch.Tensor
+    accuracy_tta: float | None = None
+    accuracy_first1000_tta: float | None = None
+
+
+def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
+                 mean: Sequence[float], std: Sequence[float], ctx: TrainContext, tta: bool = False) -> TestResults:
+    """Evaluate on the whole test set: accuracies, loss, predictions, per class and confusion (with `tta`, the
+    accuracies of test-time augmentation too)."""
+    result = evaluate(model, images, labels, mean, std, ctx)
+    first = min(1000, len(labels))
+
+    def accuracy_of_first(predicted: torch.Tensor) -> float:
+        return (predicted[:first] == labels[:first]).sum().item() / max(1, first)
+
+    predictions = result["predictions"]
+    tta_result = evaluate(model, images, labels, mean, std, ctx, tta=True) if tta else None
+    return TestResults(result["accuracy"], result["loss"], accuracy_of_first(predictions), predictions,
+                       per_class_accuracy(labels, predictions, classes),
+                       confusion_matrix(labels, predictions, len(classes)),
+                       tta_result and tta_result["accuracy"], tta_result and accuracy_of_first(tta_result["predictions"]))

@@ -1,0 +1,164 @@
+"""The tasks on a checkpoint: --eval-only, --export and --predict.
+
+Imports common.errors, common.files, common.data, common.device, common.evaluation, common.plots, common.report, common.export, common.settings, common.run."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .errors import UnreadableImage, UsageError
+from .files import load_checkpoint, prepare_out_dir, save_json
+from .data import CLASSES, image_files, load_cifar10, load_image
+from .device import TrainContext
+from .evaluation import predict, test_results
+from .plots import plot_image_grid
+from .report import environment_info, metrics_record, print_predictions, save_predictions, write_test_report
+from .export import (
+    CALIBRATION_IMAGES, export_onnx, export_packages, nhwc, onnx_probabilities, PicturesToProbabilities, quantize_int8)
+from .settings import recorded_settings
+from .run import ModelBuilder
+
+
+def model_from_checkpoint(checkpoint: dict, build_model: ModelBuilder, ctx: TrainContext) -> nn.Module:
+    """The network a checkpoint holds, rebuilt from its settings and weights, on the device."""
+    model = build_model(checkpoint["settings"], initial_weights=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(ctx.device, memory_format=torch.channels_last)
+
+
+def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, download: bool, tta: bool,
+              build_model: ModelBuilder, ctx: TrainContext) -> dict:
+    """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir`, write metrics.json and the test
+    figures in `out_dir`."""
+    checkpoint = load_checkpoint(checkpoint_path, script)
+    saved = checkpoint["settings"]
+    prepare_out_dir(out_dir)
+    data = load_cifar10(data_dir, download=download)
+    model = model_from_checkpoint(checkpoint, build_model, ctx)
+    print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
+    results = test_results(model, data.test_images, data.test_labels, data.classes, saved["mean"], saved["std"], ctx, tta)
+    write_test_report(results, data, out_dir)
+    metrics = metrics_record(results, model, ctx.device, data.classes, recorded_settings(saved),
+                             environment_info(ctx.device), checkpoint=str(checkpoint_path), epoch=checkpoint["epoch"],
+                             best_epoch=checkpoint["best_epoch"], best_val_accuracy=checkpoint["best_val_accuracy"])
+    save_json(metrics, out_dir / "metrics.json")
+    print(f"reports in {out_dir}")
+    return metrics
+
+
+def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str | None, data_dir: str, download: bool,
+                 build_model: ModelBuilder) -> int:
+    """--export: write the checkpoint's network as an ONNX picture classifier at `path` (int8 with `quantize`), then
+    check it: ONNX Runtime against PyTorch on the test set, or on one random batch where no test set is at hand.
+    Returns the exit code: 1 when an fp32 export disagrees with PyTorch (the file is then removed), else 0."""
+    export_packages()
+    checkpoint = load_checkpoint(checkpoint_path, script)
+    saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
+    prepare_out_dir(path.parent)
+    try:
+        data = load_cifar10(data_dir, download=download)
+    except UsageError as e:
+        if quantize:
+            raise UsageError(f"--quantize int8 calibrates on training images, and there are none at hand: {e}") from None
+        data = None
+    cpu = TrainContext(torch.device("cpu"), torch.float32)
+    model = model_from_checkpoint(checkpoint, build_model, cpu).eval()
+    classifier = PicturesToProbabilities(model, saved["mean"], saved["std"])
+    run_metrics = {}  # the test accuracy its training run measured, where it lies beside the checkpoint
+    with contextlib.suppress(OSError, ValueError):
+        run_metrics = json.loads((checkpoint_path.parent / "metrics.json").read_text())
+    metadata = {"classes": json.dumps(classes), "script": script, "checkpoint": str(checkpoint_path),
+                "checkpoint_epoch": str(checkpoint["epoch"]), "test_accuracy": str(run_metrics.get("test_accuracy")),
+                "git_commit": str(environment_info(cpu.device)["git_commit"]),
+                "input": "images: uint8 (N, 32, 32, 3), RGB", "output": "probabilities: float32 (N, 10), softmax"}
+    print(f"exporting {checkpoint_path} (epoch {checkpoint['epoch']}) to {path}" + (" as int8" if quantize else ""))
+    if quantize:
+        with tempfile.TemporaryDirectory() as folder:
+            export_onnx(classifier, Path(folder) / "fp32.onnx", metadata)
+            calibration = nhwc(data.train_images[:CALIBRATION_IMAGES])
+            quantize_int8(Path(folder) / "fp32.onnx", path, calibration)
+        print(f"int8: calibrated on the first {len(calibration)} training images")
+    else:
+        export_onnx(classifier, path, metadata)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if data is None:
+        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        labels = None
+    else:
+        images, labels = data.test_images, data.test_labels
+    expected = predict(model, images, saved["mean"], saved["std"], cpu).softmax(1)
+    got = onnx_probabilities(path, nhwc(images))
+    same = (expected.argmax(1) == got.argmax(1)).sum().item()
+    largest = (expected - got).abs().max().item() if len(images) else 0.0
+    what = "int8" if quantize else "fp32"
+    if labels is None:
+        print(f"check on one random batch of {len(images)} images: the same class for {same}/{len(images)}, largest "
+              f"difference in probability {largest:.1e}; the accuracy check was skipped (no test set at hand)")
+    else:
+        onnx_accuracy = (got.argmax(1) == labels).float().mean().item()
+        torch_accuracy = (expected.argmax(1) == labels).float().mean().item()
+        print(f"check on the {len(images)} test images: ONNX Runtime ({what}) {onnx_accuracy:.2%}, PyTorch "
+              f"{torch_accuracy:.2%}; the same class for {same}/{len(images)} ({same / len(images):.2%}); largest "
+              f"difference in probability {largest:.1e}"
+              + (f"; int8 against PyTorch: {(onnx_accuracy - torch_accuracy) * 100:+.2f} points" if quantize else ""))
+    if not quantize and same < 0.999 * len(images):
+        path.unlink()
+        print(f"error: the ONNX model gives another class than PyTorch for {len(images) - same} of {len(images)} "
+              f"images; {path} removed", file=sys.stderr)
+        return 1
+    return 0
+
+
+PREDICT_BATCH = 256  # images read, held and predicted at a time
+PREVIEW_COUNT = 64  # inputs drawn in predictions.png
+
+
+def predict_images(script: str, paths: Sequence[str], tta: bool, build_model: ModelBuilder, ctx: TrainContext,
+                   checkpoint_path: Path, out_dir: Path) -> int:
+    """Predict the class of every image file in `paths` (files and folders) with a checkpoint: print a table, write
+    predictions.json, .csv and .png in `out_dir`. Returns the exit code: 1 when a file was skipped as unreadable,
+    else 0.
+    """
+    files = image_files(paths)  # a missing path or an empty folder is refused before the model loads
+    checkpoint = load_checkpoint(checkpoint_path, script)
+    saved, classes = checkpoint["settings"], checkpoint.get("classes", CLASSES)
+    prepare_out_dir(out_dir)
+    model = model_from_checkpoint(checkpoint, build_model, ctx)
+    print(f"predicting {len(files)} file(s) with {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}"
+          + (", test-time augmentation" if tta else ""))
+    rows, previews, titles, skipped = [], [], [], 0
+    bar = tqdm(total=len(files), unit="image", desc="predict", leave=False, dynamic_ncols=True)
+    for start in range(0, len(files), PREDICT_BATCH):
+        read, images = [], []
+        for path in files[start:start + PREDICT_BATCH]:
+            try:
+                images.append(load_image(path))
+                read.append(path)
+            except UnreadableImage as e:
+                tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+                skipped += 1
+            bar.update()
+        if not images:
+            continue
+        probabilities = predict(model, torch.stack(images), saved["mean"], saved["std"], ctx, tta).softmax(1).cpu()
+        top_p, top_i = probabilities.topk(3, dim=1)
+        for path, image, p, i in zip(read, images, top_p.tolist(), top_i.tolist()):
+            top3 = [{"label": classes[c], "probability": round(q, 6)} for c, q in zip(i, p)]
+            rows.append({"path": str(path), "label": top3[0]["label"], "probability": top3[0]["probability"], "top3": top3})
+            if len(previews) < PREVIEW_COUNT:
+                previews.append(image)
+                titles.append(f"{top3[0]['label']} {p[0]:.0%}")
+    bar.close()
+    print_predictions(rows)
+    save_predictions(rows, out_dir)
+    plot_image_grid(previews, titles, out_dir / "predictions.png", "no image could be read")
+    print(f"{len(rows)} predicted, {skipped} skipped; predictions.json, predictions.csv and predictions.png in {out_dir}")
+    return 1 if skipped else 0

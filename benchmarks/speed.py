@@ -87,7 +87,7 @@ def bench_model(images, labels, settings, ctx, n_steps: int, warmup: int) -> flo
     y_all = labels.to(ctx.device)
     model = new_model(settings, ctx.device, channels_last=True).train()
     optimizer = common.train.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    scaler = common.device.make_scaler(ctx)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
 
     def steps(count: int):
@@ -113,9 +113,9 @@ def bench_loop(images, labels, settings, ctx, n_steps: int, warmup: int) -> floa
     model = new_model(settings, ctx.device, channels_last=True)
     optimizer = common.train.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
     plan = common.budget.Plan(n_steps, settings.epochs * n_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.budget.lr_factor(
-        step, plan.total_steps, n_steps, settings.schedule, settings.warmup, settings.lr_decay, settings.lr_end))
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    scheduler = common.budget.make_scheduler(optimizer, plan, settings.schedule, settings.warmup, settings.lr_decay,
+                                             settings.lr_end)
+    scaler = common.device.make_scaler(ctx)
     run = lambda epoch, n: common.train.train_one_epoch(model, optimizer, scheduler, scaler, images[:n], labels[:n],  # noqa: E731
                                                   common.run.train_step(settings), plan, epoch, settings.seed, bs, ctx)
     if warmup:
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
               f"(batch sizes {bs} and {bs_orig})", file=sys.stderr)
         return 2
     n_aug = min(args.aug_images or min(n, 10_000), len(data.train_images))
-    precision = str(ctx.dtype).replace("torch.", "")
+    precision = common.device.precision_name(ctx.dtype)
     print(f"device {device}  precision {precision}  batch {bs} (original: {bs_orig}, fp32, {args.workers} workers)  "
           f"images {n // bs * bs} (original: {n // bs_orig * bs_orig}; augmentation: {n_aug})  warm-up {warmup} steps  "
           f"torch {torch.__version__}  threads {torch.get_num_threads()}", flush=True)

@@ -20,10 +20,14 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
 
 
+def flip_where(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The images whose entry of `mask` (one bool per image) is True mirrored left-right, the others as they are."""
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
 def batch_flip_lr(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image left-right with probability p."""
-    flip = torch.rand(len(images), generator=generator, device=generator.device) < p
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return flip_where(images, torch.rand(len(images), generator=generator, device=generator.device) < p)
 
 
 def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -125,7 +129,7 @@ def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.
     x = images.float().div_(255)
     flip_p, pad = ops.get("flip", 0.0), int(ops.get("crop", 0))
     if flips is not None:
-        x, flip_p = torch.where(flips[:, None, None, None], x.flip(-1), x), 0.0
+        x, flip_p = flip_where(x, flips), 0.0
     if "rotate" in ops:
         x = batch_rotate(x, ops["rotate"], generator, flip_p, pad)
     else:

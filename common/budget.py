@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .errors import UsageError
@@ -62,6 +63,13 @@ def lr_factor(step: int, total_steps: int | None, steps_per_epoch: int, schedule
     return float(np.interp(step, [0, warm, total_steps], [0.1, 1.0, lr_end]))
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, plan: Plan, schedule: str, warmup: float, lr_decay: float | None,
+                   lr_end: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule (see lr_factor) over the `plan`'s steps as they stand at each step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, plan.total_steps, plan.steps_per_epoch, schedule, warmup, lr_decay, lr_end))
+
+
 def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
                      steps_per_epoch: int, epochs_validated: int = 0) -> int:
     """The most steps a time budget holds: those done, then more at `step_s` each, with a validation pass of `val_s`
@@ -76,6 +84,14 @@ def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: fl
         middle = (low + high + 1) // 2
         low, high = (middle, high) if cost(middle) <= left else (low, middle - 1)
     return low
+
+
+def set_total_steps(plan: Plan, total: int, ctx: TrainContext, line: Callable[[int], str]) -> None:
+    """Give the plan rank 0's `total` steps; the main process prints `line(total)` when that changes the plan."""
+    total = share_from_rank0(total, ctx)
+    if total != plan.total_steps and ctx.is_main:
+        tqdm.write(line(total), file=sys.stdout)
+    plan.total_steps = total
 
 
 def budget_planner(plan: Plan, budget_minutes: float, batch_size: int, val_images: int, start: float,
@@ -101,11 +117,10 @@ def budget_planner(plan: Plan, budget_minutes: float, batch_size: int, val_image
         step_s = (clock[last] - clock[warmup]) / (last - warmup)
         val_s = step_s * ctx.world * val_images / batch_size / 3  # a forward pass: about a third of a step
         total = plan_total_steps(budget_s, clock[last] - start, step_s, val_s, last, plan.steps_per_epoch)
-        plan.total_steps = share_from_rank0(total, ctx)
         plan.images_per_s = batch_size / step_s
-        if ctx.is_main:
-            tqdm.write(f"plan: {budget_minutes:g} min ≈ {plan.total_steps / plan.steps_per_epoch:.1f} epochs "
-                       f"({plan.total_steps} steps of {batch_size}) at {plan.images_per_s:.0f} images/s", file=sys.stdout)
+        set_total_steps(plan, total, ctx, lambda total: (
+            f"plan: {budget_minutes:g} min ≈ {total / plan.steps_per_epoch:.1f} epochs ({total} steps of "
+            f"{batch_size}) at {plan.images_per_s:.0f} images/s"))
         return True
 
     return after_step
@@ -118,11 +133,9 @@ def replan(plan: Plan, budget_minutes: float, batch_size: int, elapsed_s: float,
     machine that slows down or speeds up still ends on time; the schedule follows the new total."""
     total = plan_total_steps(budget_minutes * 60, elapsed_s, step_s, epoch_extra_s, steps_done, plan.steps_per_epoch,
                              epochs_validated=steps_done // plan.steps_per_epoch)
-    total = share_from_rank0(total, ctx)
-    if total != plan.total_steps and ctx.is_main:
-        tqdm.write(f"re-plan: {total / plan.steps_per_epoch:.1f} epochs ({total} steps) at {batch_size / step_s:.0f} "
-                   f"images/s, {elapsed_s / 60:.1f} of {budget_minutes:g} min used", file=sys.stdout)
-    plan.total_steps = total
+    set_total_steps(plan, total, ctx, lambda total: (
+        f"re-plan: {total / plan.steps_per_epoch:.1f} epochs ({total} steps) at {batch_size / step_s:.0f} images/s, "
+        f"{elapsed_s / 60:.1f} of {budget_minutes:g} min used"))
 
 
 def scaled_by_epochs(scaling: dict, epochs: float) -> dict:

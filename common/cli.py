@@ -17,13 +17,18 @@ import torch.distributed as dist
 
 from .errors import NonFiniteLoss, SaveError, UsageError
 from .files import load_checkpoint, prepare_out_dir, run_dir_lock, tee_console
-from .device import init_distributed, resolve_device, resolve_precision, TrainContext
+from .device import init_distributed, precision_name, resolve_device, resolve_precision, TrainContext
 from .studies import compare_runs, load_run, summarize_seeds
 from .settings import (
     check_settings, choose_recipe, explicit_flags, parse_augment, resolve_settings, RESUME_EXTENDABLE, RUNTIME_KEYS,
     Settings, settings_from)
 from .run import load_training_data, ModelBuilder, train_and_report
 from .tasks import eval_only, export_model, predict_images
+
+
+def resume_command(resumes: bool) -> str:
+    """This call's command line, to run again as it is or, when it `resumes`, with --resume added."""
+    return shlex.join([*sys.argv, *(["--resume"] if resumes and "--resume" not in sys.argv else [])])
 
 
 def resume_settings(flags_given: dict, saved: dict, settings_type: type[Settings]) -> Settings:
@@ -47,13 +52,13 @@ def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: boo
     history = resume_from["history"]
     saved = history[-1].get("precision") if history else None
     if saved is None:
-        saved = str(resolve_precision(resume_from["settings"].get("precision", "auto"), ctx.device)).replace("torch.", "")
+        saved = precision_name(resolve_precision(resume_from["settings"].get("precision", "auto"), ctx.device))
     dtype = getattr(torch, saved)
     if not precision_given:
         return ctx._replace(dtype=dtype)
     if dtype != ctx.dtype and ctx.is_main:
         print(f"note: epochs 1-{len(history)} trained in {saved}; --precision makes the rest "
-              f"{str(ctx.dtype).replace('torch.', '')} (history.json records each epoch's precision)")
+              f"{precision_name(ctx.dtype)} (history.json records each epoch's precision)")
     return ctx
 
 
@@ -86,7 +91,7 @@ def start_or_resume(script: str, settings: Settings, flags_given: dict, build_mo
         data, splits = load_training_data(settings, ctx)
         if ctx.world > 1:
             dist.barrier()
-        command = shlex.join([*sys.argv, *(["--resume"] if "--resume" not in sys.argv else [])])  # a sweep's too
+        command = resume_command(True)  # a sweep's too
         try:
             with tee_console(out_dir / "train.log", enabled=ctx.is_main):
                 return train_and_report(script, settings, data, splits, build_model, out_dir, ctx, resume_from)
@@ -192,7 +197,7 @@ def seeds_sweep(first: int, count: int) -> Sweep:
 def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) -> str:
     """What Ctrl-C outside an epoch (loading data, between the runs of a sweep, writing a report) leaves, and how to
     go on."""
-    command = shlex.join([*sys.argv, *(["--resume"] if sweep and "--resume" not in sys.argv else [])])
+    command = resume_command(sweep)
     if sweep:
         return (f"the finished runs in {out_dir} are kept, and so is the last epoch of an unfinished one; continue "
                 f"with: python {command}")

@@ -70,6 +70,16 @@ class TrainContext(NamedTuple):
         return self.rank == 0
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """'bfloat16', 'float16' or 'float32': how the console, history.json and metrics.json name a precision."""
+    return str(dtype).removeprefix("torch.")
+
+
+def make_scaler(ctx: TrainContext) -> torch.amp.GradScaler:
+    """The gradient scaler a training step goes through: active in fp16 only."""
+    return torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+
+
 def autocast(ctx: TrainContext):
     return torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32)
 

@@ -71,7 +71,8 @@ def export_onnx(classifier: PicturesToProbabilities, path: Path, metadata: dict[
 
 def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> None:
     """Write a statically quantised (int8 weights and activations, QDQ format) copy of the ONNX model at `fp32_path`,
-    its activation ranges calibrated on the uint8 images (N, 32, 32, 3) `calibration`."""
+    its activation ranges calibrated on the uint8 images (N, 32, 32, 3) `calibration`; the final Softmax stays in fp32,
+    so that the probabilities sum to 1 (quantised, they come in steps of 1/255)."""
     onnx, _ = export_packages()
     from onnxruntime import quantization
 
@@ -88,9 +89,11 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> Non
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             quantization.quant_pre_process(str(fp32_path), str(prepared))
+            softmax = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Softmax"]
             quantization.quantize_static(str(prepared), str(out), Calibration(), quant_format=quantization.QuantFormat.QDQ,
                                          per_channel=True, activation_type=quantization.QuantType.QUInt8,
-                                         weight_type=quantization.QuantType.QInt8)
+                                         weight_type=quantization.QuantType.QInt8,
+                                         nodes_to_exclude=softmax)  # probabilities in fp32, summing to 1
         quantized = out.read_bytes()
     model, source = onnx.load_from_string(quantized), onnx.load(str(fp32_path))
     del model.metadata_props[:]

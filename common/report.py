@@ -19,7 +19,7 @@ import torchvision
 
 from .files import atomic_write, save_json
 from .data import CifarData
-from .evaluation import TestResults
+from .evaluation import first_test_images, TestResults
 from .train import count_parameters
 from .plots import plot_confusion, plot_misclassified, plot_per_class
 
@@ -78,7 +78,7 @@ def write_test_report(results: TestResults, data: CifarData, out_dir: Path) -> N
     plot_per_class(results.per_class, out_dir / "per_class.png", f"test accuracy per class ({results.accuracy:.2%} overall)")
     plot_confusion(results.confusion, data.classes, out_dir / "confusion.png")
     plot_misclassified(data.test_images, data.test_labels, results.predictions, data.classes, out_dir / "misclassified.png")
-    first = min(1000, len(results.predictions))
+    first = first_test_images(len(results.predictions))
     print(f"\n{'class':<12}{'accuracy':>9}")
     for name, acc in results.per_class.items():
         print(f"{name:<12}{acc:>9.2%}")
@@ -87,6 +87,16 @@ def write_test_report(results: TestResults, data: CifarData, out_dir: Path) -> N
     if results.accuracy_tta is not None:
         print(f"{'all, --tta':<12}{results.accuracy_tta:>9.2%}   (test-time augmentation; first {first}: "
               f"{results.accuracy_first1000_tta:.2%})")
+
+
+def write_report(results: TestResults, data: CifarData, model: nn.Module, device: torch.device, settings: dict,
+                 environment: dict, out_dir: Path, **run) -> dict:
+    """A model's test report in `out_dir`: the figures and table (write_test_report) and metrics.json
+    (metrics_record); returns the metrics."""
+    write_test_report(results, data, out_dir)
+    metrics = metrics_record(results, model, device, data.classes, settings, environment, **run)
+    save_json(metrics, out_dir / "metrics.json")
+    return metrics
 
 
 def metrics_record(results: TestResults, model: nn.Module, device: torch.device, classes: Sequence[str],

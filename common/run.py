@@ -16,17 +16,17 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .errors import UsageError
-from .files import load_checkpoint, save_json
+from .files import load_checkpoint
 from .data import channel_mean_std, CifarData, data_fingerprint, load_cifar10, split_train_val, Splits
 from .augment import augmentation, STRENGTH_KEYS
-from .device import TrainContext
+from .device import make_scaler, precision_name, TrainContext
 from .evaluation import evaluate, test_results, TestResults
-from .budget import lr_factor, Plan, scaled_by_epochs, steps_per_epoch
+from .budget import make_scheduler, Plan, scaled_by_epochs, steps_per_epoch
 from .train import (
     BestEpoch, checkpoint_state, count_parameters, first_conv_weight, fit, Fitted, make_optimizer, parameter_groups,
     patch_whitening_filters, save_epoch_files, set_dropout, Training, TrainStep)
 from .plots import plot_filters, plot_history
-from .report import environment_info, metrics_record, write_test_report
+from .report import environment_info, write_report
 from .settings import recorded_settings, Settings
 
 
@@ -120,15 +120,13 @@ def set_up_training(settings: Settings, build_model: ModelBuilder, plan: Plan, c
         print(model)
         print(f"parameters: {count_parameters(model):,}  trainable: "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-        print(f"device: {ctx.device}  precision: {str(ctx.dtype).replace('torch.', '')}  processes: {ctx.world}")
+        print(f"device: {ctx.device}  precision: {precision_name(ctx.dtype)}  processes: {ctx.world}")
         print("settings: " + json.dumps(recorded_settings(settings)))
     model = model.to(memory_format=torch.channels_last)
     groups = parameter_groups(model, settings.decay_norm_bias, settings.lr, settings.norm_bias_lr)
     optimizer = make_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, plan.total_steps, plan.steps_per_epoch, settings.schedule, settings.warmup, settings.lr_decay,
-        settings.lr_end))
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    scheduler = make_scheduler(optimizer, plan, settings.schedule, settings.warmup, settings.lr_decay, settings.lr_end)
+    scaler = make_scaler(ctx)
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
@@ -169,18 +167,16 @@ def write_final_report(settings: Settings, model: nn.Module, plan: Plan, fitted:
     plot_filters(first_conv_weight(model), out_dir / "filters_after.png",
                  f"first-layer filters after training (epoch {best.epoch})")
     plot_history(history, best.epoch, out_dir / "history.png")
-    write_test_report(tested.results, data, out_dir)
     trained = history[resumed_epochs:]  # the epochs this call trained
-    metrics = metrics_record(
-        tested.results, model, ctx.device, data.classes, recorded_settings(settings), environment,
+    metrics = write_report(
+        tested.results, data, model, ctx.device, recorded_settings(settings), environment, out_dir,
         test_accuracy_last=tested.last_accuracy, best_epoch=best.epoch, best_val_accuracy=best.val_accuracy,
         epochs_run=len(history), train_seconds=fitted.seconds, time_budget_minutes=settings.time_budget,
         planned_steps=plan.total_steps, run_steps=sum(r.get("steps", plan.steps_per_epoch) for r in history),
         train_images_per_s=(sum(r["images_per_s"] * r["seconds"] for r in trained)
                             / max(1e-9, sum(r["seconds"] for r in trained))),
         processes=ctx.world,
-        precision="+".join(dict.fromkeys(r.get("precision", str(ctx.dtype).replace("torch.", "")) for r in history)))
-    save_json(metrics, out_dir / "metrics.json")
+        precision="+".join(dict.fromkeys(r.get("precision", precision_name(ctx.dtype)) for r in history)))
     print(f"best epoch {best.epoch} (val {best.val_accuracy:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
           f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {tested.last_accuracy:.2%}; reports in {out_dir}")
     return metrics

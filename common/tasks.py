@@ -8,19 +8,19 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from .errors import UnreadableImage, UsageError
-from .files import load_checkpoint, prepare_out_dir, save_json
+from .files import load_checkpoint, prepare_out_dir
 from .data import CLASSES, image_files, load_cifar10, load_image
 from .device import TrainContext
 from .evaluation import predict, test_results
 from .plots import plot_image_grid
-from .report import environment_info, metrics_record, print_predictions, save_predictions, write_test_report
+from .report import environment_info, print_predictions, save_predictions, write_report
 from .export import (
     CALIBRATION_IMAGES, export_onnx, export_packages, nhwc, onnx_probabilities, PicturesToProbabilities, quantize_int8)
 from .settings import recorded_settings
@@ -34,43 +34,57 @@ def model_from_checkpoint(checkpoint: dict, build_model: ModelBuilder, ctx: Trai
     return model.to(ctx.device, memory_format=torch.channels_last)
 
 
+class OpenedCheckpoint(NamedTuple):
+    """A checkpoint opened for a task: what the file holds, the settings its run saved, its classes, its network."""
+    checkpoint: dict
+    settings: dict
+    classes: list[str]
+    model: nn.Module
+
+
+def open_checkpoint(script: str, checkpoint_path: Path, out_dir: Path, build_model: ModelBuilder, ctx: TrainContext
+                    ) -> OpenedCheckpoint:
+    """Load a checkpoint of `script`, make the folder the task writes into, and rebuild the network on the device."""
+    checkpoint = load_checkpoint(checkpoint_path, script)
+    prepare_out_dir(out_dir)
+    return OpenedCheckpoint(checkpoint, checkpoint["settings"], list(checkpoint.get("classes", CLASSES)),
+                            model_from_checkpoint(checkpoint, build_model, ctx))
+
+
 def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, download: bool, tta: bool,
               build_model: ModelBuilder, ctx: TrainContext) -> dict:
     """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir`, write metrics.json and the test
     figures in `out_dir`."""
-    checkpoint = load_checkpoint(checkpoint_path, script)
-    saved = checkpoint["settings"]
-    prepare_out_dir(out_dir)
+    checkpoint, saved, _, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
     data = load_cifar10(data_dir, download=download)
-    model = model_from_checkpoint(checkpoint, build_model, ctx)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
     results = test_results(model, data.test_images, data.test_labels, data.classes, saved["mean"], saved["std"], ctx, tta)
-    write_test_report(results, data, out_dir)
-    metrics = metrics_record(results, model, ctx.device, data.classes, recorded_settings(saved),
-                             environment_info(ctx.device), checkpoint=str(checkpoint_path), epoch=checkpoint["epoch"],
-                             best_epoch=checkpoint["best_epoch"], best_val_accuracy=checkpoint["best_val_accuracy"])
-    save_json(metrics, out_dir / "metrics.json")
+    metrics = write_report(results, data, model, ctx.device, recorded_settings(saved), environment_info(ctx.device),
+                           out_dir, checkpoint=str(checkpoint_path), epoch=checkpoint["epoch"],
+                           best_epoch=checkpoint["best_epoch"], best_val_accuracy=checkpoint["best_val_accuracy"])
     print(f"reports in {out_dir}")
     return metrics
+
+
+PROBABILITY_SUM_TOLERANCE = 1e-4  # an exported model whose probabilities sum further from 1 is refused
 
 
 def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str | None, data_dir: str, download: bool,
                  build_model: ModelBuilder) -> int:
     """--export: write the checkpoint's network as an ONNX picture classifier at `path` (int8 with `quantize`), then
     check it: ONNX Runtime against PyTorch on the test set, or on one random batch where no test set is at hand.
-    Returns the exit code: 1 when an fp32 export disagrees with PyTorch (the file is then removed), else 0."""
+    Returns the exit code: 1 when an fp32 export gives other classes than PyTorch, or any export probabilities that do
+    not sum to 1 (the file is then removed), else 0."""
     export_packages()
-    checkpoint = load_checkpoint(checkpoint_path, script)
-    saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
-    prepare_out_dir(path.parent)
+    cpu = TrainContext(torch.device("cpu"), torch.float32)
+    checkpoint, saved, classes, model = open_checkpoint(script, checkpoint_path, path.parent, build_model, cpu)
+    model.eval()
     try:
         data = load_cifar10(data_dir, download=download)
     except UsageError as e:
         if quantize:
             raise UsageError(f"--quantize int8 calibrates on training images, and there are none at hand: {e}") from None
         data = None
-    cpu = TrainContext(torch.device("cpu"), torch.float32)
-    model = model_from_checkpoint(checkpoint, build_model, cpu).eval()
     classifier = PicturesToProbabilities(model, saved["mean"], saved["std"])
     run_metrics = {}  # the test accuracy its training run measured, where it lies beside the checkpoint
     with contextlib.suppress(OSError, ValueError):
@@ -98,6 +112,7 @@ def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str |
     got = onnx_probabilities(path, nhwc(images))
     same = (expected.argmax(1) == got.argmax(1)).sum().item()
     largest = (expected - got).abs().max().item() if len(images) else 0.0
+    off_one = (got.sum(1) - 1).abs().max().item() if len(images) else 0.0  # how far a picture's probabilities sum from 1
     what = "int8" if quantize else "fp32"
     if labels is None:
         print(f"check on one random batch of {len(images)} images: the same class for {same}/{len(images)}, largest "
@@ -109,10 +124,14 @@ def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str |
               f"{torch_accuracy:.2%}; the same class for {same}/{len(images)} ({same / len(images):.2%}); largest "
               f"difference in probability {largest:.1e}"
               + (f"; int8 against PyTorch: {(onnx_accuracy - torch_accuracy) * 100:+.2f} points" if quantize else ""))
-    if not quantize and same < 0.999 * len(images):
+    print(f"the probabilities of a picture sum to 1 within {off_one:.1e}")
+    wrong = [] if quantize or same >= 0.999 * len(images) else \
+        [f"gives another class than PyTorch for {len(images) - same} of {len(images)} images"]
+    if off_one > PROBABILITY_SUM_TOLERANCE:
+        wrong.append(f"gives probabilities that sum to 1 only within {off_one:.1e}")
+    if wrong:
         path.unlink()
-        print(f"error: the ONNX model gives another class than PyTorch for {len(images) - same} of {len(images)} "
-              f"images; {path} removed", file=sys.stderr)
+        print(f"error: the ONNX model {' and '.join(wrong)}; {path} removed", file=sys.stderr)
         return 1
     return 0
 
@@ -128,10 +147,7 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model: Mo
     else 0.
     """
     files = image_files(paths)  # a missing path or an empty folder is refused before the model loads
-    checkpoint = load_checkpoint(checkpoint_path, script)
-    saved, classes = checkpoint["settings"], checkpoint.get("classes", CLASSES)
-    prepare_out_dir(out_dir)
-    model = model_from_checkpoint(checkpoint, build_model, ctx)
+    checkpoint, saved, classes, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
     print(f"predicting {len(files)} file(s) with {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}"
           + (", test-time augmentation" if tta else ""))
     rows, previews, titles, skipped = [], [], [], 0

@@ -19,7 +19,7 @@ from .errors import NonFiniteLoss
 from .files import save_checkpoint, save_json
 from .data import CLASSES, Splits
 from .augment import alternating_flips, augment_batch, normalize
-from .device import autocast, TrainContext
+from .device import autocast, precision_name, TrainContext
 from .evaluation import evaluate
 from .budget import budget_planner, epoch_steps, Plan, progress_label, replan
 
@@ -263,7 +263,7 @@ def fit(training: Training, splits: Splits, plan: Plan, step_with: TrainStep, se
         if ctx.world > 1:
             dist.broadcast(val, 0)
         row["val_loss"], row["val_accuracy"] = val.tolist()
-        row["precision"] = str(ctx.dtype).replace("torch.", "")
+        row["precision"] = precision_name(ctx.dtype)
         row["elapsed_s"] = earlier_s + time.perf_counter() - start
         row = {k: row[k] for k in HISTORY_KEYS}
         history.append(row)

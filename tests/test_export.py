@@ -90,6 +90,8 @@ def test_the_int8_model_is_smaller_runs_and_says_its_accuracy(exported, cifar_di
     data = common.data.load_cifar10(cifar_dir, download=False)
     out = session(exported["int8"]).run(None, {"images": data.test_images.permute(0, 2, 3, 1).numpy()})[0]
     assert out.shape == (len(data.test_images), 10)
+    assert np.abs(out.sum(1) - 1).max() < 1e-5  # the Softmax stays in fp32: a quantised one sums to 1 only within 2%
+    assert "the probabilities of a picture sum to 1 within" in exported["int8_out"]
     accuracy = (torch.from_numpy(out).argmax(1) == data.test_labels).float().mean().item()
     assert f"ONNX Runtime (int8) {accuracy:.2%}" in exported["int8_out"] and "int8 against PyTorch:" in exported["int8_out"]
     props = {p.key: p.value for p in onnx.load(str(exported["int8"])).metadata_props}

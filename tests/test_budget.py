@@ -134,6 +134,7 @@ def test_a_budget_run_trains_the_planned_steps_the_last_epoch_what_is_left(cifar
     fake_clock(monkeypatch, itertools.count(0.0, 0.1))  # every reading a tenth of a second later
     code, err = run_ex1(budget_run(cifar_dir, tmp_path, "0.2"), capsys)
     assert code == 0, err[-3000:]
+    assert not list(tmp_path.glob("filters_*.png"))  # no_filter_plots took effect
     metrics, history = read_json(tmp_path / "metrics.json"), read_json(tmp_path / "history.json")
     planned = metrics["planned_steps"]
     assert metrics["time_budget_minutes"] == 0.2 and planned > STEPS_PER_EPOCH

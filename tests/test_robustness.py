@@ -326,6 +326,8 @@ def test_resume_keeps_the_precision_the_run_trained_in(tmp_path, killed, cifar_d
     """On a CPU where --precision auto means bf16 (simulated here, so that every CPU runs this), a run started with
     --precision fp32 resumes in fp32; a --precision given to --resume wins, is announced, and history.json and
     metrics.json record both."""
+    monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: False)  # the stand-in is what auto reads, on any CPU
+    assert common.device.resolve_precision("auto", torch.device("cpu")) == torch.float32
     monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: True)
     assert common.device.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
     resume = ["--resume", "--data-dir", cifar_dir, "--no-download", "--device", "cpu"]

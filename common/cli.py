@@ -268,7 +268,7 @@ def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dic
             checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "eval")
             if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
                 eval_only(script, checkpoint, reports, settings.data_dir, not settings.no_download, settings.tta,
-                          build_model, ctx)
+                          settings.corruptions, build_model, ctx)
         elif sweeps:
             check_settings(settings)
             for sweep in sweeps:  # every value, before the first run starts

@@ -1,9 +1,10 @@
 """A model's predictions (with test-time augmentation), loss and accuracy, and its results on the test set.
 
-Imports common.augment, common.device."""
+Imports common.augment, common.corruptions, common.device."""
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple, Sequence
 
 import torch
@@ -11,12 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import normalize
+from .corruptions import corruption_accuracies
 from .device import autocast, TrainContext
 
 
-EVAL_BATCH = 500
-
-
+EVAL_BATCH = 500  # images a forward pass takes when a model is evaluated
 TTA_SHIFT = 2  # pixels of the diagonal translations among the test-time augmentation views
 
 
@@ -94,12 +94,26 @@ class TestResults(NamedTuple):
     confusion: torch.Tensor
     accuracy_tta: float | None = None
     accuracy_first1000_tta: float | None = None
+    corruptions: dict | None = None  # the corruption benchmark's record (see corruption_record), None when not run
+
+
+def corruption_record(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
+                      std: Sequence[float], ctx: TrainContext, seed: int = 0) -> dict:
+    """The corruption benchmark of `model` on uint8 `images` (see corruption_accuracies): its accuracy on them clean
+    and under every corruption and severity of CORRUPTIONS, drawn from `seed`."""
+    start = time.perf_counter()
+    record = corruption_accuracies(lambda x: predict(model, x, mean, std, ctx).argmax(1).cpu(), images, labels, seed)
+    print(f"corruption benchmark: {len(record['results'])} corrupted copies of {len(images)} test images in "
+          f"{time.perf_counter() - start:.0f} s")
+    return record
 
 
 def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
-                 mean: Sequence[float], std: Sequence[float], ctx: TrainContext, tta: bool = False) -> TestResults:
+                 mean: Sequence[float], std: Sequence[float], ctx: TrainContext, tta: bool = False,
+                 corruption_images: int = 0) -> TestResults:
     """Evaluate on the whole test set: accuracies, loss, predictions, per class and confusion (with `tta`, the
-    accuracies of test-time augmentation too)."""
+    accuracies of test-time augmentation too; with `corruption_images`, the corruption benchmark on that many of the
+    first test images)."""
     result = evaluate(model, images, labels, mean, std, ctx)
     first = first_test_images(len(labels))
 
@@ -111,4 +125,6 @@ def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
     return TestResults(result["accuracy"], result["loss"], accuracy_of_first(predictions), predictions,
                        per_class_accuracy(labels, predictions, classes),
                        confusion_matrix(labels, predictions, len(classes)),
-                       tta_result and tta_result["accuracy"], tta_result and accuracy_of_first(tta_result["predictions"]))
+                       tta_result and tta_result["accuracy"], tta_result and accuracy_of_first(tta_result["predictions"]),
+                       corruption_record(model, images[:corruption_images], labels[:corruption_images], mean, std, ctx)
+                       if corruption_images else None)

@@ -1,6 +1,6 @@
 """The pictures a run draws: history, first-layer filters, per-class accuracy, confusion matrix, image grids.
 
-Imports common.files."""
+Imports common.files, common.corruptions."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from .files import atomic_write
+from .corruptions import corrupt, CORRUPTIONS
 
 
 def save_figure(fig, path: Path) -> None:
@@ -123,3 +124,55 @@ def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: 
     wrong = (predictions != labels).nonzero().flatten()[:count].tolist()
     plot_image_grid([images[i] for i in wrong], [f"{classes[labels[i]]}\n-> {classes[predictions[i]]}" for i in wrong],
                     path, "no misclassified images")
+
+
+def plot_corruptions(record: dict, path: Path) -> None:
+    """Grouped bars: the accuracy under each corruption, one bar a severity (labelled with its value), the clean
+    accuracy as a horizontal line and the mean corrupted accuracy in the title."""
+    plt = pyplot()
+    names = list(dict.fromkeys(r["corruption"] for r in record["results"]))
+    levels = max(r["level"] for r in record["results"])
+    width = 0.8 / levels
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5))
+    colors = plt.get_cmap("viridis")([0.25 + 0.5 * i / max(levels - 1, 1) for i in range(levels)])
+    for level in range(1, levels + 1):
+        rows = [(names.index(r["corruption"]), r) for r in record["results"] if r["level"] == level]
+        x = [i - 0.4 + (level - 0.5) * width for i, _ in rows]
+        bars = ax.bar(x, [r["accuracy"] for _, r in rows], width, color=colors[level - 1], label=f"severity {level}")
+        ax.bar_label(bars, [f"{r['severity']:g}" for _, r in rows], fontsize=7, padding=2)
+    ax.axhline(record["clean_accuracy"], color="black", linestyle="--",
+               label=f"clean ({record['clean_accuracy']:.1%})")
+    ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=20, ha="right")
+    ax.set_ylim(0, min(1.05, max(record["clean_accuracy"], *(r["accuracy"] for r in record["results"])) * 1.15))
+    ax.set_title(f"Accuracy under corruption, {record['images']:,} test images: mean {record['mean_accuracy']:.1%} "
+                 f"(drop {record['mean_drop'] * 100:.1f} points)")
+    style_axes(ax, "corruption (bar labels: the severity's value)", "accuracy", integer_x=False)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    save_figure(fig, path)
+
+
+def plot_corruption_examples(image: torch.Tensor, path: Path, seed: int = 0) -> None:
+    """One uint8 image (3, H, W) under every corruption: a row per corruption, the clean image first, then each
+    severity (labelled with its value), drawn as one mosaic."""
+    plt = pyplot()
+    table = CORRUPTIONS
+    columns = 1 + max(len(severities) for severities in table.values())
+    h, w = image.shape[-2:]
+    gap = max(h // 4, 1)
+    mosaic = torch.full((3, len(table) * (h + gap), columns * (w + gap)), 255, dtype=torch.uint8)
+    fig, ax = plt.subplots(figsize=(1.3 * columns + 1.2, 1.25 * len(table)))
+    for row, (name, severities) in enumerate(table.items()):
+        views = [("clean", image)] + [(f"{severity:g}", corrupt(image[None], name, severity, seed)[0])
+                                      for severity in severities]
+        for column, (label, view) in enumerate(views):
+            top, left = row * (h + gap) + gap, column * (w + gap)
+            mosaic[:, top:top + h, left:left + w] = view.cpu()
+            ax.text(left + w / 2, top - 0.5, label, ha="center", va="bottom", fontsize=7)
+    ax.imshow(mosaic.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([row * (h + gap) + gap + h / 2 for row in range(len(table))],
+                  [name.replace("_", " ") for name in table])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    save_figure(fig, path)

@@ -21,7 +21,7 @@ from .files import atomic_write, save_json
 from .data import CifarData
 from .evaluation import first_test_images, TestResults
 from .train import count_parameters
-from .plots import plot_confusion, plot_misclassified, plot_per_class
+from .plots import plot_confusion, plot_corruption_examples, plot_corruptions, plot_misclassified, plot_per_class
 
 
 PREDICTION_COLUMNS = ("path", "label", "probability", "top2_label", "top2_probability", "top3_label", "top3_probability")
@@ -73,8 +73,21 @@ def environment_info(device: torch.device) -> dict:
             "git_commit": commit, "hardware": hardware}
 
 
+def print_corruptions(record: dict) -> None:
+    """The corruption benchmark as a table: a row per corruption, its accuracy and drop at each severity."""
+    print(f"\ncorruption benchmark, first {record['images']} test images: clean {record['clean_accuracy']:.2%}")
+    for name in dict.fromkeys(r["corruption"] for r in record["results"]):
+        cells = [f"{r['severity']:>5g}: {r['accuracy']:7.2%} ({-r['drop'] * 100:+.1f})"
+                 for r in record["results"] if r["corruption"] == name]
+        print(f"  {name:<15}" + "   ".join(cells))
+    worst = record["worst"]
+    print(f"  mean corruption accuracy {record['mean_accuracy']:.2%} (drop {record['mean_drop'] * 100:.1f} points); "
+          f"worst {worst['corruption']} {worst['severity']:g} (drop {worst['drop'] * 100:.1f})")
+
+
 def write_test_report(results: TestResults, data: CifarData, out_dir: Path) -> None:
-    """Draw the test figures (per class, confusion, misclassified) in `out_dir` and print the per-class table."""
+    """Draw the test figures (per class, confusion, misclassified; the corruption benchmark's when it ran) in `out_dir`
+    and print the per-class table (and the benchmark's)."""
     plot_per_class(results.per_class, out_dir / "per_class.png", f"test accuracy per class ({results.accuracy:.2%} overall)")
     plot_confusion(results.confusion, data.classes, out_dir / "confusion.png")
     plot_misclassified(data.test_images, data.test_labels, results.predictions, data.classes, out_dir / "misclassified.png")
@@ -87,6 +100,10 @@ def write_test_report(results: TestResults, data: CifarData, out_dir: Path) -> N
     if results.accuracy_tta is not None:
         print(f"{'all, --tta':<12}{results.accuracy_tta:>9.2%}   (test-time augmentation; first {first}: "
               f"{results.accuracy_first1000_tta:.2%})")
+    if results.corruptions is not None:
+        plot_corruptions(results.corruptions, out_dir / "corruptions.png")
+        plot_corruption_examples(data.test_images[0], out_dir / "corruption_examples.png", results.corruptions["seed"])
+        print_corruptions(results.corruptions)
 
 
 def write_report(results: TestResults, data: CifarData, model: nn.Module, device: torch.device, settings: dict,
@@ -109,5 +126,7 @@ def metrics_record(results: TestResults, model: nn.Module, device: torch.device,
                "per_class_accuracy": results.per_class, "confusion_matrix": results.confusion.tolist()}
     if results.accuracy_tta is not None:
         metrics.update(test_accuracy_tta=results.accuracy_tta, test_accuracy_first1000_tta=results.accuracy_first1000_tta)
+    if results.corruptions is not None:
+        metrics["corruptions"] = results.corruptions
     return {**metrics, **run, "params": count_parameters(model), "device": str(device), "classes": list(classes),
             "settings": settings, **environment}

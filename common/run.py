@@ -150,13 +150,14 @@ class FinalTest(NamedTuple):
 
 
 def final_test(script: str, model: nn.Module, fitted: Fitted, data: CifarData, mean: Sequence[float],
-               std: Sequence[float], tta: bool, out_dir: Path, ctx: TrainContext) -> FinalTest:
+               std: Sequence[float], tta: bool, corruption_images: int, out_dir: Path, ctx: TrainContext) -> FinalTest:
     """Test the last epoch's model, then load the best epoch's weights from best.pt and test them (once, when the
-    last epoch is the best)."""
+    last epoch is the best), with the corruption benchmark on `corruption_images` of the first test images."""
     last_is_best = fitted.best.epoch == len(fitted.history)  # then best.pt holds these very weights
     last = None if last_is_best else evaluate(model, data.test_images, data.test_labels, mean, std, ctx)["accuracy"]
     model.load_state_dict(load_checkpoint(out_dir / "best.pt", script)["model"])
-    results = test_results(model, data.test_images, data.test_labels, data.classes, mean, std, ctx, tta)
+    results = test_results(model, data.test_images, data.test_labels, data.classes, mean, std, ctx, tta,
+                           corruption_images)
     return FinalTest(results, results.accuracy if last_is_best else last)
 
 
@@ -220,6 +221,7 @@ def train_and_report(script: str, settings: Settings, data: CifarData, splits: S
                  settings.time_budget, not settings.plan_from, history, best, ctx, on_plan, save_epoch)
     if not ctx.is_main:
         return {}
-    tested = final_test(script, training.model, fitted, data, settings.mean, settings.std, settings.tta, out_dir, ctx)
+    tested = final_test(script, training.model, fitted, data, settings.mean, settings.std, settings.tta,
+                        settings.corruptions, out_dir, ctx)
     return write_final_report(with_plan(chosen, plan), training.model, plan, fitted, tested, len(history), data,
                               out_dir, ctx, environment)

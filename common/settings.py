@@ -73,6 +73,7 @@ class Settings(Mapping):
     checkpoint: str | None = None
     predict: list[str] | None = None
     tta: bool = False
+    corruptions: int = 1000  # the corruption benchmark on this many of the first test images (0: not run)
     export: str | None = None
     quantize: str | None = None
 
@@ -90,7 +91,8 @@ class Settings(Mapping):
 
 # Flags that say where and how a run executes, not what it computes: free to change on --resume.
 RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn",
-                "resume", "overwrite", "eval_only", "checkpoint", "compare", "predict", "tta", "export", "quantize"}
+                "resume", "overwrite", "eval_only", "checkpoint", "compare", "predict", "tta", "corruptions", "export",
+                "quantize"}
 RESUME_EXTENDABLE = {"epochs", "patience"}
 
 
@@ -104,6 +106,17 @@ def settings_from(settings_type: type[Settings], values: Mapping) -> Settings:
     is its default, one for a setting since removed is left out."""
     fields = {f.name for f in dataclasses.fields(settings_type)}
     return settings_type(**{k: v for k, v in values.items() if k in fields})
+
+
+ALL_TEST_IMAGES = 2 ** 31 - 1  # --corruptions without a number: every test image
+
+
+def image_count(value: str) -> int:
+    """A flag's number of images: a whole number, 0 or more."""
+    count = int(value)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {count})")
+    return count
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +188,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
            "over 6 views, the image and its left-right mirror, each as it is and shifted by 2 pixels diagonally "
            "both ways (+2,+2 and -2,-2, zero fill); metrics.json then adds test_accuracy_tta and "
            "test_accuracy_first1000_tta")
+    a("--corruptions", type=image_count, nargs="?", const=ALL_TEST_IMAGES, metavar="N",
+      help="the corruption benchmark at the end of a training run and with --eval-only: the accuracy on the first N "
+           "test images (without N: all of them) clean and under Gaussian noise, JPEG, blur, contrast, brightness, "
+           "darkness, shifts and downscaling at 2-3 severities each, into metrics.json ('corruptions') and "
+           "corruptions.png; 0 skips it (default: 1000)")
     a("--export", metavar="FILE.onnx",
       help="write the model of --checkpoint (default: best.pt in --out-dir) as an ONNX file for ONNX Runtime: input "
            "'images', uint8 (N, 32, 32, 3) RGB, output 'probabilities' (N, 10), normalisation inside; then check it "

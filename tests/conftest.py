@@ -67,8 +67,10 @@ def cifar_dir(tmp_path_factory) -> Path:
     return write_cifar(tmp_path_factory.mktemp("cifar"))
 
 
-# Flags that keep an end-to-end run small: tiny batches, validation of 64, fp32 on the CPU.
-QUICK = ["--no-download", "--device", "cpu", "--precision", "fp32", "--val-size", "64", "--batch-size", "32"]
+# Flags that keep an end-to-end run small: tiny batches, validation of 64, fp32 on the CPU, no corruption benchmark
+# (tests/test_ex1.py's main run has one).
+QUICK = ["--no-download", "--device", "cpu", "--precision", "fp32", "--val-size", "64", "--batch-size", "32",
+         "--corruptions", "0"]
 
 
 def run_script(script: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -12,13 +12,14 @@ from conftest import CLASS_NAMES, QUICK, assert_png, read_json, run_ok
 
 KIND = "ex1_convnet.py"
 PARAMS_BN, PARAMS_NO_BN = 7_682_826, 7_678_474
-# Three epochs on 96 images in batches of 8 learn the fixture's colours (about 0.9 or more test accuracy).
-TRAIN = [*QUICK, "--batch-size", "8", "--limit-train", "96", "--epochs", "3", "--lr", "0.02"]
+# Three epochs on 96 images in batches of 8 learn the fixture's colours (about 0.9 or more test accuracy); the
+# corruption benchmark on the first 40 test images.
+TRAIN = [*QUICK, "--batch-size", "8", "--limit-train", "96", "--epochs", "3", "--lr", "0.02", "--corruptions", "40"]
 # Two epochs of a small --no-bn model: for reproducibility and --eval-only.
 NO_BN = [*QUICK, "--no-bn", "--batch-size", "16", "--limit-train", "32", "--epochs", "2", "--lr", "0.01", "--seed", "5"]
 TEST_FIGURES = ["per_class.png", "confusion.png", "misclassified.png"]
 RUN_FILES = ["metrics.json", "history.json", "history.png", "filters_before.png", "filters_after.png", *TEST_FIGURES,
-             "train.log", "best.pt", "last.pt"]
+             "corruptions.png", "corruption_examples.png", "train.log", "best.pt", "last.pt"]
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
 
 
@@ -70,6 +71,30 @@ def test_metrics(trained):
     assert m["versions"]["torchvision"] == torchvision.__version__
     assert m["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", m["git_commit"])
     assert isinstance(m["hardware"], dict) and m["hardware"]
+
+
+@pytest.mark.slow
+def test_the_report_holds_every_corruption_measured_on_the_same_images(trained):
+    record = read_json(trained / "metrics.json")["corruptions"]
+    every = [(name, severity) for name, severities in common.corruptions.CORRUPTIONS.items() for severity in severities]
+    assert [(r["corruption"], r["severity"]) for r in record["results"]] == every
+    assert record["images"] == 40 and record["seed"] == 0
+    for r in record["results"]:
+        assert 0 <= r["accuracy"] <= 1 and r["drop"] == pytest.approx(record["clean_accuracy"] - r["accuracy"])
+        assert (r["accuracy"] * 40) == pytest.approx(round(r["accuracy"] * 40))  # a count of the same 40 images
+    assert record["mean_accuracy"] == pytest.approx(sum(r["accuracy"] for r in record["results"]) / len(every))
+    assert record["clean_accuracy"] > 0.5  # a trained model, on the first 40 of the 120 test images
+
+
+@pytest.mark.slow
+def test_eval_only_corruptions_are_deterministic_and_cover_every_test_image(trained, cifar_dir, tmp_path):
+    records = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        run_ok(*QUICK, "--data-dir", cifar_dir, "--eval-only", "--checkpoint", trained / "best.pt", "--out-dir", out,
+               "--corruptions")
+        records.append(read_json(out / "metrics.json")["corruptions"])
+        assert_png(out / "corruptions.png")
+    assert records[0] == records[1] and records[0]["images"] == 120  # without N: all the test images
 
 
 @pytest.mark.slow

@@ -65,6 +65,7 @@ class Settings(common.settings.Settings):
     linear_init_std: float | None  # the last layer's initial weights: normal with this std (None: PyTorch's default)
     output_scale: float = 1.0  # the logits multiplied by it
     whiten: bool = False  # the first 54 filters start as a whitening of the training images' patches
+    whiten_eps: float = common.train.WHITEN_EPS  # added to the patches' eigenvalues (see patch_whitening_filters)
 
 
 def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequential:
@@ -156,6 +157,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="start 54 of the 128 first-layer filters as a whitening of the training images' 3x3 "
                              "patches (each principal direction and its negative); --no-whiten: all random "
                              "(default: the recipe's)")
+    parser.add_argument("--whiten-eps", type=float, metavar="X",
+                        help="with --whiten: X added to each eigenvalue of the patches' covariance before its square "
+                             "root; a larger X amplifies the directions the images barely use, and the noise in "
+                             f"them, less (default: {common.train.WHITEN_EPS:g})")
     parser.add_argument("--bn-momentum", type=float,
                         help="BatchNorm's momentum: the weight of each batch in the running statistics (default: the "
                              "recipe's, PyTorch's 0.1)")

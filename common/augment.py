@@ -1,4 +1,4 @@
-"""Batched random augmentation on the training device (flip, crop, rotate, colour jitter, greyscale) and the
+"""Batched random augmentation on the training device (flip, crop, rotate, colour jitter, greyscale, noise) and the
 normalisation every input gets.
 
 Imports no other module of common."""
@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
-STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}  # op: its strength's setting
+AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray", "noise")
+STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p",
+                 "noise": "noise_std"}  # op: its strength's setting
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -109,6 +110,14 @@ def batch_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) 
     return torch.where(gray[:, None, None, None], _luma(images).expand_as(images), images)
 
 
+def batch_gaussian_noise(images: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
+    """Add Gaussian noise to images in [0, 1], its sigma drawn per image uniformly in [0, max_std] (in 0-255 pixel
+    units), then clip to [0, 1]: every level up to max_std, nearly clean images included."""
+    sigma = _uniform(len(images), 0.0, max_std / 255, generator).to(images.device, images.dtype)[:, None, None, None]
+    noise = torch.randn(images.shape, generator=generator, device=generator.device).to(images.device, images.dtype)
+    return (images + sigma * noise).clamp_(0, 1)
+
+
 def augmentation(ops: Sequence[str], strengths: Mapping[str, float]) -> dict[str, float]:
     """The `ops` a run applies with their strengths, e.g. {"flip": 0.5, "crop": 4}: flip's is its probability, the
     others' from `strengths` (by op)."""
@@ -141,6 +150,8 @@ def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.
         x = batch_color_jitter(x, ops["jitter"], generator)
     if "gray" in ops:
         x = batch_grayscale(x, ops["gray"], generator)
+    if "noise" in ops:
+        x = batch_gaussian_noise(x, ops["noise"], generator)
     return x
 
 

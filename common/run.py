@@ -24,7 +24,7 @@ from .evaluation import evaluate, test_results, TestResults
 from .budget import make_scheduler, Plan, scaled_by_epochs, steps_per_epoch
 from .train import (
     BestEpoch, checkpoint_state, count_parameters, first_conv_weight, fit, Fitted, make_optimizer, parameter_groups,
-    patch_whitening_filters, save_epoch_files, set_dropout, Training, TrainStep)
+    patch_whitening_filters, save_epoch_files, set_dropout, Training, TrainStep, WHITEN_EPS)
 from .plots import plot_filters, plot_history
 from .report import environment_info, write_report
 from .settings import recorded_settings, Settings
@@ -112,7 +112,8 @@ def set_up_training(settings: Settings, build_model: ModelBuilder, plan: Plan, c
     torch.manual_seed(settings.seed)
     model = build_model(settings, initial_weights=resume_from is None)
     if resume_from is None and settings.get("whiten"):
-        whitening = patch_whitening_filters(train_images, settings.mean, settings.std)
+        whitening = patch_whitening_filters(train_images, settings.mean, settings.std,
+                                            settings.get("whiten_eps", WHITEN_EPS))
         with torch.no_grad():
             first_conv_weight(model)[:len(whitening)] = whitening
     model = model.to(ctx.device)

@@ -12,7 +12,7 @@ from typing import Iterator, Mapping
 
 from .errors import UsageError
 from .augment import AUGMENT_OPS, STRENGTH_KEYS
-from .train import LOOKAHEAD_DECAY, LOOKAHEAD_EVERY
+from .train import LOOKAHEAD_DECAY, LOOKAHEAD_EVERY, WHITEN_EPS
 from .export import CALIBRATION_IMAGES, EXPORT_PACKAGES
 
 
@@ -59,6 +59,7 @@ class Settings(Mapping):
     rotate_deg: float
     jitter: float
     gray_p: float
+    noise_std: float = 8.0  # the noise op's largest sigma, in 0-255 pixel units
     mean: str | list[float]
     std: str | list[float]
     # where and how it runs, and the tasks besides training (RUNTIME_KEYS)
@@ -158,6 +159,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rotate-deg", type=float, help="rotate: largest rotation angle in degrees; > 0 turns rotate on, 0 off")
     a("--jitter", type=float, help="jitter: colour jitter strength (brightness, contrast, saturation, hue); > 0 turns jitter on, 0 off")
     a("--gray-p", type=float, help="gray: probability of turning an image grey; > 0 turns gray on, 0 off")
+    a("--noise-std", type=float, metavar="SIGMA",
+      help="noise: Gaussian noise added to every pixel, its sigma drawn per image in [0, SIGMA], in 0-255 pixel units "
+           "(default 8); > 0 turns noise on, 0 off")
     a("--patience", type=int, help="stop after this many epochs without a better validation accuracy; 0 never stops early")
     a("--limit-train", type=int, help="train on the first N training images only, for quick runs")
     a("--val-size", type=int, help="validation images, taken from the end of the training set (default: 1000)")
@@ -264,5 +268,7 @@ def check_settings(settings: Settings) -> None:
             raise UsageError(f"--dropout must be in [0, 1) (got {p})")
     if settings.limit_train is not None and settings.limit_train <= 0:
         raise UsageError(f"--limit-train must be positive (got {settings.limit_train})")
+    if settings.get("whiten_eps", WHITEN_EPS) <= 0:
+        raise UsageError(f"--whiten-eps must be positive (got {settings['whiten_eps']})")
     if settings.weight_decay < 0 or settings.patience < 0 or not 0 <= settings.label_smoothing < 1:
         raise UsageError("--weight-decay and --patience must not be negative, --label-smoothing must be in [0, 1)")

@@ -38,17 +38,19 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, rank: int
 
 
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches fix the whitening filters
-WHITEN_EPS = 5e-4  # added to the patch covariance's eigenvalues before their square root
+WHITEN_EPS = 5e-4  # the default eps added to the patch covariance's eigenvalues before their square root
 
 
-def patch_whitening_filters(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def patch_whitening_filters(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                            eps: float = WHITEN_EPS) -> torch.Tensor:
     """Conv filters (54, 3, 3, 3) that whiten the 3x3 patches of uint8 `images` normalized as the network sees
-    them: each eigenvector of the patches' covariance over the square root of its eigenvalue, then their negatives
-    (a ReLU follows, so each direction needs both signs)."""
+    them: each eigenvector of the patches' covariance over the square root of its eigenvalue plus `eps`, then their
+    negatives (a ReLU follows, so each direction needs both signs). The directions the images barely use are
+    amplified up to 1/sqrt(eps), and small input noise in them with them: a larger `eps` amplifies them less."""
     x = normalize(images[:WHITEN_IMAGES].float().div(255), mean, std)
     patches = F.unfold(x, 3).transpose(1, 2).reshape(-1, 27).double()  # (channel, row, column) as in a conv weight
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
-    filters = (eigenvectors.T / (eigenvalues + WHITEN_EPS).sqrt()[:, None]).reshape(27, 3, 3, 3)
+    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).reshape(27, 3, 3, 3)
     return torch.cat([filters, -filters]).float()
 
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import common
 
-ALL_OPS = {"flip": 0.5, "crop": 4, "rotate": 15.0, "jitter": 0.3, "gray": 0.5}  # every op, as augmentation() gives them
+ALL_OPS = {"flip": 0.5, "crop": 4, "rotate": 15.0, "jitter": 0.3, "gray": 0.5, "noise": 8.0}  # every op, as augmentation() gives them
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -88,6 +88,20 @@ def test_grayscale_p1_gives_equal_channels_p0_leaves_images():
     assert torch.equal(common.augment.batch_grayscale(x, 0.0, gen()), x)
 
 
+def test_noise_of_std_zero_is_identity_and_stays_in_range():
+    x = images(8)
+    assert torch.equal(common.augment.batch_gaussian_noise(x, 0.0, gen()), x)
+    out = common.augment.batch_gaussian_noise(x, 64.0, gen())
+    assert out.min() >= 0 and out.max() <= 1 and not torch.equal(out, x)
+
+
+def test_noise_sigma_is_drawn_per_image_up_to_its_maximum():
+    """On flat mid-grey images (no clipping) each image's noise has one sigma, in [0, max] and spread over it."""
+    out = common.augment.batch_gaussian_noise(torch.full((64, 3, 32, 32), 0.5), 8.0, gen()) - 0.5
+    sigma = out.flatten(1).std(1) * 255
+    assert (sigma <= 8.0 * 1.1).all() and sigma.min() < 2 and sigma.max() > 6
+
+
 def test_parameters_differ_between_images_of_one_batch():
     """Identical inputs come out different: every op draws its own parameters per image."""
     x = copies()
@@ -96,6 +110,7 @@ def test_parameters_differ_between_images_of_one_batch():
     assert distinct(common.augment.batch_rotate(x, 15.0, gen())) > 1
     assert distinct(common.augment.batch_color_jitter(x, 0.3, gen())) > 1
     assert distinct(common.augment.batch_grayscale(x, 0.5, gen())) == 2
+    assert distinct(common.augment.batch_gaussian_noise(x, 8.0, gen())) == len(x)
 
 
 def test_augment_batch_returns_float32_in_unit_range():

@@ -88,6 +88,19 @@ def test_whitening_filters_decorrelate_the_patches(cifar_dir):
     assert torch.allclose(covariance, torch.eye(27), atol=0.02)
 
 
+def test_a_larger_whiten_eps_caps_the_amplification_of_the_rare_directions(cifar_dir, capsys):
+    """Each filter is a unit eigenvector over sqrt(eigenvalue + eps): no filter is longer than 1/sqrt(eps), and the
+    rarely used directions, the longest filters at a small eps, shrink most. --whiten-eps 0 is refused."""
+    images = common.data.load_cifar10(cifar_dir, download=False).train_images
+    mean, std = common.data.channel_mean_std(images)
+    lengths = {eps: common.train.patch_whitening_filters(images, mean, std, eps).flatten(1).norm(dim=1)
+               for eps in (5e-4, 0.1)}
+    assert lengths[0.1].max() <= 0.1 ** -0.5 * 1.0001 < lengths[5e-4].max()
+    assert torch.allclose(lengths[5e-4].min(), lengths[0.1].min(), rtol=0.5)  # the main directions barely change
+    code, _, err = call(ex1_convnet.main, [*QUICK, "--data-dir", cifar_dir, "--whiten-eps", "0"], capsys)
+    assert code == 2 and "--whiten-eps must be positive (got 0.0)" in err
+
+
 def test_whiten_sets_the_first_54_filters_of_a_new_run_only(cifar_dir):
     images = common.data.load_cifar10(cifar_dir, download=False).train_images
     mean, std = common.data.channel_mean_std(images)
@@ -109,9 +122,9 @@ def test_a_real_run_whitens_with_its_first_training_images_only(cifar_dir, tmp_p
     monkeypatch.setattr(common.train, "WHITEN_IMAGES", 100)
     given, whiten = [], common.train.patch_whitening_filters
 
-    def recording(images, mean, std):
+    def recording(images, mean, std, eps):
         given.append(images)
-        return whiten(images, mean, std)
+        return whiten(images, mean, std, eps)
 
     monkeypatch.setattr(common.run, "patch_whitening_filters", recording)
     code, _, err = call(ex1_convnet.main, [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "1",

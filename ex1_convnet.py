@@ -66,6 +66,7 @@ class Settings(common.settings.Settings):
     output_scale: float = 1.0  # the logits multiplied by it
     whiten: bool = False  # the first 54 filters start as a whitening of the training images' patches
     whiten_eps: float = common.train.WHITEN_EPS  # added to the patches' eigenvalues (see patch_whitening_filters)
+    whiten_directions: int = 27  # the patches' principal directions whitened, the largest first (of 27)
 
 
 def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequential:
@@ -161,6 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --whiten: X added to each eigenvalue of the patches' covariance before its square "
                              "root; a larger X amplifies the directions the images barely use, and the noise in "
                              f"them, less (default: {common.train.WHITEN_EPS:g})")
+    parser.add_argument("--whiten-directions", type=int, metavar="K",
+                        help="with --whiten: whiten the K principal directions of the patches with the largest "
+                             "variance only (2K filters), leaving out those the images barely use, where noise "
+                             "dominates (default: all 27)")
     parser.add_argument("--bn-momentum", type=float,
                         help="BatchNorm's momentum: the weight of each batch in the running statistics (default: the "
                              "recipe's, PyTorch's 0.1)")

@@ -113,7 +113,7 @@ def set_up_training(settings: Settings, build_model: ModelBuilder, plan: Plan, c
     model = build_model(settings, initial_weights=resume_from is None)
     if resume_from is None and settings.get("whiten"):
         whitening = patch_whitening_filters(train_images, settings.mean, settings.std,
-                                            settings.get("whiten_eps", WHITEN_EPS))
+                                            settings.get("whiten_eps", WHITEN_EPS), settings.get("whiten_directions", 27))
         with torch.no_grad():
             first_conv_weight(model)[:len(whitening)] = whitening
     model = model.to(ctx.device)

@@ -270,5 +270,7 @@ def check_settings(settings: Settings) -> None:
         raise UsageError(f"--limit-train must be positive (got {settings.limit_train})")
     if settings.get("whiten_eps", WHITEN_EPS) <= 0:
         raise UsageError(f"--whiten-eps must be positive (got {settings['whiten_eps']})")
+    if not 1 <= settings.get("whiten_directions", 27) <= 27:
+        raise UsageError(f"--whiten-directions must be between 1 and 27 (got {settings['whiten_directions']})")
     if settings.weight_decay < 0 or settings.patience < 0 or not 0 <= settings.label_smoothing < 1:
         raise UsageError("--weight-decay and --patience must not be negative, --label-smoothing must be in [0, 1)")

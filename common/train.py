@@ -42,15 +42,17 @@ WHITEN_EPS = 5e-4  # the default eps added to the patch covariance's eigenvalues
 
 
 def patch_whitening_filters(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                            eps: float = WHITEN_EPS) -> torch.Tensor:
-    """Conv filters (54, 3, 3, 3) that whiten the 3x3 patches of uint8 `images` normalized as the network sees
-    them: each eigenvector of the patches' covariance over the square root of its eigenvalue plus `eps`, then their
-    negatives (a ReLU follows, so each direction needs both signs). The directions the images barely use are
-    amplified up to 1/sqrt(eps), and small input noise in them with them: a larger `eps` amplifies them less."""
+                            eps: float = WHITEN_EPS, directions: int = 27) -> torch.Tensor:
+    """Conv filters (2 x `directions`, 3, 3, 3) that whiten the 3x3 patches of uint8 `images` normalized as the
+    network sees them: each of the `directions` principal directions of the patches' covariance with the largest
+    variance (in ascending order) over the square root of its eigenvalue plus `eps`, then their negatives (a ReLU follows, so each
+    direction needs both signs). The directions the images barely use are amplified up to 1/sqrt(eps), and small
+    input noise in them with them: a larger `eps` amplifies them less, fewer `directions` leave them out."""
     x = normalize(images[:WHITEN_IMAGES].float().div(255), mean, std)
     patches = F.unfold(x, 3).transpose(1, 2).reshape(-1, 27).double()  # (channel, row, column) as in a conv weight
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
-    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).reshape(27, 3, 3, 3)
+    eigenvalues, eigenvectors = eigenvalues[-directions:], eigenvectors[:, -directions:]  # ascending: the largest last
+    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).reshape(-1, 3, 3, 3)
     return torch.cat([filters, -filters]).float()
 
 

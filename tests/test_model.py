@@ -101,6 +101,21 @@ def test_a_larger_whiten_eps_caps_the_amplification_of_the_rare_directions(cifar
     assert code == 2 and "--whiten-eps must be positive (got 0.0)" in err
 
 
+def test_whiten_directions_keeps_the_largest_principal_directions(cifar_dir, capsys):
+    """K directions give 2K filters: the K of the largest variance among all 27 (the same filters), then their
+    negatives; the patches they see have unit variance along them."""
+    images = common.data.load_cifar10(cifar_dir, download=False).train_images
+    mean, std = common.data.channel_mean_std(images)
+    every = common.train.patch_whitening_filters(images, mean, std)
+    eight = common.train.patch_whitening_filters(images, mean, std, directions=8)
+    assert eight.shape == (16, 3, 3, 3) and torch.equal(eight[8:], -eight[:8])
+    assert torch.equal(eight[:8], every[19:27])  # the largest 8 of the 27, in the same (ascending) order
+    out = torch.nn.functional.conv2d(common.augment.normalize(images.float() / 255, mean, std), eight[:8])
+    assert torch.allclose(out.permute(1, 0, 2, 3).reshape(8, -1).var(1), torch.ones(8), atol=0.02)
+    code, _, err = call(ex1_convnet.main, [*QUICK, "--data-dir", cifar_dir, "--whiten-directions", "28"], capsys)
+    assert code == 2 and "--whiten-directions must be between 1 and 27 (got 28)" in err
+
+
 def test_whiten_sets_the_first_54_filters_of_a_new_run_only(cifar_dir):
     images = common.data.load_cifar10(cifar_dir, download=False).train_images
     mean, std = common.data.channel_mean_std(images)

@@ -1,7 +1,8 @@
 """One training run from set-up to report: data, network, optimizer and schedule, the time budget's choices, fit,
 the final test and its files.
 
-Imports common.errors, common.files, common.data, common.augment, common.device, common.evaluation, common.budget, common.train, common.plots, common.report, common.settings."""
+Imports common.errors, common.files, common.data, common.augment, common.device, common.evaluation, common.budget,
+common.train, common.plots, common.report, common.settings."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,6 +1,7 @@
 """The tasks on a checkpoint: --eval-only, --export and --predict.
 
-Imports common.errors, common.files, common.data, common.device, common.evaluation, common.plots, common.report, common.export, common.settings, common.run."""
+Imports common.errors, common.files, common.data, common.device, common.evaluation, common.plots, common.report,
+common.export, common.settings, common.run."""
 from __future__ import annotations
 
 import contextlib

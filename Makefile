@@ -1,12 +1,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Training needs requirements.txt only. The tests also need pytest and the export packages (--export and its
-# tests use them); `make test` and `make test-fast` add them, `make train` and `make transfer` do not.
+# Training needs requirements.txt only. The tests also need pytest, the export packages (--export and its
+# tests use them) and selenium (the TensorBoard test drives headless Chromium with it); `make test` and
+# `make test-fast` add them, `make train` and `make transfer` do not.
 EXPORT_PACKAGES := 'onnx>=1.17' 'onnxscript>=0.2' 'onnxruntime>=1.20'
 TEST_PACKAGES := $(VENV)/.test-packages
+# make board serves these runs' TensorBoard event files on this machine only: http://127.0.0.1:$(PORT)/
+LOGDIR ?= runs
+PORT ?= 6006
 
-.PHONY: test test-fast train transfer venv
+.PHONY: test test-fast train transfer venv board
 
 $(PY): requirements.txt
 	test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "error: Python 3.10 or newer is needed, $(PYTHON) is " + sys.version.split()[0] + "; run make PYTHON=python3.X with a newer one")'
@@ -15,7 +19,7 @@ $(PY): requirements.txt
 	touch $(PY)
 
 $(TEST_PACKAGES): $(PY)
-	$(PY) -m pip install -q pytest $(EXPORT_PACKAGES)
+	$(PY) -m pip install -q pytest $(EXPORT_PACKAGES) 'selenium>=4.0'
 	touch $(TEST_PACKAGES)
 
 venv: $(PY)
@@ -28,6 +32,9 @@ test-fast: $(TEST_PACKAGES)
 
 train: $(PY)
 	$(PY) ex1_convnet.py
+
+board: $(PY)
+	$(PY) -m tensorboard.main --logdir $(LOGDIR) --host 127.0.0.1 --port $(PORT)
 
 transfer: $(PY)
 	$(PY) ex2_transfer.py --pretrained

@@ -1,7 +1,8 @@
 """The command line both scripts share: start or resume a run, sweeps (--seeds, ex1's dropout values), the
 single tasks, and the exit code of each outcome (run_experiment).
 
-Imports common.errors, common.files, common.device, common.studies, common.settings, common.run, common.tasks."""
+Imports common.errors, common.files, common.device, common.board, common.studies, common.settings, common.run,
+common.tasks."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,11 @@ import torch.distributed as dist
 from .errors import NonFiniteLoss, SaveError, UsageError
 from .files import load_checkpoint, prepare_out_dir, run_dir_lock, tee_console
 from .device import init_distributed, precision_name, resolve_device, resolve_precision, TrainContext
+from .board import log_end, open_board, trained_steps
 from .studies import compare_runs, load_run, summarize_seeds
 from .settings import (
-    check_settings, choose_recipe, explicit_flags, parse_augment, resolve_settings, RESUME_EXTENDABLE, RUNTIME_KEYS,
-    Settings, settings_from)
+    check_settings, choose_recipe, explicit_flags, parse_augment, recorded_settings, resolve_settings,
+    RESUME_EXTENDABLE, RUNTIME_KEYS, Settings, settings_from)
 from .run import load_training_data, ModelBuilder, train_and_report
 from .tasks import eval_only, export_model, predict_images
 
@@ -92,9 +94,15 @@ def start_or_resume(script: str, settings: Settings, flags_given: dict, build_mo
         if ctx.world > 1:
             dist.barrier()
         command = resume_command(True)  # a sweep's too
+        board = stack.enter_context(open_board(
+            out_dir, trained_steps(resume_from["history"]) if resume_from else None, f"python {shlex.join(sys.argv)}",
+            recorded_settings(settings))) if ctx.is_main and settings.tensorboard else None
         try:
             with tee_console(out_dir / "train.log", enabled=ctx.is_main):
-                return train_and_report(script, settings, data, splits, build_model, out_dir, ctx, resume_from)
+                metrics = train_and_report(script, settings, data, splits, build_model, out_dir, ctx, resume_from, board)
+                if board is not None:
+                    log_end(board, metrics, out_dir)
+                return metrics
         except KeyboardInterrupt:
             if not (out_dir / "last.pt").exists():
                 raise KeyboardInterrupt(f"no epoch had finished: nothing to resume in {out_dir}; start the run again") from None

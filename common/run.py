@@ -2,10 +2,11 @@
 the final test and its files.
 
 Imports common.errors, common.files, common.data, common.augment, common.device, common.evaluation, common.budget,
-common.train, common.plots, common.report, common.settings."""
+common.train, common.plots, common.report, common.board, common.settings."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from .train import (
     patch_whitening_filters, save_epoch_files, set_dropout, Training, TrainStep, WHITEN_EPS)
 from .plots import plot_filters, plot_history
 from .report import environment_info, write_report
+from .board import log_epoch, log_step
 from .settings import recorded_settings, Settings
 
 
@@ -186,8 +188,9 @@ def write_final_report(settings: Settings, model: nn.Module, plan: Plan, fitted:
 
 
 def train_and_report(script: str, settings: Settings, data: CifarData, splits: Splits, build_model: ModelBuilder,
-                     out_dir: Path, ctx: TrainContext, resume_from: dict | None = None) -> dict:
-    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report."""
+                     out_dir: Path, ctx: TrainContext, resume_from: dict | None = None, board=None) -> dict:
+    """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report; log the
+    steps and epochs to the SummaryWriter `board` when given (see common.board)."""
     environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
     fingerprint = data_fingerprint(splits)
     if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
@@ -218,9 +221,12 @@ def train_and_report(script: str, settings: Settings, data: CifarData, splits: S
         checkpoint = checkpoint_state(script, dict(with_plan(chosen, plan)), training, history, best, fingerprint,
                                       data.classes)
         save_epoch_files(checkpoint, improved, out_dir)
+        if board is not None:
+            log_epoch(board, history)
 
     fitted = fit(training, splits, plan, train_step(settings), settings.seed, settings.batch_size, settings.patience,
-                 settings.time_budget, not settings.plan_from, history, best, ctx, on_plan, save_epoch)
+                 settings.time_budget, not settings.plan_from, history, best, ctx, on_plan, save_epoch,
+                 functools.partial(log_step, board) if board is not None else None)
     if not ctx.is_main:
         return {}
     tested = final_test(script, training.model, fitted, data, settings.mean, settings.std, settings.tta,

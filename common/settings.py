@@ -68,6 +68,7 @@ class Settings(Mapping):
     precision: str = "auto"
     compile: bool = False
     sync_bn: bool = True
+    tensorboard: bool = True  # event files for TensorBoard in the run folder (common.board)
     resume: bool = False
     overwrite: bool = False
     eval_only: bool = False
@@ -91,7 +92,7 @@ class Settings(Mapping):
 
 
 # Flags that say where and how a run executes, not what it computes: free to change on --resume.
-RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn",
+RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn", "tensorboard",
                 "resume", "overwrite", "eval_only", "checkpoint", "compare", "predict", "tta", "corruptions", "export",
                 "quantize"}
 RESUME_EXTENDABLE = {"epochs", "patience"}
@@ -176,6 +177,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     a("--compile", action="store_true", default=None, help="compile the model with torch.compile")
     a("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
       help="under torchrun on CUDA, keep per-process BatchNorm instead of SyncBatchNorm")
+    a("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
+      help="write no TensorBoard event files (by default a training run writes them into --out-dir)")
     a("--resume", action="store_true", default=None, help="continue the run in --out-dir from its last.pt")
     a("--overwrite", action="store_true", default=None, help="start over in an --out-dir that already holds a run")
     a("--eval-only", action="store_true", default=None,

@@ -132,11 +132,13 @@ class TrainStep(NamedTuple):
 def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torch.Tensor, labels: torch.Tensor,
                     step_with: TrainStep, plan: Plan, epoch: int, seed: int, batch_size: int, ctx: TrainContext,
                     budget_minutes: float | None = None, after_step: Callable[[int], TrainStep | None] | None = None,
-                    log_every: int = 25) -> dict:
+                    log_every: int = 25, log_step: Callable[[int, dict], None] | None = None) -> dict:
     """One pass over the shuffled training set (the last epoch of a planned run may stop short); returns loss,
     accuracy, steps and images/s for the epoch. `after_step(steps done)` runs after every step when given; what it
     returns, when not None, is how the steps after it train (a time budget's plan, made in the first epoch, may change
-    the augmentation and the loss)."""
+    the augmentation and the loss). Every `log_every` steps, where the progress bar reads the device's sums,
+    `log_step(global step, values)` gets the mean batch loss and the images/s since its last call and the learning
+    rate."""
     model.train()
     shuffle = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0))
     augment_gen = torch.Generator(ctx.device).manual_seed(epoch_seed(seed, epoch, 1, ctx.rank))
@@ -148,6 +150,7 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
     first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
+    logged = (0.0, 0, start)  # the loss sum, images and time at the last log_step
     bar = tqdm(total=steps, desc=progress_label(epoch, plan, budget_minutes), unit="batch", disable=not ctx.is_main,
                leave=False, dynamic_ncols=True)
     mean, std = torch.tensor(step_with.mean, device=ctx.device), torch.tensor(step_with.std, device=ctx.device)
@@ -189,9 +192,14 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
             if bad >= 0:
                 bar.close()
                 raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {bad + 1} of {steps}")
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
-                            img_s=f"{seen * ctx.world / elapsed:.0f}", refresh=False)
+            loss_so_far, now = float(loss_sum), time.perf_counter()
+            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
+                            img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
+            if log_step is not None:
+                log_step((epoch - 1) * plan.steps_per_epoch + step + 1,
+                         {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]), "lr": scheduler.get_last_lr()[0],
+                          "images_per_s": (seen - logged[1]) * ctx.world / (now - logged[2])})
+                logged = (loss_so_far, seen, now)
             bar.update((step + 1) - bar.n)
     bar.close()
     totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=ctx.device)])
@@ -232,13 +240,13 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accura
 
 def fit(training: Training, splits: Splits, plan: Plan, step_with: TrainStep, seed: int, batch_size: int,
         patience: int, budget_minutes: float | None, replans: bool, history: list[dict], best: BestEpoch,
-        ctx: TrainContext, on_plan: Callable[[], TrainStep], save_epoch: Callable[[list[dict], BestEpoch, bool], None]
-        ) -> Fitted:
+        ctx: TrainContext, on_plan: Callable[[], TrainStep], save_epoch: Callable[[list[dict], BestEpoch, bool], None],
+        log_step: Callable[[int, dict], None] | None = None) -> Fitted:
     """The epoch loop after `history`: train, validate, keep the best epoch, and on the main process `save_epoch`
     (history, best, improved) after each; ends at the plan's last epoch, or early after `patience` epochs without a
     better one. Under a time budget the first epoch's steps make the plan (see budget_planner; `on_plan` then says how
     the steps train), and with `replans` the end of every full epoch plans again from the speed and the time used so
-    far (see replan)."""
+    far (see replan). `log_step` goes to train_one_epoch."""
     train_images, train_labels = splits.train_images.to(ctx.device), splits.train_labels.to(ctx.device)
     history = list(history)
     start = time.perf_counter()
@@ -259,7 +267,8 @@ def fit(training: Training, splits: Splits, plan: Plan, step_with: TrainStep, se
         row = {"epoch": epoch, "lr": training.optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(training.train_model, training.optimizer, training.scheduler, training.scaler,
                                    train_images, train_labels, step_with, plan, epoch, seed, batch_size, ctx,
-                                   budget_minutes, after_step if epoch == 1 and timing is not None else None))
+                                   budget_minutes, after_step if epoch == 1 and timing is not None else None,
+                                   log_step=log_step))
         val = torch.zeros(2, device=ctx.device, dtype=torch.float64)
         if ctx.is_main:
             result = evaluate(training.model, splits.val_images, splits.val_labels, step_with.mean, step_with.std, ctx)

@@ -41,8 +41,11 @@ def model_state(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def files(run_dir) -> set[str]:
-    return {p.name for p in run_dir.iterdir()}
+def files(run_dir) -> list[str]:
+    """The names of the run's files, sorted; a TensorBoard event file's (named after its time, host and process) as
+    events.out.tfevents.*."""
+    return sorted("events.out.tfevents.*" if p.name.startswith("events.out.tfevents.") else p.name
+                  for p in run_dir.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +115,9 @@ def test_two_processes_train_the_same_weights_as_one(ex1_runs):
 @pytest.mark.parametrize("runs", ["ex1_runs", "ex2_runs"])
 def test_two_process_run_writes_what_one_process_writes(runs, request):
     one_dir, two_dir, two = request.getfixturevalue(runs)
-    assert files(two_dir) == files(one_dir)
-    assert {"last.pt", "best.pt", "metrics.json", "history.json", "train.log", "history.png", "confusion.png"} <= files(two_dir)
+    assert files(two_dir) == files(one_dir)  # one event file each: the first process alone writes it
+    assert {"last.pt", "best.pt", "metrics.json", "history.json", "train.log", "history.png", "confusion.png",
+            "events.out.tfevents.*"} <= set(files(two_dir))
     m_one, m_two = metrics(one_dir), metrics(two_dir)
     assert m_one["processes"] == 1 and m_two["processes"] == 2
     assert m_one["test_images"] == m_two["test_images"] == N_TEST  # the whole test set, not one rank's share

@@ -16,9 +16,9 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 END_OF_COMMAND = re.compile(r"\s#|;|&&|\|\||\|")  # a comment, or the next command of the line
 INLINE_CODE = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-# Flags that are not the project's scripts' own: torchrun's, and gpu_check.sh's --smoke.
+# Flags that are not the project's scripts' own: torchrun's, gpu_check.sh's --smoke and TensorBoard's.
 OTHER_TOOLS_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_id", "--rdzv_backend",
-                     "--rdzv_endpoint", "--master_addr", "--master_port", "--smoke"}
+                     "--rdzv_endpoint", "--master_addr", "--master_port", "--smoke", "--logdir", "--host", "--port"}
 README_MAX_LINES = 250
 
 

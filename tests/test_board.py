@@ -1,0 +1,281 @@
+"""TensorBoard: each run's event files hold its history.json, its test figures and pictures and its settings as
+hparams; --resume drops what an interrupted call logged after its last epoch, --overwrite starts clean, --eval-only
+and --no-tensorboard write nothing; TensorBoard serves them on localhost and its scalars dashboard shows them in
+headless Chromium.
+
+The event files are read the two ways TensorBoard reads them: every record as written (LegacyEventFileLoader, which
+drops nothing, so a stale point shows as a duplicate step) and through EventAccumulator."""
+import collections
+import contextlib
+import json
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
+from torch.utils.tensorboard import SummaryWriter
+
+import common
+import ex1_convnet
+from conftest import QUICK, call, fake_training, interrupt_validation, metrics, read_json
+
+# 64 training images in batches of 32: 2 steps per epoch, so epoch e ends at step 2e.
+RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]
+EPOCH_COLUMNS = {"epoch": "epoch/number", "train_loss": "train/loss", "train_accuracy": "train/accuracy",
+                 "val_loss": "val/loss", "val_accuracy": "val/accuracy", "seconds": "epoch/seconds"}
+
+
+def points(run_dir: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every value in the run's event files, as written: nothing purged."""
+    return [(value.tag, event.step) for path in sorted(Path(run_dir).glob("events.out.tfevents.*"))
+            for event in LegacyEventFileLoader(str(path)).Load() for value in event.summary.value]
+
+
+def duplicates(run_dir: Path) -> list[tuple[str, int]]:
+    return [point for point, count in collections.Counter(points(run_dir)).items() if count > 1]
+
+
+def accumulated(run_dir: Path) -> EventAccumulator:
+    """The run's events as TensorBoard loads them, every point kept."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def scalars(events: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def hparams(run_dir: Path) -> dict:
+    """The hparams the run's session start info holds, as plain values."""
+    content = accumulated(run_dir).PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    values = parse_session_start_info_plugin_data(content).hparams
+    return {key: getattr(value, value.WhichOneof("kind")) for key, value in values.items()}
+
+
+def as_logged(value: float) -> float:
+    """A value as a scalar summary stores it (float32)."""
+    return float(np.float32(value))
+
+
+@pytest.fixture(scope="module")
+def resumed(cifar_dir, tmp_path_factory) -> dict:
+    """A 3-epoch run interrupted (Ctrl-C) in epoch 3's validation, after that epoch's training steps were logged, then
+    resumed to its end; and the points its event files held in between."""
+    out_dir = tmp_path_factory.mktemp("board") / "tb-run"
+    argv = [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common.run, "plot_filters", lambda *args, **kwargs: None)  # as no_filter_plots
+        interrupt_validation(patch, call=3)
+        assert ex1_convnet.main(list(map(str, argv))) == 130
+        interrupted = points(out_dir)
+        assert ex1_convnet.main(list(map(str, [*argv, "--resume"]))) == 0
+    return {"dir": out_dir, "interrupted": interrupted}
+
+
+@pytest.mark.slow
+def test_a_run_resumed_to_3_epochs_logs_its_history_once_with_its_test_figures_pictures_and_hparams(resumed):
+    run_dir = resumed["dir"]
+    assert ("train/batch_loss", 6) in resumed["interrupted"]  # epoch 3's steps were logged before the interruption
+    assert ("val/accuracy", 6) not in resumed["interrupted"]
+    assert not duplicates(run_dir)
+
+    events, history, run = accumulated(run_dir), read_json(run_dir / "history.json"), metrics(run_dir)
+    assert len(history) == 3
+    for key, tag in EPOCH_COLUMNS.items():
+        assert scalars(events, tag) == [(2 * row["epoch"], as_logged(row[key])) for row in history], tag
+    for tag in ("train/batch_loss", "train/lr", "train/images_per_s"):  # every few steps, and at each epoch's end
+        assert [step for step, _ in scalars(events, tag)] == [2, 4, 6], tag
+    assert scalars(events, "test/accuracy") == [(7, as_logged(run["test_accuracy"]))]
+    assert scalars(events, "test/accuracy_first1000") == [(7, as_logged(run["test_accuracy_first1000"]))]
+    for name, accuracy in run["per_class_accuracy"].items():
+        assert scalars(events, f"test_per_class/{name}") == [(7, as_logged(accuracy))]
+    pictures = {path.stem for path in run_dir.glob("*.png")}
+    assert {"history", "per_class", "confusion", "misclassified"} <= pictures
+    assert set(events.Tags()["images"]) == {f"figures/{name}" for name in pictures}
+    assert events.Images("figures/history")[0].encoded_image_string == (run_dir / "history.png").read_bytes()
+    command = f"`python {shlex.join(sys.argv)}`"  # each call's: in-process, pytest's
+    assert [(event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors("run/command/text_summary")
+            ] == [(0, command), (5, command)]
+    assert hparams(run_dir) == common.board.hparam_values(run["settings"])
+    assert not [path for path in run_dir.iterdir() if path.is_dir()]  # hparams in the run itself, not a sub-run
+
+
+@pytest.mark.slow
+def test_eval_only_writes_nothing_and_overwrite_starts_clean_once_its_first_epoch_is_saved(resumed, cifar_dir, tmp_path,
+                                                                                          capsys, monkeypatch,
+                                                                                          no_filter_plots):
+    run_dir = tmp_path / "run"
+    shutil.copytree(resumed["dir"], run_dir)
+    before = {path.name: path.read_bytes() for path in run_dir.glob("events.out.tfevents.*")}
+
+    def event_files_unchanged() -> bool:
+        return {path.name: path.read_bytes() for path in run_dir.glob("events.out.tfevents.*")} == before
+
+    argv = [*QUICK, "--limit-train", "64", "--data-dir", cifar_dir, "--out-dir", run_dir]
+    assert call(ex1_convnet.main, [*argv, "--eval-only"], capsys)[0] == 0
+    assert event_files_unchanged() and not list((run_dir / "eval").glob("events.out.tfevents.*"))
+
+    interrupt_validation(monkeypatch, call=1)  # a new run stopped in its first epoch leaves the old run whole
+    assert call(ex1_convnet.main, [*argv, "--epochs", "1", "--overwrite"], capsys)[0] == 130
+    assert event_files_unchanged()
+
+    assert call(ex1_convnet.main, [*argv, "--epochs", "1", "--overwrite"], capsys)[0] == 0
+    assert not set(before) & {path.name for path in run_dir.glob("events.out.tfevents.*")}
+    assert not duplicates(run_dir) and max(step for _, step in points(run_dir)) == 3  # one epoch, then the report
+    history = read_json(run_dir / "history.json")
+    assert scalars(accumulated(run_dir), "val/accuracy") == [(2, as_logged(history[0]["val_accuracy"]))]
+
+
+def test_a_resume_drops_the_points_after_its_step_and_a_record_a_kill_left_half_written(tmp_path):
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 7):
+            writer.add_scalar("train/batch_loss", step / 10, step)
+    with open(next(tmp_path.glob("events.out.tfevents.*")), "ab") as f:
+        f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00\x12\x34")  # the start of a record that was never finished
+    with common.board.open_board(tmp_path, 4, "python ex1_convnet.py --resume", {"seed": 0}) as writer:
+        writer.add_scalar("train/batch_loss", 0.55, 5)
+    assert sorted(points(tmp_path)) == sorted([("train/batch_loss", step) for step in range(1, 6)]
+                                              + [("run/command/text_summary", 5), ("run/settings/text_summary", 5)])
+
+
+def test_a_new_run_removes_an_earlier_runs_event_files_only_once_it_has_saved_an_epoch(tmp_path):
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalar("val/accuracy", 0.5, 2)
+    earlier = {path.name for path in tmp_path.glob("events.out.tfevents.*")}
+    row = dict.fromkeys(EPOCH_COLUMNS, 0.25) | {"epoch": 1, "steps": 2}
+    with pytest.raises(KeyboardInterrupt), common.board.open_board(tmp_path, None, "python ex1_convnet.py", {}):
+        raise KeyboardInterrupt  # stopped before its first epoch was saved: the folder is as it was
+    assert {path.name for path in tmp_path.glob("events.out.tfevents.*")} == earlier
+    with common.board.open_board(tmp_path, None, "python ex1_convnet.py", {}) as writer:
+        common.board.log_epoch(writer, [row])
+    assert not earlier & {path.name for path in tmp_path.glob("events.out.tfevents.*")}
+    assert ("val/accuracy", 2) in points(tmp_path) and ("epoch/number", 2) in points(tmp_path)
+    assert [event.value for event in accumulated(tmp_path).Scalars("val/accuracy")] == [0.25]
+
+
+def test_seeds_and_the_dropout_sweep_write_hparams_with_the_final_metrics_into_each_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common.cli, "train_and_report", fake_training([]))
+    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--epochs", "1", "--seeds", "2"]
+    assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "seeds"], capsys)[0] == 0
+    assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "dropout", "--dropout", "0.1", "0.5"], capsys)[0] == 0
+    runs = {tmp_path / "seeds" / f"seed{s}": {"seed": s} for s in (0, 1)}
+    runs |= {tmp_path / "dropout" / f"p{p}" / f"seed{s}": {"seed": s, "dropout": p} for p in (0.1, 0.5) for s in (0, 1)}
+    for run_dir, varied in runs.items():
+        assert {key: hparams(run_dir)[key] for key in varied} == varied
+        events = accumulated(run_dir)
+        for key, tag in (("test_accuracy", "test/accuracy"), ("best_val_accuracy", "val/best_accuracy")):
+            assert scalars(events, tag) == [(2, as_logged(metrics(run_dir)[key]))]
+        assert not [path for path in run_dir.iterdir() if path.is_dir()]
+    assert not list((tmp_path / "seeds").glob("events.out.tfevents.*"))  # the sweep's folder holds only its runs
+
+
+def test_no_tensorboard_writes_no_event_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common.cli, "train_and_report", fake_training([]))
+    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--epochs", "1", "--out-dir", tmp_path, "--no-tensorboard"]
+    assert call(ex1_convnet.main, argv, capsys)[0] == 0
+    assert (tmp_path / "metrics.json").exists() and not list(tmp_path.rglob("events.out.tfevents.*"))
+    assert "tensorboard" not in metrics(tmp_path)["settings"]  # how a run is watched is not what it computes
+
+
+# ----------------------------------------------------------------------------- TensorBoard itself
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def tensorboard(logdir: Path, log: Path, run: str, timeout: float = 180):
+    """`python -m tensorboard.main` serving `logdir` on 127.0.0.1 at a free port, once it lists `run`; its URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host",
+                                    "127.0.0.1", "--port", url.rsplit(":", 1)[1]], stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert process.poll() is None, f"tensorboard exited ({process.returncode}):\n{log.read_text()[-3000:]}"
+            with contextlib.suppress(OSError, ValueError):
+                if run in get_json(f"{url}/data/runs"):
+                    break
+            assert time.monotonic() < deadline, f"tensorboard did not list {run} in {timeout}s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_the_runs_curves_on_localhost(resumed, tmp_path):
+    run_dir = resumed["dir"]
+    with tensorboard(run_dir.parent, tmp_path / "tensorboard.log", run_dir.name) as url:
+        tags = get_json(f"{url}/data/plugin/scalars/tags")[run_dir.name]
+        served = get_json(f"{url}/data/plugin/scalars/scalars?run={run_dir.name}&tag=val/accuracy")
+    assert {"train/batch_loss", "train/loss", "val/accuracy", "test/accuracy"} <= set(tags)
+    history = read_json(run_dir / "history.json")
+    assert [(step, value) for _, step, value in served] == [(2 * r["epoch"], as_logged(r["val_accuracy"])) for r in history]
+
+
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+LEAF_TEXTS = """
+function walk(root, found) {
+  for (const element of root.querySelectorAll('*')) {
+    if (element.shadowRoot) walk(element.shadowRoot, found);
+    if (!element.children.length && element.textContent.trim()) found.push(element.textContent.trim());
+  }
+  return found;
+}
+return walk(document, []);
+"""  # the text of the page's leaf elements, inside the dashboards' shadow roots too
+
+
+@pytest.mark.slow
+def test_the_scalars_dashboard_shows_the_run_and_its_validation_curves_in_headless_chromium(resumed, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (make test installs it)")
+    from selenium.webdriver.chrome.service import Service
+    browser = next(filter(None, map(shutil.which, CHROMIUM)), None)
+    driver_path = shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip("needs Chromium and chromedriver on the PATH (Debian: apt-get install chromium chromium-driver; "
+                    ".ci/run installs them when it runs as root)")
+    run_dir = resumed["dir"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    with tensorboard(run_dir.parent, tmp_path / "tensorboard.log", run_dir.name) as url:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            driver.get(f"{url}/#scalars&tagFilter=%5Eval%2F")  # the dashboard's tag filter, set to ^val/
+            deadline, texts = time.monotonic() + 120, []
+            while not {run_dir.name, "val/accuracy", "val/loss"} <= set(texts) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                texts = driver.execute_script(LEAF_TEXTS)
+            driver.save_screenshot(str(tmp_path / "scalars.png"))
+        finally:
+            driver.quit()
+    assert {run_dir.name, "val/accuracy", "val/loss"} <= set(texts), texts
+    assert (tmp_path / "scalars.png").stat().st_size > 10_000

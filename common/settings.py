@@ -250,7 +250,8 @@ def resolve_settings(flags_given: dict, recipe: dict, settings_type: type[Settin
     for op, key in STRENGTH_KEYS.items():  # an explicit strength turns its op on (> 0) or off (0)
         if key in flags_given:
             ops = ops | {op} if flags_given[key] > 0 else ops - {op}
-    on = {op for op in ops if op not in STRENGTH_KEYS or values[STRENGTH_KEYS[op]] > 0}  # a strength of 0 is off
+    strength = {op: values.get(key, settings_type.__dataclass_fields__[key].default) for op, key in STRENGTH_KEYS.items()}
+    on = {op for op in ops if op not in STRENGTH_KEYS or strength[op] > 0}  # a strength of 0 is off
     values["augment"] = [op for op in AUGMENT_OPS if op in on]
     return settings_type(**values)
 

@@ -236,3 +236,16 @@ def test_augment_batch_mirrors_exactly_the_images_it_is_told_to():
     out = common.augment.augment_batch(x, {"flip": 0.5}, gen(), flips)  # the mask replaces the random draw
     expected = torch.where(flips[:, None, None, None], x.flip(-1), x).float() / 255
     assert torch.equal(out, expected)
+
+
+def test_the_noise_op_turns_on_with_its_default_strength_or_a_flags():
+    """--augment ...,noise without --noise-std takes the Settings default (no recipe names it); --noise-std 0 turns
+    it off; both scripts' training steps then add (or leave out) the noise."""
+    import ex1_convnet
+    import ex2_transfer
+    for script, recipe in ((ex1_convnet, ex1_convnet.RECIPES["short"]), (ex2_transfer, ex2_transfer.RECIPES["scratch"])):
+        settings = common.settings.resolve_settings({"augment": "flip,crop,noise"}, recipe, script.Settings)
+        assert settings.augment == ["flip", "crop", "noise"] and settings.noise_std == 8.0
+        assert common.run.train_step(settings).ops["noise"] == 8.0
+        off = common.settings.resolve_settings({"augment": "flip,noise", "noise_std": 0.0}, recipe, script.Settings)
+        assert off.augment == ["flip"]

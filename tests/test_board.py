@@ -230,12 +230,15 @@ def tensorboard(logdir: Path, log: Path, run: str, timeout: float = 180):
 
 @pytest.mark.slow
 def test_tensorboard_serves_the_runs_curves_on_localhost(resumed, tmp_path):
-    run_dir = resumed["dir"]
+    run_dir, history = resumed["dir"], read_json(resumed["dir"] / "history.json")
     with tensorboard(run_dir.parent, tmp_path / "tensorboard.log", run_dir.name) as url:
+        deadline, served = time.monotonic() + 60, []
+        while len(served) < len(history) and time.monotonic() < deadline:  # listed, the run's points may lag
+            time.sleep(0.5)
+            with contextlib.suppress(OSError):
+                served = get_json(f"{url}/data/plugin/scalars/scalars?run={run_dir.name}&tag=val/accuracy")
         tags = get_json(f"{url}/data/plugin/scalars/tags")[run_dir.name]
-        served = get_json(f"{url}/data/plugin/scalars/scalars?run={run_dir.name}&tag=val/accuracy")
     assert {"train/batch_loss", "train/loss", "val/accuracy", "test/accuracy"} <= set(tags)
-    history = read_json(run_dir / "history.json")
     assert [(step, value) for _, step, value in served] == [(2 * r["epoch"], as_logged(r["val_accuracy"])) for r in history]
 
 

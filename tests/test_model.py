@@ -137,9 +137,9 @@ def test_a_real_run_whitens_with_its_first_training_images_only(cifar_dir, tmp_p
     monkeypatch.setattr(common.train, "WHITEN_IMAGES", 100)
     given, whiten = [], common.train.patch_whitening_filters
 
-    def recording(images, mean, std, eps):
+    def recording(images, *args):
         given.append(images)
-        return whiten(images, mean, std, eps)
+        return whiten(images, *args)
 
     monkeypatch.setattr(common.run, "patch_whitening_filters", recording)
     code, _, err = call(ex1_convnet.main, [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "1",

@@ -215,5 +215,6 @@ def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe,
     seen = calls[0]
     assert seen["recipe"] == recipe  # the name metrics.json records
     assert seen["dropout"] == ex1_convnet.RECIPES[recipe]["dropout"]
-    assert seen["whiten"] == (recipe == "short")
+    assert seen["norm_bias_lr"] == ex1_convnet.RECIPES[recipe]["norm_bias_lr"]
+    assert not seen["whiten"]  # neither recipe whitens: a budget's model is not fragile to noise
     assert bool(seen["budget_scaling"]) == (recipe == "short")  # only a budget on the short recipe scales it

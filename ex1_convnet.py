@@ -46,7 +46,7 @@ RECIPES = {
 # For the few epochs a CPU hour buys (what --time-budget uses unless --recipe is given): more, smaller steps, no
 # dropout and a lighter crop, since a network that sees each image 3-5 times underfits rather than overfits; and
 # BatchNorm biases that learn at 8 times the learning rate (measured over 3 seeds at 3 and 6 epochs: docs/probes.md).
-# Its first-layer filters start random: whitened ones (--whiten) test a point higher after 3 epochs but make the
+# Its first-layer filters start random: whitened ones (--whiten) test 1.6 points higher after 3 epochs but make the
 # model lose tens of points to noise nobody sees (measured over 3 seeds: docs/robustness.md).
 # Under --time-budget the plan then moves dropout, crop padding and label smoothing from these values, which
 # measured best up to 10 epochs, towards the default recipe's (for 30) as the budget buys more: see

@@ -111,9 +111,9 @@ def test_without_a_test_set_it_exports_and_checks_one_random_batch(exported, tmp
 
 
 @pytest.mark.slow
-def test_the_readmes_example_classifies_a_picture_without_torch(exported, cifar_dir, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    example = readme.split("Classifying a picture with the exported model needs only")[1]
+def test_the_docs_example_classifies_a_picture_without_torch(exported, cifar_dir, tmp_path):
+    page = (ROOT / "docs" / "export.md").read_text()
+    example = page.split("Classifying a picture with the exported model needs only")[1]
     example = example.split("```python\n", 1)[1].split("```", 1)[0]
     data = common.data.load_cifar10(cifar_dir, download=False)
     picture = tmp_path / "picture.png"

@@ -217,4 +217,7 @@ def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe,
     assert seen["dropout"] == ex1_convnet.RECIPES[recipe]["dropout"]
     assert seen["norm_bias_lr"] == ex1_convnet.RECIPES[recipe]["norm_bias_lr"]
     assert not seen["whiten"]  # neither recipe whitens: a budget's model is not fragile to noise
+    # a budget's model also rotates its pictures a little, which makes it lose less to blur, darkness, downscaling
+    assert (seen["augment"], seen["rotate_deg"]) == ((["flip", "crop", "rotate"], 5.0) if recipe == "short"
+                                                      else (["flip", "crop"], 15.0))
     assert bool(seen["budget_scaling"]) == (recipe == "short")  # only a budget on the short recipe scales it

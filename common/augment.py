@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 
 AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray", "noise")
+FILLS = ("zeros", "reflect")  # what crop and rotate put where they uncover the border
 STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p",
                  "noise": "noise_std"}  # op: its strength's setting
 
@@ -31,11 +32,12 @@ def batch_flip_lr(images: torch.Tensor, p: float, generator: torch.Generator) ->
     return flip_where(images, torch.rand(len(images), generator=generator, device=generator.device) < p)
 
 
-def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `pad` and cut a window of the original size at a random offset per image."""
+def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator, fill: str = "zeros") -> torch.Tensor:
+    """Pad by `pad` (`fill` "zeros", or "reflect": the border mirrored) and cut a window of the original size at a
+    random offset per image."""
     n, c, h, w = images.shape
     dev = images.device
-    padded = F.pad(images, (pad, pad, pad, pad)).flatten(2)
+    padded = F.pad(images, (pad, pad, pad, pad), mode="constant" if fill == "zeros" else "reflect").flatten(2)
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator, device=generator.device).to(dev)
     dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator, device=generator.device).to(dev)
     index = (dy + torch.arange(h, device=dev)[:, None]) * (w + 2 * pad) + dx + torch.arange(w, device=dev)
@@ -43,8 +45,9 @@ def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> to
 
 
 def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator,
-                 flip_p: float = 0.0, pad: int = 0) -> torch.Tensor:
-    """Rotate each image about its centre by a random angle in [-max_degrees, max_degrees] (zeros fill).
+                 flip_p: float = 0.0, pad: int = 0, fill: str = "zeros") -> torch.Tensor:
+    """Rotate each image about its centre by a random angle in [-max_degrees, max_degrees], the corners it uncovers
+    filled by `fill` ("zeros", or "reflect": the image mirrored at its edge).
 
     A mirror (probability flip_p) and a translation by up to `pad` pixels, which batch_flip_lr and batch_crop
     would do before, are folded into the same resampling: one grid_sample for all three.
@@ -59,7 +62,8 @@ def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Gene
     theta = torch.stack([torch.stack([mirror * cos, -mirror * sin, mirror * shift[0] * 2 / w], 1),
                          torch.stack([sin, cos, shift[1] * 2 / h], 1)], 1)
     grid = F.affine_grid(theta.to(images.dtype), [n, 1, h, w], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros" if fill == "zeros" else "reflection",
+                         align_corners=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,20 +136,21 @@ def alternating_flips(n: int, seed: int, epoch: int, device: torch.device) -> to
 
 
 def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.Generator,
-                  flips: torch.Tensor | None = None) -> torch.Tensor:
+                  flips: torch.Tensor | None = None, fill: str = "zeros") -> torch.Tensor:
     """uint8 images -> float images in [0, 1], augmented with `ops` (see augmentation); `flips`, one bool per image,
-    says which to mirror in place of the flip op's random draw."""
+    says which to mirror in place of the flip op's random draw; `fill` what crop and rotate put where they uncover
+    the border (see batch_crop)."""
     x = images.float().div_(255)
     flip_p, pad = ops.get("flip", 0.0), int(ops.get("crop", 0))
     if flips is not None:
         x, flip_p = flip_where(x, flips), 0.0
     if "rotate" in ops:
-        x = batch_rotate(x, ops["rotate"], generator, flip_p, pad)
+        x = batch_rotate(x, ops["rotate"], generator, flip_p, pad, fill)
     else:
         if flip_p:
             x = batch_flip_lr(x, flip_p, generator)
         if pad:
-            x = batch_crop(x, pad, generator)
+            x = batch_crop(x, pad, generator, fill)
     if "jitter" in ops:
         x = batch_color_jitter(x, ops["jitter"], generator)
     if "gray" in ops:

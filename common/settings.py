@@ -11,7 +11,7 @@ import sys
 from typing import Iterator, Mapping
 
 from .errors import UsageError
-from .augment import AUGMENT_OPS, STRENGTH_KEYS
+from .augment import AUGMENT_OPS, FILLS, STRENGTH_KEYS
 from .train import LOOKAHEAD_DECAY, LOOKAHEAD_EVERY, WHITEN_EPS
 from .export import CALIBRATION_IMAGES, EXPORT_PACKAGES
 
@@ -56,6 +56,7 @@ class Settings(Mapping):
     augment: list[str]
     alternate_flip: bool = False
     crop_pad: int
+    crop_fill: str = "zeros"  # what crop and rotate put where they uncover the border (augment.FILLS)
     rotate_deg: float
     jitter: float
     gray_p: float
@@ -156,7 +157,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
       help="one-cycle schedule: end at F times the peak learning rate instead of 0 (default: the recipe's)")
     a("--augment", help=f"comma-separated augmentation ops from {','.join(AUGMENT_OPS)}, or 'none' (default: the recipe's)")
     a("--no-augment", dest="augment", action="store_const", const="none", help="no augmentation (same as --augment none)")
-    a("--crop-pad", type=int, help="crop: zero padding before the random 32x32 crop, in pixels; > 0 turns crop on, 0 off")
+    a("--crop-pad", type=int, help="crop: padding (see --crop-fill) before the random 32x32 crop, in pixels; > 0 turns crop on, 0 off")
+    a("--crop-fill", choices=FILLS,
+      help="what crop and rotate put where they uncover the border: zeros, or reflect (the image mirrored at its "
+           "edge) (default: the recipe's)")
     a("--rotate-deg", type=float, help="rotate: largest rotation angle in degrees; > 0 turns rotate on, 0 off")
     a("--jitter", type=float, help="jitter: colour jitter strength (brightness, contrast, saturation, hue); > 0 turns jitter on, 0 off")
     a("--gray-p", type=float, help="gray: probability of turning an image grey; > 0 turns gray on, 0 off")

@@ -122,6 +122,7 @@ def lookahead_pull(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float)
 class TrainStep(NamedTuple):
     """What a training step does with its batch besides the network and the optimizer."""
     ops: dict[str, float]  # augmentation ops and their strengths (see augmentation)
+    fill: str  # what crop and rotate put where they uncover the border (see batch_crop)
     mean: list[float]  # the normalisation after augmentation
     std: list[float]
     label_smoothing: float  # of the training loss
@@ -161,7 +162,8 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
     for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
         if step >= steps:
             break
-        x = normalize(augment_batch(images[index], ops, augment_gen, None if flips is None else flips[index]), mean, std)
+        x = normalize(augment_batch(images[index], ops, augment_gen, None if flips is None else flips[index],
+                                    step_with.fill), mean, std)
         y = labels[index]
         with autocast(ctx):
             logits = model(x)

@@ -55,6 +55,32 @@ def test_crop_is_a_window_of_the_zero_padded_image():
     assert len(set(offsets)) > 1
 
 
+def test_crop_with_reflect_fill_is_a_window_of_the_mirrored_border():
+    """--crop-fill reflect: each output is one window of its input padded by mirroring, so no zeros come in."""
+    x = images()
+    out = common.augment.batch_crop(x, 4, gen(), fill="reflect")
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    for o, p in zip(out, padded):
+        assert any(torch.equal(o, p[:, dy:dy + 32, dx:dx + 32]) for dy in range(9) for dx in range(9))
+    assert out.min() > 0  # random images hold no exact zero, a zero-padded window would
+
+
+def test_rotate_and_shift_with_reflect_fill_bring_in_no_zeros():
+    """Where zeros fill darkens the corners a turn and shift uncover, reflect fill keeps a white image white."""
+    x = torch.ones(8, 3, 32, 32)
+    zeros = common.augment.batch_rotate(x, 45.0, gen(), pad=4)
+    reflect = common.augment.batch_rotate(x, 45.0, gen(), pad=4, fill="reflect")
+    assert zeros.min() < 0.5
+    assert torch.allclose(reflect, x, atol=1e-5)
+
+
+def test_augment_batch_passes_the_fill_to_crop_and_rotate():
+    x = (torch.ones(8, 3, 32, 32) * 255).to(torch.uint8)
+    for ops in ({"crop": 4}, {"rotate": 30.0, "crop": 4}):
+        assert common.augment.augment_batch(x, ops, gen()).min() < 0.5
+        assert common.augment.augment_batch(x, ops, gen(), fill="reflect").min() > 0.99
+
+
 def test_rotate_by_zero_degrees_is_identity():
     x = images(8)
     assert torch.allclose(common.augment.batch_rotate(x, 0.0, gen()), x, atol=1e-5)

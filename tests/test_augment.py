@@ -1,4 +1,5 @@
 """Batched augmentation: each op does what its name says, per image, reproducibly."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -275,3 +276,21 @@ def test_the_noise_op_turns_on_with_its_default_strength_or_a_flags():
         assert common.run.train_step(settings).ops["noise"] == 8.0
         off = common.settings.resolve_settings({"augment": "flip,noise", "noise_std": 0.0}, recipe, script.Settings)
         assert off.augment == ["flip"]
+
+
+@pytest.mark.parametrize("fill", common.augment.FILLS)
+def test_a_training_step_crops_with_its_fill(fill):
+    """train_one_epoch hands the step's fill to the augmentation: white pictures cropped with reflect fill reach
+    the network white, with zeros fill with black borders."""
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].min().item()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = common.train.TrainStep({"crop": 4}, fill, [0.0] * 3, [1.0] * 3, 0.0, False, False)
+    images = torch.full((16, 3, 32, 32), 255, dtype=torch.uint8)
+    common.train.train_one_epoch(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                                 torch.amp.GradScaler("cpu", enabled=False), images, torch.zeros(16, dtype=torch.long),
+                                 step, common.budget.Plan(2, 2), 1, 0, 8,
+                                 common.device.TrainContext(torch.device("cpu"), torch.float32))
+    assert len(seen) == 2
+    assert (min(seen) == 1.0) == (fill == "reflect")

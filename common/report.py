@@ -57,20 +57,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment_info(device: torch.device) -> dict:
-    """Versions, git commit and hardware, for metrics.json."""
+def _loaded_commit() -> str | None:
+    """The git commit checked out when this module was imported (None outside a git checkout)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        return None
+
+
+LOADED_COMMIT = _loaded_commit()  # read once: a commit made while a run goes on is not the code that ran
+
+
+def environment_info(device: torch.device) -> dict:
+    """Versions, the git commit of the code that runs, and hardware, for metrics.json."""
     hardware = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
     if device.type == "cuda":
         hardware["gpu"] = torch.cuda.get_device_name(device)
         hardware["gpu_count"] = torch.cuda.device_count()
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__},
-            "git_commit": commit, "hardware": hardware}
+            "git_commit": LOADED_COMMIT, "hardware": hardware}
 
 
 def print_corruptions(record: dict) -> None:

@@ -1,5 +1,8 @@
 """ex1_convnet.py end to end on the small fixture data set, on the CPU."""
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,3 +189,19 @@ def test_help_lists_every_flag(capsys):
                  "--dropout", "--no-bn", "--augment", "--no-augment", "--limit-train", "--val-size", "--recipe", "--seed",
                  "--device", "--precision", "--patience", "--eval-only", "--checkpoint"]:
         assert re.search(rf"(?<![\w-]){flag}(?![\w-])", text), flag
+
+
+def test_metrics_name_the_commit_that_ran_not_one_made_during_the_run(tmp_path):
+    """A run reads its git commit when it starts: committing while it trains does not change what it records."""
+    shutil.copytree(Path(common.__file__).parent, tmp_path / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "the code that runs"], check=True)
+    started = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    script = ("import subprocess, sys, torch, common.report as report; subprocess.run(sys.argv[1:], check=True); "
+              "print(report.environment_info(torch.device('cpu'))['git_commit'])")
+    recorded = subprocess.run([sys.executable, "-c", script, *git, "commit", "-q", "--allow-empty", "-m", "later"],
+                              cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    later = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert later != started and recorded == started

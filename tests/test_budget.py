@@ -220,4 +220,5 @@ def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe,
     # a budget's model also rotates its pictures a little, which makes it lose less to blur, darkness, downscaling
     assert (seen["augment"], seen["rotate_deg"]) == ((["flip", "crop", "rotate"], 5.0) if recipe == "short"
                                                       else (["flip", "crop"], 15.0))
+    assert seen["crop_fill"] == ("reflect" if recipe == "short" else "zeros")  # mirrored borders: 1.1 points more
     assert bool(seen["budget_scaling"]) == (recipe == "short")  # only a budget on the short recipe scales it

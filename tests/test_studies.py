@@ -164,7 +164,7 @@ def test_strength_flags_set_the_strength_and_override_the_recipe():
     assert augment_of(recipe="original") == ["flip", "crop", "rotate", "jitter"]
 
 
-@pytest.mark.parametrize("flags, fill", [((), "zeros"), (("--crop-fill", "reflect"), "reflect")])
+@pytest.mark.parametrize("flags, fill", [((), "reflect"), (("--crop-fill", "zeros"), "zeros")])
 def test_crop_fill_flag_reaches_the_training_step(flags, fill):
     args = ex1_convnet.parse_args(list(flags))
     settings = common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES["short"], ex1_convnet.Settings)

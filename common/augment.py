@@ -47,7 +47,8 @@ def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator, fill:
 def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator,
                  flip_p: float = 0.0, pad: int = 0, fill: str = "zeros") -> torch.Tensor:
     """Rotate each image about its centre by a random angle in [-max_degrees, max_degrees], the corners it uncovers
-    filled by `fill` ("zeros", or "reflect": the image mirrored at its edge).
+    filled by `fill` ("zeros", or "reflect": the image mirrored at its edge; unlike batch_crop's, this mirror
+    repeats the edge pixels once).
 
     A mirror (probability flip_p) and a translation by up to `pad` pixels, which batch_flip_lr and batch_crop
     would do before, are folded into the same resampling: one grid_sample for all three.

@@ -68,8 +68,8 @@ def with_data_mean_std(settings: Settings, train_images: torch.Tensor) -> Settin
 def train_step(settings: Settings) -> TrainStep:
     """What each training step applies, from the settings."""
     ops = augmentation(settings.augment, {op: settings[key] for op, key in STRENGTH_KEYS.items()})
-    return TrainStep(ops, settings.crop_fill, settings.mean, settings.std, settings.label_smoothing, settings.alternate_flip,
-                     settings.lookahead)
+    return TrainStep(ops, settings.crop_fill, settings.mean, settings.std, settings.label_smoothing,
+                     settings.alternate_flip, settings.lookahead)
 
 
 def first_plan(settings: Settings, steps_per_epoch: int) -> Plan:

@@ -58,9 +58,16 @@ class Launched:
     def __init__(self, folder: Path, script: str, *args):
         folder.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = folder / "stdout.txt", folder / "stderr.txt"
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
-                                         stdout=out, stderr=err, env=os.environ.copy())
+        # A shell without job control starts a background command (`make test &`) with SIGINT ignored, which its
+        # children inherit; the script gets Ctrl-C's default disposition, as in a terminal, by a handler here that
+        # exec resets to it.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+                self.proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                                             stdout=out, stderr=err, env=os.environ.copy())
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def output(self) -> str:
         return self.stdout_path.read_text() + "\n--- stderr ---\n" + self.stderr_path.read_text()

@@ -57,8 +57,8 @@ RECIPES = {
 # measured best up to 10 epochs, towards the default recipe's (for 30) as the budget buys more: see
 # common.budget.scaled_by_epochs.
 RECIPES["short"] = dict(RECIPES["default"], recipe="short", epochs=5, batch_size=64, dropout=0.0,
-                        augment="flip,crop,rotate", crop_pad=2, crop_fill="reflect", rotate_deg=5.0, label_smoothing=0.2,
-                        norm_bias_lr=8.0,
+                        augment="flip,crop,rotate", crop_pad=2, crop_fill="reflect", rotate_deg=5.0,
+                        label_smoothing=0.2, norm_bias_lr=8.0,
                         budget_scaling={"epochs": [10, 30], "dropout": [0.0, 0.1], "crop_pad": [2, 4],
                                         "label_smoothing": [0.2, 0.1]})
 

@@ -27,53 +27,44 @@ import common
 WIDTHS = (128, 512, 512, 512, 512)
 
 RECIPES = {
-    # Ours: AdamW with a one-cycle schedule, label smoothing, flips and translations. The strengths of the ops
-    # not in `augment` (rotate, jitter, gray) are what a flag turning them on gets.
-    "default": dict(epochs=30, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="onecycle",
-                    warmup=0.2, lr_decay=None, label_smoothing=0.1, dropout=0.1, linear_init_std=None,
-                    augment="flip,crop", crop_pad=4, rotate_deg=15.0, jitter=0.1, gray_p=0.05, patience=10,
-                    whiten=False, decay_norm_bias=True, alternate_flip=False, lookahead=False, norm_bias_lr=1.0,
-                    lr_end=0.0, bn_momentum=0.1, output_scale=1.0, mean="data", std="data"),
+    # Ours (common.settings.Settings' defaults): AdamW with a one-cycle schedule, label smoothing, flips and
+    # translations. The strengths of the ops not in `augment` (rotate, jitter, gray) are what a flag turning them on gets.
+    "default": {},
     # The assignment's: Adam, lr x0.95 per epoch, heavier augmentation, mean/std 0.5.
-    "original": dict(epochs=30, batch_size=200, optimizer="adam", lr=2e-3, weight_decay=1e-3, schedule="exp",
-                     warmup=0.0, lr_decay=0.95, label_smoothing=0.0, dropout=[0.4, 0.3, 0.3, 0.3, 0.3],
-                     linear_init_std=1e-3, augment="flip,crop,rotate,jitter", crop_pad=3, rotate_deg=15.0,
-                     jitter=0.1, gray_p=0.05, patience=10, whiten=False, decay_norm_bias=True, alternate_flip=False,
-                     lookahead=False, norm_bias_lr=1.0, lr_end=0.0, bn_momentum=0.1, output_scale=1.0,
-                     mean=[0.5, 0.5, 0.5],
-                     std=[0.5, 0.5, 0.5]),
+    "original": dict(batch_size=200, optimizer="adam", weight_decay=1e-3, lr_decay=0.95, label_smoothing=0.0,
+                     dropout=[0.4, 0.3, 0.3, 0.3, 0.3], linear_init_std=1e-3, augment="flip,crop,rotate,jitter",
+                     crop_pad=3, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+    # For the few epochs a CPU hour buys (what --time-budget uses unless --recipe is given): more, smaller steps, no
+    # dropout and a lighter crop, since a network that sees each image 3-5 times underfits rather than overfits; and
+    # BatchNorm biases that learn at 8 times the learning rate (measured over 3 seeds at 3 and 6 epochs:
+    # docs/probes.md). Its first-layer filters start random: whitened ones test 1.6 points higher after 3 epochs but
+    # make the model lose tens of points to noise nobody sees (measured over 3 seeds: docs/robustness.md). A light
+    # rotation (5 degrees) makes it lose less to blur, contrast, darkness and downscaling, for under 1.5 points of
+    # clean accuracy (measured over 3 seeds at 5 epochs and in an hour: docs/robustness.md); crops and rotations that
+    # fill what they uncover by mirroring the picture instead of with black win that back (1.1 points over 3 seeds at
+    # 5 epochs). With all this the hour's model loses at most a point more than the 30-epoch model to each
+    # corruption of the benchmark on all 10,000 test images.
+    # Under --time-budget the plan then moves dropout, crop padding and label smoothing from these values, which
+    # measured best up to 10 epochs, towards the default recipe's (for 30) as the budget buys more: see
+    # common.budget.choose_settings.
+    "short": dict(epochs=5, batch_size=64, dropout=0.0, augment="flip,crop,rotate", crop_pad=2, crop_fill="reflect",
+                  rotate_deg=5.0, label_smoothing=0.2, norm_bias_lr=8.0,
+                  budget_scaling={"epochs": [10, 30], "dropout": [0.0, 0.1], "crop_pad": [2, 4],
+                                  "label_smoothing": [0.2, 0.1]}),
 }
-# For the few epochs a CPU hour buys (what --time-budget uses unless --recipe is given): more, smaller steps, no
-# dropout and a lighter crop, since a network that sees each image 3-5 times underfits rather than overfits; and
-# BatchNorm biases that learn at 8 times the learning rate (measured over 3 seeds at 3 and 6 epochs: docs/probes.md).
-# Its first-layer filters start random: whitened ones (--whiten) test 1.6 points higher after 3 epochs but make the
-# model lose tens of points to noise nobody sees (measured over 3 seeds: docs/robustness.md). A light rotation (5
-# degrees) makes it lose less to blur, contrast, darkness and downscaling, for under 1.5 points of clean accuracy
-# (measured over 3 seeds at 5 epochs and in an hour: docs/robustness.md); crops and rotations that fill what they
-# uncover by mirroring the picture instead of with black win that back (1.1 points over 3 seeds at 5 epochs). With
-# all this the hour's model loses at most a point more than the 30-epoch model to each corruption of the benchmark
-# on all 10,000 test images.
-# Under --time-budget the plan then moves dropout, crop padding and label smoothing from these values, which
-# measured best up to 10 epochs, towards the default recipe's (for 30) as the budget buys more: see
-# common.budget.scaled_by_epochs.
-RECIPES["short"] = dict(RECIPES["default"], recipe="short", epochs=5, batch_size=64, dropout=0.0,
-                        augment="flip,crop,rotate", crop_pad=2, crop_fill="reflect", rotate_deg=5.0,
-                        label_smoothing=0.2, norm_bias_lr=8.0,
-                        budget_scaling={"epochs": [10, 30], "dropout": [0.0, 0.1], "crop_pad": [2, 4],
-                                        "label_smoothing": [0.2, 0.1]})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings(common.settings.Settings):
     """common.settings.Settings and this network's own."""
-    dropout: float | list[float]  # of every block, or one value per block
+    dropout: float | list[float] = 0.1  # of every block, or one value per block
     batch_norm: bool = True  # False: the variant without BatchNorm (--no-bn)
-    bn_momentum: float = 0.1
-    linear_init_std: float | None  # the last layer's initial weights: normal with this std (None: PyTorch's default)
-    output_scale: float = 1.0  # the logits multiplied by it
-    whiten: bool = False  # the first 54 filters start as a whitening of the training images' patches
-    whiten_eps: float = common.train.WHITEN_EPS  # added to the patches' eigenvalues (see patch_whitening_filters)
-    whiten_directions: int = 27  # the patches' principal directions whitened, the largest first (of 27)
+    linear_init_std: float | None = None  # the last layer's initial weights: normal with this std (None: PyTorch's)
+
+    def __post_init__(self):
+        for p in self.dropout if isinstance(self.dropout, list) else [self.dropout]:
+            if not 0 <= p < 1:
+                raise common.errors.UsageError(f"--dropout must be in [0, 1) (got {p})")
 
 
 def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequential:
@@ -83,28 +74,13 @@ def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequen
     layers, in_channels = [], 3
     for width, p in zip(WIDTHS, per_block):
         layers += [nn.Conv2d(in_channels, width, 3, padding=1)]
-        layers += [nn.BatchNorm2d(width, momentum=settings.get("bn_momentum", 0.1))] if settings["batch_norm"] else []
+        layers += [nn.BatchNorm2d(width)] if settings["batch_norm"] else []
         layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Dropout(p)]
         in_channels = width
     classifier = nn.Linear(WIDTHS[-1], 10)
     if settings["linear_init_std"]:
         nn.init.normal_(classifier.weight, 0.0, settings["linear_init_std"])
-    scale = settings.get("output_scale", 1.0)
-    return nn.Sequential(*layers, nn.Flatten(), classifier, *([Scaled(scale)] if scale != 1.0 else []))
-
-
-class Scaled(nn.Module):
-    """Multiplies its input by a constant (--output-scale on the logits)."""
-
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x):
-        return x * self.factor
-
-    def extra_repr(self) -> str:
-        return f"factor={self.factor:g}"
+    return nn.Sequential(*layers, nn.Flatten(), classifier)
 
 
 def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
@@ -161,23 +137,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "in --out-dir/p<P>/ (augmentation off unless --augment) and draw dropout_sweep.png")
     parser.add_argument("--no-bn", dest="batch_norm", action="store_false", default=None,
                         help="the variant without BatchNorm")
-    parser.add_argument("--whiten", action=argparse.BooleanOptionalAction,
-                        help="start 54 of the 128 first-layer filters as a whitening of the training images' 3x3 "
-                             "patches (each principal direction and its negative): a faster start, but a model "
-                             "fragile to noise; --no-whiten: all random (default: the recipe's, off in every recipe)")
-    parser.add_argument("--whiten-eps", type=float, metavar="X",
-                        help="with --whiten: X added to each eigenvalue of the patches' covariance before its square "
-                             "root; a larger X amplifies the directions the images barely use, and the noise in "
-                             f"them, less (default: {common.train.WHITEN_EPS:g})")
-    parser.add_argument("--whiten-directions", type=int, metavar="K",
-                        help="with --whiten: whiten the K principal directions of the patches with the largest "
-                             "variance only (2K filters), leaving out those the images barely use, where noise "
-                             "dominates (default: all 27)")
-    parser.add_argument("--bn-momentum", type=float,
-                        help="BatchNorm's momentum: the weight of each batch in the running statistics (default: the "
-                             "recipe's, PyTorch's 0.1)")
-    parser.add_argument("--output-scale", type=float,
-                        help="multiply the logits by this constant (default: the recipe's, 1)")
+    parser.add_argument("--norm-bias-lr", type=float, metavar="X",
+                        help="learning rate of the BatchNorm biases: X times --lr (default: the recipe's)")
+    parser.add_argument("--crop-fill", choices=common.augment.FILLS,
+                        help="what crop and rotate put where they uncover the border: zeros, or reflect (the image "
+                             "mirrored at its edge) (default: the recipe's)")
     args = parser.parse_args(argv)
     if args.dropout is not None and len(args.dropout) == 1:
         args.dropout = args.dropout[0]

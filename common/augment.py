@@ -1,4 +1,4 @@
-"""Batched random augmentation on the training device (flip, crop, rotate, colour jitter, greyscale, noise) and the
+"""Batched random augmentation on the training device (flip, crop, rotate, colour jitter, greyscale) and the
 normalisation every input gets.
 
 Imports no other module of common."""
@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray", "noise")
+AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
 FILLS = ("zeros", "reflect")  # what crop and rotate put where they uncover the border
-STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p",
-                 "noise": "noise_std"}  # op: its strength's setting
+STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}  # op: its strength's setting
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -115,36 +114,18 @@ def batch_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) 
     return torch.where(gray[:, None, None, None], _luma(images).expand_as(images), images)
 
 
-def batch_gaussian_noise(images: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
-    """Add Gaussian noise to images in [0, 1], its sigma drawn per image uniformly in [0, max_std] (in 0-255 pixel
-    units), then clip to [0, 1]: every level up to max_std, nearly clean images included."""
-    sigma = _uniform(len(images), 0.0, max_std / 255, generator).to(images.device, images.dtype)[:, None, None, None]
-    noise = torch.randn(images.shape, generator=generator, device=generator.device).to(images.device, images.dtype)
-    return (images + sigma * noise).clamp_(0, 1)
-
-
 def augmentation(ops: Sequence[str], strengths: Mapping[str, float]) -> dict[str, float]:
     """The `ops` a run applies with their strengths, e.g. {"flip": 0.5, "crop": 4}: flip's is its probability, the
     others' from `strengths` (by op)."""
     return {op: 0.5 if op == "flip" else strengths[op] for op in ops}
 
 
-def alternating_flips(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    """Which of `n` images to mirror in `epoch` under --alternate-flip: half of them, drawn once from the seed, in odd
-    epochs, the other half in even ones, so that every image is seen both ways every two epochs."""
-    first = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
-    return (first ^ (epoch % 2 == 0)).to(device)
-
-
-def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.Generator,
-                  flips: torch.Tensor | None = None, fill: str = "zeros") -> torch.Tensor:
-    """uint8 images -> float images in [0, 1], augmented with `ops` (see augmentation); `flips`, one bool per image,
-    says which to mirror in place of the flip op's random draw; `fill` what crop and rotate put where they uncover
-    the border (see batch_crop)."""
+def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.Generator, fill: str = "zeros"
+                  ) -> torch.Tensor:
+    """uint8 images -> float images in [0, 1], augmented with `ops` (see augmentation); `fill` what crop and rotate
+    put where they uncover the border (see batch_crop)."""
     x = images.float().div_(255)
     flip_p, pad = ops.get("flip", 0.0), int(ops.get("crop", 0))
-    if flips is not None:
-        x, flip_p = flip_where(x, flips), 0.0
     if "rotate" in ops:
         x = batch_rotate(x, ops["rotate"], generator, flip_p, pad, fill)
     else:
@@ -156,8 +137,6 @@ def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.
         x = batch_color_jitter(x, ops["jitter"], generator)
     if "gray" in ops:
         x = batch_grayscale(x, ops["gray"], generator)
-    if "noise" in ops:
-        x = batch_gaussian_noise(x, ops["noise"], generator)
     return x
 
 

@@ -1,73 +1,58 @@
-"""How many steps a run trains and at what learning rate: the Plan, the schedule, and the time budget's planner,
-re-planning and choice of regularisation.
+"""How many steps a run trains and at what learning rate: the Plan, the schedule, and a time budget's plan, re-plan
+and choice of regularisation, each made from the speed measured so far.
 
 Imports common.errors, common.device."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
-import time
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .errors import UsageError
-from .device import share_from_rank0, synchronize, TrainContext
+from .device import share_from_rank0, TrainContext
 
 
 PLAN_WARMUP, PLAN_STEPS = 5, 20  # a --time-budget run times PLAN_STEPS steps after PLAN_WARMUP to plan its total
+WARMUP = 0.2  # the one-cycle schedule's rise: this fraction of the steps
 
 
-def steps_per_epoch(train_images: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch: full batches only (a last partial batch is left out)."""
-    return train_images // batch_size
-
-
-@dataclasses.dataclass
-class Plan:
-    """How many steps a run trains, owned by the fit loop and read by the learning-rate schedule: epochs x steps per
-    epoch, or what a time budget buys (None until the first epoch has timed its steps, then fixed again at the end of
-    every epoch from the speed measured so far; see budget_planner and replan)."""
-    steps_per_epoch: int
+class Plan(NamedTuple):
+    """How long a run trains and at what learning rate: epochs x steps per epoch, or what a time budget buys (its
+    total None until its first steps are timed). Never changed: a re-plan is a new Plan."""
+    batch_size: int
+    steps_per_epoch: int  # full batches only (a last partial batch is left out)
     total_steps: int | None
+    lr_decay: float | None = None  # the learning rate x lr_decay after every epoch; None: the one-cycle schedule
+    budget_minutes: float | None = None
     images_per_s: float | None = None  # the speed a time budget's plan was last made at
+    spent_s: float = 0.0  # the seconds of the timed steps before the first epoch
+    chosen: dict | None = None  # the settings a time budget's plan chose for its epochs (see choose_settings)
+    fixed: bool = False  # another run's plan, trained as it is: never re-planned
 
     @property
     def epochs(self) -> int | None:
         """Epochs the plan reaches, the last of them perhaps partial (None before a time budget's plan)."""
         return None if self.total_steps is None else -(-self.total_steps // self.steps_per_epoch)
 
+    def epoch_steps(self, epoch: int) -> int:
+        """Steps of `epoch`: a full epoch, or what the total leaves for its last, partial one."""
+        if self.total_steps is None:
+            return self.steps_per_epoch
+        return max(0, min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch))
 
-def epoch_steps(total_steps: int | None, epoch: int, steps_per_epoch: int) -> int:
-    """Steps of `epoch`: a full epoch, or what the run's total leaves for its last, partial one."""
-    if total_steps is None:
-        return steps_per_epoch
-    return max(0, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
 
-
-def lr_factor(step: int, total_steps: int | None, steps_per_epoch: int, schedule: str, warmup: float,
-              lr_decay: float | None, lr_end: float) -> float:
-    """Learning-rate multiplier at `step`: one-cycle (linear up over the `warmup` fraction, linear down to `lr_end`
-    of the peak) or exponential per epoch (`lr_decay` each).
-
-    The one-cycle runs over the run's total steps; before a time budget's plan fixes them, it stays at its first value.
-    """
-    if schedule == "exp":
-        return lr_decay ** (step // steps_per_epoch)
-    if total_steps is None:
+def lr_factor(step: int, plan: Plan) -> float:
+    """Learning-rate multiplier at `step`: one-cycle over the plan's total steps (linear from 0.1 up to 1 over the
+    first WARMUP of them, then down to 0), or lr_decay per epoch. Before a time budget's plan: the first value."""
+    if plan.lr_decay is not None:
+        return plan.lr_decay ** (max(0, step) // plan.steps_per_epoch)
+    if plan.total_steps is None:
         return 0.1
-    warm = max(1, int(warmup * total_steps))
-    return float(np.interp(step, [0, warm, total_steps], [0.1, 1.0, lr_end]))
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, plan: Plan, schedule: str, warmup: float, lr_decay: float | None,
-                   lr_end: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule (see lr_factor) over the `plan`'s steps as they stand at each step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, plan.total_steps, plan.steps_per_epoch, schedule, warmup, lr_decay, lr_end))
+    warm = max(1, int(WARMUP * plan.total_steps))
+    return float(np.interp(step, [0, warm, plan.total_steps], [0.1, 1.0, 0.0]))
 
 
 def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
@@ -86,72 +71,63 @@ def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: fl
     return low
 
 
-def set_total_steps(plan: Plan, total: int, ctx: TrainContext, line: Callable[[int], str]) -> None:
-    """Give the plan rank 0's `total` steps; the main process prints `line(total)` when that changes the plan."""
-    total = share_from_rank0(total, ctx)
-    if total != plan.total_steps and ctx.is_main:
-        tqdm.write(line(total), file=sys.stdout)
-    plan.total_steps = total
-
-
-def budget_planner(plan: Plan, budget_minutes: float, batch_size: int, val_images: int, start: float,
-                   ctx: TrainContext) -> Callable[[int], bool]:
-    """The first epoch's hook under --time-budget: after each step it may time the run, and after PLAN_STEPS steps
-    that follow PLAN_WARMUP warm-up steps it sets the plan's total steps from their speed (measured on rank 0,
-    shared) and returns True, once. A short first epoch shortens both."""
-    budget_s = budget_minutes * 60
-    warmup = min(PLAN_WARMUP, plan.steps_per_epoch - 1)
-    last = min(warmup + PLAN_STEPS, plan.steps_per_epoch)
-    clock = {0: start}
-
-    def after_step(step: int) -> bool:
-        if step not in (1, warmup, last):
-            return False
-        synchronize(ctx.device)
-        clock[step] = time.perf_counter()
-        if step == 1 and share_from_rank0(int(clock[1] - start > budget_s), ctx):
-            raise UsageError(f"--time-budget {budget_minutes:g} minutes is too short for a single training "
-                             f"step (the first took {clock[1] - start:.1f} s)")
-        if step != last:
-            return False
-        step_s = (clock[last] - clock[warmup]) / (last - warmup)
-        val_s = step_s * ctx.world * val_images / batch_size / 3  # a forward pass: about a third of a step
-        total = plan_total_steps(budget_s, clock[last] - start, step_s, val_s, last, plan.steps_per_epoch)
-        plan.images_per_s = batch_size / step_s
-        set_total_steps(plan, total, ctx, lambda total: (
-            f"plan: {budget_minutes:g} min ≈ {total / plan.steps_per_epoch:.1f} epochs ({total} steps of "
-            f"{batch_size}) at {plan.images_per_s:.0f} images/s"))
-        return True
-
-    return after_step
-
-
-def replan(plan: Plan, budget_minutes: float, batch_size: int, elapsed_s: float, steps_done: int, step_s: float,
-           epoch_extra_s: float, ctx: TrainContext) -> None:
-    """At the end of an epoch under --time-budget: set the plan's total steps anew from the time used so far, the
-    last epoch's seconds per step and the seconds it spent besides its steps (validation, checkpoints), so that a
-    machine that slows down or speeds up still ends on time; the schedule follows the new total."""
-    total = plan_total_steps(budget_minutes * 60, elapsed_s, step_s, epoch_extra_s, steps_done, plan.steps_per_epoch,
-                             epochs_validated=steps_done // plan.steps_per_epoch)
-    set_total_steps(plan, total, ctx, lambda total: (
-        f"re-plan: {total / plan.steps_per_epoch:.1f} epochs ({total} steps) at {batch_size / step_s:.0f} images/s, "
-        f"{elapsed_s / 60:.1f} of {budget_minutes:g} min used"))
-
-
-def scaled_by_epochs(scaling: dict, epochs: float) -> dict:
-    """Settings for a run of `epochs` epochs from a recipe's budget_scaling {"epochs": [few, many], key: [value at few,
-    value at many], ...}: each value interpolated on the logarithm of the epochs, held at the ends; crop_pad rounded."""
+def choose_settings(scaling: dict | None, epochs: float) -> dict:
+    """The settings for a run of `epochs` epochs from a recipe's budget_scaling {"epochs": [few, many], key: [value at
+    few, value at many], ...}: each value interpolated on the logarithm of the epochs, held at the ends; crop_pad
+    rounded. No scaling (or only its epochs): nothing."""
+    if not scaling or len(scaling) < 2:
+        return {}
     few, many = scaling["epochs"]
     t = min(1.0, max(0.0, math.log(max(epochs, 1e-9) / few) / math.log(many / few)))
     chosen = {key: low + t * (high - low) for key, (low, high) in scaling.items() if key != "epochs"}
     return {key: round(value) if key == "crop_pad" else round(value, 3) for key, value in chosen.items()}
 
 
-def progress_label(epoch: int, plan: Plan, budget_minutes: float | None) -> str:
+def budget_plan(plan: Plan, step_s: float, spent_s: float, val_images: int, scaling: dict | None,
+                ctx: TrainContext) -> Plan:
+    """The plan a time budget makes from its timed steps (`step_s` each, `spent_s` in all, rank 0's shared): the
+    total steps it holds with a validation pass after every epoch, and the settings the recipe's `scaling` gives for
+    that many epochs; both said."""
+    budget_s = plan.budget_minutes * 60
+    step_s = share_from_rank0(step_s, ctx)
+    if share_from_rank0(spent_s, ctx) > budget_s:
+        raise UsageError(f"--time-budget {plan.budget_minutes:g} minutes is too short for the "
+                         f"{PLAN_WARMUP + PLAN_STEPS} steps that time it (they took {spent_s:.1f} s)")
+    val_s = step_s * ctx.world * val_images / plan.batch_size / 3  # a forward pass: about a third of a step
+    total = share_from_rank0(plan_total_steps(budget_s, spent_s, step_s, val_s, 0, plan.steps_per_epoch), ctx)
+    epochs = total / plan.steps_per_epoch
+    planned = plan._replace(total_steps=total, images_per_s=plan.batch_size / step_s, spent_s=spent_s,
+                            chosen=choose_settings(scaling, epochs))
+    say(ctx, f"plan: {plan.budget_minutes:g} min ≈ {epochs:.1f} epochs ({total} steps of {plan.batch_size}) at "
+             f"{planned.images_per_s:.0f} images/s" + "".join(
+                 f", {key.replace('_', ' ')} {value:g}" for key, value in planned.chosen.items()))
+    return planned
+
+
+def replan(plan: Plan, elapsed_s: float, steps_done: int, step_s: float, epoch_extra_s: float,
+           ctx: TrainContext) -> Plan:
+    """At the end of an epoch under a time budget: the plan with its total steps set anew from the time used so far,
+    the last epoch's seconds per step and the seconds it spent besides its steps (validation, checkpoints), so that a
+    machine that slows down or speeds up still ends on time; the schedule follows the new total. Its chosen
+    settings stay."""
+    total = share_from_rank0(plan_total_steps(
+        plan.budget_minutes * 60, elapsed_s, step_s, epoch_extra_s, steps_done, plan.steps_per_epoch,
+        epochs_validated=steps_done // plan.steps_per_epoch), ctx)
+    if total != plan.total_steps:
+        say(ctx, f"re-plan: {total / plan.steps_per_epoch:.1f} epochs ({total} steps) at "
+                 f"{plan.batch_size / step_s:.0f} images/s, {elapsed_s / 60:.1f} of {plan.budget_minutes:g} min used")
+    return plan._replace(total_steps=total)
+
+
+def say(ctx: TrainContext, line: str) -> None:
+    """Print a line on the main process, above a progress bar."""
+    if ctx.is_main:
+        tqdm.write(line, file=sys.stdout)
+
+
+def progress_label(epoch: int, plan: Plan) -> str:
     """'epoch 2/5', and under a time budget its plan: 'epoch 2/5 (60 min ≈ 4.7 epochs)'."""
     label = f"epoch {epoch}/{plan.epochs or '?'}"
-    if budget_minutes is None:
+    if plan.budget_minutes is None:
         return label
-    if plan.total_steps is None:
-        return f"{label} (timing steps for the {budget_minutes:g}-min plan)"
-    return f"{label} ({budget_minutes:g} min ≈ {plan.total_steps / plan.steps_per_epoch:.1f} epochs)"
+    return f"{label} ({plan.budget_minutes:g} min ≈ {plan.total_steps / plan.steps_per_epoch:.1f} epochs)"

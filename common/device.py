@@ -1,5 +1,5 @@
-"""Where and how a run computes: the device, the precision (bf16, fp16, fp32), autocast, clock synchronisation
-and the processes of torchrun.
+"""Where and how a run computes: the device, the precision (bf16, fp16, fp32) and what the device computes
+natively, autocast, clock synchronisation and the processes of torchrun.
 
 Imports common.errors."""
 from __future__ import annotations
@@ -45,16 +45,25 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on GPUs with native bf16 and on CPUs with fast bf16, fp16 on older GPUs, else fp32.
+def native_bf16(device: torch.device) -> bool:
+    """True where `device` computes bf16 natively: CUDA from compute capability 8.0 (Ampere), CPUs with AVX512-BF16
+    or AMX. torch.cuda.is_bf16_supported() also counts the slow emulation of older GPUs such as the T4 and V100,
+    which train faster in fp16 with a gradient scaler."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and cpu_has_fast_bf16()
 
-    Native bf16 starts at compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also counts the slow
-    emulation of older GPUs such as the T4 and V100, which train faster in fp16 with a gradient scaler.
-    """
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 where the device has native bf16, fp16 on older GPUs, else fp32; bf16 on a GPU without it is
+    refused."""
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float16 if device.type == "cuda" else torch.float32
+    if name == "bf16" and device.type == "cuda" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UsageError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}, compute capability "
+                         f"{major}.{minor}) has no native bf16, which needs 8.0 or newer; use --precision fp16 (or "
+                         f"auto, which picks it here)")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
@@ -92,24 +101,31 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def share_from_rank0(value: int, ctx: TrainContext) -> int:
-    """Rank 0's `value` on every process (a plain run returns it unchanged)."""
+def share_from_rank0(value: int | float, ctx: TrainContext) -> int | float:
+    """Rank 0's `value` (a number) on every process (a plain run returns it unchanged)."""
     if ctx.world == 1:
         return value
-    shared = torch.tensor(value, device=ctx.device)
-    dist.broadcast(shared, 0)
-    return int(shared)
+    shared = [value]
+    dist.broadcast_object_list(shared, 0)
+    return shared[0]
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; a plain run stays single-process."""
+def init_distributed(device: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment, the process group's backend following `device`
+    (NCCL on CUDA, gloo elsewhere); a plain run stays single-process. Refuses, before any work, a GPU named by
+    number (each process takes its LOCAL_RANK's) and more processes on a machine than it has GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device} under torchrun: each process takes the GPU of its local rank; pass "
+                         "--device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda and local_world > torch.cuda.device_count():
+        raise UsageError(f"torchrun started {local_world} processes on a machine with {torch.cuda.device_count()} "
+                         f"GPU(s): pass --nproc_per_node={torch.cuda.device_count()} (or --device cpu)")
+    if cuda:
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), world, local_rank

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import normalize
-from .corruptions import corruption_accuracies
+from .corruptions import corruption_accuracies, CORRUPTIONS
 from .device import autocast, TrainContext
 
 
@@ -108,13 +108,35 @@ def corruption_record(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return record
 
 
+CORRUPTION_SHARE = 0.1  # by default the corruption benchmark takes at most this share of the training time
+CORRUPTION_STEP = 100  # ... on a multiple of this many test images (fewer: not run)
+
+
+def corruption_images(asked: int | None, train_s: float, test_s: float, test_images: int) -> int:
+    """How many of the first test images the corruption benchmark takes: `asked` (--corruptions N) when given, else
+    as many of the first 1,000 as CORRUPTION_SHARE of the `train_s` seconds of training affords, a pass over each
+    corrupted copy costing what the test's pass over its `test_images` took (`test_s`); fewer than CORRUPTION_STEP:
+    none. Said in one line when not all 1,000."""
+    if asked is not None:
+        return asked
+    passes = 1 + sum(len(severities) for severities in CORRUPTIONS.values())  # clean, then each corrupted copy
+    affordable = int(CORRUPTION_SHARE * train_s / (passes * test_s / max(1, test_images)))
+    count = min(first_test_images(test_images), affordable) // CORRUPTION_STEP * CORRUPTION_STEP
+    if count < first_test_images(test_images):
+        print(f"corruption benchmark: {f'the first {count} test images' if count else 'not run'}, as a tenth of the "
+              f"{train_s:.0f} s of training affords {affordable}; --corruptions N chooses")
+    return count
+
+
 def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
                  mean: Sequence[float], std: Sequence[float], ctx: TrainContext, tta: bool = False,
-                 corruption_images: int = 0) -> TestResults:
+                 corruptions: int | None = 0, train_s: float = 0.0) -> TestResults:
     """Evaluate on the whole test set: accuracies, loss, predictions, per class and confusion (with `tta`, the
-    accuracies of test-time augmentation too; with `corruption_images`, the corruption benchmark on that many of the
-    first test images)."""
+    accuracies of test-time augmentation too), and the corruption benchmark on `corruptions` of the first test
+    images (None: after `train_s` seconds of training, see corruption_images)."""
+    start = time.perf_counter()
     result = evaluate(model, images, labels, mean, std, ctx)
+    corrupted = corruption_images(corruptions, train_s, time.perf_counter() - start, len(labels))
     first = first_test_images(len(labels))
 
     def accuracy_of_first(predicted: torch.Tensor) -> float:
@@ -126,5 +148,5 @@ def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
                        per_class_accuracy(labels, predictions, classes),
                        confusion_matrix(labels, predictions, len(classes)),
                        tta_result and tta_result["accuracy"], tta_result and accuracy_of_first(tta_result["predictions"]),
-                       corruption_record(model, images[:corruption_images], labels[:corruption_images], mean, std, ctx)
-                       if corruption_images else None)
+                       corruption_record(model, images[:corrupted], labels[:corrupted], mean, std, ctx)
+                       if corrupted else None)

@@ -1,5 +1,5 @@
-"""One training run from set-up to report: data, network, optimizer and schedule, the time budget's choices, fit,
-the final test and its files.
+"""One training run from set-up to report, top to bottom: data, network and optimizer, the plan (a time budget's
+made from its first steps), the settings every epoch trains with, fit, the final test and its files.
 
 Imports common.errors, common.files, common.data, common.augment, common.device, common.evaluation, common.budget,
 common.train, common.plots, common.report, common.board, common.settings."""
@@ -8,25 +8,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
+import time
 from pathlib import Path
 from typing import Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 from .errors import UsageError
-from .files import load_checkpoint
+from .files import load_checkpoint, save_checkpoint, save_json
 from .data import channel_mean_std, CifarData, data_fingerprint, load_cifar10, split_train_val, Splits
 from .augment import augmentation, STRENGTH_KEYS
 from .device import make_scaler, precision_name, TrainContext
 from .evaluation import evaluate, test_results, TestResults
-from .budget import make_scheduler, Plan, scaled_by_epochs, steps_per_epoch
+from .budget import budget_plan, Plan, say
 from .train import (
     BestEpoch, checkpoint_state, count_parameters, first_conv_weight, fit, Fitted, make_optimizer, parameter_groups,
-    patch_whitening_filters, save_epoch_files, set_dropout, Training, TrainStep, WHITEN_EPS)
+    set_dropout, timed_steps, Training, TRAINING_STATE, TrainStep)
 from .plots import plot_filters, plot_history
 from .report import environment_info, write_report
 from .board import log_epoch, log_step
@@ -65,61 +64,38 @@ def with_data_mean_std(settings: Settings, train_images: torch.Tensor) -> Settin
     return dataclasses.replace(settings, mean=mean, std=std)
 
 
+
+
 def train_step(settings: Settings) -> TrainStep:
     """What each training step applies, from the settings."""
     ops = augmentation(settings.augment, {op: settings[key] for op, key in STRENGTH_KEYS.items()})
-    return TrainStep(ops, settings.crop_fill, settings.mean, settings.std, settings.label_smoothing,
-                     settings.alternate_flip, settings.lookahead)
+    return TrainStep(ops, settings.crop_fill, settings.mean, settings.std, settings.label_smoothing)
 
 
-def first_plan(settings: Settings, steps_per_epoch: int) -> Plan:
-    """The plan a run starts with: its epochs' steps, a resumed time budget's last plan, or none yet (None)."""
+def first_plan(settings: Settings, steps_per_epoch: int, saved: dict | Plan | None) -> Plan:
+    """The plan a run starts with: its epochs' steps; under a time budget the `saved` one (a resumed run's own, or
+    another run's that a sweep hands on), else one still to make (its total None)."""
+    plan = Plan(settings.batch_size, steps_per_epoch, None, settings.lr_decay, settings.time_budget)
     if settings.time_budget is None:
-        return Plan(steps_per_epoch, settings.epochs * steps_per_epoch)
-    return Plan(steps_per_epoch, settings.planned_steps, settings.planned_images_per_s)
+        return plan._replace(total_steps=settings.epochs * steps_per_epoch)
+    return Plan(**saved) if isinstance(saved, dict) else saved or plan
 
 
-def with_plan(settings: Settings, plan: Plan) -> Settings:
-    """The settings as a time budget's run records them: with its plan's steps, speed and epochs."""
-    if settings.time_budget is None:
+def settings_for_plan(settings: Settings, plan: Plan) -> Settings:
+    """The settings every epoch of the run trains with and records: with the values a time budget's plan chose
+    (crop off where its padding became 0)."""
+    if not plan.chosen:
         return settings
-    return dataclasses.replace(settings, planned_steps=plan.total_steps, planned_images_per_s=plan.images_per_s,
-                               epochs=plan.epochs)
+    crop_pad = plan.chosen.get("crop_pad", settings.crop_pad)
+    return dataclasses.replace(settings, **plan.chosen, augment=[op for op in settings.augment if op != "crop" or crop_pad])
 
 
-def with_budget_choice(settings: Settings, plan: Plan, ctx: TrainContext) -> Settings:
-    """Once a time budget's plan knows how many epochs it buys: the settings with the regularisation the recipe's
-    budget_scaling gives for that many (the flags given on the command line were taken out of it), the choice
-    recorded in budget_choice, and said."""
-    scaling = settings.budget_scaling or {}
-    if len(scaling) < 2:
-        return settings
-    epochs = plan.total_steps / plan.steps_per_epoch
-    chosen = scaled_by_epochs(scaling, epochs)
-    augment = [op for op in settings.augment if op != "crop" or chosen.get("crop_pad", settings.crop_pad) > 0]
-    if ctx.is_main:
-        few, many = scaling["epochs"]
-        tqdm.write(f"plan: for {epochs:.1f} epochs " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items())
-                   + f" (the recipe's budget_scaling: its {few:g}-epoch values up to {few:g} epochs, its {many:g}-epoch "
-                   f"values from {many:g}, on the logarithm of the epochs between; a flag given keeps its value)",
-                   file=sys.stdout)
-    return dataclasses.replace(settings, **chosen, augment=augment,
-                               budget_choice={"planned_epochs": round(epochs, 2), **chosen})
-
-
-def set_up_training(settings: Settings, build_model: ModelBuilder, plan: Plan, ctx: TrainContext,
-                    resume_from: dict | None, train_images: torch.Tensor) -> Training:
-    """The network, optimizer, learning-rate schedule (over the `plan`'s steps, as they stand at each step) and
-    gradient scaler: new (with whiten, the first filters whitening the patches of `train_images`), or as the checkpoint
-    `resume_from` left them; the network wrapped for several processes and compiled if asked."""
+def set_up_training(settings: Settings, build_model: ModelBuilder, ctx: TrainContext, resume_from: dict | None
+                    ) -> Training:
+    """The network, optimizer and gradient scaler: new, or as the checkpoint `resume_from` left them (its scaler's
+    state only where both runs scale: fp16); the network wrapped for several processes and compiled if asked."""
     torch.manual_seed(settings.seed)
-    model = build_model(settings, initial_weights=resume_from is None)
-    if resume_from is None and settings.get("whiten"):
-        whitening = patch_whitening_filters(train_images, settings.mean, settings.std,
-                                            settings.get("whiten_eps", WHITEN_EPS), settings.get("whiten_directions", 27))
-        with torch.no_grad():
-            first_conv_weight(model)[:len(whitening)] = whitening
-    model = model.to(ctx.device)
+    model = build_model(settings, initial_weights=resume_from is None).to(ctx.device)
     if ctx.is_main:
         print(model)
         print(f"parameters: {count_parameters(model):,}  trainable: "
@@ -127,24 +103,72 @@ def set_up_training(settings: Settings, build_model: ModelBuilder, plan: Plan, c
         print(f"device: {ctx.device}  precision: {precision_name(ctx.dtype)}  processes: {ctx.world}")
         print("settings: " + json.dumps(recorded_settings(settings)))
     model = model.to(memory_format=torch.channels_last)
-    groups = parameter_groups(model, settings.decay_norm_bias, settings.lr, settings.norm_bias_lr)
+    groups = parameter_groups(model, settings.lr, settings.norm_bias_lr)
     optimizer = make_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay)
-    scheduler = make_scheduler(optimizer, plan, settings.schedule, settings.warmup, settings.lr_decay, settings.lr_end)
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = make_scaler(ctx)
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
-        scaler.load_state_dict(resume_from["scaler"])
+        if resume_from.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(resume_from["scaler"])
     train_model = model
     if ctx.world > 1:
-        if ctx.device.type == "cuda" and settings.sync_bn:
+        if ctx.device.type == "cuda":
             train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if settings.compile:
         train_model = torch.compile(train_model)
-    return Training(model, train_model, optimizer, scheduler, scaler)
+    return Training(model, train_model, optimizer, scaler, peak_lrs)
+
+
+SAVE_EVERY_S = 30.0  # the most wall-clock seconds between two writes of a run's checkpoints
+
+
+def detached_copy(state):
+    """A copy of a checkpoint's contents whose tensors (cloned) no longer follow the training."""
+    if isinstance(state, dict):
+        return {key: detached_copy(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [detached_copy(value) for value in state]
+    return state.detach().clone() if isinstance(state, torch.Tensor) else state
+
+
+class EpochFiles:
+    """A training run's last.pt, best.pt and history.json as of its latest epoch: written when SAVE_EVERY_S have
+    passed since the last write, else held in memory until then or until flush (the run's end, an early stop,
+    Ctrl-C, an error), so that a fast GPU does not wait for the disk and a crash loses about SAVE_EVERY_S at most.
+    The first epoch of a new run removes the metrics.json an --overwrite replaces."""
+
+    def __init__(self, script: str, settings: dict, training: Training, fingerprint: str, classes: Sequence[str],
+                 out_dir: Path, board=None):
+        self.checkpoint = functools.partial(checkpoint_state, script, settings, training)
+        self.fingerprint, self.classes, self.out_dir, self.board = fingerprint, list(classes), out_dir, board
+        self.last = self.best = None  # what is not written yet
+        self.written_at = time.perf_counter()
+
+    def epoch(self, history: list[dict], best: BestEpoch, improved: bool, plan: Plan) -> None:
+        if history[-1]["epoch"] == 1:
+            (self.out_dir / "metrics.json").unlink(missing_ok=True)
+        if self.board is not None:
+            log_epoch(self.board, history)
+        checkpoint = self.checkpoint(history, best, plan, self.fingerprint, self.classes)
+        due = time.perf_counter() - self.written_at >= SAVE_EVERY_S
+        self.last = checkpoint if due else detached_copy(checkpoint)
+        if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
+            self.best = {k: v for k, v in self.last.items() if k not in TRAINING_STATE}
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        last, best, self.last, self.best = self.last, self.best, None, None
+        if best is not None:
+            save_checkpoint(best, self.out_dir / "best.pt")
+        if last is not None:
+            save_checkpoint(last, self.out_dir / "last.pt")
+            save_json(last["history"], self.out_dir / "history.json")
+        self.written_at = time.perf_counter()
 
 
 class FinalTest(NamedTuple):
@@ -154,24 +178,26 @@ class FinalTest(NamedTuple):
 
 
 def final_test(script: str, model: nn.Module, fitted: Fitted, data: CifarData, mean: Sequence[float],
-               std: Sequence[float], tta: bool, corruption_images: int, out_dir: Path, ctx: TrainContext) -> FinalTest:
+               std: Sequence[float], tta: bool, corruptions: int | None, out_dir: Path, ctx: TrainContext) -> FinalTest:
     """Test the last epoch's model, then load the best epoch's weights from best.pt and test them (once, when the
-    last epoch is the best), with the corruption benchmark on `corruption_images` of the first test images."""
+    last epoch is the best), with the corruption benchmark on `corruptions` of the first test images (None: as
+    many as a tenth of the training time affords, see corruption_images)."""
     last_is_best = fitted.best.epoch == len(fitted.history)  # then best.pt holds these very weights
     last = None if last_is_best else evaluate(model, data.test_images, data.test_labels, mean, std, ctx)["accuracy"]
     model.load_state_dict(load_checkpoint(out_dir / "best.pt", script)["model"])
-    results = test_results(model, data.test_images, data.test_labels, data.classes, mean, std, ctx, tta,
-                           corruption_images)
+    results = test_results(model, data.test_images, data.test_labels, data.classes, mean, std, ctx, tta, corruptions,
+                           sum(row["seconds"] for row in fitted.history))
     return FinalTest(results, results.accuracy if last_is_best else last)
 
 
-def write_final_report(settings: Settings, model: nn.Module, plan: Plan, fitted: Fitted, tested: FinalTest,
-                       resumed_epochs: int, data: CifarData, out_dir: Path, ctx: TrainContext, environment: dict) -> dict:
+def write_final_report(settings: Settings, model: nn.Module, fitted: Fitted, tested: FinalTest, resumed_epochs: int,
+                       data: CifarData, out_dir: Path, ctx: TrainContext, environment: dict) -> dict:
     """The trained filters, the history, the test figures and metrics.json of a finished run; returns the metrics."""
-    history, best = fitted.history, fitted.best
+    history, best, plan = fitted.history, fitted.best, fitted.plan
     plot_filters(first_conv_weight(model), out_dir / "filters_after.png",
                  f"first-layer filters after training (epoch {best.epoch})")
     plot_history(history, best.epoch, out_dir / "history.png")
+    save_json(history, out_dir / "history.json")  # with the last epoch's seconds of saving
     trained = history[resumed_epochs:]  # the epochs this call trained
     metrics = write_report(
         tested.results, data, model, ctx.device, recorded_settings(settings), environment, out_dir,
@@ -180,56 +206,58 @@ def write_final_report(settings: Settings, model: nn.Module, plan: Plan, fitted:
         planned_steps=plan.total_steps, run_steps=sum(r.get("steps", plan.steps_per_epoch) for r in history),
         train_images_per_s=(sum(r["images_per_s"] * r["seconds"] for r in trained)
                             / max(1e-9, sum(r["seconds"] for r in trained))),
-        processes=ctx.world,
+        save_seconds=sum(r.get("save_s", 0.0) for r in history), processes=ctx.world, plan=plan._asdict(),
+        peak_memory_mb=torch.cuda.max_memory_allocated(ctx.device) / 2 ** 20 if ctx.device.type == "cuda" else None,
         precision="+".join(dict.fromkeys(r.get("precision", precision_name(ctx.dtype)) for r in history)))
     print(f"best epoch {best.epoch} (val {best.val_accuracy:.2%}); test {metrics['test_accuracy']:.2%}, first 1000 "
           f"{metrics['test_accuracy_first1000']:.2%}, last epoch's model {tested.last_accuracy:.2%}; reports in {out_dir}")
     return metrics
 
 
+def resumed_state(resume_from: dict | None, model: nn.Module, plan: Plan, out_dir: Path, ctx: TrainContext
+                  ) -> tuple[list[dict], BestEpoch]:
+    """(history, best epoch) a run starts from: a resumed run's, said; a new run's empty ones, its filters drawn."""
+    if resume_from is None:
+        if ctx.is_main:
+            plot_filters(first_conv_weight(model), out_dir / "filters_before.png", "first-layer filters before training")
+        return [], BestEpoch()
+    best = BestEpoch(resume_from["best_epoch"], resume_from["best_val_accuracy"])
+    say(ctx, f"resuming after epoch {len(resume_from['history'])} of {plan.epochs} (best so far: epoch {best.epoch})")
+    return resume_from["history"], best
+
+
 def train_and_report(script: str, settings: Settings, data: CifarData, splits: Splits, build_model: ModelBuilder,
-                     out_dir: Path, ctx: TrainContext, resume_from: dict | None = None, board=None) -> dict:
+                     out_dir: Path, ctx: TrainContext, resume_from: dict | None = None, board=None,
+                     plan: Plan | None = None) -> dict:
     """Train with early stopping and checkpoints in `out_dir`, test the best model, write every report; log the
-    steps and epochs to the SummaryWriter `board` when given (see common.board)."""
+    steps and epochs to the SummaryWriter `board` when given (see common.board). Under a time budget `plan` is
+    another run's (a sweep's first) to train as it is, else its first steps make one."""
     environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
     fingerprint = data_fingerprint(splits)
     if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
         raise UsageError(f"--data-dir {settings.data_dir}: the data differs from the data the run in {out_dir} was "
                          f"trained on; resume with that data, or start a new run (--overwrite or another --out-dir)")
     settings = with_data_mean_std(settings, splits.train_images)
-    plan = first_plan(settings, steps_per_epoch(len(splits.train_images), settings.batch_size))
-    training = set_up_training(settings, build_model, plan, ctx, resume_from, splits.train_images)
-    history, best = [], BestEpoch()
-    if resume_from is None:
-        if ctx.is_main:
-            plot_filters(first_conv_weight(training.model), out_dir / "filters_before.png",
-                         "first-layer filters before training")
-    else:
-        history, best = resume_from["history"], BestEpoch(resume_from["best_epoch"], resume_from["best_val_accuracy"])
-        if ctx.is_main:
-            print(f"resuming after epoch {len(history)} of {settings.epochs} (best so far: epoch {best.epoch})")
-    chosen = settings  # with the choices a time budget's plan makes (with_budget_choice)
-
-    def on_plan() -> TrainStep:
-        nonlocal chosen
-        chosen = with_budget_choice(chosen, plan, ctx)
-        if "dropout" in (chosen.budget_choice or {}):
-            set_dropout(training.model, chosen["dropout"])
-        return train_step(chosen)
-
-    def save_epoch(history: list[dict], best: BestEpoch, improved: bool) -> None:
-        checkpoint = checkpoint_state(script, dict(with_plan(chosen, plan)), training, history, best, fingerprint,
-                                      data.classes)
-        save_epoch_files(checkpoint, improved, out_dir)
-        if board is not None:
-            log_epoch(board, history)
-
-    fitted = fit(training, splits, plan, train_step(settings), settings.seed, settings.batch_size, settings.patience,
-                 settings.time_budget, not settings.plan_from, history, best, ctx, on_plan, save_epoch,
-                 functools.partial(log_step, board) if board is not None else None)
+    splits = splits._replace(train_images=splits.train_images.to(ctx.device),
+                             train_labels=splits.train_labels.to(ctx.device))
+    plan = first_plan(settings, len(splits.train_images) // settings.batch_size, plan or (resume_from or {}).get("plan"))
+    training = set_up_training(settings, build_model, ctx, resume_from)
+    start = resumed_state(resume_from, training.model, plan, out_dir, ctx)
+    if plan.total_steps is None:  # a time budget: time its first steps, then plan
+        step_s, spent_s = timed_steps(training, (splits.train_images, splits.train_labels), train_step(settings),
+                                      plan, settings.seed, ctx)
+        plan = budget_plan(plan, step_s, spent_s, len(splits.val_images), settings.budget_scaling, ctx)
+    settings = settings_for_plan(settings, plan)  # what every epoch trains with, and what the run records
+    if "dropout" in (plan.chosen or {}):
+        set_dropout(training.model, settings["dropout"])
+    files = EpochFiles(script, recorded_settings(settings), training, fingerprint, data.classes, out_dir, board)
+    try:
+        fitted = fit(training, splits, plan, train_step(settings), settings.seed, settings.patience, start, ctx,
+                     files.epoch, None if board is None else lambda step, values: log_step(board, step, values))
+    finally:
+        files.flush()
     if not ctx.is_main:
         return {}
     tested = final_test(script, training.model, fitted, data, settings.mean, settings.std, settings.tta,
                         settings.corruptions, out_dir, ctx)
-    return write_final_report(with_plan(chosen, plan), training.model, plan, fitted, tested, len(history), data,
-                              out_dir, ctx, environment)
+    return write_final_report(settings, training.model, fitted, tested, len(start[0]), data, out_dir, ctx, environment)

@@ -1,74 +1,61 @@
 """A run's Settings, made once from the defaults, a recipe and the flags given, then checked; the flags both
 scripts share.
 
-Imports common.errors, common.augment, common.train, common.export."""
+Imports common.errors, common.augment, common.export."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
 import sys
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from .errors import UsageError
 from .augment import AUGMENT_OPS, FILLS, STRENGTH_KEYS
-from .train import LOOKAHEAD_DECAY, LOOKAHEAD_EVERY, WHITEN_EPS
 from .export import CALIBRATION_IMAGES, EXPORT_PACKAGES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings(Mapping):
-    """Every setting of a run, made once by resolve_settings (defaults, then a recipe, then the flags given), checked
-    by check_settings, never changed after: --resume, a sweep's runs and a time budget's plan make new ones with
-    dataclasses.replace. A script adds the settings of its own network in a subclass (see ex1_convnet.Settings).
+    """Every setting of a run, made once by resolve_settings (these defaults, then a recipe, then the flags given),
+    checked by check_settings, never changed after: --resume, a sweep's runs and a time budget's choice make new ones
+    with dataclasses.replace. A script adds the settings of its own network in a subclass (see ex1_convnet.Settings).
     It reads as a mapping too (settings["lr"]), as the settings a checkpoint saves do, so that a script's
-    build_model takes either."""
+    build_model takes either. The defaults are our recipe's; a recipe lists what differs."""
     # where the data comes from and how much of it
     data_dir: str = "data"
     no_download: bool = False
     val_size: int = 1000
     limit_train: int | None = None
     seed: int = 0
-    # how long to train: epochs, or a time budget whose plan fills in the planned_* fields, epochs and budget_choice
+    # how long to train: epochs, or a time budget (its plan, common.budget.Plan, is not a setting)
     recipe: str = "default"
-    epochs: int | None
+    epochs: int | None = 30
     time_budget: float | None = None
-    budget_scaling: dict | None = None  # a recipe's rule for the settings a budget chooses (see scaled_by_epochs)
-    planned_steps: int | None = None
-    planned_images_per_s: float | None = None
-    budget_choice: dict | None = None
-    plan_from: str | None = None  # a sweep's run that trains the steps another run planned
-    patience: int
-    # the optimizer and its schedule
-    batch_size: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    decay_norm_bias: bool = True
+    budget_scaling: dict | None = None  # a recipe's rule for the settings a budget chooses (see choose_settings)
+    patience: int = 10
+    # the optimizer and its schedule: one-cycle, or with lr_decay the learning rate x lr_decay after every epoch
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
     norm_bias_lr: float = 1.0
-    schedule: str
-    warmup: float
-    lr_decay: float | None
-    lr_end: float = 0.0
-    lookahead: bool = False
-    label_smoothing: float
+    lr_decay: float | None = None
+    label_smoothing: float = 0.1
     # the input: augmentation and normalisation ('data': the training images' channel mean and std)
-    augment: list[str]
-    alternate_flip: bool = False
-    crop_pad: int
+    augment: str | list[str] = "flip,crop"
+    crop_pad: int = 4
     crop_fill: str = "zeros"  # what crop and rotate put where they uncover the border (augment.FILLS)
-    rotate_deg: float
-    jitter: float
-    gray_p: float
-    noise_std: float = 8.0  # the noise op's largest sigma, in 0-255 pixel units
-    mean: str | list[float]
-    std: str | list[float]
+    rotate_deg: float = 15.0
+    jitter: float = 0.1
+    gray_p: float = 0.05
+    mean: str | list[float] = "data"
+    std: str | list[float] = "data"
     # where and how it runs, and the tasks besides training (RUNTIME_KEYS)
     out_dir: str | None = None
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
-    sync_bn: bool = True
     tensorboard: bool = True  # event files for TensorBoard in the run folder (common.board)
     resume: bool = False
     overwrite: bool = False
@@ -76,7 +63,8 @@ class Settings(Mapping):
     checkpoint: str | None = None
     predict: list[str] | None = None
     tta: bool = False
-    corruptions: int = 1000  # the corruption benchmark on this many of the first test images (0: not run)
+    corruptions: int | None = None  # the corruption benchmark on this many of the first test images (0: not run;
+    # None: as many of the first 1,000 as a tenth of the training time affords, see evaluation.corruption_images)
     export: str | None = None
     quantize: str | None = None
 
@@ -93,7 +81,7 @@ class Settings(Mapping):
 
 
 # Flags that say where and how a run executes, not what it computes: free to change on --resume.
-RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "sync_bn", "tensorboard",
+RUNTIME_KEYS = {"data_dir", "no_download", "out_dir", "device", "precision", "compile", "tensorboard",
                 "resume", "overwrite", "eval_only", "checkpoint", "compare", "predict", "tta", "corruptions", "export",
                 "quantize"}
 RESUME_EXTENDABLE = {"epochs", "patience"}
@@ -123,12 +111,28 @@ def image_count(value: str) -> int:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data, training, output and device flags both scripts share (all default to None: a flag not given leaves
-    the recipe's value or the Settings default)."""
-    a = parser.add_argument
+    """The flags both scripts share (all default to None: a flag not given leaves the recipe's value or the Settings
+    default)."""
+    add_data_arguments(parser.add_argument)
+    add_training_arguments(parser.add_argument)
+    add_augment_arguments(parser.add_argument)
+    add_device_arguments(parser.add_argument)
+    add_task_arguments(parser.add_argument)
+
+
+def add_data_arguments(a: Callable) -> None:
     a("--data-dir", help="folder holding cifar-10-batches-py/ (or that folder itself); downloaded there if missing (default: data)")
     a("--no-download", action="store_true", default=None, help="never download CIFAR-10; fail with a message if it is missing")
     a("--out-dir", help="where checkpoints, metrics and figures go (default: runs/<experiment>)")
+    a("--limit-train", type=int, help="train on the first N training images only, for quick runs")
+    a("--val-size", type=int, help="validation images, taken from the end of the training set (default: 1000)")
+    a("--seed", type=int, help="random seed: two CPU runs with the same seed give the same history (default: 0)")
+    a("--seeds", type=int, metavar="N",
+      help="train N runs with the seeds --seed, --seed+1, ... in --out-dir/seed<S>/ (finished ones are reused), then "
+           "write seeds.json and seeds.png with the mean ± standard deviation of their accuracies")
+
+
+def add_training_arguments(a: Callable) -> None:
     a("--recipe", help="hyperparameter set: 'default' (ours), 'original' (the assignment's), or in ex1_convnet.py 'short' "
                        "(for a few epochs, what --time-budget uses unless --recipe is given); explicit flags override it")
     a("--epochs", type=int, help="number of training epochs (default: the recipe's)")
@@ -136,55 +140,39 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
       help="train for this many minutes of wall-clock time instead of --epochs (validation included; loading, "
            "building and the final test not): the speed of the first steps fixes the total steps, the learning-rate "
            "schedule runs over them, and the last epoch may be partial")
+    a("--patience", type=int, help="stop after this many epochs without a better validation accuracy; 0 never stops early")
     a("--batch-size", type=int, help="global batch size, summed over all processes under torchrun (default: the recipe's)")
     a("--optimizer", choices=["adamw", "adam", "sgd"], help="AdamW, Adam or SGD with Nesterov momentum (default: the recipe's)")
     a("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    a("--lr-decay", type=float, metavar="X",
+      help="multiply the learning rate by X after every epoch instead of the one-cycle schedule (a linear rise from "
+           "0.1 x --lr over the first 20%% of the steps, then a linear fall to 0) (default: the recipe's)")
     a("--weight-decay", type=float, help="weight decay (default: the recipe's)")
     a("--label-smoothing", type=float, help="label smoothing of the training loss (default: the recipe's)")
-    a("--decay-norm-bias", action=argparse.BooleanOptionalAction,
-      help="apply weight decay to BatchNorm and bias parameters too; --no-decay-norm-bias: to weights of more than "
-           "one dimension only (default: the recipe's)")
-    a("--alternate-flip", action=argparse.BooleanOptionalAction,
-      help="flip: mirror each training image in every other epoch (half of them in odd epochs, the others in even "
-           "ones) instead of at random (default: the recipe's)")
-    a("--lookahead", action=argparse.BooleanOptionalAction,
-      help=f"every {LOOKAHEAD_EVERY} steps and at each epoch's end, pull the weights and BatchNorm statistics towards "
-           f"their running average and continue from it; the average's weight rises with the cube of the run's "
-           f"progress to {LOOKAHEAD_DECAY}^{LOOKAHEAD_EVERY} (default: the recipe's)")
-    a("--norm-bias-lr", type=float, metavar="X",
-      help="learning rate of the BatchNorm biases: X times --lr (default: the recipe's)")
-    a("--lr-end", type=float, metavar="F",
-      help="one-cycle schedule: end at F times the peak learning rate instead of 0 (default: the recipe's)")
+
+
+def add_augment_arguments(a: Callable) -> None:
     a("--augment", help=f"comma-separated augmentation ops from {','.join(AUGMENT_OPS)}, or 'none' (default: the recipe's)")
-    a("--no-augment", dest="augment", action="store_const", const="none", help="no augmentation (same as --augment none)")
-    a("--crop-pad", type=int, help="crop: padding (see --crop-fill) before the random 32x32 crop, in pixels; > 0 turns crop on, 0 off")
-    a("--crop-fill", choices=FILLS,
-      help="what crop and rotate put where they uncover the border: zeros, or reflect (the image mirrored at its "
-           "edge) (default: the recipe's)")
+    a("--crop-pad", type=int, help="crop: padding before the random 32x32 crop, in pixels; > 0 turns crop on, 0 off")
     a("--rotate-deg", type=float, help="rotate: largest rotation angle in degrees; > 0 turns rotate on, 0 off")
     a("--jitter", type=float, help="jitter: colour jitter strength (brightness, contrast, saturation, hue); > 0 turns jitter on, 0 off")
     a("--gray-p", type=float, help="gray: probability of turning an image grey; > 0 turns gray on, 0 off")
-    a("--noise-std", type=float, metavar="SIGMA",
-      help="noise: Gaussian noise added to every pixel, its sigma drawn per image in [0, SIGMA], in 0-255 pixel units "
-           "(default 8); > 0 turns noise on, 0 off")
-    a("--patience", type=int, help="stop after this many epochs without a better validation accuracy; 0 never stops early")
-    a("--limit-train", type=int, help="train on the first N training images only, for quick runs")
-    a("--val-size", type=int, help="validation images, taken from the end of the training set (default: 1000)")
-    a("--seed", type=int, help="random seed: two CPU runs with the same seed give the same history (default: 0)")
-    a("--seeds", type=int, metavar="N",
-      help="train N runs with the seeds --seed, --seed+1, ... in --out-dir/seed<S>/ (finished ones are reused), then "
-           "write seeds.json and seeds.png with the mean ± standard deviation of their accuracies")
+
+
+def add_device_arguments(a: Callable) -> None:
     a("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"],
       help="auto (default): bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with fast bf16, "
-           "fp16 on older GPUs, fp32 elsewhere")
+           "fp16 on older GPUs, fp32 elsewhere. bf16 needs compute capability 8.0+ on CUDA (refused below); fp16 "
+           "runs everywhere (with a gradient scaler); fp32 everywhere, slowest on GPUs")
     a("--compile", action="store_true", default=None, help="compile the model with torch.compile")
-    a("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
-      help="under torchrun on CUDA, keep per-process BatchNorm instead of SyncBatchNorm")
     a("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
       help="write no TensorBoard event files (by default a training run writes them into --out-dir)")
     a("--resume", action="store_true", default=None, help="continue the run in --out-dir from its last.pt")
     a("--overwrite", action="store_true", default=None, help="start over in an --out-dir that already holds a run")
+
+
+def add_task_arguments(a: Callable) -> None:
     a("--eval-only", action="store_true", default=None,
       help="evaluate --checkpoint on the test set and write its reports (default --out-dir: eval/ beside the checkpoint)")
     a("--checkpoint", help="checkpoint for --eval-only (default: best.pt in --out-dir) and for --predict "
@@ -203,7 +191,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
       help="the corruption benchmark at the end of a training run and with --eval-only: the accuracy on the first N "
            "test images (without N: all of them) clean and under Gaussian noise, JPEG, blur, contrast, brightness, "
            "darkness, shifts and downscaling at 2-3 severities each, into metrics.json ('corruptions') and "
-           "corruptions.png; 0 skips it (default: 1000)")
+           "corruptions.png; 0 skips it (default: the first 1,000 with --eval-only; after training as many of them "
+           "as a tenth of the training time affords, none on very short runs)")
     a("--export", metavar="FILE.onnx",
       help="write the model of --checkpoint (default: best.pt in --out-dir) as an ONNX file for ONNX Runtime: input "
            "'images', uint8 (N, 32, 32, 3) RGB, output 'probabilities' (N, 10), normalisation inside; then check it "
@@ -236,32 +225,47 @@ def parse_augment(value: str | list) -> list[str]:
 
 
 def resolve_settings(flags_given: dict, recipe: dict, settings_type: type[Settings] = Settings) -> Settings:
-    """The run's settings: the type's defaults, then the recipe, then the flags given (see explicit_flags)."""
+    """The run's settings: the type's defaults, then the recipe, then the flags given (see explicit_flags); then the
+    rules of a time budget (budget_rules) and of the augmentation ops (augment_ops)."""
     if "time_budget" in flags_given and "epochs" in flags_given:
         raise UsageError("--time-budget and --epochs both say how long to train: give one of them")
     values = {**recipe, **flags_given}
+    defaults = {key: field.default for key, field in settings_type.__dataclass_fields__.items()}
+    values["augment"] = augment_ops(parse_augment(values.get("augment", defaults["augment"])),
+                                    {key: values.get(key, defaults[key]) for key in STRENGTH_KEYS.values()}, flags_given)
     if values.get("time_budget") is not None:
-        values["epochs"] = None  # the plan made in the first epoch sets it
-        if values["patience"]:
-            if "patience" in flags_given:
-                print(f"note: --patience {flags_given['patience']} is not applied under --time-budget: a budget run "
-                      "trains its whole schedule", file=sys.stderr)
-            values["patience"] = 0
-    fixed = set(flags_given) | ({"crop_pad"} if "augment" in flags_given else set())
-    values["budget_scaling"] = {key: value for key, value in (values.get("budget_scaling") or {}).items()
-                                if key not in fixed} if values.get("time_budget") is not None else None
-    ops = set(parse_augment(values["augment"]))
-    for op, key in STRENGTH_KEYS.items():  # an explicit strength turns its op on (> 0) or off (0)
-        if key in flags_given:
-            ops = ops | {op} if flags_given[key] > 0 else ops - {op}
-    strength = {op: values.get(key, settings_type.__dataclass_fields__[key].default) for op, key in STRENGTH_KEYS.items()}
-    on = {op for op in ops if op not in STRENGTH_KEYS or strength[op] > 0}  # a strength of 0 is off
-    values["augment"] = [op for op in AUGMENT_OPS if op in on]
+        values.update(budget_rules(values.get("budget_scaling"), values.get("patience", defaults["patience"]),
+                                   flags_given))
+    else:
+        values["budget_scaling"] = None
     return settings_type(**values)
 
 
+def augment_ops(ops: list[str], strengths: dict, flags_given: dict) -> list[str]:
+    """The ops a run applies, in AUGMENT_OPS' order: a strength given as a flag turns its op on (> 0) or off (0), and
+    an op whose strength is 0 is off."""
+    on = set(ops)
+    for op, key in STRENGTH_KEYS.items():
+        if key in flags_given:
+            on = on | {op} if flags_given[key] > 0 else on - {op}
+    return [op for op in AUGMENT_OPS if op in on and (op not in STRENGTH_KEYS or strengths[STRENGTH_KEYS[op]] > 0)]
+
+
+def budget_rules(scaling: dict | None, patience: int, flags_given: dict) -> dict:
+    """What a time budget changes: no epochs (its plan says how long), no early stop (it trains its whole schedule;
+    a --patience given is noted), and a budget_scaling without the settings a flag gives (--augment gives crop_pad
+    too), which keep their value."""
+    if patience and "patience" in flags_given:
+        print(f"note: --patience {patience} is not applied under --time-budget: a budget run trains its whole "
+              "schedule", file=sys.stderr)
+    fixed = set(flags_given) | ({"crop_pad"} if "augment" in flags_given else set())
+    return {"epochs": None, "patience": 0,
+            "budget_scaling": {key: value for key, value in (scaling or {}).items() if key not in fixed} or None}
+
+
 def check_settings(settings: Settings) -> None:
-    """Refuse values that cannot train, before any work starts."""
+    """Refuse values that cannot train, before any work starts (a script's Settings checks its own, see
+    ex1_convnet.Settings)."""
     for key in ("epochs", "batch_size"):
         if settings[key] is not None and settings[key] <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive (got {settings[key]})")
@@ -270,15 +274,7 @@ def check_settings(settings: Settings) -> None:
         raise UsageError(f"--time-budget must be a positive number of minutes (got {budget:g})")
     if not 0 < settings.lr < math.inf:
         raise UsageError(f"--lr must be positive and finite (got {settings.lr})")
-    dropout = settings.get("dropout", 0)
-    for p in dropout if isinstance(dropout, list) else [dropout]:
-        if not 0 <= p < 1:
-            raise UsageError(f"--dropout must be in [0, 1) (got {p})")
     if settings.limit_train is not None and settings.limit_train <= 0:
         raise UsageError(f"--limit-train must be positive (got {settings.limit_train})")
-    if settings.get("whiten_eps", WHITEN_EPS) <= 0:
-        raise UsageError(f"--whiten-eps must be positive (got {settings['whiten_eps']})")
-    if not 1 <= settings.get("whiten_directions", 27) <= 27:
-        raise UsageError(f"--whiten-directions must be between 1 and 27 (got {settings['whiten_directions']})")
     if settings.weight_decay < 0 or settings.patience < 0 or not 0 <= settings.label_smoothing < 1:
         raise UsageError("--weight-decay and --patience must not be negative, --label-smoothing must be in [0, 1)")

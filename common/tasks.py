@@ -19,7 +19,7 @@ from .errors import UnreadableImage, UsageError
 from .files import load_checkpoint, prepare_out_dir
 from .data import CLASSES, image_files, load_cifar10, load_image
 from .device import TrainContext
-from .evaluation import predict, test_results
+from .evaluation import FIRST_TEST_IMAGES, predict, test_results
 from .plots import plot_image_grid
 from .report import environment_info, print_predictions, save_predictions, write_report
 from .export import (
@@ -53,14 +53,15 @@ def open_checkpoint(script: str, checkpoint_path: Path, out_dir: Path, build_mod
 
 
 def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, download: bool, tta: bool,
-              corruption_images: int, build_model: ModelBuilder, ctx: TrainContext) -> dict:
+              corruption_images: int | None, build_model: ModelBuilder, ctx: TrainContext) -> dict:
     """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir` (the corruption benchmark on
-    `corruption_images` of the first test images), write metrics.json and the test figures in `out_dir`."""
+    `corruption_images` of the first test images, by default the first 1,000), write metrics.json and the test
+    figures in `out_dir`."""
     checkpoint, saved, _, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
     data = load_cifar10(data_dir, download=download)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
     results = test_results(model, data.test_images, data.test_labels, data.classes, saved["mean"], saved["std"], ctx, tta,
-                           corruption_images)
+                           FIRST_TEST_IMAGES if corruption_images is None else corruption_images)
     metrics = write_report(results, data, model, ctx.device, recorded_settings(saved), environment_info(ctx.device),
                            out_dir, checkpoint=str(checkpoint_path), epoch=checkpoint["epoch"],
                            best_epoch=checkpoint["best_epoch"], best_val_accuracy=checkpoint["best_val_accuracy"])

@@ -1,12 +1,10 @@
-"""Training: shuffled batches, the whitening first layer, the optimizer and its parameter groups, lookahead, one
+"""Training: shuffled batches, the optimizer and its parameter groups, one step, a time budget's timed steps, one
 epoch (train_one_epoch), the epoch loop with validation (fit) and what a checkpoint holds after an epoch.
 
-Imports common.errors, common.files, common.data, common.augment, common.device, common.evaluation, common.budget."""
+Imports common.errors, common.data, common.augment, common.device, common.evaluation, common.budget."""
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
@@ -16,12 +14,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import NonFiniteLoss
-from .files import save_checkpoint, save_json
 from .data import CLASSES, Splits
-from .augment import alternating_flips, augment_batch, normalize
-from .device import autocast, precision_name, TrainContext
+from .augment import augment_batch, normalize
+from .device import autocast, precision_name, synchronize, TrainContext
 from .evaluation import evaluate
-from .budget import budget_planner, epoch_steps, Plan, progress_label, replan
+from .budget import lr_factor, Plan, PLAN_STEPS, PLAN_WARMUP, progress_label, replan, say
+
+LOG_EVERY = 25  # steps between the progress bar's readings of the device's sums (and log_step's calls)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
@@ -37,37 +36,15 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, rank: int
         yield order[start + rank:start + batch_size:world]
 
 
-WHITEN_IMAGES = 5000  # training images whose 3x3 patches fix the whitening filters
-WHITEN_EPS = 5e-4  # the default eps added to the patch covariance's eigenvalues before their square root
-
-
-def patch_whitening_filters(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                            eps: float = WHITEN_EPS, directions: int = 27) -> torch.Tensor:
-    """Conv filters (2 x `directions`, 3, 3, 3) that whiten the 3x3 patches of uint8 `images` normalized as the
-    network sees them: each of the `directions` principal directions of the patches' covariance with the largest
-    variance (in ascending order) over the square root of its eigenvalue plus `eps`, then their negatives (a ReLU follows, so each
-    direction needs both signs). The directions the images barely use are amplified up to 1/sqrt(eps), and small
-    input noise in them with them: a larger `eps` amplifies them less, fewer `directions` leave them out."""
-    x = normalize(images[:WHITEN_IMAGES].float().div(255), mean, std)
-    patches = F.unfold(x, 3).transpose(1, 2).reshape(-1, 27).double()  # (channel, row, column) as in a conv weight
-    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
-    eigenvalues, eigenvectors = eigenvalues[-directions:], eigenvectors[:, -directions:]  # ascending: the largest last
-    filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).reshape(-1, 3, 3, 3)
-    return torch.cat([filters, -filters]).float()
-
-
-def parameter_groups(model: nn.Module, decay_norm_bias: bool, lr: float, norm_bias_lr: float = 1.0) -> list[dict]:
-    """The trainable parameters as optimizer groups: all of them at `lr`, except that without `decay_norm_bias` the
-    parameters of one dimension (BatchNorm weights and biases, every bias) are free of weight decay, and that
-    BatchNorm biases learn at `norm_bias_lr` times `lr` (the first group holds the weights of the layers)."""
+def parameter_groups(model: nn.Module, lr: float, norm_bias_lr: float = 1.0) -> list[dict]:
+    """The trainable parameters as optimizer groups at `lr`, except the BatchNorm biases, which learn at
+    `norm_bias_lr` times `lr` in a second group where that differs."""
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                    and m.bias is not None} if norm_bias_lr != 1.0 else set()
-    groups: dict[tuple, list] = {}
-    for p in (p for p in model.parameters() if p.requires_grad):
-        key = (p.ndim <= 1 and not decay_norm_bias, id(p) in norm_biases)
-        groups.setdefault(key, []).append(p)
-    return [{"params": params, "lr": lr * (norm_bias_lr if fast else 1.0), **({"weight_decay": 0.0} if free else {})}
-            for (free, fast), params in sorted(groups.items())]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in norm_biases], "lr": lr},
+              {"params": [p for p in trainable if id(p) in norm_biases], "lr": lr * norm_bias_lr}]
+    return [group for group in groups if group["params"]]
 
 
 def first_conv_weight(model: nn.Module) -> torch.Tensor:
@@ -95,30 +72,6 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.p = p
 
 
-LOOKAHEAD_EVERY, LOOKAHEAD_DECAY = 5, 0.95  # --lookahead: steps between pulls; the average's decay per step at the end
-
-
-def lookahead_decay(step: int, total_steps: int | None) -> float:
-    """The weight --lookahead gives the average against the network after `step` of `total_steps` steps: from 0 (the
-    network as it is) rising with the cube of the progress to LOOKAHEAD_DECAY per step, over LOOKAHEAD_EVERY steps."""
-    return 0.0 if not total_steps else LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * min(1.0, step / total_steps) ** 3
-
-
-def lookahead_pairs(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each floating-point weight and buffer of `model` (sharing its storage) with a copy of it that --lookahead
-    averages into: made once an epoch, not at every pull."""
-    return [(value, value.detach().clone()) for value in model.state_dict().values() if value.is_floating_point()]
-
-
-@torch.no_grad()
-def lookahead_pull(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float) -> None:
-    """Move each running average towards its weight or buffer by 1 - `decay` (see lookahead_pairs), then set the
-    model to it."""
-    for value, average in pairs:
-        average.lerp_(value, 1 - decay)
-        value.copy_(average)
-
-
 class TrainStep(NamedTuple):
     """What a training step does with its batch besides the network and the optimizer."""
     ops: dict[str, float]  # augmentation ops and their strengths (see augmentation)
@@ -126,85 +79,114 @@ class TrainStep(NamedTuple):
     mean: list[float]  # the normalisation after augmentation
     std: list[float]
     label_smoothing: float  # of the training loss
-    alternate_flip: bool  # flip each image in every other epoch (see alternating_flips) instead of at random
-    lookahead: bool  # pull the weights towards their running average (see lookahead_pull)
 
 
-def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torch.Tensor, labels: torch.Tensor,
-                    step_with: TrainStep, plan: Plan, epoch: int, seed: int, batch_size: int, ctx: TrainContext,
-                    budget_minutes: float | None = None, after_step: Callable[[int], TrainStep | None] | None = None,
-                    log_every: int = 25, log_step: Callable[[int, dict], None] | None = None) -> dict:
-    """One pass over the shuffled training set (the last epoch of a planned run may stop short); returns loss,
-    accuracy, steps and images/s for the epoch. `after_step(steps done)` runs after every step when given; what it
-    returns, when not None, is how the steps after it train (a time budget's plan, made in the first epoch, may change
-    the augmentation and the loss). Every `log_every` steps, where the progress bar reads the device's sums,
+class Training(NamedTuple):
+    """A run's network and what trains it."""
+    model: nn.Module  # the plain network: validated, tested and saved
+    train_model: nn.Module  # what the steps run: the network under DistributedDataParallel and torch.compile if asked
+    optimizer: torch.optim.Optimizer  # its groups' learning rates are set before every step (see optimizer_step)
+    scaler: torch.amp.GradScaler
+    peak_lrs: list[float]  # each optimizer group's learning rate at the schedule's peak
+
+
+def optimizer_step(training: Training, images: torch.Tensor, labels: torch.Tensor, step_with: TrainStep,
+                   lr_factor: float, generator: torch.Generator, ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on a batch of uint8 images at `lr_factor` times the peak learning rates, its augmentation drawn
+    from `generator`; returns the batch's loss and logits (detached, on the device)."""
+    for group, peak in zip(training.optimizer.param_groups, training.peak_lrs):
+        group["lr"] = peak * lr_factor
+    x = normalize(augment_batch(images, step_with.ops, generator, step_with.fill), step_with.mean, step_with.std)
+    with autocast(ctx):
+        logits = training.train_model(x)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=step_with.label_smoothing)
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    return loss.detach(), logits.detach()
+
+
+class EpochStreams(NamedTuple):
+    """One epoch's random streams: the order of the images, the augmentation's draws (dropout's is torch's own)."""
+    shuffle: torch.Generator
+    augment: torch.Generator
+
+
+def on_device(step_with: TrainStep, ctx: TrainContext) -> TrainStep:
+    """`step_with` with its normalisation's mean and std as tensors on the device, made once an epoch, not a step."""
+    return step_with._replace(mean=torch.tensor(step_with.mean, device=ctx.device),
+                              std=torch.tensor(step_with.std, device=ctx.device))
+
+
+def epoch_streams(seed: int, epoch: int, ctx: TrainContext) -> EpochStreams:
+    """The random streams of `epoch` (0: a time budget's timed steps), seeded so that a resumed run draws what an
+    unbroken one would; dropout's from torch's global generator."""
+    torch.manual_seed(epoch_seed(seed, epoch, 2, ctx.rank))
+    return EpochStreams(torch.Generator().manual_seed(epoch_seed(seed, epoch, 0)),
+                        torch.Generator(ctx.device).manual_seed(epoch_seed(seed, epoch, 1, ctx.rank)))
+
+
+def timed_steps(training: Training, train_set: tuple[torch.Tensor, torch.Tensor], step_with: TrainStep, plan: Plan,
+                seed: int, ctx: TrainContext) -> tuple[float, float]:
+    """A time budget's first steps, before its plan: PLAN_WARMUP steps and PLAN_STEPS timed ones (fewer when an epoch
+    is short) that train at the schedule's first learning rate. Returns (seconds per timed step, seconds in all)."""
+    training.train_model.train()
+    images, labels = train_set
+    streams, step_with = epoch_streams(seed, 0, ctx), on_device(step_with, ctx)
+    warmup = min(PLAN_WARMUP, plan.steps_per_epoch - 1)
+    last = min(warmup + PLAN_STEPS, plan.steps_per_epoch)
+    batches = epoch_batches(len(images), plan.batch_size, streams.shuffle, ctx.rank, ctx.world, ctx.device)
+    clock = [time.perf_counter()]
+    for step, index in zip(range(1, last + 1), batches):
+        optimizer_step(training, images[index], labels[index], step_with, lr_factor(0, plan), streams.augment, ctx)
+        if step in (warmup, last):
+            synchronize(ctx.device)
+            clock.append(time.perf_counter())
+    return (clock[-1] - clock[-2]) / (last - warmup), clock[-1] - clock[0]
+
+
+def train_one_epoch(training: Training, train_set: tuple[torch.Tensor, torch.Tensor], step_with: TrainStep,
+                    plan: Plan, epoch: int, seed: int, ctx: TrainContext,
+                    log_step: Callable[[int, dict], None] | None = None) -> dict:
+    """One pass over the shuffled training set (the last epoch of a plan may stop short); returns loss, accuracy,
+    steps and images/s for the epoch. Every LOG_EVERY steps, where the progress bar reads the device's sums,
     `log_step(global step, values)` gets the mean batch loss and the images/s since its last call and the learning
     rate."""
-    model.train()
-    shuffle = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0))
-    augment_gen = torch.Generator(ctx.device).manual_seed(epoch_seed(seed, epoch, 1, ctx.rank))
-    torch.manual_seed(epoch_seed(seed, epoch, 2, ctx.rank))
-    criterion = nn.CrossEntropyLoss(label_smoothing=step_with.label_smoothing)
-    steps = epoch_steps(plan.total_steps, epoch, plan.steps_per_epoch)
-    loss_sum = torch.zeros((), device=ctx.device)
-    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+    training.train_model.train()
+    images, labels = train_set
+    streams, step_with = epoch_streams(seed, epoch, ctx), on_device(step_with, ctx)
+    steps, first, seen = plan.epoch_steps(epoch), (epoch - 1) * plan.steps_per_epoch, 0
+    sums = torch.zeros(2, device=ctx.device)  # loss x images, correct
     first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
-    seen = 0
     start = time.perf_counter()
-    logged = (0.0, 0, start)  # the loss sum, images and time at the last log_step
-    bar = tqdm(total=steps, desc=progress_label(epoch, plan, budget_minutes), unit="batch", disable=not ctx.is_main,
-               leave=False, dynamic_ncols=True)
-    mean, std = torch.tensor(step_with.mean, device=ctx.device), torch.tensor(step_with.std, device=ctx.device)
-    ops = step_with.ops
-    flips = alternating_flips(len(images), seed, epoch, ctx.device) if step_with.alternate_flip and "flip" in ops else None
-    average = lookahead_pairs(model) if step_with.lookahead else None  # the epoch ends on the average (below): a
-    # resumed run starts as this one goes on
-    for step, index in enumerate(epoch_batches(len(images), batch_size, shuffle, ctx.rank, ctx.world, ctx.device)):
-        if step >= steps:
-            break
-        x = normalize(augment_batch(images[index], ops, augment_gen, None if flips is None else flips[index],
-                                    step_with.fill), mean, std)
+    logged = (0.0, 0.0, start)  # the loss sum, images and time at the last log_step
+    bar = tqdm(total=steps, desc=progress_label(epoch, plan), unit="batch", disable=not ctx.is_main, leave=False,
+               dynamic_ncols=True)
+    batches = epoch_batches(len(images), plan.batch_size, streams.shuffle, ctx.rank, ctx.world, ctx.device)
+    for step, index in zip(range(1, steps + 1), batches):
         y = labels[index]
-        with autocast(ctx):
-            logits = model(x)
-        loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss = loss.detach()
-        loss_sum += loss * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        loss, logits = optimizer_step(training, images[index], y, step_with, lr_factor(first + step - 1, plan),
+                                      streams.augment, ctx)
+        sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
         seen += len(y)
-        if average is not None and ((step + 1) % LOOKAHEAD_EVERY == 0 or step + 1 == steps):
-            done = (epoch - 1) * plan.steps_per_epoch + step + 1
-            lookahead_pull(average, lookahead_decay(done, plan.total_steps))
-        if after_step is not None:
-            changed = after_step(step + 1)
-            if changed is not None:
-                criterion = nn.CrossEntropyLoss(label_smoothing=changed.label_smoothing)
-                ops = changed.ops
-            steps = epoch_steps(plan.total_steps, epoch, plan.steps_per_epoch)  # a plan made now may end it early
-            bar.total = steps
-            bar.set_description(progress_label(epoch, plan, budget_minutes), refresh=False)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            bad = int(first_bad_step)
-            if bad >= 0:
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        if step % LOG_EVERY == 0 or step == steps:
+            if int(first_bad_step) >= 0:
                 bar.close()
-                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {bad + 1} of {steps}")
-            loss_so_far, now = float(loss_sum), time.perf_counter()
-            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
+                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(first_bad_step)} of {steps}")
+            loss_sum, correct = sums.tolist()
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
             if log_step is not None:
-                log_step((epoch - 1) * plan.steps_per_epoch + step + 1,
-                         {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]), "lr": scheduler.get_last_lr()[0],
-                          "images_per_s": (seen - logged[1]) * ctx.world / (now - logged[2])})
-                logged = (loss_so_far, seen, now)
-            bar.update((step + 1) - bar.n)
+                log_step(first + step, {"batch_loss": (loss_sum - logged[0]) / (seen - logged[1]),
+                                        "lr": training.optimizer.param_groups[0]["lr"],
+                                        "images_per_s": (seen - logged[1]) * ctx.world / (now - logged[2])})
+                logged = (loss_sum, seen, now)
+            bar.update(step - bar.n)
     bar.close()
-    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=ctx.device)])
+    totals = torch.cat([sums, sums.new_tensor([seen])])
     if ctx.world > 1:
         dist.all_reduce(totals)
     seconds = time.perf_counter() - start
@@ -213,13 +195,17 @@ def train_one_epoch(model: nn.Module, optimizer, scheduler, scaler, images: torc
             "seconds": seconds, "images_per_s": seen_total / seconds}
 
 
-class Training(NamedTuple):
-    """A run's network and what trains it."""
-    model: nn.Module  # the plain network: validated, tested and saved
-    train_model: nn.Module  # what the steps run: the network under DistributedDataParallel and torch.compile if asked
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
+def validate(model: nn.Module, splits: Splits, mean: Sequence[float], std: Sequence[float], ctx: TrainContext
+             ) -> tuple[float, float]:
+    """(loss, accuracy) on the validation images, measured on the main process and shared with the others as Python
+    numbers (no float64 tensor on the device: Apple's MPS has none)."""
+    shared = [None]
+    if ctx.is_main:
+        result = evaluate(model, splits.val_images, splits.val_labels, mean, std, ctx)
+        shared = [(result["loss"], result["accuracy"])]
+    if ctx.world > 1:
+        dist.broadcast_object_list(shared, 0)
+    return shared[0]
 
 
 class BestEpoch(NamedTuple):
@@ -229,10 +215,11 @@ class BestEpoch(NamedTuple):
 
 
 class Fitted(NamedTuple):
-    """What the epoch loop leaves: every epoch's row, the best epoch, the seconds this call trained."""
+    """What the epoch loop leaves: every epoch's row, the best epoch, the seconds this call trained, the last plan."""
     history: list[dict]
     best: BestEpoch
     seconds: float
+    plan: Plan
 
 
 # One row of history.json: elapsed_s is the run's wall-clock time (training, validation, saving) at the epoch's end.
@@ -240,84 +227,57 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accura
                 "images_per_s", "elapsed_s", "precision")
 
 
-def fit(training: Training, splits: Splits, plan: Plan, step_with: TrainStep, seed: int, batch_size: int,
-        patience: int, budget_minutes: float | None, replans: bool, history: list[dict], best: BestEpoch,
-        ctx: TrainContext, on_plan: Callable[[], TrainStep], save_epoch: Callable[[list[dict], BestEpoch, bool], None],
+def fit(training: Training, splits: Splits, plan: Plan, step_with: TrainStep, seed: int, patience: int,
+        start: tuple[list[dict], BestEpoch], ctx: TrainContext,
+        save_epoch: Callable[[list[dict], BestEpoch, bool, Plan], None],
         log_step: Callable[[int, dict], None] | None = None) -> Fitted:
-    """The epoch loop after `history`: train, validate, keep the best epoch, and on the main process `save_epoch`
-    (history, best, improved) after each; ends at the plan's last epoch, or early after `patience` epochs without a
-    better one. Under a time budget the first epoch's steps make the plan (see budget_planner; `on_plan` then says how
-    the steps train), and with `replans` the end of every full epoch plans again from the speed and the time used so
-    far (see replan). `log_step` goes to train_one_epoch."""
-    train_images, train_labels = splits.train_images.to(ctx.device), splits.train_labels.to(ctx.device)
-    history = list(history)
-    start = time.perf_counter()
-    earlier_s = history[-1].get("elapsed_s", 0.0) if history else 0.0  # what the calls before this one used
-    timing = budget_planner(plan, budget_minutes, batch_size, len(splits.val_images), start, ctx) \
-        if budget_minutes is not None and plan.total_steps is None else None
-
-    def after_step(done: int) -> TrainStep | None:  # the first epoch's, while a time budget plans
-        return on_plan() if timing(done) else None
+    """The epoch loop after the `start` (history, best epoch) of a resumed run: train, validate, keep the best epoch,
+    and on the main process `save_epoch(history, best, improved, plan)` after each; ends at the plan's last epoch,
+    or early after `patience` epochs without a better one. A time budget's plan (unless fixed) is made anew after
+    every full epoch from the speed and the time used so far (see replan). `log_step` goes to train_one_epoch."""
+    train_set = splits.train_images.to(ctx.device), splits.train_labels.to(ctx.device)
+    history, best = list(start[0]), start[1]
+    clock = time.perf_counter()
+    earlier_s = history[-1].get("elapsed_s", 0.0) if history else plan.spent_s  # what came before this call
     epoch = len(history)
-    while plan.epochs is None or epoch < plan.epochs:  # a time budget's plan is made in the first epoch
+    while epoch < plan.epochs:  # a re-plan may move the last epoch
         epoch += 1
         if patience and best.epoch is not None and epoch - 1 - best.epoch >= patience:
-            if ctx.is_main:
-                print(f"early stop: no better validation accuracy for {patience} epochs")
+            say(ctx, f"early stop: no better validation accuracy for {patience} epochs")
             break
         epoch_start = time.perf_counter()
-        row = {"epoch": epoch, "lr": training.optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(training.train_model, training.optimizer, training.scheduler, training.scaler,
-                                   train_images, train_labels, step_with, plan, epoch, seed, batch_size, ctx,
-                                   budget_minutes, after_step if epoch == 1 and timing is not None else None,
-                                   log_step=log_step))
-        val = torch.zeros(2, device=ctx.device, dtype=torch.float64)
-        if ctx.is_main:
-            result = evaluate(training.model, splits.val_images, splits.val_labels, step_with.mean, step_with.std, ctx)
-            val = torch.tensor([result["loss"], result["accuracy"]], device=ctx.device, dtype=torch.float64)
-        if ctx.world > 1:
-            dist.broadcast(val, 0)
-        row["val_loss"], row["val_accuracy"] = val.tolist()
+        row = {"epoch": epoch, "lr": training.peak_lrs[0] * lr_factor((epoch - 1) * plan.steps_per_epoch, plan)}
+        row.update(train_one_epoch(training, train_set, step_with, plan, epoch, seed, ctx, log_step))
+        row["val_loss"], row["val_accuracy"] = validate(training.model, splits, step_with.mean, step_with.std, ctx)
         row["precision"] = precision_name(ctx.dtype)
-        row["elapsed_s"] = earlier_s + time.perf_counter() - start
-        row = {k: row[k] for k in HISTORY_KEYS}
-        history.append(row)
+        row["elapsed_s"] = earlier_s + time.perf_counter() - clock
+        history.append({k: row[k] for k in HISTORY_KEYS})
         improved = row["val_accuracy"] > best.val_accuracy
-        if improved:
-            best = BestEpoch(epoch, row["val_accuracy"])
+        best = BestEpoch(epoch, row["val_accuracy"]) if improved else best
+        say(ctx, f"epoch {epoch:3d}/{plan.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+                 f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
+                 f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s" + ("  *best" if improved else ""))
         if ctx.is_main:
-            tqdm.write(f"epoch {epoch:3d}/{plan.epochs}  train loss {row['train_loss']:.4f} acc "
-                       f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  "
-                       f"lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
-                       + ("  *best" if improved else ""), file=sys.stdout)
-            save_epoch(history, best, improved)
-        if budget_minutes is not None and replans and row["steps"] == plan.steps_per_epoch and epoch < plan.epochs:
-            epoch_s = time.perf_counter() - epoch_start  # training, validation and saving
-            replan(plan, budget_minutes, batch_size, earlier_s + time.perf_counter() - start,
-                   epoch * plan.steps_per_epoch, row["seconds"] / row["steps"], epoch_s - row["seconds"], ctx)
-    return Fitted(history, best, time.perf_counter() - start)
+            save_start = time.perf_counter()
+            save_epoch(history, best, improved, plan)
+            history[-1]["save_s"] = time.perf_counter() - save_start
+        if plan.budget_minutes is not None and not plan.fixed and row["steps"] == plan.steps_per_epoch \
+                and epoch < plan.epochs:
+            plan = replan(plan, earlier_s + time.perf_counter() - clock, epoch * plan.steps_per_epoch,
+                          row["seconds"] / row["steps"], time.perf_counter() - epoch_start - row["seconds"], ctx)
+    return Fitted(history, best, time.perf_counter() - clock, plan)
 
 
-TRAINING_STATE = ("optimizer", "scheduler", "scaler")  # what --resume needs beyond the model
+TRAINING_STATE = ("optimizer", "scaler")  # what --resume needs beyond the model
 
 
 def checkpoint_state(script: str, settings: dict, training: Training, history: list[dict], best: BestEpoch,
-                     fingerprint: str | None = None, classes: Sequence[str] = CLASSES) -> dict:
+                     plan: Plan | None = None, fingerprint: str | None = None, classes: Sequence[str] = CLASSES) -> dict:
     """What last.pt holds after an epoch (best.pt: the same without TRAINING_STATE); `fingerprint` is
-    data_fingerprint of the splits the run trains on (None outside a run)."""
+    data_fingerprint of the splits the run trains on (None outside a run). The learning rate needs no state of its
+    own: it is a function of the step and the plan."""
     return {"kind": script, "settings": settings, "model": training.model.state_dict(),
-            "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
-            "scaler": training.scaler.state_dict(), "epoch": len(history), "history": history,
+            "optimizer": training.optimizer.state_dict(), "scaler": training.scaler.state_dict(),
+            "plan": None if plan is None else plan._asdict(), "epoch": len(history), "history": history,
             "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy, "data_fingerprint": fingerprint,
             "classes": list(classes)}
-
-
-def save_epoch_files(checkpoint: dict, improved: bool, out_dir: Path) -> None:
-    """After an epoch: last.pt, best.pt when the epoch is the best so far, history.json. The first epoch of a new run
-    removes the metrics.json an --overwrite replaces."""
-    if checkpoint["epoch"] == 1:
-        (out_dir / "metrics.json").unlink(missing_ok=True)
-    if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
-        save_checkpoint({k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, out_dir / "best.pt")
-    save_checkpoint(checkpoint, out_dir / "last.pt")
-    save_json(checkpoint["history"], out_dir / "history.json")

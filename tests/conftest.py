@@ -124,8 +124,8 @@ def save_untrained_checkpoint(kind: str, settings: dict, model, path: Path) -> P
     """A checkpoint of `model` written as a run writes best.pt and last.pt, before any training."""
     optimizer = common.train.make_optimizer(list(model.parameters()), settings["optimizer"], settings["lr"],
                                       settings["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    training = common.train.Training(model, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+    training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                     [settings["lr"]])
     common.files.save_checkpoint(common.train.checkpoint_state(kind, dict(settings), training, [], common.train.BestEpoch()), path)
     return path
 
@@ -144,17 +144,21 @@ def interrupt_validation(monkeypatch, call: int = 2) -> None:
 
 
 def fake_training(calls: list):
-    """A stand-in for common.run.train_and_report that records its settings and writes a one-epoch run's files, with
+    """A stand-in for common.run.train_and_report that records its settings (with a time budget's `plan` applied)
+    and plan, and writes a one-epoch run's files, with
     accuracies that follow the dropout (training: 0.5 - p/2) and the seed (validation 0.4, test 0.45, plus seed/100)."""
-    def train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from=None, board=None):
-        calls.append({**settings, "run_dir": out_dir})
+    def train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from=None, board=None,
+                         plan=None):
+        settings = settings if plan is None else common.run.settings_for_plan(settings, plan)
+        calls.append({**settings, "run_dir": out_dir, "plan": plan})
         shift = settings["seed"] / 100
         history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5 - settings.get("dropout", 0) / 2, "val_loss": 1.2,
                     "val_accuracy": 0.4 + shift, "lr": 0.1, "steps": 1, "seconds": 1.0, "images_per_s": 32.0}]
         metrics = {"test_accuracy": 0.45 + shift, "test_accuracy_first1000": 0.46 + shift,
                    "best_val_accuracy": 0.4 + shift, "best_epoch": 1, "epochs_run": 1, "run_steps": 1,
                    "per_class_accuracy": {name: 0.45 + shift for name in CLASS_NAMES},
-                   "settings": {k: v for k, v in settings.items() if k not in common.settings.RUNTIME_KEYS}}
+                   "settings": {k: v for k, v in settings.items() if k not in common.settings.RUNTIME_KEYS},
+                   **({} if plan is None else {"plan": plan._asdict()})}
         common.files.save_json(history, out_dir / "history.json")
         common.files.save_json(metrics, out_dir / "metrics.json")
         return metrics

@@ -17,11 +17,9 @@ CPU = common.device.TrainContext(torch.device("cpu"), torch.float32)
 
 
 def fake_clock(monkeypatch, readings) -> None:
-    """The training clock (time.perf_counter() as common.budget and common.train read it) returns `readings` one
-    after the other."""
+    """The training clock (time.perf_counter() as common.train reads it) returns `readings` one after the other."""
     clock = SimpleNamespace(perf_counter=functools.partial(next, iter(readings)))
-    for module in (common.budget, common.train):
-        monkeypatch.setattr(module, "time", clock)
+    monkeypatch.setattr(common.train, "time", clock)
 
 
 def run_ex1(argv, capsys) -> tuple[int, str]:
@@ -37,51 +35,66 @@ def test_plan_fills_the_time_left_after_the_validation_passes():
     assert common.budget.plan_total_steps(60, 70, 1.0, 0.0, 12, 25) == 12  # already over: no step more
 
 
-def test_planner_times_the_steps_after_the_warm_up_and_fixes_the_total(monkeypatch):
-    plan = common.budget.Plan(steps_per_epoch=25, total_steps=None)
-    after_step = common.budget.budget_planner(plan, 1.0, batch_size=32, val_images=96, start=0.0, ctx=CPU)
-    fake_clock(monkeypatch, [1.5, 5.0, 25.0])  # read after step 1, step 5 (the warm-up's end) and step 25
-    for step in range(1, 25):
-        assert after_step(step) is False
-        assert plan.total_steps is None
-    assert after_step(25) is True
-    # 1 s a step, so a validation pass of 96 images is 1 s (a third of 3 steps of 32); 35 s left hold 60 steps
-    # at most (3 epochs): 25 + 35 - 3 = 57
-    assert plan.total_steps == 57
-    assert plan.epochs == 3 and plan.images_per_s == 32
+def tiny_training(steps: int, batch_size: int = 32):
+    """A linear model's Training and `steps` batches of random uint8 images with labels."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), [0.1])
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (steps * batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return training, (images, torch.randint(0, 10, (steps * batch_size,), generator=generator))
 
 
-def test_a_budget_shorter_than_the_first_step_is_refused(monkeypatch):
-    plan = common.budget.Plan(steps_per_epoch=25, total_steps=None)
-    after_step = common.budget.budget_planner(plan, 1.0, batch_size=32, val_images=96, start=0.0, ctx=CPU)
-    fake_clock(monkeypatch, [61.0])
-    with pytest.raises(common.errors.UsageError, match="too short for a single training step"):
-        after_step(1)
+def test_the_timed_steps_train_and_time_the_steps_after_the_warm_up(monkeypatch):
+    training, train_set = tiny_training(25)
+    before = training.model[1].weight.detach().clone()
+    plan = common.budget.Plan(32, 25, None, budget_minutes=1.0)
+    step = common.train.TrainStep({}, "zeros", [0.5] * 3, [0.5] * 3, 0.0)
+    fake_clock(monkeypatch, [0.0, 5.0, 25.0])  # read before the first step, after step 5 (the warm-up's end), step 25
+    assert common.train.timed_steps(training, train_set, step, plan, 0, CPU) == (1.0, 25.0)
+    assert not torch.equal(training.model[1].weight, before)  # the timed steps train: they count
+    assert training.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1)  # the schedule's first value
+
+
+def test_the_plan_fills_the_budget_left_after_the_timed_steps():
+    plan = common.budget.Plan(32, 25, None, budget_minutes=1.0)
+    planned = common.budget.budget_plan(plan, step_s=1.0, spent_s=25.0, val_images=96, scaling=None, ctx=CPU)
+    # 1 s a step, so a validation pass of 96 images is 1 s (a third of 3 steps of 32); the 35 s left hold 33 steps
+    # and the validation of the 2 epochs they reach
+    assert planned.total_steps == 33 and planned.epochs == 2 and planned.images_per_s == 32
+    assert planned.spent_s == 25.0 and planned.chosen == {} and plan.total_steps is None  # a new plan
+
+
+def test_a_budget_shorter_than_its_timed_steps_is_refused():
+    plan = common.budget.Plan(32, 25, None, budget_minutes=1.0)
+    with pytest.raises(common.errors.UsageError, match="too short for the 25 steps that time it"):
+        common.budget.budget_plan(plan, step_s=2.0, spent_s=61.0, val_images=96, scaling=None, ctx=CPU)
 
 
 def test_the_schedule_waits_for_the_plan_then_ends_at_its_last_step():
     def factor(step: int, total: int | None) -> float:
-        return common.budget.lr_factor(step, total, 100, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.0)
+        return common.budget.lr_factor(step, common.budget.Plan(32, 100, total))
     assert factor(5, None) == 0.1  # no plan yet: the warm-up's first value
-    assert common.budget.epoch_steps(None, 1, 100) == 100
+    assert common.budget.Plan(32, 100, None).epoch_steps(1) == 100
     assert factor(0, 250) == 0.1
     assert factor(50, 250) == 1.0  # warm-up ends at 20% of the planned steps
     assert factor(250, 250) == 0.0
-    assert [common.budget.epoch_steps(250, epoch, 100) for epoch in (1, 2, 3)] == [100, 100, 50]
+    assert [common.budget.Plan(32, 100, 250).epoch_steps(epoch) for epoch in (1, 2, 3)] == [100, 100, 50]
 
 
 SCALING = ex1_convnet.RECIPES["short"]["budget_scaling"]
 
 
 def test_the_regularisation_follows_the_planned_epochs_between_the_recipes_ends():
-    short, default = ex1_convnet.RECIPES["short"], ex1_convnet.RECIPES["default"]
+    short = ex1_convnet.RECIPES["short"]
+    default = common.settings.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
     keys = ("dropout", "crop_pad", "label_smoothing")
     assert SCALING["epochs"] == [10, 30]
-    assert common.budget.scaled_by_epochs(SCALING, 10) == {k: short[k] for k in keys}
-    assert common.budget.scaled_by_epochs(SCALING, 3) == {k: short[k] for k in keys}  # held at the ends
-    assert common.budget.scaled_by_epochs(SCALING, 30) == {k: default[k] for k in keys}
-    assert common.budget.scaled_by_epochs(SCALING, 100) == {k: default[k] for k in keys}
-    middle = common.budget.scaled_by_epochs(SCALING, math.sqrt(10 * 30))  # halfway on the logarithm
+    assert common.budget.choose_settings(SCALING, 10) == {k: short[k] for k in keys}
+    assert common.budget.choose_settings(SCALING, 3) == {k: short[k] for k in keys}  # held at the ends
+    assert common.budget.choose_settings(SCALING, 30) == {k: default[k] for k in keys}
+    assert common.budget.choose_settings(SCALING, 100) == {k: default[k] for k in keys}
+    middle = common.budget.choose_settings(SCALING, math.sqrt(10 * 30))  # halfway on the logarithm
     assert middle == {"dropout": 0.05, "crop_pad": 3, "label_smoothing": 0.15}
 
 
@@ -98,10 +111,12 @@ def test_a_flag_given_keeps_its_value_under_the_budget_and_no_budget_scales_noth
 def test_the_plan_sets_the_scaled_regularisation_in_the_settings_and_the_model():
     settings = common.settings.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     model = ex1_convnet.build_model(settings)
-    settings = common.run.with_budget_choice(settings, common.budget.Plan(100, 30 * 100), CPU)  # 30 epochs of 100 steps
+    plan = common.budget.budget_plan(common.budget.Plan(64, 100, None, budget_minutes=60.0), step_s=1.2, spent_s=0.0,
+                                     val_images=0, scaling=settings["budget_scaling"], ctx=CPU)  # 30 epochs of 100 steps
+    assert plan.chosen == {"dropout": 0.1, "crop_pad": 4, "label_smoothing": 0.1}
+    settings = common.run.settings_for_plan(settings, plan)
     common.train.set_dropout(model, settings["dropout"])
     assert (settings["dropout"], settings["crop_pad"], settings["label_smoothing"]) == (0.1, 4, 0.1)
-    assert settings["budget_choice"] == {"planned_epochs": 30.0, "dropout": 0.1, "crop_pad": 4, "label_smoothing": 0.1}
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
@@ -137,12 +152,15 @@ def test_a_budget_run_trains_the_planned_steps_the_last_epoch_what_is_left(cifar
     assert not list(tmp_path.glob("filters_*.png"))  # no_filter_plots took effect
     metrics, history = read_json(tmp_path / "metrics.json"), read_json(tmp_path / "history.json")
     planned = metrics["planned_steps"]
-    assert metrics["time_budget_minutes"] == 0.2 and planned > STEPS_PER_EPOCH
+    assert metrics["time_budget_minutes"] == 0.2 and planned > STEPS_PER_EPOCH and metrics["plan"]["total_steps"] == planned
     assert metrics["run_steps"] == planned == sum(row["steps"] for row in history)
     assert len(history) == metrics["epochs_run"] == math.ceil(planned / STEPS_PER_EPOCH)
     assert 0 < history[-1]["steps"] == planned - STEPS_PER_EPOCH * (len(history) - 1) <= STEPS_PER_EPOCH
     last = common.files.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
-    assert last["scheduler"]["last_epoch"] == planned and set(last["scheduler"]["_last_lr"]) == {0.0}  # schedule done
+    plan = common.budget.Plan(**last["plan"])
+    assert plan.total_steps == planned and common.budget.lr_factor(planned, plan) == 0.0  # the schedule's end
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(  # the lr of the last step trained
+        2e-3 * common.budget.lr_factor(planned - 1, plan))
 
 
 @pytest.mark.slow
@@ -153,7 +171,7 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
     code, err = run_ex1(budget_run(cifar_dir, tmp_path), capsys)
     assert code == 130, err[-3000:]
     saved = common.files.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
-    assert saved["epoch"] == 1 and saved["settings"]["planned_steps"] > 2 * STEPS_PER_EPOCH
+    assert saved["epoch"] == 1 and saved["plan"]["total_steps"] > 2 * STEPS_PER_EPOCH
     used = saved["history"][0]["elapsed_s"]
     assert 0 < used < 6
 
@@ -184,7 +202,7 @@ def test_a_budget_that_is_not_a_positive_number_is_refused_before_any_work(budge
 
 def test_a_budget_too_short_for_one_step_exits_2(cifar_dir, tmp_path, capsys, no_filter_plots):
     code, err = run_ex1(budget_run(cifar_dir, tmp_path, "0.00001"), capsys)  # 0.6 ms
-    assert code == 2 and "too short for a single training step" in err
+    assert code == 2 and "too short for the 25 steps that time it" in err
     assert not (tmp_path / "last.pt").exists()
 
 
@@ -193,7 +211,7 @@ def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(cifar_dir,
     for name, content in previous.items():
         (tmp_path / name).write_bytes(content)
     code, err = run_ex1([*budget_run(cifar_dir, tmp_path, "0.00001"), "--overwrite"], capsys)
-    assert code == 2 and "too short for a single training step" in err
+    assert code == 2 and "too short for the 25 steps that time it" in err
     assert {name: (tmp_path / name).read_bytes() for name in previous} == previous
 
 
@@ -214,9 +232,7 @@ def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe,
     assert code == 0, err[-3000:]
     seen = calls[0]
     assert seen["recipe"] == recipe  # the name metrics.json records
-    assert seen["dropout"] == ex1_convnet.RECIPES[recipe]["dropout"]
-    assert seen["norm_bias_lr"] == ex1_convnet.RECIPES[recipe]["norm_bias_lr"]
-    assert not seen["whiten"]  # neither recipe whitens: a budget's model is not fragile to noise
+    assert (seen["dropout"], seen["norm_bias_lr"]) == ((0.0, 8.0) if recipe == "short" else (0.1, 1.0))
     # a budget's model also rotates its pictures a little, which makes it lose less to blur, darkness, downscaling
     assert (seen["augment"], seen["rotate_deg"]) == ((["flip", "crop", "rotate"], 5.0) if recipe == "short"
                                                       else (["flip", "crop"], 15.0))

@@ -71,7 +71,7 @@ def ex2_runs(cifar_dir, tmp_path_factory):
 def test_plain_run_sets_up_no_process_group(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    assert common.device.init_distributed() == (0, 1, 0)
+    assert common.device.init_distributed("auto") == (0, 1, 0)
     assert not torch.distributed.is_initialized()
 
 

@@ -1,5 +1,6 @@
-"""README.md and docs/*.md against the code: every flag of a command they show exists in that script's --help, and
-every relative link (and #anchor) they make resolves. No network; one --help per script, run side by side."""
+"""README.md and docs/*.md against the code: every flag of a command they show exists in that script's --help (or,
+on a page that names the commit, in the commit REMOVED_FLAGS gives for it), and every relative link (and #anchor)
+they make resolves. No network; one --help per script, run side by side."""
 import re
 import subprocess
 import sys
@@ -20,6 +21,12 @@ LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)
 OTHER_TOOLS_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_id", "--rdzv_backend",
                      "--rdzv_endpoint", "--master_addr", "--master_port", "--smoke", "--logdir", "--host", "--port"}
 README_MAX_LINES = 250
+# Flags since removed from the scripts, each with the last commit that had them. The commands of measured runs that
+# used them stay as they were run; such a flag is accepted only on a page that names that commit, where it runs.
+REMOVED_FLAGS = {flag: "78d6b9b" for flag in (
+    "--whiten", "--no-whiten", "--whiten-eps", "--whiten-directions", "--lookahead", "--no-lookahead",
+    "--alternate-flip", "--no-alternate-flip", "--output-scale", "--lr-end", "--bn-momentum", "--decay-norm-bias",
+    "--no-decay-norm-bias", "--noise-std", "--no-augment", "--no-sync-bn")}
 
 
 def split_markdown(text: str) -> tuple[str, list[tuple[str, str]]]:
@@ -91,21 +98,75 @@ def test_the_parser_finds_commands_in_code_blocks_and_inline_code(tmp_path):
         ("ex2_transfer.py", ["--resume"]), ("benchmarks/speed.py", ["--json"])]
 
 
+def removed_here(flag: str, page_text: str) -> bool:
+    """True for a removed flag on a page that names the last commit that had it."""
+    commit = REMOVED_FLAGS.get(flag)
+    return commit is not None and re.search(rf"(?<![0-9a-f]){commit}(?![0-9a-f])", page_text) is not None
+
+
+def unknown_command_flags(page: Path, help_flags: dict[str, set[str]]) -> list[str]:
+    """'script: flag' for each flag of a command on the page that the script's --help does not list."""
+    text = page.read_text()
+    return [f"{script}: {flag}" for script, tail in commands(page) for flag in FLAG.findall(tail)
+            if flag not in help_flags[script] and not removed_here(flag, text)]
+
+
+def unknown_named_flags(page: Path, help_flags: dict[str, set[str]]) -> list[str]:
+    """The flags named anywhere in inline code or a code block, with or without a script, that none has."""
+    text = page.read_text()
+    prose, blocks = split_markdown(text)
+    code = " ".join(inline_code(prose)) + " " + " ".join(code for language, code in blocks if language not in ("python", "py"))
+    known = set().union(*help_flags.values()) | OTHER_TOOLS_FLAGS
+    return sorted(flag for flag in set(FLAG.findall(code)) - known if not removed_here(flag, text))
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_flag_of_a_command_is_in_that_scripts_help(page, help_flags):
-    unknown = [f"{script}: {flag}" for script, tail in commands(page) for flag in FLAG.findall(tail)
-               if flag not in help_flags[script]]
+    unknown = unknown_command_flags(page, help_flags)
     assert not unknown, f"{page.name}: flags that --help does not list: {unknown}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_flag_the_page_names_exists(page, help_flags):
-    """A flag named anywhere in inline code or a code block, with or without its script, belongs to one of them."""
-    prose, blocks = split_markdown(page.read_text())
-    text = " ".join(inline_code(prose)) + " " + " ".join(code for language, code in blocks if language not in ("python", "py"))
-    known = set().union(*help_flags.values()) | OTHER_TOOLS_FLAGS
-    unknown = sorted(set(FLAG.findall(text)) - known)
+    unknown = unknown_named_flags(page, help_flags)
     assert not unknown, f"{page.name}: flags no script has: {unknown}"
+
+
+def test_a_removed_flag_is_accepted_only_on_a_page_that_names_its_commit(tmp_path):
+    help_flags = {script: {"--epochs"} for script in SCRIPTS}
+    page = tmp_path / "page.md"
+    page.write_text("`python ex1_convnet.py --epochs 3 --whiten`\n")
+    assert unknown_command_flags(page, help_flags) == ["ex1_convnet.py: --whiten"]
+    assert unknown_named_flags(page, help_flags) == ["--whiten"]
+    page.write_text("`python ex1_convnet.py --epochs 3 --whiten` at commit 78d6b9b0\n")  # another commit's hash
+    assert unknown_command_flags(page, help_flags) == ["ex1_convnet.py: --whiten"]
+    page.write_text("At commit 78d6b9b: `python ex1_convnet.py --epochs 3 --whiten --no-such-flag`\n")
+    assert unknown_command_flags(page, help_flags) == ["ex1_convnet.py: --no-such-flag"]
+    assert unknown_named_flags(page, help_flags) == ["--no-such-flag"]
+
+
+def test_the_removed_flags_are_gone(help_flags):
+    """The allowance lists only flags that no script has any more."""
+    assert not set(REMOVED_FLAGS) & set().union(*help_flags.values())
+
+
+def test_the_removed_flags_existed_at_their_commit():
+    """Each removed flag is an argument in the scripts' source at the commit REMOVED_FLAGS gives (a --no-X as the
+    negative of an argparse.BooleanOptionalAction --X). Skipped without git or that commit."""
+    sources = {}
+    for commit in set(REMOVED_FLAGS.values()):
+        try:
+            shown = [subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True)
+                     for path in ("common/settings.py", "ex1_convnet.py", "ex2_transfer.py")]
+        except FileNotFoundError:
+            pytest.skip("no git")
+        if any(result.returncode for result in shown):
+            pytest.skip(f"commit {commit} is not in this checkout")
+        sources[commit] = "".join(result.stdout for result in shown)
+    missing = [flag for flag, commit in REMOVED_FLAGS.items() if f'"{flag}"' not in sources[commit]
+               and not (flag.startswith("--no-")
+                        and f'"--{flag[5:]}", action=argparse.BooleanOptionalAction' in sources[commit])]
+    assert not missing, f"not arguments at their commit: {missing}"
 
 
 def slug(heading: str) -> str:

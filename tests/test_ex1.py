@@ -186,7 +186,7 @@ def test_help_lists_every_flag(capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     for flag in ["--data-dir", "--no-download", "--out-dir", "--epochs", "--batch-size", "--lr", "--weight-decay",
-                 "--dropout", "--no-bn", "--augment", "--no-augment", "--limit-train", "--val-size", "--recipe", "--seed",
+                 "--dropout", "--no-bn", "--augment", "--limit-train", "--val-size", "--recipe", "--seed",
                  "--device", "--precision", "--patience", "--eval-only", "--checkpoint"]:
         assert re.search(rf"(?<![\w-]){flag}(?![\w-])", text), flag
 

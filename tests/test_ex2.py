@@ -267,14 +267,15 @@ def test_freeze_training_step_changes_only_the_head(vgg_weights):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = common.train.make_optimizer([p for p in model.parameters() if p.requires_grad], settings.optimizer,
                                       settings.lr, settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                     [settings.lr])
     images, labels = make_images(32, np.random.default_rng(1))
     images = torch.from_numpy(images.reshape(-1, 3, 32, 32))
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    plan = common.budget.Plan(steps_per_epoch=2, total_steps=None)
-    result = common.train.train_one_epoch(model, optimizer, scheduler, scaler, images, torch.tensor(labels),
-                                    common.run.train_step(settings), plan, 1, settings.seed, settings.batch_size, ctx)
+    plan = common.budget.Plan(batch_size=settings.batch_size, steps_per_epoch=2, total_steps=None)
+    result = common.train.train_one_epoch(training, (images, torch.tensor(labels)), common.run.train_step(settings),
+                                          plan, 1, settings.seed, ctx)
+    assert result["steps"] == 2
     assert np.isfinite(result["train_loss"])
     assert model.training and model.head.training
     assert not model.features.training and not any(m.training for m in model.features.modules())  # BN in eval mode

@@ -395,6 +395,7 @@ def fill_the_disk_at(out_dir: Path, monkeypatch, epoch: int) -> None:
         return save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_full)
+    monkeypatch.setattr(common.run, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
 
 
 def assert_a_full_disk_is_reported(code: int, err: str, out_dir: Path) -> None:
@@ -420,7 +421,7 @@ def test_a_full_disk_ends_with_one_line_naming_the_file_what_is_kept_and_how_to_
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="mounting a tmpfs needs root on Linux")
-def test_a_really_full_file_system_is_reported_the_same_way(tmp_path, cifar_dir, capsys, no_filter_plots):
+def test_a_really_full_file_system_is_reported_the_same_way(tmp_path, cifar_dir, capsys, monkeypatch, no_filter_plots):
     """A 150 MB tmpfs holds epoch 1's best.pt (31 MB) and last.pt (92 MB), and no room for epoch 2's."""
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -428,6 +429,7 @@ def test_a_really_full_file_system_is_reported_the_same_way(tmp_path, cifar_dir,
         pytest.skip("this machine does not let a test mount a tmpfs")
     try:
         out_dir = disk / "run"
+        monkeypatch.setattr(common.run, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
         code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir], capsys)
         assert_a_full_disk_is_reported(code, err, out_dir)
     finally:

@@ -172,22 +172,19 @@ def test_seeds_json_records_each_runs_commit_and_says_when_they_differ(tmp_path,
     assert "trained by 2 different commits of the project (aaaaaaa, bbbbbbb)" in out
 
 
-def test_under_a_time_budget_the_first_seed_plans_and_the_others_train_its_steps(tmp_path, monkeypatch, capsys):
+def test_under_a_time_budget_the_first_seed_plans_and_the_others_train_its_plan(tmp_path, monkeypatch, capsys):
     calls = []
     fake = fake_training(calls)
+    made = common.budget.Plan(32, 8, 40, budget_minutes=5.0, chosen={"label_smoothing": 0.17})
 
-    def planning_fake(kind, settings, *args, **kwargs):
-        planned = settings.get("planned_steps") is None
-        settings = {**settings, "planned_steps": 40, "epochs": 5, "label_smoothing": 0.17,
-                    "budget_choice": {"planned_epochs": 4.9, "label_smoothing": 0.17}} if planned else settings
-        return fake(kind, settings, *args, **kwargs)
+    def planning_fake(kind, settings, *args, plan=None, **kwargs):  # the first run plans, as its timed steps would
+        return fake(kind, settings, *args, plan=plan or made, **kwargs)
 
     monkeypatch.setattr(common.cli, "train_and_report", planning_fake)
     monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
     argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "3", "--time-budget", "5"]
     assert call(ex1_convnet.main, argv, capsys)[0] == 0
-    assert calls[0]["planned_steps"] == 40 and calls[0]["plan_from"] is None
-    for later in calls[1:]:
-        assert (later["planned_steps"], later["epochs"], later["label_smoothing"]) == (40, 5, 0.17)
-        assert later["plan_from"] == str(tmp_path / "seed0")
+    assert calls[0]["plan"] is made and calls[0]["label_smoothing"] == 0.17
+    for later in calls[1:]:  # the first run's plan, read from its metrics.json, trained as it is
+        assert later["plan"] == made._replace(fixed=True) and later["label_smoothing"] == 0.17
     assert call(ex1_convnet.main, argv, capsys)[0] == 0 and len(calls) == 3  # and they are reused as such

@@ -145,12 +145,11 @@ def augment_of(*flags: str, recipe: str = "default") -> list[str]:
     (("--rotate-deg", "10"), ["flip", "crop", "rotate"]),                # a strength > 0 turns its op on
     (("--jitter", "0.2", "--gray-p", "0.1"), ["flip", "crop", "jitter", "gray"]),
     (("--crop-pad", "0"), ["flip"]),                                     # a strength of 0 turns its op off
-    (("--no-augment",), []),
     (("--augment", "none"), []),
     (("--augment", "rotate,flip"), ["flip", "rotate"]),                  # --augment chooses the ops
     (("--augment", "flip,rotate", "--rotate-deg", "0"), ["flip"]),
     (("--augment", "flip", "--crop-pad", "2"), ["flip", "crop"]),
-    (("--no-augment", "--gray-p", "0.3"), ["gray"]),
+    (("--augment", "none", "--gray-p", "0.3"), ["gray"]),                # ... also over no ops at all
 ])
 def test_per_op_flags_turn_ops_on_and_off(flags, expected):
     assert augment_of(*flags) == expected

@@ -22,20 +22,29 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it_natively(monke
 
 
 def test_explicit_precision_is_kept(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    """An explicit --precision is what the run gets, where the GPU computes it natively; bf16 on an older GPU (it
+    would only emulate it) is refused with a message naming the GPU and fp16 instead."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert common.device.resolve_precision("bf16", CUDA) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     assert common.device.resolve_precision("fp32", CUDA) == torch.float32
+    assert common.device.resolve_precision("fp16", CUDA) == torch.float16
+    with pytest.raises(common.errors.UsageError, match=r"Tesla T4, compute capability 7\.5.*--precision fp16"):
+        common.device.resolve_precision("bf16", CUDA)
 
 
 STEPS = 100  # per epoch: 1000 steps in all, warm-up over the first 200
+ONE_CYCLE = common.budget.Plan(batch_size=2, steps_per_epoch=STEPS, total_steps=10 * STEPS)
+EXPONENTIAL = ONE_CYCLE._replace(lr_decay=0.95)
 
 
 def one_cycle(step: int) -> float:
-    return common.budget.lr_factor(step, 10 * STEPS, STEPS, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.0)
+    return common.budget.lr_factor(step, ONE_CYCLE)
 
 
 def exponential(step: int) -> float:
-    return common.budget.lr_factor(step, 10 * STEPS, STEPS, "exp", warmup=0.0, lr_decay=0.95, lr_end=0.0)
+    return common.budget.lr_factor(step, EXPONENTIAL)
 
 
 def test_one_cycle_rises_from_a_tenth_to_the_peak_then_falls_to_zero():
@@ -46,6 +55,12 @@ def test_one_cycle_rises_from_a_tenth_to_the_peak_then_falls_to_zero():
     assert factor[600] == pytest.approx(0.5)  # half-way down
     assert factor[999] == pytest.approx(1 / 800)  # the last step
     assert factor[1000] == 0.0
+    assert common.budget.WARMUP == 0.2
+
+
+def test_one_cycle_before_a_time_budgets_plan_stays_at_its_first_value():
+    unplanned = ONE_CYCLE._replace(total_steps=None, budget_minutes=5.0)
+    assert [common.budget.lr_factor(step, unplanned) for step in (0, 50, 500)] == [0.1, 0.1, 0.1]
 
 
 def test_exponential_schedule_decays_once_per_epoch():
@@ -55,17 +70,47 @@ def test_exponential_schedule_decays_once_per_epoch():
     assert factor[999] == pytest.approx(0.95 ** 9)  # the last step, in the tenth epoch
 
 
+def scheduled_lrs(plan: common.budget.Plan, peak_lrs: list[float]) -> list[list[float]]:
+    """Every optimizer group's learning rate at each step of train_one_epoch over all of the plan's epochs, as the
+    optimizer sees it when it steps; a linear model with one group per peak learning rate."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    optimizer = torch.optim.SGD([{"params": [model[1].weight], "lr": peak_lrs[0]},
+                                 {"params": [model[1].bias], "lr": peak_lrs[-1]}][:len(peak_lrs)], lr=peak_lrs[0])
+    seen, step = [], optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    optimizer.step = recording_step
+    training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), peak_lrs)
+    images = torch.zeros(plan.batch_size * plan.steps_per_epoch, 3, 32, 32, dtype=torch.uint8)
+    train_set = images, torch.zeros(len(images), dtype=torch.long)
+    step_with = common.train.TrainStep({}, "zeros", [0.0] * 3, [1.0] * 3, 0.0)
+    ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
+    for epoch in range(1, plan.epochs + 1):
+        common.train.train_one_epoch(training, train_set, step_with, plan, epoch, 0, ctx)
+    return seen
+
+
 def test_the_optimizer_sees_the_scheduled_learning_rate():
-    """Through LambdaLR as training uses it: lr of the first step, after warm-up, and of the last step."""
-    param = nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=2e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle)
-    seen = []
-    for _ in range(1000):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen[0] == pytest.approx(2e-4) and seen[200] == pytest.approx(2e-3) and seen[999] == pytest.approx(2e-3 / 800)
+    """Through train_one_epoch and optimizer_step as training uses them: every group's peak times lr_factor of the
+    run's step, at the first step, after warm-up, half-way down and at the last step (10 epochs of 10 steps)."""
+    seen = scheduled_lrs(common.budget.Plan(batch_size=1, steps_per_epoch=10, total_steps=100), [2e-3, 1.6e-2])
+    assert len(seen) == 100
+    assert seen[0] == pytest.approx([2e-4, 1.6e-3])
+    assert seen[20] == pytest.approx([2e-3, 1.6e-2])
+    assert seen[60] == pytest.approx([1e-3, 8e-3])  # half-way down, in the seventh epoch
+    assert seen[99] == pytest.approx([2e-3 / 80, 1.6e-2 / 80])
+
+
+def test_the_optimizer_sees_the_exponential_decay_once_per_epoch():
+    plan = common.budget.Plan(batch_size=1, steps_per_epoch=10, total_steps=30, lr_decay=0.95)
+    seen = [lrs[0] for lrs in scheduled_lrs(plan, [2e-3])]
+    assert len(seen) == 30
+    assert seen[0] == seen[9] == pytest.approx(2e-3)
+    assert seen[10] == seen[19] == pytest.approx(2e-3 * 0.95)
+    assert seen[29] == pytest.approx(2e-3 * 0.95 ** 2)
 
 
 def one_step(name: str, lr: float = 0.1, weight_decay: float = 0.5) -> list[float]:
@@ -124,36 +169,23 @@ def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
     assert common.data.data_fingerprint([images, labels]) != common.data.data_fingerprint([images, torch.tensor([0, 1, 2, 4])])
 
 
-def test_one_cycle_ends_at_lr_end_of_the_peak():
-    factor = [common.budget.lr_factor(step, 1000, STEPS, "onecycle", warmup=0.2, lr_decay=None, lr_end=0.07)
-              for step in (200, 600, 1000)]
-    assert factor == pytest.approx([1.0, (1.0 + 0.07) / 2, 0.07])
-
-
-def test_parameter_groups_spare_one_dimensional_parameters_from_decay_and_speed_up_norm_biases():
+def test_parameter_groups_speed_up_the_norm_biases_only_when_asked():
+    """One group at lr; with norm_bias_lr the BatchNorm biases learn in a second group at lr x norm_bias_lr; every
+    group has the optimizer's weight decay."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 10))
     conv, norm, linear = model[0], model[1], model[3]
-    plain = common.train.parameter_groups(model, decay_norm_bias=True, lr=0.1)
+    plain = common.train.parameter_groups(model, lr=0.1)
     assert len(plain) == 1 and len(plain[0]["params"]) == 6 and plain[0]["lr"] == 0.1
-    groups = common.train.parameter_groups(model, decay_norm_bias=False, lr=0.1, norm_bias_lr=8.0)
+    groups = common.train.parameter_groups(model, lr=0.1, norm_bias_lr=8.0)
     ids = [{id(p) for p in g["params"]} for g in groups]
-    assert ids[0] == {id(conv.weight), id(linear.weight)} and "weight_decay" not in groups[0]  # the recipe's decay
-    assert ids[1] == {id(conv.bias), id(norm.weight), id(linear.bias)} and groups[1]["weight_decay"] == 0.0
-    assert ids[2] == {id(norm.bias)} and groups[2]["lr"] == pytest.approx(0.8) and groups[2]["weight_decay"] == 0.0
+    assert ids == [{id(conv.weight), id(conv.bias), id(norm.weight), id(linear.weight), id(linear.bias)},
+                   {id(norm.bias)}]
+    assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.8])
+    assert all("weight_decay" not in g for g in groups)
     optimizer = common.train.make_optimizer(groups, "adamw", 0.1, 0.05)
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0, 0.0]
-
-
-def test_lookahead_pulls_towards_the_average_by_a_weight_that_rises_with_progress():
-    assert common.train.lookahead_decay(0, 100) == 0.0 and common.train.lookahead_decay(50, None) == 0.0
-    assert common.train.lookahead_decay(100, 100) == pytest.approx(0.95 ** 5)
-    assert common.train.lookahead_decay(50, 100) == pytest.approx(0.95 ** 5 / 8)  # the cube of the progress
-    model = nn.BatchNorm1d(2)
-    pairs = common.train.lookahead_pairs(model)
-    with torch.no_grad():
-        model.weight.fill_(3.0)  # the average holds 1
-    model.num_batches_tracked += 7
-    common.train.lookahead_pull(pairs, decay=0.75)
-    average = dict(zip(("weight", "bias", "running_mean", "running_var"), (a for _, a in pairs)))
-    assert torch.allclose(model.weight, torch.full((2,), 1.5)) and torch.equal(average["weight"], model.weight)
-    assert model.num_batches_tracked == 7 and len(pairs) == 4  # counts are not averaged
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.05]
+    no_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    assert len(common.train.parameter_groups(no_norm, lr=0.1, norm_bias_lr=8.0)) == 1  # no empty group
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    frozen[1].bias.requires_grad_(False)
+    assert [len(g["params"]) for g in common.train.parameter_groups(frozen, lr=0.1, norm_bias_lr=8.0)] == [3]

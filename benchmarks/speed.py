@@ -112,12 +112,10 @@ def bench_loop(images, labels, settings, ctx, n_steps: int, warmup: int) -> floa
     images, labels = images.to(ctx.device), labels.to(ctx.device)
     model = new_model(settings, ctx.device, channels_last=True)
     optimizer = common.train.make_optimizer(list(model.parameters()), settings.optimizer, settings.lr, settings.weight_decay)
-    plan = common.budget.Plan(n_steps, settings.epochs * n_steps)
-    scheduler = common.budget.make_scheduler(optimizer, plan, settings.schedule, settings.warmup, settings.lr_decay,
-                                             settings.lr_end)
-    scaler = common.device.make_scaler(ctx)
-    run = lambda epoch, n: common.train.train_one_epoch(model, optimizer, scheduler, scaler, images[:n], labels[:n],  # noqa: E731
-                                                  common.run.train_step(settings), plan, epoch, settings.seed, bs, ctx)
+    training = common.train.Training(model, model, optimizer, common.device.make_scaler(ctx), [settings.lr])
+    plan = common.budget.Plan(bs, n_steps, settings.epochs * n_steps, settings.lr_decay)
+    run = lambda epoch, n: common.train.train_one_epoch(training, (images[:n], labels[:n]),  # noqa: E731
+                                                        common.run.train_step(settings), plan, epoch, settings.seed, ctx)
     if warmup:
         run(0, warmup * bs)
     return n_steps * bs / timed(lambda: run(1, n_steps * bs), ctx.device)

@@ -35,18 +35,11 @@ RECIPES = {
                      dropout=[0.4, 0.3, 0.3, 0.3, 0.3], linear_init_std=1e-3, augment="flip,crop,rotate,jitter",
                      crop_pad=3, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
     # For the few epochs a CPU hour buys (what --time-budget uses unless --recipe is given): more, smaller steps, no
-    # dropout and a lighter crop, since a network that sees each image 3-5 times underfits rather than overfits; and
-    # BatchNorm biases that learn at 8 times the learning rate (measured over 3 seeds at 3 and 6 epochs:
-    # docs/probes.md). Its first-layer filters start random: whitened ones test 1.6 points higher after 3 epochs but
-    # make the model lose tens of points to noise nobody sees (measured over 3 seeds: docs/robustness.md). A light
-    # rotation (5 degrees) makes it lose less to blur, contrast, darkness and downscaling, for under 1.5 points of
-    # clean accuracy (measured over 3 seeds at 5 epochs and in an hour: docs/robustness.md); crops and rotations that
-    # fill what they uncover by mirroring the picture instead of with black win that back (1.1 points over 3 seeds at
-    # 5 epochs). With all this the hour's model loses at most a point more than the 30-epoch model to each
-    # corruption of the benchmark on all 10,000 test images.
-    # Under --time-budget the plan then moves dropout, crop padding and label smoothing from these values, which
-    # measured best up to 10 epochs, towards the default recipe's (for 30) as the budget buys more: see
-    # common.budget.choose_settings.
+    # dropout and a lighter crop (a network that sees each image 3-5 times underfits), BatchNorm biases at 8 times
+    # the learning rate (docs/probes.md); random first filters, a 5-degree rotation and mirrored borders, with which
+    # the hour's model loses at most a point more than the 30-epoch model to each corruption (docs/robustness.md).
+    # A time budget's plan moves dropout, crop padding and label smoothing from these values (best up to 10 epochs)
+    # towards the default recipe's (for 30) as it buys more epochs: common.budget.choose_settings.
     "short": dict(epochs=5, batch_size=64, dropout=0.0, augment="flip,crop,rotate", crop_pad=2, crop_fill="reflect",
                   rotate_deg=5.0, label_smoothing=0.2, norm_bias_lr=8.0,
                   budget_scaling={"epochs": [10, 30], "dropout": [0.0, 0.1], "crop_pad": [2, 4],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -71,9 +72,12 @@ def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: boo
 
 def start_or_resume(script: str, settings: Settings, flags_given: dict, build_model: ModelBuilder, out_dir: Path,
                     ctx: TrainContext, plan: Plan | None = None) -> dict | None:
-    """Train in `out_dir`: fresh, resumed from its last.pt (the flags given checked against its settings), or not
-    at all when it already holds a finished run; `plan` is another run's time budget plan to train (a sweep's)."""
+    """Train in `out_dir`: fresh, resumed from its last.pt (the flags given checked against its settings; with
+    --epochs beyond a finished run's, that run extended), or not at all when it already holds a finished run; `plan`
+    is another run's time budget plan to train (a sweep's)."""
     finished, unfinished = (out_dir / "metrics.json").exists(), (out_dir / "last.pt").exists()
+    if finished and unfinished and "epochs" in flags_given:  # --resume --epochs N extends a finished run
+        finished = flags_given["epochs"] <= len(json.loads((out_dir / "history.json").read_text()))
     resume_from = None
     if settings.resume and finished:
         say(ctx, f"{out_dir} holds a finished run (metrics.json); nothing to resume")

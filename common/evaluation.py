@@ -20,15 +20,13 @@ EVAL_BATCH = 500  # images a forward pass takes when a model is evaluated
 TTA_SHIFT = 2  # pixels of the diagonal translations among the test-time augmentation views
 
 
-def tta_views(images: torch.Tensor, pixels: int = TTA_SHIFT, padding: str = "constant") -> list[torch.Tensor]:
+def tta_views(images: torch.Tensor, pixels: int = TTA_SHIFT) -> list[torch.Tensor]:
     """The views --tta averages over, for float images (N, C, H, W) in [0, 1]: the image and its mirror along the
-    width, each as it is and translated by (+2, +2) and (-2, -2) pixels with zero fill (as training's padded crop);
-    other `pixels` and F.pad's `padding` modes for benchmarks/tta.py.
-    """
+    width, each as it is and translated by (+2, +2) and (-2, -2) pixels with zero fill (as training's padded crop)."""
     h, w = images.shape[-2:]
     views = []
     for image in (images, images.flip(-1)):
-        padded = F.pad(image, (pixels,) * 4, mode=padding)
+        padded = F.pad(image, (pixels,) * 4)
         for shift in (0, pixels, -pixels):  # view[..., y, x] = image[..., y - shift, x - shift]
             views.append(padded[..., pixels - shift:pixels - shift + h, pixels - shift:pixels - shift + w])
     return views

@@ -1,8 +1,8 @@
 """One training run from set-up to report, top to bottom: data, network and optimizer, the plan (a time budget's
 made from its first steps), the settings every epoch trains with, fit, the final test and its files.
 
-Imports common.errors, common.files, common.data, common.augment, common.device, common.evaluation, common.budget,
-common.train, common.plots, common.report, common.board, common.settings."""
+Imports common.errors, common.files, common.data, common.augment, common.corruptions, common.device, common.evaluation,
+common.budget, common.train, common.plots, common.report, common.board, common.settings."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,14 +21,15 @@ from .files import load_checkpoint, save_checkpoint, save_json
 from .data import channel_mean_std, CifarData, data_fingerprint, load_cifar10, split_train_val, Splits
 from .augment import augmentation, STRENGTH_KEYS
 from .device import make_scaler, precision_name, TrainContext
-from .evaluation import evaluate, test_results, TestResults
+from .corruptions import CORRUPTIONS
+from .evaluation import CORRUPTION_SHARE, evaluate, first_test_images, test_results, TestResults
 from .budget import budget_plan, Plan, say
 from .train import (
     BestEpoch, checkpoint_state, count_parameters, first_conv_weight, fit, Fitted, make_optimizer, parameter_groups,
     set_dropout, timed_steps, Training, TRAINING_STATE, TrainStep)
 from .plots import plot_filters, plot_history
 from .report import environment_info, write_report
-from .board import log_epoch, log_step
+from .board import log_epoch, log_step, trained_steps
 from .settings import recorded_settings, Settings
 
 
@@ -214,6 +215,47 @@ def write_final_report(settings: Settings, model: nn.Module, fitted: Fitted, tes
     return metrics
 
 
+def duration(seconds: float) -> str:
+    """'3 h 05 min', '12 min', '40 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def how_long(plan: Plan, steps_left: int, images_per_s: float, val_images: int, test_images: int,
+             corruptions: int | None) -> str:
+    """The line that says how long a run of epochs takes at `images_per_s`: its `steps_left`, a validation pass
+    after each epoch, the test and the corruption benchmark (a forward pass: about a third of a step); over an hour,
+    it names --time-budget."""
+    step_s = plan.batch_size / images_per_s
+    forward_s = step_s / plan.batch_size / 3  # an image's
+    train_s = steps_left * step_s
+    val_s = -(-steps_left // plan.steps_per_epoch) * val_images * forward_s
+    passes = 1 + sum(len(severities) for severities in CORRUPTIONS.values())
+    corruption_s = CORRUPTION_SHARE * train_s if corruptions is None else passes * corruptions * forward_s
+    test_s = test_images * forward_s + min(corruption_s, passes * first_test_images(test_images) * forward_s)
+    total = train_s + val_s + test_s
+    return (f"how long: about {duration(total)} at {images_per_s:.0f} images/s (training {duration(train_s)}, "
+            f"validation {duration(val_s)}, test and corruption benchmark {duration(test_s)})"
+            + ("; --time-budget MINUTES chooses how long instead" if total > 3600 else ""))
+
+
+def step_logger(board, plan: Plan, steps_done: int, splits: Splits, data: CifarData, corruptions: int | None,
+                ctx: TrainContext):
+    """log_step for train_one_epoch: the steps' figures to TensorBoard's `board` (when given), and once, after about
+    50 steps or 20 seconds of a run of epochs, how long it will take (how_long)."""
+    told = [plan.budget_minutes is not None or not ctx.is_main]  # a time budget's plan line says it
+
+    def log(step: int, values: dict) -> None:
+        if board is not None:
+            log_step(board, step, values)
+        if not told[0] and (step - steps_done >= 50 or (step - steps_done) * plan.batch_size / values["images_per_s"] >= 20):
+            told[0] = True
+            say(ctx, how_long(plan, plan.total_steps - steps_done, values["images_per_s"], len(splits.val_images),
+                              len(data.test_labels), corruptions))
+    return log
+
+
 def resumed_state(resume_from: dict | None, model: nn.Module, plan: Plan, out_dir: Path, ctx: TrainContext
                   ) -> tuple[list[dict], BestEpoch]:
     """(history, best epoch) a run starts from: a resumed run's, said; a new run's empty ones, its filters drawn."""
@@ -253,7 +295,8 @@ def train_and_report(script: str, settings: Settings, data: CifarData, splits: S
     files = EpochFiles(script, recorded_settings(settings), training, fingerprint, data.classes, out_dir, board)
     try:
         fitted = fit(training, splits, plan, train_step(settings), settings.seed, settings.patience, start, ctx,
-                     files.epoch, None if board is None else lambda step, values: log_step(board, step, values))
+                     files.epoch, step_logger(board, plan, trained_steps(start[0]), splits, data, settings.corruptions,
+                                              ctx))
     finally:
         files.flush()
     if not ctx.is_main:

@@ -178,21 +178,19 @@ def add_task_arguments(a: Callable) -> None:
     a("--checkpoint", help="checkpoint for --eval-only (default: best.pt in --out-dir) and for --predict "
                            "(default: best.pt of the script's default run folder)")
     a("--predict", nargs="+", metavar="PATH",
-      help="predict the class of image files and of the image files in folders (PNG, JPEG, BMP, GIF, WebP, TIFF; "
-           "any size: the shorter side is resized to 32, the centre cropped); prints a table and writes "
-           "predictions.json, .csv and .png in --out-dir (default: predict/ beside the checkpoint); exit code 1 "
-           "when a file could not be read and was skipped")
+      help="predict the class of image files, and of those in folders (any size: the shorter side resized to 32, the "
+           "centre cropped): a table, and predictions.json, .csv and .png in --out-dir (default: predict/ beside the "
+           "checkpoint); exit code 1 when a file could not be read")
     a("--tta", action="store_true", default=None,
       help="test-time augmentation for --predict, --eval-only and a training run's final test: the softmax averaged "
            "over 6 views, the image and its left-right mirror, each as it is and shifted by 2 pixels diagonally "
            "both ways (+2,+2 and -2,-2, zero fill); metrics.json then adds test_accuracy_tta and "
            "test_accuracy_first1000_tta")
     a("--corruptions", type=image_count, nargs="?", const=ALL_TEST_IMAGES, metavar="N",
-      help="the corruption benchmark at the end of a training run and with --eval-only: the accuracy on the first N "
-           "test images (without N: all of them) clean and under Gaussian noise, JPEG, blur, contrast, brightness, "
-           "darkness, shifts and downscaling at 2-3 severities each, into metrics.json ('corruptions') and "
-           "corruptions.png; 0 skips it (default: the first 1,000 with --eval-only; after training as many of them "
-           "as a tenth of the training time affords, none on very short runs)")
+      help="the corruption benchmark after training and with --eval-only: the accuracy on the first N test images "
+           "(without N: all) clean and under noise, JPEG, blur, contrast, brightness, darkness, shifts and "
+           "downscaling, into metrics.json and corruptions.png; 0 skips it (default: the first 1,000 with "
+           "--eval-only; after training as many of them as a tenth of its time affords)")
     a("--export", metavar="FILE.onnx",
       help="write the model of --checkpoint (default: best.pt in --out-dir) as an ONNX file for ONNX Runtime: input "
            "'images', uint8 (N, 32, 32, 3) RGB, output 'probabilities' (N, 10), normalisation inside; then check it "

@@ -106,29 +106,35 @@ def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str |
     else:
         export_onnx(classifier, path, metadata)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return check_export(model, path, saved["mean"], saved["std"], data, quantize is not None, cpu)
+
+
+def check_export(model: nn.Module, path: Path, mean: list, std: list, data, quantized: bool, cpu: TrainContext) -> int:
+    """The exported model at `path` against PyTorch's `model`: on the test set of `data`, or on one random batch
+    without it. Returns 1 (the file removed) when an fp32 export gives other classes or any export probabilities
+    that do not sum to 1, else 0."""
     if data is None:
         images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         labels = None
     else:
         images, labels = data.test_images, data.test_labels
-    expected = predict(model, images, saved["mean"], saved["std"], cpu).softmax(1)
+    expected = predict(model, images, mean, std, cpu).softmax(1)
     got = onnx_probabilities(path, nhwc(images))
     same = (expected.argmax(1) == got.argmax(1)).sum().item()
     largest = (expected - got).abs().max().item() if len(images) else 0.0
     off_one = (got.sum(1) - 1).abs().max().item() if len(images) else 0.0  # how far a picture's probabilities sum from 1
-    what = "int8" if quantize else "fp32"
     if labels is None:
         print(f"check on one random batch of {len(images)} images: the same class for {same}/{len(images)}, largest "
               f"difference in probability {largest:.1e}; the accuracy check was skipped (no test set at hand)")
     else:
         onnx_accuracy = (got.argmax(1) == labels).float().mean().item()
         torch_accuracy = (expected.argmax(1) == labels).float().mean().item()
-        print(f"check on the {len(images)} test images: ONNX Runtime ({what}) {onnx_accuracy:.2%}, PyTorch "
-              f"{torch_accuracy:.2%}; the same class for {same}/{len(images)} ({same / len(images):.2%}); largest "
-              f"difference in probability {largest:.1e}"
-              + (f"; int8 against PyTorch: {(onnx_accuracy - torch_accuracy) * 100:+.2f} points" if quantize else ""))
+        print(f"check on the {len(images)} test images: ONNX Runtime ({'int8' if quantized else 'fp32'}) "
+              f"{onnx_accuracy:.2%}, PyTorch {torch_accuracy:.2%}; the same class for {same}/{len(images)} "
+              f"({same / len(images):.2%}); largest difference in probability {largest:.1e}"
+              + (f"; int8 against PyTorch: {(onnx_accuracy - torch_accuracy) * 100:+.2f} points" if quantized else ""))
     print(f"the probabilities of a picture sum to 1 within {off_one:.1e}")
-    wrong = [] if quantize or same >= 0.999 * len(images) else \
+    wrong = [] if quantized or same >= 0.999 * len(images) else \
         [f"gives another class than PyTorch for {len(images) - same} of {len(images)} images"]
     if off_one > PROBABILITY_SUM_TOLERANCE:
         wrong.append(f"gives probabilities that sum to 1 only within {off_one:.1e}")

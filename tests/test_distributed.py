@@ -20,7 +20,7 @@ N_TEST = 120  # test images of the conftest fixture
 TINY = [*QUICK, "--epochs", "1", "--limit-train", "64"]
 # Settings under which one process and two compute the same update: nothing random per process, and SGD,
 # whose step is linear in the gradient (Adam's first step is its sign, which float noise can flip).
-SAME_UPDATE = ["--no-bn", "--dropout", "0", "--no-augment", "--optimizer", "sgd", "--lr", "0.1"]
+SAME_UPDATE = ["--no-bn", "--dropout", "0", "--augment", "none", "--optimizer", "sgd", "--lr", "0.1"]
 ENV = {"OMP_NUM_THREADS": "1"}
 
 

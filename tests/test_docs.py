@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = ("ex1_convnet.py", "ex2_transfer.py", "benchmarks/speed.py", "benchmarks/tta.py")
+SCRIPTS = ("ex1_convnet.py", "ex2_transfer.py", "benchmarks/speed.py")
 SCRIPT = re.compile(r"(?<![\w./-])(?:\./)?(" + "|".join(re.escape(s) for s in SCRIPTS) + r")(?![\w.])")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 END_OF_COMMAND = re.compile(r"\s#|;|&&|\|\||\|")  # a comment, or the next command of the line

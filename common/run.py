@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Mapping, NamedTuple, Protocol, Sequence
@@ -137,17 +138,17 @@ def detached_copy(state):
 
 
 class EpochFiles:
-    """A training run's last.pt, best.pt and history.json as of its latest epoch: written when SAVE_EVERY_S have
-    passed since the last write, else held in memory until then or until flush (the run's end, an early stop,
-    Ctrl-C, an error), so that a fast GPU does not wait for the disk and a crash loses about SAVE_EVERY_S at most.
-    The first epoch of a new run removes the metrics.json an --overwrite replaces."""
+    """A training run's last.pt, best.pt and history.json as of its latest epoch: written after the first epoch and
+    when SAVE_EVERY_S have passed since the last write, else held in memory until then or until flush (the run's
+    end, an early stop, Ctrl-C, an error), so that a fast GPU does not wait for the disk and a crash loses about
+    SAVE_EVERY_S at most. The first epoch of a new run removes the metrics.json an --overwrite replaces."""
 
     def __init__(self, script: str, settings: dict, training: Training, fingerprint: str, classes: Sequence[str],
                  out_dir: Path, board=None):
         self.checkpoint = functools.partial(checkpoint_state, script, settings, training)
         self.fingerprint, self.classes, self.out_dir, self.board = fingerprint, list(classes), out_dir, board
         self.last = self.best = None  # what is not written yet
-        self.written_at = time.perf_counter()
+        self.written_at = -math.inf  # the first epoch is written: a run can be resumed from early on
 
     def epoch(self, history: list[dict], best: BestEpoch, improved: bool, plan: Plan) -> None:
         if history[-1]["epoch"] == 1:
@@ -162,14 +163,16 @@ class EpochFiles:
         if due:
             self.flush()
 
-    def flush(self) -> None:
-        last, best, self.last, self.best = self.last, self.best, None, None
+    def flush(self) -> float:
+        """Write what is held; returns the seconds it took."""
+        start, (last, best), self.last, self.best = time.perf_counter(), (self.last, self.best), None, None
         if best is not None:
             save_checkpoint(best, self.out_dir / "best.pt")
         if last is not None:
             save_checkpoint(last, self.out_dir / "last.pt")
             save_json(last["history"], self.out_dir / "history.json")
         self.written_at = time.perf_counter()
+        return self.written_at - start
 
 
 class FinalTest(NamedTuple):
@@ -298,7 +301,8 @@ def train_and_report(script: str, settings: Settings, data: CifarData, splits: S
                      files.epoch, step_logger(board, plan, trained_steps(start[0]), splits, data, settings.corruptions,
                                               ctx))
     finally:
-        files.flush()
+        flushed = files.flush()
+    fitted.history[-1]["save_s"] = fitted.history[-1].get("save_s", 0.0) + flushed  # the last epoch's last write
     if not ctx.is_main:
         return {}
     tested = final_test(script, training.model, fitted, data, settings.mean, settings.std, settings.tta,

@@ -295,7 +295,7 @@ def train_and_report(script: str, settings: Settings, data: CifarData, splits: S
     settings = settings_for_plan(settings, plan)  # what every epoch trains with, and what the run records
     if "dropout" in (plan.chosen or {}):
         set_dropout(training.model, settings["dropout"])
-    files = EpochFiles(script, recorded_settings(settings), training, fingerprint, data.classes, out_dir, board)
+    files = EpochFiles(script, dict(settings), training, fingerprint, data.classes, out_dir, board)
     try:
         fitted = fit(training, splits, plan, train_step(settings), settings.seed, settings.patience, start, ctx,
                      files.epoch, step_logger(board, plan, trained_steps(start[0]), splits, data, settings.corruptions,

@@ -28,7 +28,8 @@ WIDTHS = (128, 512, 512, 512, 512)
 
 RECIPES = {
     # Ours (common.settings.Settings' defaults): AdamW with a one-cycle schedule, label smoothing, flips and
-    # translations. The strengths of the ops not in `augment` (rotate, jitter, gray) are what a flag turning them on gets.
+    # translations. The strengths of the ops not in `augment` (rotate, jitter, gray) are what a flag turning them
+    # on gets.
     "default": {},
     # The assignment's: Adam, lr x0.95 per epoch, heavier augmentation, mean/std 0.5.
     "original": dict(batch_size=200, optimizer="adam", weight_decay=1e-3, lr_decay=0.95, label_smoothing=0.0,

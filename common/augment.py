@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
 FILLS = ("zeros", "reflect")  # what crop and rotate put where they uncover the border
-STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}  # op: its strength's setting
+# op: its strength's setting
+STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The command line both scripts share: start or resume a run, sweeps (--seeds, ex1's dropout values), the
 single tasks, and the exit code of each outcome (run_experiment).
 
-Imports common.errors, common.files, common.device, common.budget, common.board, common.studies, common.settings, common.run,
-common.tasks."""
+Imports common.errors, common.files, common.device, common.budget, common.board, common.studies, common.settings,
+common.run, common.tasks."""
 from __future__ import annotations
 
 import argparse
@@ -63,7 +63,8 @@ def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: boo
     if not precision_given:
         dtype = getattr(torch, saved)
         if dtype == torch.bfloat16 and not native_bf16(ctx.device):
-            dtype, why = resolve_precision("auto", ctx.device), f"{ctx.device} has no native bf16: --precision auto makes the rest"
+            dtype = resolve_precision("auto", ctx.device)
+            why = f"{ctx.device} has no native bf16: --precision auto makes the rest"
     if precision_name(dtype) != saved and ctx.is_main:
         print(f"note: epochs 1-{len(history)} trained in {saved}; {why} {precision_name(dtype)} (history.json "
               "records each epoch's precision)")

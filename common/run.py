@@ -89,7 +89,8 @@ def settings_for_plan(settings: Settings, plan: Plan) -> Settings:
     if not plan.chosen:
         return settings
     crop_pad = plan.chosen.get("crop_pad", settings.crop_pad)
-    return dataclasses.replace(settings, **plan.chosen, augment=[op for op in settings.augment if op != "crop" or crop_pad])
+    augment = [op for op in settings.augment if op != "crop" or crop_pad]
+    return dataclasses.replace(settings, **plan.chosen, augment=augment)
 
 
 def set_up_training(settings: Settings, build_model: ModelBuilder, ctx: TrainContext, resume_from: dict | None
@@ -235,8 +236,10 @@ def how_long(plan: Plan, steps_left: int, images_per_s: float, val_images: int, 
     train_s = steps_left * step_s
     val_s = -(-steps_left // plan.steps_per_epoch) * val_images * forward_s
     passes = 1 + sum(len(severities) for severities in CORRUPTIONS.values())
-    corruption_s = CORRUPTION_SHARE * train_s if corruptions is None else passes * corruptions * forward_s
-    test_s = test_images * forward_s + min(corruption_s, passes * first_test_images(test_images) * forward_s)
+    corrupted = first_test_images(test_images) if corruptions is None else min(corruptions, test_images)
+    corruption_s = passes * corrupted * forward_s
+    test_s = test_images * forward_s + (min(corruption_s, CORRUPTION_SHARE * train_s) if corruptions is None
+                                        else corruption_s)
     total = train_s + val_s + test_s
     return (f"how long: about {duration(total)} at {images_per_s:.0f} images/s (training {duration(train_s)}, "
             f"validation {duration(val_s)}, test and corruption benchmark {duration(test_s)})"
@@ -252,7 +255,8 @@ def step_logger(board, plan: Plan, steps_done: int, splits: Splits, data: CifarD
     def log(step: int, values: dict) -> None:
         if board is not None:
             log_step(board, step, values)
-        if not told[0] and (step - steps_done >= 50 or (step - steps_done) * plan.batch_size / values["images_per_s"] >= 20):
+        trained = step - steps_done
+        if not told[0] and (trained >= 50 or trained * plan.batch_size / values["images_per_s"] >= 20):
             told[0] = True
             say(ctx, how_long(plan, plan.total_steps - steps_done, values["images_per_s"], len(splits.val_images),
                               len(data.test_labels), corruptions))
@@ -264,7 +268,8 @@ def resumed_state(resume_from: dict | None, model: nn.Module, plan: Plan, out_di
     """(history, best epoch) a run starts from: a resumed run's, said; a new run's empty ones, its filters drawn."""
     if resume_from is None:
         if ctx.is_main:
-            plot_filters(first_conv_weight(model), out_dir / "filters_before.png", "first-layer filters before training")
+            plot_filters(first_conv_weight(model), out_dir / "filters_before.png",
+                         "first-layer filters before training")
         return [], BestEpoch()
     best = BestEpoch(resume_from["best_epoch"], resume_from["best_val_accuracy"])
     say(ctx, f"resuming after epoch {len(resume_from['history'])} of {plan.epochs} (best so far: epoch {best.epoch})")
@@ -285,7 +290,8 @@ def train_and_report(script: str, settings: Settings, data: CifarData, splits: S
     settings = with_data_mean_std(settings, splits.train_images)
     splits = splits._replace(train_images=splits.train_images.to(ctx.device),
                              train_labels=splits.train_labels.to(ctx.device))
-    plan = first_plan(settings, len(splits.train_images) // settings.batch_size, plan or (resume_from or {}).get("plan"))
+    saved_plan = plan or (resume_from or {}).get("plan")
+    plan = first_plan(settings, len(splits.train_images) // settings.batch_size, saved_plan)
     training = set_up_training(settings, build_model, ctx, resume_from)
     start = resumed_state(resume_from, training.model, plan, out_dir, ctx)
     if plan.total_steps is None:  # a time budget: time its first steps, then plan

@@ -140,7 +140,8 @@ def add_training_arguments(a: Callable) -> None:
       help="train for this many minutes of wall-clock time instead of --epochs (validation included; loading, "
            "building and the final test not): the speed of the first steps fixes the total steps, the learning-rate "
            "schedule runs over them, and the last epoch may be partial")
-    a("--patience", type=int, help="stop after this many epochs without a better validation accuracy; 0 never stops early")
+    a("--patience", type=int,
+      help="stop after this many epochs without a better validation accuracy; 0 never stops early")
     a("--batch-size", type=int, help="global batch size, summed over all processes under torchrun (default: the recipe's)")
     a("--optimizer", choices=["adamw", "adam", "sgd"], help="AdamW, Adam or SGD with Nesterov momentum (default: the recipe's)")
     a("--lr", type=float, help="peak learning rate (default: the recipe's)")
@@ -229,8 +230,8 @@ def resolve_settings(flags_given: dict, recipe: dict, settings_type: type[Settin
         raise UsageError("--time-budget and --epochs both say how long to train: give one of them")
     values = {**recipe, **flags_given}
     defaults = {key: field.default for key, field in settings_type.__dataclass_fields__.items()}
-    values["augment"] = augment_ops(parse_augment(values.get("augment", defaults["augment"])),
-                                    {key: values.get(key, defaults[key]) for key in STRENGTH_KEYS.values()}, flags_given)
+    strengths = {key: values.get(key, defaults[key]) for key in STRENGTH_KEYS.values()}
+    values["augment"] = augment_ops(parse_augment(values.get("augment", defaults["augment"])), strengths, flags_given)
     if values.get("time_budget") is not None:
         values.update(budget_rules(values.get("budget_scaling"), values.get("patience", defaults["patience"]),
                                    flags_given))

@@ -91,7 +91,8 @@ class Training(NamedTuple):
 
 
 def optimizer_step(training: Training, images: torch.Tensor, labels: torch.Tensor, step_with: TrainStep,
-                   lr_factor: float, generator: torch.Generator, ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor]:
+                   lr_factor: float, generator: torch.Generator, ctx: TrainContext
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step on a batch of uint8 images at `lr_factor` times the peak learning rates, its augmentation drawn
     from `generator`; returns the batch's loss and logits (detached, on the device)."""
     for group, peak in zip(training.optimizer.param_groups, training.peak_lrs):
@@ -174,7 +175,8 @@ def train_one_epoch(training: Training, train_set: tuple[torch.Tensor, torch.Ten
         if step % LOG_EVERY == 0 or step == steps:
             if int(first_bad_step) >= 0:
                 bar.close()
-                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(first_bad_step)} of {steps}")
+                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(first_bad_step)} of "
+                                    f"{steps}")
             loss_sum, correct = sums.tolist()
             now = time.perf_counter()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
@@ -272,7 +274,8 @@ TRAINING_STATE = ("optimizer", "scaler")  # what --resume needs beyond the model
 
 
 def checkpoint_state(script: str, settings: dict, training: Training, history: list[dict], best: BestEpoch,
-                     plan: Plan | None = None, fingerprint: str | None = None, classes: Sequence[str] = CLASSES) -> dict:
+                     plan: Plan | None = None, fingerprint: str | None = None,
+                     classes: Sequence[str] = CLASSES) -> dict:
     """What last.pt holds after an epoch (best.pt: the same without TRAINING_STATE); `fingerprint` is
     data_fingerprint of the splits the run trains on (None outside a run). The learning rate needs no state of its
     own: it is a function of the step and the plan."""

@@ -108,6 +108,7 @@ def corruption_record(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
 CORRUPTION_SHARE = 0.1  # by default the corruption benchmark takes at most this share of the training time
 CORRUPTION_STEP = 100  # ... on a multiple of this many test images (fewer: not run)
+CORRUPTION_PASSES = 1 + sum(len(severities) for severities in CORRUPTIONS.values())  # clean, each corrupted copy
 
 
 def corruption_images(asked: int | None, train_s: float, test_s: float, test_images: int) -> int:
@@ -117,8 +118,7 @@ def corruption_images(asked: int | None, train_s: float, test_s: float, test_ima
     none. Said in one line when not all 1,000."""
     if asked is not None:
         return asked
-    passes = 1 + sum(len(severities) for severities in CORRUPTIONS.values())  # clean, then each corrupted copy
-    affordable = int(CORRUPTION_SHARE * train_s / (passes * test_s / max(1, test_images)))
+    affordable = int(CORRUPTION_SHARE * train_s / (CORRUPTION_PASSES * test_s / max(1, test_images)))
     count = min(first_test_images(test_images), affordable) // CORRUPTION_STEP * CORRUPTION_STEP
     if count < first_test_images(test_images):
         print(f"corruption benchmark: {f'the first {count} test images' if count else 'not run'}, as a tenth of the "

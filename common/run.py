@@ -1,7 +1,7 @@
 """One training run from set-up to report, top to bottom: data, network and optimizer, the plan (a time budget's
 made from its first steps), the settings every epoch trains with, fit, the final test and its files.
 
-Imports common.errors, common.files, common.data, common.augment, common.corruptions, common.device, common.evaluation,
+Imports common.errors, common.files, common.data, common.augment, common.device, common.evaluation,
 common.budget, common.train, common.plots, common.report, common.board, common.settings."""
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ from .files import load_checkpoint, save_checkpoint, save_json
 from .data import channel_mean_std, CifarData, data_fingerprint, load_cifar10, split_train_val, Splits
 from .augment import augmentation, STRENGTH_KEYS
 from .device import make_scaler, precision_name, TrainContext
-from .corruptions import CORRUPTIONS
-from .evaluation import CORRUPTION_SHARE, evaluate, first_test_images, test_results, TestResults
+from .evaluation import CORRUPTION_PASSES, CORRUPTION_SHARE, evaluate, first_test_images, test_results, TestResults
 from .budget import budget_plan, Plan, say
 from .train import (
     BestEpoch, checkpoint_state, count_parameters, first_conv_weight, fit, Fitted, make_optimizer, parameter_groups,
@@ -235,9 +234,8 @@ def how_long(plan: Plan, steps_left: int, images_per_s: float, val_images: int, 
     forward_s = step_s / plan.batch_size / 3  # an image's
     train_s = steps_left * step_s
     val_s = -(-steps_left // plan.steps_per_epoch) * val_images * forward_s
-    passes = 1 + sum(len(severities) for severities in CORRUPTIONS.values())
     corrupted = first_test_images(test_images) if corruptions is None else min(corruptions, test_images)
-    corruption_s = passes * corrupted * forward_s
+    corruption_s = CORRUPTION_PASSES * corrupted * forward_s
     test_s = test_images * forward_s + (min(corruption_s, CORRUPTION_SHARE * train_s) if corruptions is None
                                         else corruption_s)
     total = train_s + val_s + test_s

@@ -158,7 +158,8 @@ def train_one_epoch(training: Training, train_set: tuple[torch.Tensor, torch.Ten
     images, labels = train_set
     streams, step_with = epoch_streams(seed, epoch, ctx), on_device(step_with, ctx)
     steps, first, seen = plan.epoch_steps(epoch), (epoch - 1) * plan.steps_per_epoch, 0
-    sums = torch.zeros(2, device=ctx.device)  # loss x images, correct
+    loss_sum = torch.zeros((), device=ctx.device)  # loss x images
+    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
     start = time.perf_counter()
     logged = (0.0, 0.0, start)  # the loss sum, images and time at the last log_step
@@ -169,7 +170,8 @@ def train_one_epoch(training: Training, train_set: tuple[torch.Tensor, torch.Ten
         y = labels[index]
         loss, logits = optimizer_step(training, images[index], y, step_with, lr_factor(first + step - 1, plan),
                                       streams.augment, ctx)
-        sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
         if step % LOG_EVERY == 0 or step == steps:
@@ -177,18 +179,17 @@ def train_one_epoch(training: Training, train_set: tuple[torch.Tensor, torch.Ten
                 bar.close()
                 raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(first_bad_step)} of "
                                     f"{steps}")
-            loss_sum, correct = sums.tolist()
-            now = time.perf_counter()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+            loss_so_far, now = float(loss_sum), time.perf_counter()
+            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{int(correct) / seen:.3f}",
                             img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
             if log_step is not None:
-                log_step(first + step, {"batch_loss": (loss_sum - logged[0]) / (seen - logged[1]),
+                log_step(first + step, {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]),
                                         "lr": training.optimizer.param_groups[0]["lr"],
                                         "images_per_s": (seen - logged[1]) * ctx.world / (now - logged[2])})
-                logged = (loss_sum, seen, now)
+                logged = (loss_so_far, seen, now)
             bar.update(step - bar.n)
     bar.close()
-    totals = torch.cat([sums, sums.new_tensor([seen])])
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(float(seen))])
     if ctx.world > 1:
         dist.all_reduce(totals)
     seconds = time.perf_counter() - start
@@ -200,7 +201,7 @@ def train_one_epoch(training: Training, train_set: tuple[torch.Tensor, torch.Ten
 def validate(model: nn.Module, splits: Splits, mean: Sequence[float], std: Sequence[float], ctx: TrainContext
              ) -> tuple[float, float]:
     """(loss, accuracy) on the validation images, measured on the main process and shared with the others as Python
-    numbers (no float64 tensor on the device: Apple's MPS has none)."""
+    numbers (no 64-bit float tensor on the device: Apple's MPS has none)."""
     shared = [None]
     if ctx.is_main:
         result = evaluate(model, splits.val_images, splits.val_labels, mean, std, ctx)

@@ -134,7 +134,7 @@ def what_is_kept(out_dir: Path, interrupted: bool = False) -> str:
         return (f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}" if last else
                 f"no epoch had finished: nothing to resume in {out_dir}; start the run again")
     if last:
-        kept = " and ".join(name for name, exists in (("last.pt", last), ("best.pt", best)) if exists)
+        kept = "last.pt and best.pt" if best else "last.pt"
         return f"{kept} in {out_dir} hold the last epochs saved whole; resume with: python {command}"
     if best:
         return f"best.pt in {out_dir} holds the best epoch saved whole, but no last.pt to resume from"

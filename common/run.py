@@ -5,6 +5,7 @@ Imports common.errors, common.files, common.data, common.augment, common.device,
 common.budget, common.train, common.plots, common.report, common.board, common.settings."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -63,8 +64,6 @@ def with_data_mean_std(settings: Settings, train_images: torch.Tensor) -> Settin
         return settings
     mean, std = channel_mean_std(train_images)
     return dataclasses.replace(settings, mean=mean, std=std)
-
-
 
 
 def train_step(settings: Settings) -> TrainStep:
@@ -128,15 +127,6 @@ def set_up_training(settings: Settings, build_model: ModelBuilder, ctx: TrainCon
 SAVE_EVERY_S = 30.0  # the most wall-clock seconds between two writes of a run's checkpoints
 
 
-def detached_copy(state):
-    """A copy of a checkpoint's contents whose tensors (cloned) no longer follow the training."""
-    if isinstance(state, dict):
-        return {key: detached_copy(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [detached_copy(value) for value in state]
-    return state.detach().clone() if isinstance(state, torch.Tensor) else state
-
-
 class EpochFiles:
     """A training run's last.pt, best.pt and history.json as of its latest epoch: written after the first epoch and
     when SAVE_EVERY_S have passed since the last write, else held in memory until then or until flush (the run's
@@ -157,7 +147,7 @@ class EpochFiles:
             log_epoch(self.board, history)
         checkpoint = self.checkpoint(history, best, plan, self.fingerprint, self.classes)
         due = time.perf_counter() - self.written_at >= SAVE_EVERY_S
-        self.last = checkpoint if due else detached_copy(checkpoint)
+        self.last = checkpoint if due else copy.deepcopy(checkpoint)  # its tensors no longer follow the training
         if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size and write time
             self.best = {k: v for k, v in self.last.items() if k not in TRAINING_STATE}
         if due:

@@ -118,8 +118,7 @@ def bench_loop(images, labels, settings, ctx, n_steps: int, warmup: int) -> floa
 def bench_original(images, labels, settings, device: torch.device, n_steps: int, warmup: int, workers: int) -> float:
     """3: images/s of the original pipeline: PIL transforms in DataLoader workers, fp32, NCHW, Adam."""
     bs = settings["batch_size"]
-    model, _, optimizer, _, _ = new_training(settings, common.device.TrainContext(device, torch.float32), False)
-    model.train()
+    training = new_training(settings, common.device.TrainContext(device, torch.float32), channels_last=False)
     dataset = PilDataset(images, labels, original_transform())
 
     def epoch(count: int):  # a fresh loader each time: worker start-up is part of an epoch
@@ -127,10 +126,10 @@ def bench_original(images, labels, settings, device: torch.device, n_steps: int,
                                              shuffle=True, num_workers=workers, drop_last=True)
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(training.model(x), y)
+            training.optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            training.optimizer.step()
 
     if warmup:
         epoch(warmup)

@@ -174,13 +174,14 @@ def train_one_epoch(training: Training, train_set: tuple[torch.Tensor, torch.Ten
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
-        if step % LOG_EVERY == 0 or step == steps:
-            if int(first_bad_step) >= 0:
+        if step % LOG_EVERY == 0 or step == steps:  # one read of the device's sums
+            bad_step, loss_so_far, hits = torch.stack([first_bad_step.to(loss_sum.dtype), loss_sum,
+                                                       correct.to(loss_sum.dtype)]).tolist()
+            if bad_step >= 0:
                 bar.close()
-                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(first_bad_step)} of "
-                                    f"{steps}")
-            loss_so_far, now = float(loss_sum), time.perf_counter()
-            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{int(correct) / seen:.3f}",
+                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(bad_step)} of {steps}")
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.3f}",
                             img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
             if log_step is not None:
                 log_step(first + step, {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]),

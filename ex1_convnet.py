@@ -49,24 +49,23 @@ RECIPES = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings(common.settings.Settings):
-    """common.settings.Settings and this network's own."""
-    dropout: float | list[float] = 0.1  # of every block, or one value per block
-    batch_norm: bool = True  # False: the variant without BatchNorm (--no-bn)
+class Settings(common.cli.Settings):
+    """common.cli.Settings and this network's own."""
+    dropout: float | list[float] = common.cli.setting(  # of every block, or one value per block
+        0.1, "dropout of every block (default: the recipe's); several values train one model each in --out-dir/p<P>/ "
+             "(augmentation off unless --augment) and draw dropout_sweep.png", (lambda p: 0 <= p < 1, "must be in "
+                                                                                "[0, 1)"), type=float, nargs="+",
+        metavar="P")
+    batch_norm: bool = common.cli.setting(True, "the variant without BatchNorm", flag="--no-bn", action="store_false")
     linear_init_std: float | None = None  # the last layer's initial weights: normal with this std (None: PyTorch's)
-
-    def __post_init__(self):
-        for p in self.dropout if isinstance(self.dropout, list) else [self.dropout]:
-            if not 0 <= p < 1:
-                raise common.errors.UsageError(f"--dropout must be in [0, 1) (got {p})")
 
 
 def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequential:
-    """The ConvNet for these settings, from random weights (all it has, so `initial_weights` changes nothing)."""
+    """The ConvNet for these settings, from random weights (all it has: `initial_weights` changes nothing)."""
     dropout = settings["dropout"]
     per_block = dropout if isinstance(dropout, list) else [dropout] * len(WIDTHS)
     layers, in_channels = [], 3
-    for width, p in zip(WIDTHS, per_block):
+    for width, p in zip(WIDTHS, per_block, strict=True):
         layers += [nn.Conv2d(in_channels, width, 3, padding=1)]
         layers += [nn.BatchNorm2d(width)] if settings["batch_norm"] else []
         layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Dropout(p)]
@@ -96,11 +95,11 @@ def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
 def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -> None:
     """dropout_sweep.json and .png and a table: per p its run's accuracies, or their mean and std over its seeds."""
     rows = []
-    for p, run in zip(ps, common.studies.load_runs(run_dirs)):
+    for p, run in zip(ps, common.plots.load_runs(run_dirs), strict=True):
         row = {"p": p, "run": run["run"]}
-        for key, values in common.studies.run_values(run).items():
+        for key, values in common.plots.run_values(run).items():
             if key != "test_accuracy_first1000":
-                spread = common.studies.spread(values)
+                spread = common.plots.spread(values)
                 row[key] = spread["mean"]
                 if "members" in run:
                     row[f"{key}_std"] = spread["std"]
@@ -119,23 +118,13 @@ def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -
 
 def dropout_sweep(args: argparse.Namespace) -> common.cli.Sweep:
     """One run per --dropout value in p<P>/, without augmentation unless a flag asks for it."""
-    augment_given = any(getattr(args, key) is not None for key in ("augment", *common.augment.STRENGTH_KEYS.values()))
+    augment_given = any(getattr(args, key) is not None for key in ("augment", *common.data.STRENGTH_KEYS.values()))
     return common.cli.Sweep("dropout", args.dropout, "p", {} if augment_given else {"augment": []}, report_dropout_sweep)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.settings.add_common_arguments(parser)
-    parser.add_argument("--dropout", type=float, nargs="+", metavar="P",
-                        help="dropout of every block (default: the recipe's); several values train one model each "
-                             "in --out-dir/p<P>/ (augmentation off unless --augment) and draw dropout_sweep.png")
-    parser.add_argument("--no-bn", dest="batch_norm", action="store_false", default=None,
-                        help="the variant without BatchNorm")
-    parser.add_argument("--norm-bias-lr", type=float, metavar="X",
-                        help="learning rate of the BatchNorm biases: X times --lr (default: the recipe's)")
-    parser.add_argument("--crop-fill", choices=common.augment.FILLS,
-                        help="what crop and rotate put where they uncover the border: zeros, or reflect (the image "
-                             "mirrored at its edge) (default: the recipe's)")
+    common.cli.add_arguments(parser, Settings)
     args = parser.parse_args(argv)
     if args.dropout is not None and len(args.dropout) == 1:
         args.dropout = args.dropout[0]

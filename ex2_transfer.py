@@ -58,35 +58,35 @@ def imagenet_state_dict(path: str | None) -> dict:
         try:
             return WEIGHTS.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except Exception as e:  # URLError (no network), RuntimeError (bad download), UnpicklingError (corrupt cache)
-            raise common.errors.UsageError(
-                f"could not get the ImageNet weights ({common.errors.describe_error(e)}). Without network, fetch {WEIGHTS.url} "
+            raise common.files.UsageError(
+                f"could not get the ImageNet weights ({common.files.describe_error(e)}). Without network, fetch {WEIGHTS.url} "
                 f"elsewhere and pass it with --weights PATH, or place it in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
                 f"or train from random weights with --scratch") from None
     path = Path(path)
     if not path.is_file():
-        raise common.errors.UsageError(f"--weights {path}: no such file")
+        raise common.files.UsageError(f"--weights {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise common.errors.UsageError(f"--weights {path}: not a readable weights file ({common.errors.describe_error(e)})") from None
+        raise common.files.UsageError(f"--weights {path}: not a readable weights file ({common.files.describe_error(e)})") from None
     if isinstance(state, dict) and "kind" in state and "model" in state:
-        raise common.errors.UsageError(f"--weights {path}: a training checkpoint of {state['kind']}, not ImageNet VGG-11-bn weights")
+        raise common.files.UsageError(f"--weights {path}: a training checkpoint of {state['kind']}, not ImageNet VGG-11-bn weights")
     with torch.device("meta"):
         expected = torchvision.models.vgg11_bn().state_dict()
     if not isinstance(state, dict):
-        raise common.errors.UsageError(f"--weights {path}: holds a {type(state).__name__}, not a VGG-11-bn state dict")
+        raise common.files.UsageError(f"--weights {path}: holds a {type(state).__name__}, not a VGG-11-bn state dict")
     missing = [k for k in expected if k not in state]
     wrong = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
     if missing or wrong:
         problem = (f"{len(missing)} of {len(expected)} tensors missing (first: {missing[0]})" if missing
                    else f"{len(wrong)} tensors of the wrong shape (first: {wrong[0]})")
-        raise common.errors.UsageError(f"--weights {path}: not VGG-11-bn weights in torchvision's layout: {problem}")
+        raise common.files.UsageError(f"--weights {path}: not VGG-11-bn weights in torchvision's layout: {problem}")
     return {k: state[k] for k in expected}  # extra entries beside torchvision's would fail the strict load
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings(common.settings.Settings):
-    """common.settings.Settings and this network's own."""
+class Settings(common.cli.Settings):
+    """common.cli.Settings and this network's own."""
     mode: str = "pretrained"  # pretrained, scratch or frozen
     weights: str | None = None  # ImageNet weights from this file instead of torchvision's download
 
@@ -107,7 +107,7 @@ def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequen
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.settings.add_common_arguments(parser)
+    common.cli.add_arguments(parser, Settings)
     parser.add_argument("--pretrained", dest="mode", action="store_const", const="pretrained",
                         help="fine-tune the whole network from the ImageNet weights (the default)")
     parser.add_argument("--scratch", dest="mode", action="store_const", const="scratch",

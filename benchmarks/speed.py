@@ -4,7 +4,7 @@
   2. loop       the project's training loop, augmentation included (common.train.train_one_epoch, ex1 default recipe)
   3. original   the original pipeline: PIL images through torchvision transforms in a DataLoader with one
                 worker per core, fp32, NCHW, Adam (ex1's original recipe)
-  4. aug        augmentation alone: batched (common.augment.augment_batch) against PIL per image, original recipe's ops
+  4. aug        augmentation alone: batched (common.data.augment_batch) against PIL per image, original recipe's ops
 
 With --inference CHECKPOINT it measures inference on the CPU instead: the checkpoint's network as PyTorch runs it
 (eager, fp32) and as ONNX Runtime runs its --export in fp32 and int8, at batch 1 and 256, from uint8 test pictures
@@ -38,8 +38,8 @@ TARGETS = {"loop_vs_model": 0.9, "loop_vs_original": 2.0, "aug_batched_vs_pil": 
 
 def recipe_settings(name: str, images: torch.Tensor) -> ex1_convnet.Settings:
     """Settings as the driver resolves them for `ex1_convnet.py --recipe name`, mean/std from `images`."""
-    settings = common.settings.resolve_settings({}, ex1_convnet.RECIPES[name], ex1_convnet.Settings)
-    return common.run.with_data_mean_std(settings, images)
+    settings = common.cli.resolve_settings({}, ex1_convnet.RECIPES[name], ex1_convnet.Settings)
+    return common.train.with_data_mean_std(settings, images)
 
 
 def original_transform() -> transforms.Compose:
@@ -91,7 +91,7 @@ def bench_model(images, labels, settings, ctx, n_steps: int, warmup: int) -> flo
     bs = settings["batch_size"]
     images, labels = images.to(ctx.device), labels.to(ctx.device)
     training = new_training(settings, ctx)
-    step_with = common.train.on_device(common.run.train_step(settings)._replace(ops={}), ctx)
+    step_with = common.train.on_device(common.train.train_step(settings)._replace(ops={}), ctx)
     generator = torch.Generator(ctx.device)
 
     def steps(count: int):
@@ -107,9 +107,9 @@ def bench_loop(images, labels, settings, ctx, n_steps: int, warmup: int) -> floa
     bs = settings["batch_size"]
     images, labels = images.to(ctx.device), labels.to(ctx.device)
     training = new_training(settings, ctx)
-    plan = common.budget.Plan(bs, n_steps, settings.epochs * n_steps, settings.lr_decay)
+    plan = common.train.Plan(bs, n_steps, settings.epochs * n_steps, settings.lr_decay)
     run = lambda epoch, n: common.train.train_one_epoch(training, (images[:n], labels[:n]),  # noqa: E731
-                                                        common.run.train_step(settings), plan, epoch, settings.seed, ctx)
+                                                        common.train.train_step(settings), plan, epoch, settings.seed, ctx)
     if warmup:
         run(0, warmup * bs)
     return n_steps * bs / timed(lambda: run(1, n_steps * bs), ctx.device)
@@ -140,12 +140,12 @@ def bench_augment(images, settings, device: torch.device, batch_size: int, warmu
     """4: images/s of the original recipe's augmentation (to normalised tensors), batched and PIL per image."""
     on_device = images.to(device)
     generator = torch.Generator(device).manual_seed(0)
-    ops = common.run.train_step(settings).ops
+    ops = common.train.train_step(settings).ops
 
     def batched(n: int):
         for s in range(0, n, batch_size):
-            x = common.augment.augment_batch(on_device[s:s + batch_size], ops, generator)
-            common.augment.normalize(x, settings["mean"], settings["std"])
+            x = common.data.augment_batch(on_device[s:s + batch_size], ops, generator)
+            common.data.normalize(x, settings["mean"], settings["std"])
 
     pil_images = images.permute(0, 2, 3, 1).contiguous().numpy()
     transform = original_transform()
@@ -174,14 +174,14 @@ def bench_inference(checkpoint_path: Path, data: common.data.CifarData, single: 
     checkpoint = common.files.load_checkpoint(checkpoint_path, "ex1_convnet.py")
     cpu = common.device.TrainContext(torch.device("cpu"), torch.float32)
     model = common.tasks.model_from_checkpoint(checkpoint, ex1_convnet.build_model, cpu).eval()
-    classifier = common.export.PicturesToProbabilities(model, checkpoint["settings"]["mean"], checkpoint["settings"]["std"])
-    pictures = common.export.nhwc(data.test_images)
-    _, ort = common.export.export_packages()
+    classifier = common.tasks.PicturesToProbabilities(model, checkpoint["settings"]["mean"], checkpoint["settings"]["std"])
+    pictures = common.tasks.nhwc(data.test_images)
+    _, ort = common.tasks.export_packages()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         fp32, int8 = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
-        common.export.export_onnx(classifier, fp32, {})
-        common.export.quantize_int8(fp32, int8, common.export.nhwc(data.train_images[:common.export.CALIBRATION_IMAGES]))
+        common.tasks.export_onnx(classifier, fp32, {})
+        common.tasks.quantize_int8(fp32, int8, common.tasks.nhwc(data.train_images[:common.tasks.CALIBRATION_IMAGES]))
 
         @torch.no_grad()
         def eager(batch):
@@ -224,16 +224,16 @@ def report_inference(args: argparse.Namespace, data: common.data.CifarData) -> i
     single, batched = min(args.images or 500, len(data.test_images)), min(args.images or 2560, len(data.test_images))
     try:
         rows = bench_inference(Path(args.inference), data, single, batched)
-    except common.errors.UsageError as e:
+    except common.files.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"inference on the CPU ({common.report.cpu_name()}, {torch.get_num_threads()} threads), uint8 test pictures to "
+    print(f"inference on the CPU ({common.files.cpu_name()}, {torch.get_num_threads()} threads), uint8 test pictures to "
           f"probabilities: batch 1 over {single} pictures, batch 256 over {batched}")
     print(f"{'engine':<22}{'file MB':>9}{'batch 1 img/s':>15}{'batch 256 img/s':>17}")
     for row in rows:
         print(f"{row['engine']:<22}{row['file_mb']:>9.1f}{row['batch1_img_s']:>15.0f}{row['batch256_img_s']:>17.0f}")
     if args.json:
-        common.files.save_json({"inference": rows, "checkpoint": args.inference, "cpu": common.report.cpu_name(),
+        common.files.save_json({"inference": rows, "checkpoint": args.inference, "cpu": common.files.cpu_name(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__}, Path(args.json))
         print(f"wrote {args.json}")
     return 0
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         device = common.device.resolve_device(args.device)
         ctx = common.device.TrainContext(device, common.device.resolve_precision(args.precision, device))
         data = common.data.load_cifar10(args.data_dir, download=False)
-    except common.errors.UsageError as e:
+    except common.files.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.inference:

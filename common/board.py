@@ -1,7 +1,5 @@
 """A run watched in TensorBoard: event files in the run folder, on one step axis (the optimizer steps trained so far)
-for every scalar; step scalars during training, a row per epoch, the test figures, pictures and hparams at the end.
-
-Imports common.errors, common.files."""
+for every scalar; step scalars during training, a row per epoch, the test figures, pictures and hparams at the end."""
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +10,7 @@ from typing import Callable, Iterator, Mapping
 
 from PIL import Image
 
-from .errors import UsageError
-from .files import atomic_write
+from .files import atomic_write, UsageError
 
 # history.json's columns logged after each epoch, at the step that ends it, and their tags.
 EPOCH_TAGS = {"epoch": "epoch/number", "train_loss": "train/loss", "train_accuracy": "train/accuracy",

@@ -1,144 +1,251 @@
-"""The command line both scripts share: start or resume a run, sweeps (--seeds, ex1's dropout values), the
-single tasks, and the exit code of each outcome (run_experiment).
-
-Imports common.errors, common.files, common.device, common.budget, common.board, common.studies, common.settings,
-common.run, common.tasks."""
+"""The command line: a run's Settings (each with its default, its flag's help and its check, declared once), made
+from the defaults, a recipe and the flags given; then the one task a command line asks for (run_experiment): one
+training run, sweeps (--seeds, ex1's dropout values), --compare, --eval-only, --predict or --export, and the exit
+code of each outcome."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
-import shlex
+import math
 import sys
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .errors import NonFiniteLoss, SaveError, UsageError
-from .files import load_checkpoint, prepare_out_dir, run_dir_lock, tee_console
-from .device import init_distributed, native_bf16, precision_name, resolve_device, resolve_precision, TrainContext
-from .budget import Plan, say
-from .board import log_end, open_board, trained_steps
-from .studies import compare_runs, load_run, summarize_seeds
-from .settings import (
-    check_settings, choose_recipe, explicit_flags, parse_augment, recorded_settings, resolve_settings,
-    RESUME_EXTENDABLE, RUNTIME_KEYS, Settings, settings_from)
-from .run import load_training_data, ModelBuilder, settings_for_plan, train_and_report
-from .tasks import eval_only, export_model, predict_images
+from .data import AUGMENT_OPS, FILLS, parse_augment, STRENGTH_KEYS
+from .device import init_distributed, resolve_device, resolve_precision, TrainContext
+from .files import load_checkpoint, NonFiniteLoss, resume_command, SaveError, UsageError
+from .plots import compare_runs, load_run, summarize_seeds
+from .tasks import CALIBRATION_IMAGES, eval_only, export_model, EXPORT_PACKAGES, predict_images
+from .train import differing_settings, Plan, say, settings_for_plan, train_run
 
 
-def resume_command(resumes: bool) -> str:
-    """This call's command line, to run again as it is or, when it `resumes`, with --resume added."""
-    return shlex.join([*sys.argv, *(["--resume"] if resumes and "--resume" not in sys.argv else [])])
+def setting(default, help: str | None = None, check: tuple[Callable, str] | None = None, runtime: bool = False,
+            flag: str | None = None, **argparse_options):
+    """A field of Settings: its `default`; with `help`, the flag that sets it (--the-name, or `flag`) and that flag's
+    argparse options; a `check` (a test of a value and what it must be); `runtime`: it says where and how a run
+    executes, not what it computes (not recorded, free to change on --resume)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, check=check, runtime=runtime, flag=flag,
+                                                           options=argparse_options))
 
 
-def resume_settings(flags_given: dict, saved: dict, settings_type: type[Settings]) -> Settings:
-    """The saved run's settings with the runtime flags, --epochs and --patience of this call on top."""
-    if "epochs" in flags_given and saved.get("time_budget") is not None:
-        raise UsageError(f"--epochs: the run being resumed trains for --time-budget {saved['time_budget']:g} minutes, "
-                         f"and --resume continues its plan")
-    for key, value in flags_given.items():
-        if key in RUNTIME_KEYS or key in RESUME_EXTENDABLE:
-            continue
-        if (parse_augment(value) if key == "augment" else value) != saved.get(key):
-            raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run being resumed "
-                             f"({saved.get(key)}): --resume keeps the run's settings; only --epochs and --patience may change")
-    return settings_from(settings_type, {**saved, **{k: v for k, v in flags_given.items()
-                                                     if k in RUNTIME_KEYS or k in RESUME_EXTENDABLE}})
+POSITIVE = (lambda value: 0 < value < math.inf, "must be positive")
+NOT_NEGATIVE = (lambda value: value >= 0, "must not be negative")
+RECIPE = " (default: the recipe's)"
+ALL_TEST_IMAGES = 2 ** 31 - 1  # --corruptions without a number: every test image
 
 
-def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: bool) -> TrainContext:
-    """The context a resumed run trains in: --precision when given; else the precision its last epoch trained in
-    where this device computes it natively (so that a resume on the same machine is bit-identical), and what
-    --precision auto picks here where it does not (bf16 on an older GPU or a CPU without native bf16). A line says
-    when the precision changes. Checkpoints from before history rows recorded it resolve the run's own --precision."""
-    history = resume_from["history"]
-    saved = history[-1].get("precision") if history else None
-    if saved is None:
-        saved = precision_name(resolve_precision(resume_from["settings"].get("precision", "auto"), ctx.device))
-    dtype, why = ctx.dtype, "--precision makes the rest"
-    if not precision_given:
-        dtype = getattr(torch, saved)
-        if dtype == torch.bfloat16 and not native_bf16(ctx.device):
-            dtype = resolve_precision("auto", ctx.device)
-            why = f"{ctx.device} has no native bf16: --precision auto makes the rest"
-    if precision_name(dtype) != saved and ctx.is_main:
-        print(f"note: epochs 1-{len(history)} trained in {saved}; {why} {precision_name(dtype)} (history.json "
-              "records each epoch's precision)")
-    return ctx._replace(dtype=dtype)
+def image_count(value: str) -> int:
+    """A flag's number of images: a whole number, 0 or more."""
+    count = int(value)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {count})")
+    return count
 
 
-def start_or_resume(script: str, settings: Settings, flags_given: dict, build_model: ModelBuilder, out_dir: Path,
-                    ctx: TrainContext, plan: Plan | None = None) -> dict | None:
-    """Train in `out_dir`: fresh, resumed from its last.pt (the flags given checked against its settings; with
-    --epochs beyond a finished run's, that run extended), or not at all when it already holds a finished run; `plan`
-    is another run's time budget plan to train (a sweep's)."""
-    finished, unfinished = (out_dir / "metrics.json").exists(), (out_dir / "last.pt").exists()
-    if finished and unfinished and "epochs" in flags_given:  # --resume --epochs N extends a finished run
-        finished = flags_given["epochs"] <= len(json.loads((out_dir / "history.json").read_text()))
-    resume_from = None
-    if settings.resume and finished:
-        say(ctx, f"{out_dir} holds a finished run (metrics.json); nothing to resume")
-        return None
-    if settings.resume:
-        if not unfinished:
-            raise UsageError(f"nothing to resume in {out_dir}: it has no last.pt (start without --resume)")
-        resume_from = load_checkpoint(out_dir / "last.pt", script)
-        settings = resume_settings(flags_given, resume_from["settings"], type(settings))
-        ctx = resumed_precision(ctx, resume_from, "precision" in flags_given)
-    elif (finished or unfinished) and not settings.overwrite:
-        what = "a finished run (metrics.json)" if finished else "an unfinished run (last.pt); --resume continues it"
-        raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
-    check_settings(settings)
-    prepare_out_dir(out_dir)
-    return train_in_folder(script, settings, build_model, out_dir, ctx, resume_from, plan)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(Mapping):
+    """Every setting of a run, made once by resolve_settings (these defaults, then a recipe, then the flags given),
+    checked when made, never changed after: --resume, a sweep's runs and a time budget's choice make new ones with
+    dataclasses.replace. A script adds the settings of its own network in a subclass (see ex1_convnet.Settings). It
+    reads as a mapping too (settings["lr"]), as the settings a checkpoint saves do, so that a script's build_model
+    takes either. The defaults are our recipe's; a recipe lists what differs."""
+    # where the data comes from and how much of it
+    data_dir: str = setting("data", "folder holding cifar-10-batches-py/ (or that folder itself); downloaded there if "
+                                    "missing (default: data)", runtime=True)
+    no_download: bool = setting(False, "never download CIFAR-10; fail with a message if it is missing", runtime=True,
+                                action="store_true")
+    val_size: int = setting(1000, "validation images, taken from the end of the training set (default: 1000)",
+                            type=int)
+    limit_train: int | None = setting(None, "train on the first N training images only, for quick runs", POSITIVE,
+                                      type=int)
+    seed: int = setting(0, "random seed: two CPU runs with the same seed give the same history (default: 0)",
+                        type=int)
+    seeds: int | None = setting(None, "train N runs with the seeds --seed, --seed+1, ... in --out-dir/seed<S>/ "
+                                      "(finished ones are reused), then write seeds.json and seeds.png with the mean ± "
+                                      "standard deviation of their accuracies", runtime=True, type=int, metavar="N")
+    # how long to train: epochs, or a time budget (its plan, common.train.Plan, is not a setting)
+    recipe: str = setting("default", "hyperparameter set: 'default' (ours), 'original' (the assignment's), or in "
+                                     "ex1_convnet.py 'short' (for a few epochs, what --time-budget uses unless --recipe "
+                                     "is given); explicit flags override it")
+    epochs: int | None = setting(30, "number of training epochs" + RECIPE, POSITIVE, type=int)
+    time_budget: float | None = setting(
+        None, "train for this many minutes of wall-clock time instead of --epochs (validation included; loading, "
+              "building and the final test not): the speed of the first steps fixes the total steps, the "
+              "learning-rate schedule runs over them, and the last epoch may be partial",
+        (lambda minutes: 0 < minutes < math.inf, "must be a positive number of minutes"), type=float,
+        metavar="MINUTES")
+    budget_scaling: dict | None = None  # a recipe's rule for the settings a budget chooses (see choose_settings)
+    patience: int = setting(10, "stop after this many epochs without a better validation accuracy; 0 never stops "
+                                "early", NOT_NEGATIVE, type=int)
+    # the optimizer and its schedule: one-cycle, or with lr_decay the learning rate x lr_decay after every epoch
+    batch_size: int = setting(256, "global batch size, summed over all processes under torchrun" + RECIPE, POSITIVE,
+                              type=int)
+    optimizer: str = setting("adamw", "AdamW, Adam or SGD with Nesterov momentum" + RECIPE,
+                             choices=["adamw", "adam", "sgd"])
+    lr: float = setting(2e-3, "peak learning rate" + RECIPE, (POSITIVE[0], "must be positive and finite"),
+                        type=float)
+    weight_decay: float = setting(0.05, "weight decay" + RECIPE, NOT_NEGATIVE, type=float)
+    norm_bias_lr: float = setting(1.0, "learning rate of the BatchNorm biases: X times --lr" + RECIPE, POSITIVE,
+                                  type=float, metavar="X")
+    lr_decay: float | None = setting(None, "multiply the learning rate by X after every epoch instead of the one-cycle "
+                                           "schedule (a linear rise from 0.1 x --lr over the first 20%% of the steps, "
+                                           "then a linear fall to 0)" + RECIPE, POSITIVE, type=float, metavar="X")
+    label_smoothing: float = setting(0.1, "label smoothing of the training loss" + RECIPE,
+                                     (lambda value: 0 <= value < 1, "must be in [0, 1)"), type=float)
+    # the input: augmentation and normalisation ('data': the training images' channel mean and std)
+    augment: str | list[str] = setting("flip,crop", f"comma-separated augmentation ops from {','.join(AUGMENT_OPS)}, "
+                                                    "or 'none'" + RECIPE)
+    crop_pad: int = setting(4, "crop: padding before the random 32x32 crop, in pixels; > 0 turns crop on, 0 off",
+                            NOT_NEGATIVE, type=int)
+    crop_fill: str = setting("zeros", "what crop and rotate put where they uncover the border: zeros, or reflect (the "
+                                      "image mirrored at its edge)" + RECIPE, choices=FILLS)
+    rotate_deg: float = setting(15.0, "rotate: largest rotation angle in degrees; > 0 turns rotate on, 0 off",
+                                NOT_NEGATIVE, type=float)
+    jitter: float = setting(0.1, "jitter: colour jitter strength (brightness, contrast, saturation, hue); > 0 turns "
+                                 "jitter on, 0 off", NOT_NEGATIVE, type=float)
+    gray_p: float = setting(0.05, "gray: probability of turning an image grey; > 0 turns gray on, 0 off",
+                            NOT_NEGATIVE, type=float)
+    mean: str | list[float] = "data"
+    std: str | list[float] = "data"
+    # where and how it runs, and the tasks besides training
+    out_dir: str | None = setting(None, "where checkpoints, metrics and figures go (default: runs/<experiment>)",
+                                  runtime=True)
+    device: str = setting("auto", "auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", runtime=True)
+    precision: str = setting(
+        "auto", "auto (default): bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with fast bf16, "
+                "fp16 on older GPUs, fp32 elsewhere. bf16 needs compute capability 8.0+ on CUDA (refused below); "
+                "fp16 runs everywhere (with a gradient scaler); fp32 everywhere, slowest on GPUs", runtime=True,
+        choices=["auto", "bf16", "fp16", "fp32"])
+    compile: bool = setting(False, "compile the model with torch.compile", runtime=True, action="store_true")
+    tensorboard: bool = setting(True, "write no TensorBoard event files (by default a training run writes them into "
+                                      "--out-dir)", runtime=True, flag="--no-tensorboard", action="store_false")
+    resume: bool = setting(False, "continue the run in --out-dir from its last.pt", runtime=True, action="store_true")
+    overwrite: bool = setting(False, "start over in an --out-dir that already holds a run", runtime=True,
+                              action="store_true")
+    eval_only: bool = setting(False, "evaluate --checkpoint on the test set and write its reports (default --out-dir: "
+                                     "eval/ beside the checkpoint)", runtime=True, action="store_true")
+    checkpoint: str | None = setting(None, "checkpoint for --eval-only (default: best.pt in --out-dir) and for "
+                                           "--predict (default: best.pt of the script's default run folder)",
+                                     runtime=True)
+    predict: list[str] | None = setting(
+        None, "predict the class of image files, and of those in folders (any size: the shorter side resized to 32, "
+              "the centre cropped): a table, and predictions.json, .csv and .png in --out-dir (default: predict/ "
+              "beside the checkpoint); exit code 1 when a file could not be read", runtime=True, nargs="+",
+        metavar="PATH")
+    tta: bool = setting(False, "test-time augmentation for --predict, --eval-only and a training run's final test: "
+                               "the softmax averaged over 6 views, the image and its left-right mirror, each as it is "
+                               "and shifted by 2 pixels diagonally both ways (+2,+2 and -2,-2, zero fill); "
+                               "metrics.json then adds test_accuracy_tta and test_accuracy_first1000_tta",
+                        runtime=True, action="store_true")
+    corruptions: int | None = setting(
+        None, "the corruption benchmark after training and with --eval-only: the accuracy on the first N test images "
+              "(without N: all) clean and under noise, JPEG, blur, contrast, brightness, darkness, shifts and "
+              "downscaling, into metrics.json and corruptions.png; 0 skips it (default: the first 1,000 with "
+              "--eval-only; after training as many of them as a tenth of its time affords)", runtime=True,
+        type=image_count, nargs="?", const=ALL_TEST_IMAGES, metavar="N")
+    export: str | None = setting(
+        None, "write the model of --checkpoint (default: best.pt in --out-dir) as an ONNX file for ONNX Runtime: "
+              "input 'images', uint8 (N, 32, 32, 3) RGB, output 'probabilities' (N, 10), normalisation inside; then "
+              f"check it against PyTorch on the test set. Needs: pip install {EXPORT_PACKAGES}", runtime=True,
+        metavar="FILE.onnx")
+    quantize: str | None = setting(None, "with --export: a statically quantised int8 model instead, calibrated on "
+                                         f"{CALIBRATION_IMAGES} training images", runtime=True, choices=["int8"])
+    compare: list[str] | None = setting(None, "compare finished runs: compare.png and compare.json in --out-dir "
+                                              "(default: runs/compare)", runtime=True, nargs="+", metavar="RUN_DIR")
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            check, value = field.metadata.get("check"), getattr(self, field.name)
+            values = value if isinstance(value, list) else [value]  # ex1's dropout: per block, or a sweep's values
+            if check and value is not None and not all(check[0](v) for v in values):
+                raise UsageError(f"--{field.name.replace('_', '-')} {check[1]} (got {value})")
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+    @classmethod
+    def runtime_keys(cls) -> set[str]:
+        """The settings that say where and how a run executes, not what it computes."""
+        return {field.name for field in dataclasses.fields(cls) if field.metadata.get("runtime")}
+
+    def recorded(self) -> dict:
+        """The settings as checkpoints' logs and metrics.json record what a run computes: without the runtime ones."""
+        return recorded_settings(self)
+
+    @classmethod
+    def from_saved(cls, values: Mapping) -> Settings:
+        """Settings from saved values (a checkpoint's or metrics.json's): a value for a setting added since is its
+        default, one for a setting since removed is left out."""
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
-def train_in_folder(script: str, settings: Settings, build_model: ModelBuilder, out_dir: Path, ctx: TrainContext,
-                    resume_from: dict | None, plan: Plan | None) -> dict:
-    """The training run in `out_dir`, which the main process locks, with its console in train.log and its curves
-    in TensorBoard's event files; returns its metrics (empty on the other processes). Ctrl-C and a failed write
-    while it trains say what the folder keeps and how to go on."""
-    with contextlib.ExitStack() as stack:
-        if ctx.is_main:
-            stack.enter_context(run_dir_lock(out_dir))
-            for stale in out_dir.glob(".*.tmp"):  # temporary files of atomic_write left by a run killed while saving
-                stale.unlink(missing_ok=True)
-        data, splits = load_training_data(settings, ctx)
-        if ctx.world > 1:
-            dist.barrier()
-        board = stack.enter_context(open_board(
-            out_dir, trained_steps(resume_from["history"]) if resume_from else None, f"python {shlex.join(sys.argv)}",
-            recorded_settings(settings))) if ctx.is_main and settings.tensorboard else None
-        try:
-            with tee_console(out_dir / "train.log", enabled=ctx.is_main):
-                metrics = train_and_report(script, settings, data, splits, build_model, out_dir, ctx,
-                                           resume_from=resume_from, board=board, plan=plan)
-                if board is not None:
-                    log_end(board, metrics, out_dir)
-                return metrics
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(what_is_kept(out_dir, interrupted=True)) from None
-        except SaveError as e:
-            raise SaveError(e.errno, f"{e.strerror}; {what_is_kept(out_dir)}", e.filename) from None
+RUNTIME_KEYS = Settings.runtime_keys()
 
 
-def what_is_kept(out_dir: Path, interrupted: bool = False) -> str:
-    """What a training run stopped by Ctrl-C (or a failed write) leaves in `out_dir`, and how to go on."""
-    command = resume_command(True)  # a sweep's too
-    last, best = (out_dir / "last.pt").exists(), (out_dir / "best.pt").exists()
-    if interrupted:
-        return (f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}" if last else
-                f"no epoch had finished: nothing to resume in {out_dir}; start the run again")
-    if last:
-        kept = "last.pt and best.pt" if best else "last.pt"
-        return f"{kept} in {out_dir} hold the last epochs saved whole; resume with: python {command}"
-    if best:
-        return f"best.pt in {out_dir} holds the best epoch saved whole, but no last.pt to resume from"
-    return "no epoch was saved"
+def recorded_settings(settings: Mapping) -> dict:
+    """Settings (or the dict a checkpoint saved) as metrics.json records them: without RUNTIME_KEYS."""
+    return {k: v for k, v in settings.items() if k not in RUNTIME_KEYS}
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_type: type[Settings]) -> None:
+    """A flag for every setting of `settings_type` that has a help text (all default to None: a flag not given
+    leaves the recipe's value or the Settings default)."""
+    for field in dataclasses.fields(settings_type):
+        meta = field.metadata
+        if meta.get("help"):
+            store = meta["options"].get("action", "").startswith("store_")
+            parser.add_argument(meta["flag"] or f"--{field.name.replace('_', '-')}", dest=field.name, help=meta["help"],
+                                **({"default": None} if store else {}), **meta["options"])
+
+
+def explicit_flags(args: argparse.Namespace) -> dict:
+    """The flags given on the command line and their values (argparse leaves the others None)."""
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def choose_recipe(recipes: dict[str, dict], name: str) -> dict:
+    if name not in recipes:
+        raise UsageError(f"--recipe {name}: choose from {', '.join(recipes)}")
+    return recipes[name]
+
+
+def resolve_settings(flags_given: dict, recipe: dict, settings_type: type[Settings] = Settings) -> Settings:
+    """The run's settings: the type's defaults, then the recipe, then the flags given (see explicit_flags); the ops
+    of --augment turned on or off by their strengths given (> 0 on, 0 off), in AUGMENT_OPS' order; under a time
+    budget no epochs (its plan says how long), no early stop (it trains its whole schedule; a --patience given is
+    noted) and a budget_scaling without the settings a flag gives (--augment gives crop_pad too)."""
+    if "time_budget" in flags_given and "epochs" in flags_given:
+        raise UsageError("--time-budget and --epochs both say how long to train: give one of them")
+    values = {**recipe, **flags_given}
+    defaults = {key: field.default for key, field in settings_type.__dataclass_fields__.items()}
+    on = set(parse_augment(values.get("augment", defaults["augment"])))
+    for op, key in STRENGTH_KEYS.items():
+        if key in flags_given:
+            on = on | {op} if flags_given[key] > 0 else on - {op}
+    strength = {op: values.get(key, defaults[key]) for op, key in STRENGTH_KEYS.items()}
+    values["augment"] = [op for op in AUGMENT_OPS if op in on and strength.get(op, 1) > 0]
+    if values.get("time_budget") is None:
+        values["budget_scaling"] = None
+    else:
+        patience = values.get("patience", defaults["patience"])
+        if patience and "patience" in flags_given:
+            print(f"note: --patience {patience} is not applied under --time-budget: a budget run trains its whole "
+                  "schedule", file=sys.stderr)
+        fixed = set(flags_given) | ({"crop_pad"} if "augment" in flags_given else set())
+        values.update(epochs=None, patience=0, budget_scaling={
+            key: value for key, value in (values.get("budget_scaling") or {}).items() if key not in fixed} or None)
+    return settings_type(**values)
 
 
 class Sweep(NamedTuple):
@@ -150,120 +257,50 @@ class Sweep(NamedTuple):
     report: Callable[[list, list[Path], Path], object]  # (values, their run folders, the folder): the sweep's summary
 
 
-def differing_settings(asked: Mapping, saved: dict) -> list[str]:
-    """The settings a finished run was trained with that differ from those `asked` for now, as 'name: saved -> asked'.
-    What the run itself filled in is left out: a mean and std taken from the data."""
-    differences = []
-    for key, value in asked.items():
-        if key in RUNTIME_KEYS or key not in saved or (key in ("mean", "std") and value == "data"):
-            continue  # a key the run did not record is a setting added since, whose default keeps what it did
-        if saved.get(key) != (parse_augment(value) if key == "augment" else value):
-            differences.append(f"{key}: {saved.get(key)} -> {value}")
-    return differences
-
-
-def reusable_run(run_dir: Path, settings: Settings) -> bool:
-    """True when `run_dir` holds a finished run trained with `settings` (with the settings its time budget's plan
-    chose, if any) and not --overwrite; refuses a finished run with other settings, naming them."""
-    if settings.overwrite or not (run_dir / "metrics.json").exists():
-        return False
-    saved = load_run(run_dir)["metrics"]
-    asked = settings_for_plan(settings, Plan(**saved["plan"])) if saved.get("plan") else settings
-    differences = differing_settings(asked, saved.get("settings", {}))
-    if differences:
-        raise UsageError(f"{run_dir} holds a finished run trained with other settings ({'; '.join(differences)}); "
-                         "pass --overwrite to train it again with these, or choose another --out-dir")
-    return True
-
-
-def finished_plan(run_dir: Path, ctx: TrainContext) -> Plan:
-    """The time budget's plan of the finished run in `run_dir`, read on the main process once it wrote it and
-    shared, for the next runs of a sweep to train as it is."""
-    saved = [load_run(run_dir)["metrics"]["plan"] if ctx.is_main else None]
-    if ctx.world > 1:
-        dist.broadcast_object_list(saved, 0)
-    return Plan(**saved[0])._replace(fixed=True)
-
-
-def run_sweeps(sweeps: Sequence[Sweep], script: str, settings: Settings, flags_given: dict, build_model: ModelBuilder,
-               out_dir: Path, ctx: TrainContext, plan: Plan | None = None) -> Plan | None:
-    """One run per value of the first sweep in out_dir/<prefix><value>/, each swept in turn by the others; a finished
-    run is reused when its settings are these, an unfinished one continued with --resume. Under a time budget the
-    first run plans and the others train its plan, which is returned. Then the main process writes the sweep's
-    report."""
-    sweep, inner = sweeps[0], sweeps[1:]
-    run_dirs = []
-    for value in sweep.values:
-        run_dir = out_dir / f"{sweep.prefix}{value}"
-        run_settings = dataclasses.replace(settings, **sweep.changes, **{sweep.key: value})
-        if run_settings.budget_scaling:  # the swept setting is the sweep's, not the plan's
-            run_settings = dataclasses.replace(run_settings, budget_scaling={
-                k: v for k, v in run_settings.budget_scaling.items() if k != sweep.key})
-        if inner:
-            plan = run_sweeps(inner, script, run_settings, flags_given, build_model, run_dir, ctx, plan)
-        elif reusable_run(run_dir, run_settings):
-            say(ctx, f"{run_dir} is finished; using its results")
-        else:
-            resume = settings.resume and (run_dir / "last.pt").exists()
-            start_or_resume(script, dataclasses.replace(run_settings, resume=resume), flags_given, build_model,
-                            run_dir, ctx, plan)
-        if settings.time_budget is not None and plan is None and not inner:
-            plan = finished_plan(run_dir, ctx)
-        run_dirs.append(run_dir)
-    if ctx.is_main:
-        sweep.report(sweep.values, run_dirs, out_dir)
-    return plan
-
-
-def seeds_sweep(first: int, count: int) -> Sweep:
-    """--seeds: the seeds first, first+1, ... in seed<S>/, summarised by seeds.json and seeds.png."""
-    if count < 1:
-        raise UsageError(f"--seeds must be at least 1 (got {count})")
-    return Sweep("seed", list(range(first, first + count)), "seed", {}, summarize_seeds)
-
-
-def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) -> str:
-    """What Ctrl-C outside an epoch (loading data, between the runs of a sweep, writing a report) leaves, and how to
-    go on."""
-    command = resume_command(sweep)
-    if sweep:
-        return (f"the finished runs in {out_dir} are kept, and so is the last epoch of an unfinished one; continue "
-                f"with: python {command}")
-    if any(flags_given.get(task) for task in TASK_FLAGS):
-        return f"no training was affected; run the command again: python {command}"
-    return (f"{out_dir} keeps what it held before (a run's last.pt and best.pt are written whole or not at all); "
-            f"to go on: python {command}")
-
-
-TASK_FLAGS = ("compare", "predict", "eval_only", "seeds", "export")  # each one a task of its own: one a command line
-
-
-def task_checkpoint(flags_given: dict, out_dir: Path) -> Path:
-    """The checkpoint --eval-only, --predict and --export read: --checkpoint, else best.pt of the run in --out-dir
-    (the script's run folder by default)."""
-    return Path(flags_given["checkpoint"]) if "checkpoint" in flags_given else out_dir / "best.pt"
-
-
-def checkpoint_and_reports(flags_given: dict, out_dir: Path, task: str) -> tuple[Path, Path]:
-    """(the checkpoint --eval-only or --predict reads (task_checkpoint), the folder its reports go to): <task>/ beside
-    the checkpoint, or --out-dir when --checkpoint names the checkpoint, a folder that must not hold a training run."""
-    checkpoint = task_checkpoint(flags_given, out_dir)
-    if "checkpoint" not in flags_given or "out_dir" not in flags_given:
-        return checkpoint, checkpoint.parent / task
-    if any((out_dir / name).exists() for name in ("last.pt", "history.json")):
-        raise UsageError(f"--out-dir {out_dir} holds a training run, whose files an evaluation would overwrite: "
-                         f"choose another folder, or leave --out-dir out to write into {checkpoint.parent / task}")
-    return checkpoint, out_dir
-
-
 def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dict], settings_type: type[Settings],
-                   build_model: ModelBuilder, default_out_dir: str, default_recipe: str = "default",
-                   sweeps: Sequence[Sweep] = ()) -> int:
-    """Everything a script's command line can ask for (see run_command); returns the exit code of its outcome."""
+                   build_model, default_out_dir: str, default_recipe: str = "default", sweeps: Sequence[Sweep] = ()
+                   ) -> int:
+    """The one task of a script's command line: --compare, --export, --predict, --eval-only, sweeps (the script's
+    own, and --seeds inside them) or one training run; returns the exit code of its outcome. `settings_type` is the
+    script's Settings; the settings a sweep varies are left out of the flags given. `build_model(settings, *,
+    initial_weights=True)` builds a script's network from settings (its Settings, or the dict a checkpoint saved);
+    with initial_weights False a checkpoint's weights replace the new ones at once (ex2 then fetches no ImageNet
+    weights)."""
     flags_given = explicit_flags(args)
     out_dir = Path(flags_given.get("out_dir", default_out_dir))
     try:
-        return run_command(flags_given, script, recipes, settings_type, build_model, out_dir, default_recipe, sweeps)
+        check_one_task(flags_given, sweeps)
+        if "compare" in flags_given:
+            compare_runs(flags_given["compare"], Path(flags_given.get("out_dir", "runs/compare")))
+            return 0
+        if "seeds" in flags_given:
+            sweeps = [*sweeps, seeds_sweep(flags_given.get("seed", settings_type.seed), flags_given["seeds"])]
+        flags_given = {k: v for k, v in flags_given.items() if k not in {"seeds", *(sweep.key for sweep in sweeps)}}
+        name = flags_given.get("recipe", default_recipe)
+        settings = resolve_settings(flags_given, {"recipe": name, **choose_recipe(recipes, name)}, settings_type)
+        for sweep in sweeps:  # every value checked before the first run starts
+            for value in sweep.values:
+                dataclasses.replace(settings, **sweep.changes, **{sweep.key: value})
+        ctx = train_context(settings)
+        if settings.export:
+            return export_model(script, task_checkpoint(flags_given, out_dir), Path(settings.export),
+                                settings.quantize, settings.data_dir, not settings.no_download,
+                                build_model) if ctx.is_main else 0
+        if settings.predict:
+            checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "predict")
+            return predict_images(script, settings.predict, settings.tta, build_model, ctx, checkpoint,
+                                  reports) if ctx.is_main else 0
+        if settings.eval_only:
+            checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "eval")
+            if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
+                recorded = recorded_settings(load_checkpoint(checkpoint, script)["settings"])
+                eval_only(script, checkpoint, reports, settings.data_dir, not settings.no_download, settings.tta,
+                          settings.corruptions, build_model, recorded, ctx)
+        elif sweeps:
+            run_sweeps(sweeps, script, settings, flags_given, build_model, out_dir, ctx)
+        else:
+            train_run(script, settings, flags_given, build_model, out_dir, ctx)
+        return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -281,6 +318,9 @@ def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dic
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+TASK_FLAGS = ("compare", "predict", "eval_only", "seeds", "export")  # each one a task of its own: one a command line
 
 
 def check_one_task(flags_given: dict, sweeps: Sequence[Sweep]) -> None:
@@ -303,38 +343,97 @@ def train_context(settings: Settings) -> TrainContext:
     return TrainContext(device, resolve_precision(settings.precision, device), rank, world)
 
 
-def run_command(flags_given: dict, script: str, recipes: dict[str, dict], settings_type: type[Settings],
-                build_model: ModelBuilder, out_dir: Path, default_recipe: str, sweeps: Sequence[Sweep]) -> int:
-    """The one task of the command line: --compare, --export, --predict, --eval-only, sweeps (the script's own, and
-    --seeds inside them) or one training run. `settings_type` is the script's Settings; the settings a sweep varies
-    are left out of the flags given."""
-    check_one_task(flags_given, sweeps)
-    if "compare" in flags_given:
-        compare_runs(flags_given["compare"], Path(flags_given.get("out_dir", "runs/compare")))
-        return 0
-    if "seeds" in flags_given:
-        sweeps = [*sweeps, seeds_sweep(flags_given.get("seed", settings_type.seed), flags_given["seeds"])]
-    flags_given = {k: v for k, v in flags_given.items() if k not in {"seeds", *(sweep.key for sweep in sweeps)}}
-    name = flags_given.get("recipe", default_recipe)
-    settings = resolve_settings(flags_given, {"recipe": name, **choose_recipe(recipes, name)}, settings_type)
-    ctx = train_context(settings)
-    if settings.export:
-        return export_model(script, task_checkpoint(flags_given, out_dir), Path(settings.export), settings.quantize,
-                            settings.data_dir, not settings.no_download, build_model) if ctx.is_main else 0
-    if settings.predict:
-        checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "predict")
-        return predict_images(script, settings.predict, settings.tta, build_model, ctx, checkpoint,
-                              reports) if ctx.is_main else 0
-    if settings.eval_only:
-        checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "eval")
-        if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
-            eval_only(script, checkpoint, reports, settings.data_dir, not settings.no_download, settings.tta,
-                      settings.corruptions, build_model, ctx)
-    elif sweeps:
-        for sweep in sweeps:  # every value, before the first run starts
-            for value in sweep.values:
-                check_settings(dataclasses.replace(settings, **sweep.changes, **{sweep.key: value}))
-        run_sweeps(sweeps, script, settings, flags_given, build_model, out_dir, ctx)
-    else:
-        start_or_resume(script, settings, flags_given, build_model, out_dir, ctx)
-    return 0
+def run_sweeps(sweeps: Sequence[Sweep], script: str, settings: Settings, flags_given: dict, build_model,
+               out_dir: Path, ctx: TrainContext, plan: Plan | None = None) -> Plan | None:
+    """One run per value of the first sweep in out_dir/<prefix><value>/, each swept in turn by the others; a finished
+    run is reused when its settings are these, an unfinished one continued with --resume. Under a time budget the
+    first run plans and the others train its plan, which is returned. Then the main process writes the sweep's
+    report."""
+    sweep, inner = sweeps[0], sweeps[1:]
+    run_dirs = []
+    for value in sweep.values:
+        run_dir = out_dir / f"{sweep.prefix}{value}"
+        run_settings = dataclasses.replace(settings, **sweep.changes, **{sweep.key: value})
+        if run_settings.budget_scaling:  # the swept setting is the sweep's, not the plan's
+            run_settings = dataclasses.replace(run_settings, budget_scaling={
+                k: v for k, v in run_settings.budget_scaling.items() if k != sweep.key})
+        if inner:
+            plan = run_sweeps(inner, script, run_settings, flags_given, build_model, run_dir, ctx, plan)
+        elif reusable_run(run_dir, run_settings):
+            say(ctx, f"{run_dir} is finished; using its results")
+        else:
+            resume = settings.resume and (run_dir / "last.pt").exists()
+            train_run(script, dataclasses.replace(run_settings, resume=resume), flags_given, build_model, run_dir, ctx,
+                      plan=plan)
+        if settings.time_budget is not None and plan is None and not inner:
+            plan = finished_plan(run_dir, ctx)
+        run_dirs.append(run_dir)
+    if ctx.is_main:
+        sweep.report(sweep.values, run_dirs, out_dir)
+    return plan
+
+
+def reusable_run(run_dir: Path, settings: Settings) -> bool:
+    """True when `run_dir` holds a finished run trained with `settings` (with the settings its time budget's plan
+    chose, if any) and not --overwrite; refuses a finished run with other settings, naming them. What the run itself
+    filled in is not compared: a mean and std taken from the data; nor a setting the run did not record (one added
+    since, whose default keeps what it did)."""
+    if settings.overwrite or not (run_dir / "metrics.json").exists():
+        return False
+    saved = load_run(run_dir)["metrics"]
+    asked = settings_for_plan(settings, Plan(**saved["plan"])) if saved.get("plan") else settings
+    recorded = saved.get("settings", {})
+    differences = differing_settings({k: v for k, v in recorded_settings(asked).items() if k in recorded and not (
+        k in ("mean", "std") and v == "data")}, recorded)
+    if differences:
+        named = "; ".join(f"{key}: {was} -> {value}" for key, was, value in differences)
+        raise UsageError(f"{run_dir} holds a finished run trained with other settings ({named}); "
+                         "pass --overwrite to train it again with these, or choose another --out-dir")
+    return True
+
+
+def finished_plan(run_dir: Path, ctx: TrainContext) -> Plan:
+    """The time budget's plan of the finished run in `run_dir`, read on the main process once it wrote it and
+    shared, for the next runs of a sweep to train as it is."""
+    saved = [load_run(run_dir)["metrics"]["plan"] if ctx.is_main else None]
+    if ctx.world > 1:
+        dist.broadcast_object_list(saved, 0)
+    return Plan(**saved[0])._replace(fixed=True)
+
+
+def seeds_sweep(first: int, count: int) -> Sweep:
+    """--seeds: the seeds first, first+1, ... in seed<S>/, summarised by seeds.json and seeds.png."""
+    if count < 1:
+        raise UsageError(f"--seeds must be at least 1 (got {count})")
+    return Sweep("seed", list(range(first, first + count)), "seed", {}, summarize_seeds)
+
+
+def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) -> str:
+    """What Ctrl-C outside an epoch (loading data, between the runs of a sweep, writing a report) leaves, and how to
+    go on."""
+    command = resume_command(sweep)
+    if sweep:
+        return (f"the finished runs in {out_dir} are kept, and so is the last epoch of an unfinished one; continue "
+                f"with: python {command}")
+    if any(flags_given.get(task) for task in TASK_FLAGS):
+        return f"no training was affected; run the command again: python {command}"
+    return (f"{out_dir} keeps what it held before (a run's last.pt and best.pt are written whole or not at all); "
+            f"to go on: python {command}")
+
+
+def task_checkpoint(flags_given: dict, out_dir: Path) -> Path:
+    """The checkpoint --eval-only, --predict and --export read: --checkpoint, else best.pt of the run in --out-dir
+    (the script's run folder by default)."""
+    return Path(flags_given["checkpoint"]) if "checkpoint" in flags_given else out_dir / "best.pt"
+
+
+def checkpoint_and_reports(flags_given: dict, out_dir: Path, task: str) -> tuple[Path, Path]:
+    """(the checkpoint --eval-only or --predict reads (task_checkpoint), the folder its reports go to): <task>/ beside
+    the checkpoint, or --out-dir when --checkpoint names the checkpoint, a folder that must not hold a training run."""
+    checkpoint = task_checkpoint(flags_given, out_dir)
+    if "checkpoint" not in flags_given or "out_dir" not in flags_given:
+        return checkpoint, checkpoint.parent / task
+    if any((out_dir / name).exists() for name in ("last.pt", "history.json")):
+        raise UsageError(f"--out-dir {out_dir} holds a training run, whose files an evaluation would overwrite: "
+                         f"choose another folder, or leave --out-dir out to write into {checkpoint.parent / task}")
+    return checkpoint, out_dir

@@ -1,7 +1,5 @@
 """Where and how a run computes: the device, the precision (bf16, fp16, fp32) and what the device computes
-natively, autocast, clock synchronisation and the processes of torchrun.
-
-Imports common.errors."""
+natively, autocast, clock synchronisation and the processes of torchrun."""
 from __future__ import annotations
 
 import os
@@ -10,7 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from .files import UsageError
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -129,3 +127,24 @@ def init_distributed(device: str) -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), world, local_rank
+
+
+def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: bool) -> TrainContext:
+    """The context a resumed run trains in: --precision when given; else the precision its last epoch trained in
+    where this device computes it natively (so that a resume on the same machine is bit-identical), and what
+    --precision auto picks here where it does not (bf16 on an older GPU or a CPU without native bf16). A line says
+    when the precision changes. Checkpoints from before history rows recorded it resolve the run's own --precision."""
+    history = resume_from["history"]
+    saved = history[-1].get("precision") if history else None
+    if saved is None:
+        saved = precision_name(resolve_precision(resume_from["settings"].get("precision", "auto"), ctx.device))
+    dtype, why = ctx.dtype, "--precision makes the rest"
+    if not precision_given:
+        dtype = getattr(torch, saved)
+        if dtype == torch.bfloat16 and not native_bf16(ctx.device):
+            dtype = resolve_precision("auto", ctx.device)
+            why = f"{ctx.device} has no native bf16: --precision auto makes the rest"
+    if precision_name(dtype) != saved and ctx.is_main:
+        print(f"note: epochs 1-{len(history)} trained in {saved}; {why} {precision_name(dtype)} (history.json "
+              "records each epoch's precision)")
+    return ctx._replace(dtype=dtype)

@@ -1,19 +1,161 @@
-"""A model's predictions (with test-time augmentation), loss and accuracy, and its results on the test set.
+"""Evaluation: a model's predictions (with test-time augmentation), loss and accuracy, per class and confusion; the
+corruption benchmark (in the spirit of CIFAR-10-C: noise, JPEG, blur, contrast, brightness, shifts, downscaling);
+and the test report, its table, figures and metrics.json.
 
-Imports common.augment, common.corruptions, common.device."""
+Corruptions take uint8 images (N, 3, H, W), RGB, and are computed on the CPU, so that their result does not depend on
+the device; the only random one, gaussian_noise, draws from a CPU generator. torchvision's transforms.v2.functional
+does blur, contrast, brightness, padding and resizing; Pillow does JPEG."""
 from __future__ import annotations
 
+import io
 import math
 import time
-from typing import NamedTuple, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
 
-from .augment import normalize
-from .corruptions import corruption_accuracies, CORRUPTIONS
+from .data import CifarData, normalize
 from .device import autocast, TrainContext
+from .files import save_json
+from .plots import plot_confusion, plot_corruption_examples, plot_corruptions, plot_misclassified, plot_per_class
+
+# name -> severities, mild to strong: the value each corruption's function takes as its strength.
+CORRUPTIONS: Mapping[str, tuple] = MappingProxyType({
+    "gaussian_noise": (2, 4, 8),     # sigma of the added noise, in 0-255 pixel units
+    "jpeg": (90, 75, 50),            # JPEG quality (a copy of CIFAR-10 saved at 75 barely changes at 75)
+    "gaussian_blur": (0.5, 1.0),     # sigma in pixels; kernel 2 * ceil(3 sigma) + 1 wide, reflected border
+    "contrast": (0.6, 0.3),          # factor that pulls each pixel towards the image's mean grey (1 = unchanged)
+    "brightness": (1.3, 1.6),        # factor multiplying every pixel, brighter; highlights clip at 255
+    "darkness": (0.7, 0.5),          # the same factor below 1: a darker, underexposed image
+    "shift": (1, 2),                 # pixels the image moves right and down; the gap filled by reflection
+    "downscale": (24, 16),           # side the image is shrunk to (antialiased) before its return to full size
+})
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> uint8, rounded to the nearest level (torchvision's colour ops truncate)."""
+    return (images * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def gaussian_noise(images: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Add normal noise of standard deviation `sigma` (0-255 units), drawn image after image from a CPU `generator`:
+    the first k images get the same noise whatever the batch's length. (One draw for the whole batch would not
+    ensure it: torch's CPU randn makes its values 16 at a time and redraws a last incomplete 16.)"""
+    noise = torch.empty(images.shape)
+    for i in range(len(images)):
+        noise[i] = torch.randn(images.shape[1:], generator=generator)
+    return (images.float() + noise.to(images.device) * sigma).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """Encode and decode each image as JPEG at `quality` (1-100), by Pillow: the same pixels as torchvision's
+    v2.functional.jpeg, whose JPEG encoder and decoder torchvision 0.29 deprecates (a warning at every call)."""
+    decoded = []
+    for image in images.permute(0, 2, 3, 1).cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+        decoded.append(np.asarray(Image.open(buffer).convert("RGB")))
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous().to(images.device)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    size = 2 * math.ceil(3 * sigma) + 1
+    return TF.gaussian_blur(images, [size, size], [float(sigma), float(sigma)])
+
+
+def contrast(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blend each image with its mean grey level: factor 1 leaves it, 0 makes it uniformly grey."""
+    return _to_uint8(TF.adjust_contrast(_to_float(images), factor))
+
+
+def brightness(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Multiply every pixel by `factor`, clipped at 255."""
+    return _to_uint8(TF.adjust_brightness(_to_float(images), factor))
+
+
+def shift(images: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Move the image `pixels` to the right and down, the uncovered border filled by reflection."""
+    h, w = images.shape[-2:]
+    return TF.pad(images, [pixels, pixels, 0, 0], padding_mode="reflect")[..., :h, :w]
+
+
+def downscale(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize to size x size (bilinear, antialiased) and back to the original size (bilinear)."""
+    h, w = images.shape[-2:]
+    small = TF.resize(_to_float(images), [size, size], antialias=True)
+    return _to_uint8(TF.resize(small, [h, w], antialias=True))
+
+
+_FUNCTIONS = MappingProxyType({"jpeg": jpeg, "gaussian_blur": gaussian_blur, "contrast": contrast,
+                               "brightness": brightness, "darkness": brightness, "shift": shift,
+                               "downscale": downscale})  # all but gaussian_noise, which takes a generator
+
+
+def corrupt(images: torch.Tensor, name: str, severity, seed: int) -> torch.Tensor:
+    """`images` under corruption `name` at `severity`, one of CORRUPTIONS[name]: uint8, same shape and device. The
+    same (images, name, severity, seed) give the same result on any device, and a prefix of the images the same
+    prefix of the result."""
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}: choose from {', '.join(CORRUPTIONS)}")
+    if severity not in CORRUPTIONS[name]:
+        raise ValueError(f"{name} has no severity {severity!r}: choose from {CORRUPTIONS[name]}")
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    x = images.cpu()
+    if name == "gaussian_noise":
+        out = gaussian_noise(x, severity, torch.Generator().manual_seed(seed))
+    else:
+        out = _FUNCTIONS[name](x, severity)
+    return out.to(images.device)
+
+
+def _correct(classify: Callable, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many of `images` classify names as their label."""
+    predictions = torch.as_tensor(classify(images)).cpu()
+    if predictions.shape != labels.shape:
+        raise ValueError(f"classify returned shape {tuple(predictions.shape)} for {len(images)} images")
+    return int((predictions == labels).sum())
+
+
+def corruption_accuracies(classify: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                          labels: torch.Tensor, seed: int = 0) -> dict:
+    """Accuracy of `classify` (uint8 batch (N, 3, H, W) -> predicted classes (N,)) on the clean images and on each
+    corruption and severity of the same images, as a JSON-ready record:
+
+    {"images": N, "seed": seed, "clean_accuracy": a,
+     "results": [{"corruption": name, "severity": value, "level": 1.., "accuracy": x, "drop": a - x}, ...],
+     "mean_accuracy": mean of the results' accuracies, "mean_drop": a - mean_accuracy,
+     "worst": the result with the largest drop (the first of equals)}.
+
+    Accuracies are fractions, each drop computed from counts on the same images, so that it is exact.
+    """
+    labels = torch.as_tensor(labels).cpu()
+    n = len(images)
+    if n == 0 or labels.shape != (n,):
+        raise ValueError(f"need one label per image and at least one image: {n} images, labels {tuple(labels.shape)}")
+    clean = _correct(classify, images, labels)
+    results, counts = [], []
+    for name, severities in CORRUPTIONS.items():
+        for level, severity in enumerate(severities, 1):
+            correct = _correct(classify, corrupt(images, name, severity, seed), labels)
+            results.append({"corruption": name, "severity": severity, "level": level, "accuracy": correct / n,
+                            "drop": (clean - correct) / n})
+            counts.append(correct)
+    total = n * len(results)
+    return {"images": n, "seed": seed, "clean_accuracy": clean / n, "results": results,
+            "mean_accuracy": sum(counts) / total, "mean_drop": (clean * len(results) - sum(counts)) / total,
+            "worst": dict(results[counts.index(min(counts))])}
 
 
 EVAL_BATCH = 500  # images a forward pass takes when a model is evaluated
@@ -148,3 +290,69 @@ def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
                        tta_result and tta_result["accuracy"], tta_result and accuracy_of_first(tta_result["predictions"]),
                        corruption_record(model, images[:corrupted], labels[:corrupted], mean, std, ctx)
                        if corrupted else None)
+
+
+def corruption_examples(image: torch.Tensor, seed: int) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
+    """One uint8 image (3, H, W) under every corruption: per corruption, the clean image and each severity, labelled."""
+    return [(name, [("clean", image)] + [(f"{severity:g}", corrupt(image[None], name, severity, seed)[0])
+                                        for severity in severities]) for name, severities in CORRUPTIONS.items()]
+
+
+def print_corruptions(record: dict) -> None:
+    """The corruption benchmark as a table: a row per corruption, its accuracy and drop at each severity."""
+    print(f"\ncorruption benchmark, first {record['images']} test images: clean {record['clean_accuracy']:.2%}")
+    for name in dict.fromkeys(r["corruption"] for r in record["results"]):
+        cells = [f"{r['severity']:>5g}: {r['accuracy']:7.2%} ({-r['drop'] * 100:+.1f})"
+                 for r in record["results"] if r["corruption"] == name]
+        print(f"  {name:<15}" + "   ".join(cells))
+    worst = record["worst"]
+    print(f"  mean corruption accuracy {record['mean_accuracy']:.2%} (drop {record['mean_drop'] * 100:.1f} points); "
+          f"worst {worst['corruption']} {worst['severity']:g} (drop {worst['drop'] * 100:.1f})")
+
+
+def write_test_report(results: TestResults, data: CifarData, out_dir: Path) -> None:
+    """Draw the test figures (per class, confusion, misclassified; the corruption benchmark's when it ran) in `out_dir`
+    and print the per-class table (and the benchmark's)."""
+    plot_per_class(results.per_class, out_dir / "per_class.png", f"test accuracy per class ({results.accuracy:.2%} overall)")
+    plot_confusion(results.confusion, data.classes, out_dir / "confusion.png")
+    plot_misclassified(data.test_images, data.test_labels, results.predictions, data.classes, out_dir / "misclassified.png")
+    first = first_test_images(len(results.predictions))
+    print(f"\n{'class':<12}{'accuracy':>9}")
+    for name, acc in results.per_class.items():
+        print(f"{name:<12}{acc:>9.2%}")
+    print(f"{'all':<12}{results.accuracy:>9.2%}   ({len(results.predictions)} test images; first {first}: "
+          f"{results.accuracy_first1000:.2%})")
+    if results.accuracy_tta is not None:
+        print(f"{'all, --tta':<12}{results.accuracy_tta:>9.2%}   (test-time augmentation; first {first}: "
+              f"{results.accuracy_first1000_tta:.2%})")
+    if results.corruptions is not None:
+        plot_corruptions(results.corruptions, out_dir / "corruptions.png")
+        plot_corruption_examples(corruption_examples(data.test_images[0], results.corruptions["seed"]),
+                                 out_dir / "corruption_examples.png")
+        print_corruptions(results.corruptions)
+
+
+def write_report(results: TestResults, data: CifarData, model: nn.Module, device: torch.device, settings: dict,
+                 environment: dict, out_dir: Path, **run) -> dict:
+    """A model's test report in `out_dir`: the figures and table (write_test_report) and metrics.json
+    (metrics_record); returns the metrics."""
+    write_test_report(results, data, out_dir)
+    metrics = metrics_record(results, model, device, data.classes, settings, environment, **run)
+    save_json(metrics, out_dir / "metrics.json")
+    return metrics
+
+
+def metrics_record(results: TestResults, model: nn.Module, device: torch.device, classes: Sequence[str],
+                   settings: dict, environment: dict, **run) -> dict:
+    """metrics.json: the test results, then what `run` adds (training's epochs and speed, or the checkpoint an
+    evaluation read), the network's size, where it ran, its classes, its settings (recorded_settings) and the
+    environment (versions, commit, hardware)."""
+    metrics = {"test_accuracy": results.accuracy, "test_loss": results.loss,
+               "test_accuracy_first1000": results.accuracy_first1000, "test_images": len(results.predictions),
+               "per_class_accuracy": results.per_class, "confusion_matrix": results.confusion.tolist()}
+    if results.accuracy_tta is not None:
+        metrics.update(test_accuracy_tta=results.accuracy_tta, test_accuracy_first1000_tta=results.accuracy_first1000_tta)
+    if results.corruptions is not None:
+        metrics["corruptions"] = results.corruptions
+    return {**metrics, **run, "params": sum(p.numel() for p in model.parameters()), "device": str(device), "classes": list(classes),
+            "settings": settings, **environment}

@@ -1,7 +1,6 @@
-"""Files written whole or not at all: atomic writes, JSON, checkpoints (saved and loaded), the output folder
-(checked, locked) and train.log, the console copied into it.
-
-Imports common.errors."""
+"""The run folder's files and the errors a user reads: files written whole or not at all (JSON, checkpoints, saved
+and loaded), the folder checked and locked, train.log (the console copied into it) and the environment a run
+records (versions, commit, hardware)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,16 +8,39 @@ import datetime
 import io
 import json
 import os
+import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
+import torchvision
 
-from .errors import SaveError, UsageError
+
+class UsageError(Exception):
+    """A problem with the user's input or environment: reported as one message, exit code 2."""
+
+
+class SaveError(OSError):
+    """Writing a result file failed (a full disk, a lost mount): OSError's errno, strerror and the file's name."""
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be predicted (not an image, truncated, too large): skipped with this reason."""
+
+
+def describe_error(error: BaseException) -> str:
+    """'Type: first line of the message', short enough for a one-line error report."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def current_umask() -> int:
@@ -95,6 +117,33 @@ def load_checkpoint(path: Path, script: str) -> dict:
     return checkpoint
 
 
+TRAINING_STATE = ("optimizer", "scaler")  # what last.pt holds beyond best.pt: what --resume needs beyond the model
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def checkpoint_state(script: str, settings: dict, training, history: list[dict], best, plan=None,
+                     fingerprint: str | None = None, classes: Sequence[str] | None = None) -> dict:
+    """What last.pt holds after an epoch (best.pt: the same without TRAINING_STATE): the script, its settings, the
+    network, optimizer and scaler of `training` (train.Training), the history, the `best` epoch (train.BestEpoch),
+    the plan (train.Plan); `fingerprint` is data_fingerprint of the splits the run trains on (None outside a run). The learning rate needs no state of its
+    own: it is a function of the step and the plan."""
+    return {"kind": script, "settings": settings, "model": training.model.state_dict(),
+            "optimizer": training.optimizer.state_dict(), "scaler": training.scaler.state_dict(),
+            "plan": None if plan is None else plan._asdict(), "epoch": len(history), "history": history,
+            "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy, "data_fingerprint": fingerprint,
+            "classes": list(classes or CIFAR_CLASSES)}
+
+
+def write_checkpoints(held: dict, out_dir: Path) -> None:
+    """Write the checkpoints `held` holds (best.pt, then last.pt with history.json) and forget them."""
+    if "best" in held:
+        save_checkpoint(held.pop("best"), out_dir / "best.pt")
+    if "last" in held:
+        last = held.pop("last")
+        save_checkpoint(last, out_dir / "last.pt")
+        save_json(last["history"], out_dir / "history.json")
+
+
 @contextlib.contextmanager
 def tee_console(path: Path, enabled: bool = True):
     """Append what the block prints to stdout and stderr to `path` as well, after a line naming the command and the
@@ -158,3 +207,66 @@ def run_dir_lock(out_dir: Path):
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         yield
+
+
+def cpu_name() -> str:
+    """The processor's model name where Linux tells it (/proc/cpuinfo), else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _loaded_commit() -> str | None:
+    """The git commit checked out when this module was imported (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+LOADED_COMMIT = _loaded_commit()  # read once: a commit made while a run goes on is not the code that ran
+
+
+def environment_info(device: torch.device) -> dict:
+    """Versions, the git commit of the code that runs, and hardware, for metrics.json."""
+    hardware = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        hardware["gpu"] = torch.cuda.get_device_name(device)
+        hardware["gpu_count"] = torch.cuda.device_count()
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__},
+            "git_commit": LOADED_COMMIT, "hardware": hardware}
+
+
+@contextlib.contextmanager
+def what_a_stop_keeps(out_dir: Path):
+    """Ctrl-C or a failed write while the block trains: said with what `out_dir` keeps and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(what_is_kept(out_dir, interrupted=True)) from None
+    except SaveError as e:
+        raise SaveError(e.errno, f"{e.strerror}; {what_is_kept(out_dir)}", e.filename) from None
+
+
+def resume_command(resumes: bool) -> str:
+    """This call's command line, to run again as it is or, when it `resumes`, with --resume added."""
+    return shlex.join([*sys.argv, *(["--resume"] if resumes and "--resume" not in sys.argv else [])])
+
+
+def what_is_kept(out_dir: Path, interrupted: bool = False) -> str:
+    """What a training run stopped by Ctrl-C (or a failed write) leaves in `out_dir`, and how to go on."""
+    command = resume_command(True)  # a sweep's too
+    last, best = (out_dir / "last.pt").exists(), (out_dir / "best.pt").exists()
+    if interrupted:
+        return (f"{out_dir / 'last.pt'} holds the last finished epoch; resume with: python {command}" if last else
+                f"no epoch had finished: nothing to resume in {out_dir}; start the run again")
+    if last:
+        kept = "last.pt and best.pt" if best else "last.pt"
+        return f"{kept} in {out_dir} hold the last epochs saved whole; resume with: python {command}"
+    if best:
+        return f"best.pt in {out_dir} holds the best epoch saved whole, but no last.pt to resume from"
+    return "no epoch was saved"

@@ -1,34 +1,38 @@
-"""The tasks on a checkpoint: --eval-only, --export and --predict.
-
-Imports common.errors, common.files, common.data, common.device, common.evaluation, common.plots, common.report,
-common.export, common.settings, common.run."""
+"""The tasks on a trained checkpoint: --eval-only, --predict (a table and predictions.json, .csv and .png) and
+--export (an ONNX picture classifier, quantised to int8 if asked, checked with ONNX Runtime)."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .errors import UnreadableImage, UsageError
-from .files import load_checkpoint, prepare_out_dir
 from .data import CLASSES, image_files, load_cifar10, load_image
 from .device import TrainContext
-from .evaluation import FIRST_TEST_IMAGES, predict, test_results
+from .evaluation import EVAL_BATCH, FIRST_TEST_IMAGES, predict, test_results, write_report
+from .files import (
+    atomic_write,
+    environment_info,
+    load_checkpoint,
+    prepare_out_dir,
+    save_json,
+    UnreadableImage,
+    UsageError,
+)
 from .plots import plot_image_grid
-from .report import environment_info, print_predictions, save_predictions, write_report
-from .export import (
-    CALIBRATION_IMAGES, export_onnx, export_packages, nhwc, onnx_probabilities, PicturesToProbabilities, quantize_int8)
-from .settings import recorded_settings
-from .run import ModelBuilder
 
 
-def model_from_checkpoint(checkpoint: dict, build_model: ModelBuilder, ctx: TrainContext) -> nn.Module:
+def model_from_checkpoint(checkpoint: dict, build_model, ctx: TrainContext) -> nn.Module:
     """The network a checkpoint holds, rebuilt from its settings and weights, on the device."""
     model = build_model(checkpoint["settings"], initial_weights=False)
     model.load_state_dict(checkpoint["model"])
@@ -43,7 +47,7 @@ class OpenedCheckpoint(NamedTuple):
     model: nn.Module
 
 
-def open_checkpoint(script: str, checkpoint_path: Path, out_dir: Path, build_model: ModelBuilder, ctx: TrainContext
+def open_checkpoint(script: str, checkpoint_path: Path, out_dir: Path, build_model, ctx: TrainContext
                     ) -> OpenedCheckpoint:
     """Load a checkpoint of `script`, make the folder the task writes into, and rebuild the network on the device."""
     checkpoint = load_checkpoint(checkpoint_path, script)
@@ -53,16 +57,16 @@ def open_checkpoint(script: str, checkpoint_path: Path, out_dir: Path, build_mod
 
 
 def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, download: bool, tta: bool,
-              corruption_images: int | None, build_model: ModelBuilder, ctx: TrainContext) -> dict:
+              corruption_images: int | None, build_model, recorded: dict, ctx: TrainContext) -> dict:
     """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir` (the corruption benchmark on
     `corruption_images` of the first test images, by default the first 1,000), write metrics.json and the test
-    figures in `out_dir`."""
+    figures in `out_dir`; metrics.json records the `recorded` settings (the checkpoint's without the runtime flags)."""
     checkpoint, saved, _, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
     data = load_cifar10(data_dir, download=download)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
     results = test_results(model, data.test_images, data.test_labels, data.classes, saved["mean"], saved["std"], ctx, tta,
                            FIRST_TEST_IMAGES if corruption_images is None else corruption_images)
-    metrics = write_report(results, data, model, ctx.device, recorded_settings(saved), environment_info(ctx.device),
+    metrics = write_report(results, data, model, ctx.device, recorded, environment_info(ctx.device),
                            out_dir, checkpoint=str(checkpoint_path), epoch=checkpoint["epoch"],
                            best_epoch=checkpoint["best_epoch"], best_val_accuracy=checkpoint["best_val_accuracy"])
     print(f"reports in {out_dir}")
@@ -73,12 +77,12 @@ PROBABILITY_SUM_TOLERANCE = 1e-4  # an exported model whose probabilities sum fu
 
 
 def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str | None, data_dir: str, download: bool,
-                 build_model: ModelBuilder) -> int:
+                 build_model) -> int:
     """--export: write the checkpoint's network as an ONNX picture classifier at `path` (int8 with `quantize`), then
     check it: ONNX Runtime against PyTorch on the test set, or on one random batch where no test set is at hand.
     Returns the exit code: 1 when an fp32 export gives other classes than PyTorch, or any export probabilities that do
     not sum to 1 (the file is then removed), else 0."""
-    export_packages()
+    export_packages()  # missing packages are said before any work
     cpu = TrainContext(torch.device("cpu"), torch.float32)
     checkpoint, saved, classes, model = open_checkpoint(script, checkpoint_path, path.parent, build_model, cpu)
     model.eval()
@@ -149,7 +153,7 @@ PREDICT_BATCH = 256  # images read, held and predicted at a time
 PREVIEW_COUNT = 64  # inputs drawn in predictions.png
 
 
-def predict_images(script: str, paths: Sequence[str], tta: bool, build_model: ModelBuilder, ctx: TrainContext,
+def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ctx: TrainContext,
                    checkpoint_path: Path, out_dir: Path) -> int:
     """Predict the class of every image file in `paths` (files and folders) with a checkpoint: print a table, write
     predictions.json, .csv and .png in `out_dir`. Returns the exit code: 1 when a file was skipped as unreadable,
@@ -187,3 +191,125 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model: Mo
     plot_image_grid(previews, titles, out_dir / "predictions.png", "no image could be read")
     print(f"{len(rows)} predicted, {skipped} skipped; predictions.json, predictions.csv and predictions.png in {out_dir}")
     return 1 if skipped else 0
+
+
+PREDICTION_COLUMNS = ("path", "label", "probability", "top2_label", "top2_probability", "top3_label", "top3_probability")
+
+
+def save_predictions(rows: list[dict], out_dir: Path) -> None:
+    """predictions.json as it is, and predictions.csv with one row per image, its top 3 flattened into columns."""
+    save_json(rows, out_dir / "predictions.json")
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(PREDICTION_COLUMNS)
+    for row in rows:
+        writer.writerow([row["path"], row["label"], row["probability"],
+                         *(value for top in row["top3"][1:] for value in (top["label"], top["probability"]))])
+    atomic_write(out_dir / "predictions.csv", lambda f: f.write(text.getvalue().encode()))
+
+
+def print_predictions(rows: list[dict]) -> None:
+    """One line per image: file, predicted class and probability, the next two classes."""
+    width = min(60, max([len("file"), *(len(row["path"]) for row in rows)])) + 2
+    print(f"{'file':<{width}}{'class':<12}{'prob':>7}   next two")
+    for row in rows:
+        others = ", ".join(f"{top['label']} {top['probability']:.1%}" for top in row["top3"][1:])
+        print(f"{row['path']:<{width}}{row['label']:<12}{row['probability']:>7.1%}   {others}")
+
+
+EXPORT_PACKAGES = "onnx onnxscript onnxruntime"  # the optional packages --export needs
+CALIBRATION_IMAGES = 512  # training images that calibrate --quantize int8 (never test images)
+
+
+class PicturesToProbabilities(nn.Module):
+    """A trained network as a picture classifier: uint8 RGB images (N, 32, 32, 3) in, class probabilities (N, 10)
+    out; the layout change and the network's own normalisation happen inside."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", 1 / (255 * torch.tensor(std, dtype=torch.float32)).view(1, 3, 1, 1))
+        self.register_buffer("shift", (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() * self.scale - self.shift
+        return self.model(x).softmax(1)
+
+
+def export_packages():
+    """(onnx, onnxruntime) imported, or a UsageError naming the pip command."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as e:
+        raise UsageError(f"--export needs the optional packages {EXPORT_PACKAGES} ({e.name} is missing): "
+                         f"pip install {EXPORT_PACKAGES}") from None
+    return onnx, onnxruntime
+
+
+def export_onnx(classifier: PicturesToProbabilities, path: Path, metadata: dict[str, str]) -> None:
+    """Write `classifier` as an ONNX model (input `images`, output `probabilities`, batch dimension dynamic) with
+    `metadata` in its metadata_props, whole or not at all."""
+    onnx, _ = export_packages()
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        raw = Path(folder) / "model.onnx"
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            torch.onnx.export(classifier.eval(), (example,), raw, input_names=["images"], output_names=["probabilities"],
+                              dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False,
+                              dynamo=True)
+        model = onnx.load(str(raw))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
+
+
+def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> None:
+    """Write a statically quantised (int8 weights and activations, QDQ format) copy of the ONNX model at `fp32_path`,
+    its activation ranges calibrated on the uint8 images (N, 32, 32, 3) `calibration`; the final Softmax stays in fp32,
+    so that the probabilities sum to 1 (quantised, they come in steps of 1/255)."""
+    onnx, _ = export_packages()
+    from onnxruntime import quantization
+
+    class Calibration(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration.split(64))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch.numpy()}
+
+    with tempfile.TemporaryDirectory() as folder:
+        prepared, out = Path(folder) / "prepared.onnx", Path(folder) / "int8.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantization.quant_pre_process(str(fp32_path), str(prepared))
+            softmax = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Softmax"]
+            quantization.quantize_static(str(prepared), str(out), Calibration(), quant_format=quantization.QuantFormat.QDQ,
+                                         per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                         weight_type=quantization.QuantType.QInt8,
+                                         nodes_to_exclude=softmax)  # probabilities in fp32, summing to 1
+        quantized = out.read_bytes()
+    model, source = onnx.load_from_string(quantized), onnx.load(str(fp32_path))
+    del model.metadata_props[:]
+    model.metadata_props.extend(source.metadata_props)  # the quantiser keeps none of them
+    model.metadata_props.add(key="quantization", value=f"int8 static, calibrated on {len(calibration)} training images")
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
+
+
+def onnx_probabilities(path: Path, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Class probabilities ONNX Runtime computes for uint8 images (N, 32, 32, 3) with the model at `path`."""
+    _, ort = export_packages()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    outputs = [session.run(["probabilities"], {"images": batch.numpy()})[0] for batch in images.split(batch_size)]
+    return torch.from_numpy(np.concatenate(outputs)) if outputs else torch.zeros(0, 10)
+
+
+def nhwc(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) as decoded pictures are laid out: (N, H, W, 3)."""
+    return images.permute(0, 2, 3, 1).contiguous()

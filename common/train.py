@@ -1,39 +1,492 @@
-"""Training: shuffled batches, the optimizer and its parameter groups, one step, a time budget's timed steps, one
-epoch (train_one_epoch), the epoch loop with validation (fit) and what a checkpoint holds after an epoch.
-
-Imports common.errors, common.data, common.augment, common.device, common.evaluation, common.budget."""
+"""The training run, in the order it happens (train_run): the run folder (new, resumed, or finished and left alone),
+the data, the plan (how many steps at what learning rate; under a time budget, what its first timed steps buy and
+the settings it chooses for that many epochs), the network and its optimizer, then epoch after epoch:
+train_one_epoch (shuffle, augment, forward, loss, backward, learning rate), validate, keep the best, save; at the end
+the test of the best epoch and the reports. The schedule and the time budget's plan sit above the loop that uses
+them."""
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import shlex
+import sys
 import time
-from typing import Callable, Iterator, NamedTuple, Sequence
+from pathlib import Path
+from typing import Mapping, NamedTuple, TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import NonFiniteLoss
-from .data import CLASSES, Splits
-from .augment import augment_batch, normalize
-from .device import autocast, precision_name, synchronize, TrainContext
-from .evaluation import evaluate
-from .budget import lr_factor, Plan, PLAN_STEPS, PLAN_WARMUP, progress_label, replan, say
+from .board import log_end, log_epoch, log_step, open_board, trained_steps
+from .data import (
+    augment_batch,
+    augmentation,
+    channel_mean_std,
+    data_fingerprint,
+    epoch_batches,
+    epoch_seed,
+    load_training_data,
+    normalize,
+    parse_augment,
+    Splits,
+)
+from .device import (
+    autocast,
+    make_scaler,
+    precision_name,
+    resumed_precision,
+    share_from_rank0,
+    synchronize,
+    TrainContext,
+)
+from .evaluation import CORRUPTION_PASSES, CORRUPTION_SHARE, evaluate, first_test_images, test_results, write_report
+from .files import (
+    checkpoint_state,
+    environment_info,
+    load_checkpoint,
+    NonFiniteLoss,
+    prepare_out_dir,
+    run_dir_lock,
+    save_json,
+    tee_console,
+    TRAINING_STATE,
+    UsageError,
+    what_a_stop_keeps,
+    write_checkpoints,
+)
+from .plots import plot_filters, plot_history
 
-LOG_EVERY = 25  # steps between the progress bar's readings of the device's sums (and log_step's calls)
+if TYPE_CHECKING:
+    from .cli import Settings
+
+PLAN_WARMUP, PLAN_STEPS = 5, 20  # a --time-budget run times PLAN_STEPS steps after PLAN_WARMUP to plan its total
+WARMUP = 0.2  # the one-cycle schedule's rise: this fraction of the steps
+LOG_EVERY = 25  # steps between the progress bar's readings of the device's sums (and TensorBoard's step scalars)
+SAVE_EVERY_S = 30.0  # the most wall-clock seconds between two writes of a run's checkpoints
+# One row of history.json: elapsed_s is the run's wall-clock time (training, validation, saving) at the epoch's end.
+HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps", "seconds",
+                "images_per_s", "elapsed_s", "precision")
 
 
-def epoch_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
-    """A seed for one random stream of one epoch, so that a resumed run draws what an unbroken one would."""
-    return (seed * 1_000_003 + epoch * 10_007 + stream * 101 + rank) % (2 ** 63)
+# How long a run trains, and at what learning rate.
+
+class Plan(NamedTuple):
+    """How long a run trains and at what learning rate: epochs x steps per epoch, or what a time budget buys (its
+    total None until its first steps are timed). Never changed: a re-plan is a new Plan."""
+    batch_size: int
+    steps_per_epoch: int  # full batches only (a last partial batch is left out)
+    total_steps: int | None
+    lr_decay: float | None = None  # the learning rate x lr_decay after every epoch; None: the one-cycle schedule
+    budget_minutes: float | None = None
+    images_per_s: float | None = None  # the speed a time budget's plan was last made at
+    spent_s: float = 0.0  # the seconds of the timed steps before the first epoch
+    chosen: dict | None = None  # the settings a time budget's plan chose for its epochs (see choose_settings)
+    fixed: bool = False  # another run's plan, trained as it is: never re-planned
+
+    @property
+    def epochs(self) -> int | None:
+        """Epochs the plan reaches, the last of them perhaps partial (None before a time budget's plan)."""
+        return None if self.total_steps is None else -(-self.total_steps // self.steps_per_epoch)
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Steps of `epoch`: a full epoch, or what the total leaves for its last, partial one."""
+        if self.total_steps is None:
+            return self.steps_per_epoch
+        return max(0, min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch))
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1,
-                  device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
-    """Index batches of one shuffled epoch, on `device`; each rank takes its interleaved share of every global batch."""
-    order = torch.randperm(n, generator=generator).to(device)  # drawn on the CPU: the same order on every device
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield order[start + rank:start + batch_size:world]
+def lr_factor(step: int, plan: Plan) -> float:
+    """Learning-rate multiplier at `step`: one-cycle over the plan's total steps (linear from 0.1 up to 1 over the
+    first WARMUP of them, then down to 0), or lr_decay per epoch. Before a time budget's plan: the first value."""
+    if plan.lr_decay is not None:
+        return plan.lr_decay ** (max(0, step) // plan.steps_per_epoch)
+    if plan.total_steps is None:
+        return 0.1
+    warm = max(1, int(WARMUP * plan.total_steps))
+    return float(np.interp(step, [0, warm, plan.total_steps], [0.1, 1.0, 0.0]))
+
+
+def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
+                     steps_per_epoch: int, epochs_validated: int = 0) -> int:
+    """The most steps a time budget holds: those done, then more at `step_s` each, with a validation pass of `val_s`
+    for every epoch they reach beyond the `epochs_validated`."""
+    left = budget_s - elapsed_s
+
+    def cost(total: int) -> float:
+        return (total - steps_done) * step_s + (-(-total // steps_per_epoch) - epochs_validated) * val_s
+
+    low, high = steps_done, steps_done + max(0, int(left / step_s))
+    while low < high:  # the cost grows with the total: the largest total it affords
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= left else (low, middle - 1)
+    return low
+
+
+def choose_settings(scaling: dict | None, epochs: float) -> dict:
+    """The settings for a run of `epochs` epochs from a recipe's budget_scaling {"epochs": [few, many], key: [value at
+    few, value at many], ...}: each value interpolated on the logarithm of the epochs, held at the ends; crop_pad
+    rounded. No scaling (or only its epochs): nothing."""
+    if not scaling or len(scaling) < 2:
+        return {}
+    few, many = scaling["epochs"]
+    t = min(1.0, max(0.0, math.log(max(epochs, 1e-9) / few) / math.log(many / few)))
+    chosen = {key: low + t * (high - low) for key, (low, high) in scaling.items() if key != "epochs"}
+    return {key: round(value) if key == "crop_pad" else round(value, 3) for key, value in chosen.items()}
+
+
+def budget_plan(plan: Plan, step_s: float, spent_s: float, val_images: int, scaling: dict | None,
+                ctx: TrainContext) -> Plan:
+    """The plan a time budget makes from its timed steps (`step_s` each, `spent_s` in all, rank 0's shared): the
+    total steps it holds with a validation pass after every epoch, and the settings the recipe's `scaling` gives for
+    that many epochs; both said."""
+    budget_s = plan.budget_minutes * 60
+    step_s = share_from_rank0(step_s, ctx)
+    if share_from_rank0(spent_s, ctx) > budget_s:
+        raise UsageError(f"--time-budget {plan.budget_minutes:g} minutes is too short for the "
+                         f"{PLAN_WARMUP + PLAN_STEPS} steps that time it (they took {spent_s:.1f} s)")
+    val_s = step_s * ctx.world * val_images / plan.batch_size / 3  # a forward pass: about a third of a step
+    total = share_from_rank0(plan_total_steps(budget_s, spent_s, step_s, val_s, 0, plan.steps_per_epoch), ctx)
+    epochs = total / plan.steps_per_epoch
+    planned = plan._replace(total_steps=total, images_per_s=plan.batch_size / step_s, spent_s=spent_s,
+                            chosen=choose_settings(scaling, epochs))
+    say(ctx, f"plan: {plan.budget_minutes:g} min ≈ {epochs:.1f} epochs ({total} steps of {plan.batch_size}) at "
+             f"{planned.images_per_s:.0f} images/s" + "".join(
+                 f", {key.replace('_', ' ')} {value:g}" for key, value in planned.chosen.items()))
+    return planned
+
+
+def replan(plan: Plan, elapsed_s: float, steps_done: int, step_s: float, epoch_extra_s: float,
+           ctx: TrainContext) -> Plan:
+    """At the end of an epoch under a time budget: the plan with its total steps set anew from the time used so far,
+    the last epoch's seconds per step and the seconds it spent besides its steps (validation, checkpoints), so that a
+    machine that slows down or speeds up still ends on time; the schedule follows the new total. Its chosen
+    settings stay."""
+    total = share_from_rank0(plan_total_steps(
+        plan.budget_minutes * 60, elapsed_s, step_s, epoch_extra_s, steps_done, plan.steps_per_epoch,
+        epochs_validated=steps_done // plan.steps_per_epoch), ctx)
+    if total != plan.total_steps:
+        say(ctx, f"re-plan: {total / plan.steps_per_epoch:.1f} epochs ({total} steps) at "
+                 f"{plan.batch_size / step_s:.0f} images/s, {elapsed_s / 60:.1f} of {plan.budget_minutes:g} min used")
+    return plan._replace(total_steps=total)
+
+
+def settings_for_plan(settings: Settings, plan: Plan) -> Settings:
+    """The settings every epoch of the run trains with and records: with the values a time budget's plan chose
+    (crop off where its padding became 0)."""
+    if not plan.chosen:
+        return settings
+    crop_pad = plan.chosen.get("crop_pad", settings.crop_pad)
+    augment = [op for op in settings.augment if op != "crop" or crop_pad]
+    return dataclasses.replace(settings, **plan.chosen, augment=augment)
+
+
+# The training run.
+
+def train_run(script: str, settings: Settings, flags_given: dict, build_model, out_dir: Path, ctx: TrainContext,
+              plan: Plan | None = None) -> dict | None:
+    """Train in `out_dir`: a new run, or the unfinished one it holds continued from its last.pt (--resume; with
+    --epochs beyond a finished run's, that run extended), or none when it holds a finished run. Under a time budget
+    `plan` is another run's (a sweep's first) to train as it is, else the first steps make one. Returns the run's
+    metrics (empty on the other processes of torchrun, None when there was nothing to train)."""
+    # The run folder: what it holds decides between a new run and a resumed one.
+    finished, unfinished = (out_dir / "metrics.json").exists(), (out_dir / "last.pt").exists()
+    if finished and unfinished and "epochs" in flags_given:  # --resume --epochs N extends a finished run
+        finished = flags_given["epochs"] <= len(json.loads((out_dir / "history.json").read_text()))
+    resume_from = None
+    if settings.resume and finished:
+        say(ctx, f"{out_dir} holds a finished run (metrics.json); nothing to resume")
+        return None
+    if settings.resume:
+        if not unfinished:
+            raise UsageError(f"nothing to resume in {out_dir}: it has no last.pt (start without --resume)")
+        resume_from = load_checkpoint(out_dir / "last.pt", script)
+        settings = resumed_settings(settings, flags_given, resume_from["settings"])
+        ctx = resumed_precision(ctx, resume_from, "precision" in flags_given)
+    elif (finished or unfinished) and not settings.overwrite:
+        what = "a finished run (metrics.json)" if finished else "an unfinished run (last.pt); --resume continues it"
+        raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
+    prepare_out_dir(out_dir)
+    with contextlib.ExitStack() as stack:
+        if ctx.is_main:  # one run a folder; its console into train.log
+            stack.enter_context(run_dir_lock(out_dir))
+            for stale in out_dir.glob(".*.tmp"):  # temporary files of atomic_write left by a run killed while saving
+                stale.unlink(missing_ok=True)
+        data, splits = load_training_data(settings, ctx)
+        board = stack.enter_context(open_board(
+            out_dir, trained_steps(resume_from["history"]) if resume_from else None, f"python {shlex.join(sys.argv)}",
+            settings.recorded())) if ctx.is_main and settings.tensorboard else None
+        stack.enter_context(what_a_stop_keeps(out_dir))
+        stack.enter_context(tee_console(out_dir / "train.log", enabled=ctx.is_main))
+        environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
+        fingerprint = data_fingerprint(splits)
+        if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
+            raise UsageError(f"--data-dir {settings.data_dir}: the data differs from the data the run in {out_dir} "
+                             "was trained on; resume with that data, or start a new run (--overwrite or another "
+                             "--out-dir)")
+        if settings.mean == "data":
+            mean, std = channel_mean_std(splits.train_images)
+            settings = dataclasses.replace(settings, mean=mean, std=std)
+        images, labels = splits.train_images.to(ctx.device), splits.train_labels.to(ctx.device)
+
+        # The plan: epochs x steps; a resumed run's or a sweep's own; or what a time budget's first steps buy.
+        steps_per_epoch = len(images) // settings.batch_size
+        plan = plan or (resume_from or {}).get("plan")
+        if settings.time_budget is None:
+            plan = Plan(settings.batch_size, steps_per_epoch, settings.epochs * steps_per_epoch, settings.lr_decay)
+        elif plan is not None:
+            plan = Plan(**plan) if isinstance(plan, dict) else plan
+        else:
+            plan = Plan(settings.batch_size, steps_per_epoch, None, settings.lr_decay, settings.time_budget)
+            step_s, spent_s = time_steps(settings, build_model, images, labels, plan, ctx)
+            plan = budget_plan(plan, step_s, spent_s, len(splits.val_images), settings.budget_scaling, ctx)
+        settings = settings_for_plan(settings, plan)  # what every epoch trains with, and what the run records
+
+        # The network, its optimizer and gradient scaler: new, or as last.pt left them.
+        training = set_up_training(settings, build_model, ctx, resume_from)
+        model = training.model
+        if resume_from is None:
+            history, best = [], BestEpoch()
+            if ctx.is_main:
+                plot_filters(first_conv_weight(model), out_dir / "filters_before.png",
+                             "first-layer filters before training")
+        else:
+            history, best = resume_from["history"], BestEpoch(resume_from["best_epoch"],
+                                                              resume_from["best_val_accuracy"])
+            say(ctx, f"resuming after epoch {len(history)} of {plan.epochs} (best so far: epoch {best.epoch})")
+        resumed_epochs = len(history)
+        estimate = None if plan.budget_minutes is not None or not ctx.is_main else Estimate(
+            plan.total_steps - trained_steps(history), len(splits.val_images), len(data.test_labels),
+            settings.corruptions)
+
+        # The epochs: train, validate, keep the best, save; early stop; a time budget re-plans after each.
+        clock = time.perf_counter()
+        earlier_s = history[-1].get("elapsed_s", 0.0) if history else plan.spent_s  # before this call
+        held = {}  # checkpoints not written yet: at most every SAVE_EVERY_S, so that a fast GPU waits for no disk
+        written_at = -math.inf  # the first epoch is written at once: a run can be resumed from early on
+        epoch = len(history)
+        try:
+            while epoch < plan.epochs:  # a re-plan may move the last epoch
+                epoch += 1
+                if settings.patience and best.epoch is not None and epoch - 1 - best.epoch >= settings.patience:
+                    say(ctx, f"early stop: no better validation accuracy for {settings.patience} epochs")
+                    break
+                epoch_start = time.perf_counter()
+                row = {"epoch": epoch,
+                       "lr": training.peak_lrs[0] * lr_factor((epoch - 1) * plan.steps_per_epoch, plan)}
+                row.update(train_one_epoch(training, images, labels, settings, plan, epoch, ctx, board,
+                                           estimate if epoch == resumed_epochs + 1 else None))
+                row["val_loss"], row["val_accuracy"] = validate(model, splits, settings.mean, settings.std, ctx)
+                row["precision"] = precision_name(ctx.dtype)
+                row["elapsed_s"] = earlier_s + time.perf_counter() - clock
+                history.append({k: row[k] for k in HISTORY_KEYS})
+                improved = row["val_accuracy"] > best.val_accuracy
+                best = BestEpoch(epoch, row["val_accuracy"]) if improved else best
+                say(ctx, f"epoch {epoch:3d}/{plan.epochs}  train loss {row['train_loss']:.4f} "
+                         f"acc {row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} "
+                         f"acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s  "
+                         f"{row['images_per_s']:.0f} img/s" + ("  *best" if improved else ""))
+                if ctx.is_main:  # the epoch's checkpoints: held, and written when SAVE_EVERY_S have passed
+                    save_start = time.perf_counter()
+                    if epoch == 1:
+                        (out_dir / "metrics.json").unlink(missing_ok=True)  # of the run an --overwrite replaces
+                    if board is not None:
+                        log_epoch(board, history)
+                    due = save_start - written_at >= SAVE_EVERY_S
+                    last = checkpoint_state(script, dict(settings), training, history, best, plan, fingerprint,
+                                            data.classes)
+                    held["last"] = last if due else copy.deepcopy(last)  # its tensors no longer follow the training
+                    if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size
+                        held["best"] = {k: v for k, v in held["last"].items() if k not in TRAINING_STATE}
+                    if due:
+                        write_checkpoints(held, out_dir)
+                        written_at = time.perf_counter()
+                    history[-1]["save_s"] = time.perf_counter() - save_start
+                if plan.budget_minutes is not None and not plan.fixed and row["steps"] == plan.steps_per_epoch \
+                        and epoch < plan.epochs:
+                    plan = replan(plan, earlier_s + time.perf_counter() - clock, epoch * plan.steps_per_epoch,
+                                  row["seconds"] / row["steps"], time.perf_counter() - epoch_start - row["seconds"],
+                                  ctx)
+        finally:  # the end, an early stop, Ctrl-C, an error: what is held is written
+            flush_start = time.perf_counter()
+            write_checkpoints(held, out_dir)
+        history[-1]["save_s"] = history[-1].get("save_s", 0.0) + time.perf_counter() - flush_start
+        train_s = time.perf_counter() - clock
+        if not ctx.is_main:
+            return {}
+
+        # The test: the last epoch's model, then the best epoch's (from best.pt), and the reports.
+        last_is_best = best.epoch == len(history)  # then best.pt holds these very weights
+        test_images, test_labels = data.test_images, data.test_labels
+        last_accuracy = None if last_is_best else \
+            evaluate(model, test_images, test_labels, settings.mean, settings.std, ctx)["accuracy"]
+        model.load_state_dict(load_checkpoint(out_dir / "best.pt", script)["model"])
+        results = test_results(model, test_images, test_labels, data.classes, settings.mean, settings.std, ctx,
+                               settings.tta, settings.corruptions, sum(row["seconds"] for row in history))
+        plot_filters(first_conv_weight(model), out_dir / "filters_after.png",
+                     f"first-layer filters after training (epoch {best.epoch})")
+        plot_history(history, best.epoch, out_dir / "history.png")
+        save_json(history, out_dir / "history.json")  # with the last epoch's seconds of saving
+        trained = history[resumed_epochs:]  # the epochs this call trained
+        metrics = write_report(
+            results, data, model, ctx.device, settings.recorded(), environment, out_dir,
+            test_accuracy_last=results.accuracy if last_is_best else last_accuracy, best_epoch=best.epoch,
+            best_val_accuracy=best.val_accuracy, epochs_run=len(history), train_seconds=train_s,
+            time_budget_minutes=settings.time_budget, planned_steps=plan.total_steps,
+            run_steps=sum(r.get("steps", plan.steps_per_epoch) for r in history),
+            train_images_per_s=(sum(r["images_per_s"] * r["seconds"] for r in trained)
+                                / max(1e-9, sum(r["seconds"] for r in trained))),
+            save_seconds=sum(r.get("save_s", 0.0) for r in history), processes=ctx.world, plan=plan._asdict(),
+            peak_memory_mb=torch.cuda.max_memory_allocated(ctx.device) / 2 ** 20 if ctx.device.type == "cuda"
+            else None,
+            precision="+".join(dict.fromkeys(r.get("precision", precision_name(ctx.dtype)) for r in history)))
+        print(f"best epoch {best.epoch} (val {best.val_accuracy:.2%}); test {metrics['test_accuracy']:.2%}, first "
+              f"1000 {metrics['test_accuracy_first1000']:.2%}, last epoch's model {metrics['test_accuracy_last']:.2%}"
+              f"; reports in {out_dir}")
+        if board is not None:
+            log_end(board, metrics, out_dir)
+        return metrics
+
+
+class Training(NamedTuple):
+    """A run's network and what trains it."""
+    model: nn.Module  # the plain network: validated, tested and saved
+    train_model: nn.Module  # what the steps run: the network under DistributedDataParallel and torch.compile if asked
+    optimizer: torch.optim.Optimizer  # its groups' learning rates are set before every step (see train_one_epoch)
+    scaler: torch.amp.GradScaler
+    peak_lrs: list[float]  # each optimizer group's learning rate at the schedule's peak
+
+
+class Estimate(NamedTuple):
+    """What the line that says how long a run takes counts besides the speed (see how_long)."""
+    steps_left: int
+    val_images: int
+    test_images: int
+    corruptions: int | None
+
+
+def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tensor, settings: Settings, plan: Plan,
+                    epoch: int, ctx: TrainContext, board=None, estimate: Estimate | None = None,
+                    steps: int | None = None) -> dict:
+    """One pass over the shuffled training set on the device (the last epoch of a plan may stop short; `steps`, when
+    given, stops it there); returns loss, accuracy, steps, seconds and images/s. Every LOG_EVERY steps the progress
+    bar reads the device's sums, and the steps' figures go to TensorBoard's `board`; with an `estimate`, once, after
+    50 steps or 20 seconds, a line says how long the run takes."""
+    training.train_model.train()
+    torch.manual_seed(epoch_seed(settings.seed, epoch, 2, ctx.rank))  # dropout's stream, torch's own
+    shuffle = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch, 0))
+    augment = torch.Generator(ctx.device).manual_seed(epoch_seed(settings.seed, epoch, 1, ctx.rank))
+    ops = augmentation(settings.augment, settings)
+    mean, std = torch.tensor(settings.mean, device=ctx.device), torch.tensor(settings.std, device=ctx.device)
+    steps, first = steps or plan.epoch_steps(epoch), (epoch - 1) * plan.steps_per_epoch
+    loss_sum = torch.zeros((), device=ctx.device)  # loss x images
+    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+    first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
+    start = time.perf_counter()
+    seen, logged = 0, (0.0, 0.0, start)  # the loss sum, images and time at the last reading
+    label = f"epoch {epoch}/{plan.epochs or '?'}" + ("" if plan.budget_minutes is None or plan.total_steps is None
+                                                     else f" ({plan.budget_minutes:g} min ≈ "
+                                                          f"{plan.total_steps / plan.steps_per_epoch:.1f} epochs)")
+    bar = tqdm(total=steps, desc=label, unit="batch", disable=not ctx.is_main, leave=False, dynamic_ncols=True)
+    batches = epoch_batches(len(images), plan.batch_size, shuffle, ctx.rank, ctx.world, ctx.device)
+    for step, index in zip(range(1, steps + 1), batches):
+        for group, peak in zip(training.optimizer.param_groups, training.peak_lrs, strict=True):
+            group["lr"] = peak * lr_factor(first + step - 1, plan)
+        x = normalize(augment_batch(images[index], ops, augment, settings.crop_fill), mean, std)
+        y = labels[index]
+        with autocast(ctx):
+            logits = training.train_model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.label_smoothing)
+        training.optimizer.zero_grad(set_to_none=True)
+        training.scaler.scale(loss).backward()
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
+
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
+        if step % LOG_EVERY == 0 or step == steps:  # one read of the device's sums
+            bad_step, loss_so_far, hits = torch.stack([first_bad_step.to(loss_sum.dtype), loss_sum,
+                                                       correct.to(loss_sum.dtype)]).tolist()
+            if bad_step >= 0:
+                bar.close()
+                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(bad_step)} of {steps}")
+            now = time.perf_counter()
+            images_per_s = (seen - logged[1]) * ctx.world / (now - logged[2])
+            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.3f}",
+                            img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
+            if board is not None:
+                log_step(board, first + step, {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]),
+                                               "lr": training.optimizer.param_groups[0]["lr"],
+                                               "images_per_s": images_per_s})
+            if estimate is not None and (step >= 50 or now - start >= 20 or step == steps):
+                say(ctx, how_long(plan, estimate, images_per_s))
+                estimate = None
+            logged = (loss_so_far, seen, now)
+            bar.update(step - bar.n)
+    bar.close()
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(float(seen))])
+    if ctx.world > 1:
+        dist.all_reduce(totals)
+    seconds = time.perf_counter() - start
+    loss_total, correct_total, seen_total = totals.tolist()
+    return {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total, "steps": steps,
+            "seconds": seconds, "images_per_s": seen_total / seconds}
+
+
+def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: torch.Tensor, plan: Plan,
+               ctx: TrainContext) -> tuple[float, float]:
+    """A time budget's first steps, on a network of its own that is then dropped (the run's network is built with
+    the settings the plan chooses): PLAN_WARMUP steps, then PLAN_STEPS timed ones (fewer when an epoch is short).
+    Returns (seconds per timed step, seconds in all)."""
+    start = time.perf_counter()
+    training = set_up_training(settings, build_model, ctx, None, quiet=True)
+    train_one_epoch(training, images, labels, settings, plan, 0, ctx, steps=min(PLAN_WARMUP, plan.steps_per_epoch))
+    synchronize(ctx.device)
+    timed = train_one_epoch(training, images, labels, settings, plan, 0, ctx,
+                            steps=min(PLAN_STEPS, plan.steps_per_epoch))
+    return timed["seconds"] / timed["steps"], time.perf_counter() - start
+
+
+def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_from: dict | None,
+                    quiet: bool = False) -> Training:
+    """The network, optimizer and gradient scaler: new, or as the checkpoint `resume_from` left them (its scaler's
+    state only where both runs scale: fp16); the network wrapped for several processes and compiled if asked. Unless
+    `quiet`, the network and the settings are printed."""
+    torch.manual_seed(settings.seed)
+    model = build_model(settings, initial_weights=resume_from is None and not quiet).to(ctx.device)
+    if ctx.is_main and not quiet:
+        print(model)
+        print(f"parameters: {sum(p.numel() for p in model.parameters()):,}  trainable: "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+        print(f"device: {ctx.device}  precision: {precision_name(ctx.dtype)}  processes: {ctx.world}")
+        print("settings: " + json.dumps(settings.recorded()))
+    model = model.to(memory_format=torch.channels_last)
+    groups = parameter_groups(model, settings.lr, settings.norm_bias_lr)
+    optimizer = make_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay)
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    scaler = make_scaler(ctx)
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        if resume_from.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(resume_from["scaler"])
+    train_model = model
+    if ctx.world > 1:
+        if ctx.device.type == "cuda":
+            train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if settings.compile:
+        train_model = torch.compile(train_model)
+    return Training(model, train_model, optimizer, scaler, peak_lrs)
 
 
 def parameter_groups(model: nn.Module, lr: float, norm_bias_lr: float = 1.0) -> list[dict]:
@@ -47,14 +500,6 @@ def parameter_groups(model: nn.Module, lr: float, norm_bias_lr: float = 1.0) -> 
     return [group for group in groups if group["params"]]
 
 
-def first_conv_weight(model: nn.Module) -> torch.Tensor:
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def make_optimizer(params: list[nn.Parameter] | list[dict], name: str, lr: float, weight_decay: float
                    ) -> torch.optim.Optimizer:
     """Adam (L2 penalty in the gradient), AdamW (decoupled weight decay) or SGD with Nesterov momentum, by `name`."""
@@ -65,141 +510,11 @@ def make_optimizer(params: list[nn.Parameter] | list[dict], name: str, lr: float
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Set the probability of every Dropout layer of `model`."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
+def first_conv_weight(model: nn.Module) -> torch.Tensor:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
 
 
-class TrainStep(NamedTuple):
-    """What a training step does with its batch besides the network and the optimizer."""
-    ops: dict[str, float]  # augmentation ops and their strengths (see augmentation)
-    fill: str  # what crop and rotate put where they uncover the border (see batch_crop)
-    mean: list[float]  # the normalisation after augmentation
-    std: list[float]
-    label_smoothing: float  # of the training loss
-
-
-class Training(NamedTuple):
-    """A run's network and what trains it."""
-    model: nn.Module  # the plain network: validated, tested and saved
-    train_model: nn.Module  # what the steps run: the network under DistributedDataParallel and torch.compile if asked
-    optimizer: torch.optim.Optimizer  # its groups' learning rates are set before every step (see optimizer_step)
-    scaler: torch.amp.GradScaler
-    peak_lrs: list[float]  # each optimizer group's learning rate at the schedule's peak
-
-
-def optimizer_step(training: Training, images: torch.Tensor, labels: torch.Tensor, step_with: TrainStep,
-                   lr_factor: float, generator: torch.Generator, ctx: TrainContext
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step on a batch of uint8 images at `lr_factor` times the peak learning rates, its augmentation drawn
-    from `generator`; returns the batch's loss and logits (detached, on the device)."""
-    for group, peak in zip(training.optimizer.param_groups, training.peak_lrs):
-        group["lr"] = peak * lr_factor
-    x = normalize(augment_batch(images, step_with.ops, generator, step_with.fill), step_with.mean, step_with.std)
-    with autocast(ctx):
-        logits = training.train_model(x)
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=step_with.label_smoothing)
-    training.optimizer.zero_grad(set_to_none=True)
-    training.scaler.scale(loss).backward()
-    training.scaler.step(training.optimizer)
-    training.scaler.update()
-    return loss.detach(), logits.detach()
-
-
-class EpochStreams(NamedTuple):
-    """One epoch's random streams: the order of the images, the augmentation's draws (dropout's is torch's own)."""
-    shuffle: torch.Generator
-    augment: torch.Generator
-
-
-def on_device(step_with: TrainStep, ctx: TrainContext) -> TrainStep:
-    """`step_with` with its normalisation's mean and std as tensors on the device, made once an epoch, not a step."""
-    return step_with._replace(mean=torch.tensor(step_with.mean, device=ctx.device),
-                              std=torch.tensor(step_with.std, device=ctx.device))
-
-
-def epoch_streams(seed: int, epoch: int, ctx: TrainContext) -> EpochStreams:
-    """The random streams of `epoch` (0: a time budget's timed steps), seeded so that a resumed run draws what an
-    unbroken one would; dropout's from torch's global generator."""
-    torch.manual_seed(epoch_seed(seed, epoch, 2, ctx.rank))
-    return EpochStreams(torch.Generator().manual_seed(epoch_seed(seed, epoch, 0)),
-                        torch.Generator(ctx.device).manual_seed(epoch_seed(seed, epoch, 1, ctx.rank)))
-
-
-def timed_steps(training: Training, train_set: tuple[torch.Tensor, torch.Tensor], step_with: TrainStep, plan: Plan,
-                seed: int, ctx: TrainContext) -> tuple[float, float]:
-    """A time budget's first steps, before its plan: PLAN_WARMUP steps and PLAN_STEPS timed ones (fewer when an epoch
-    is short) that train at the schedule's first learning rate. Returns (seconds per timed step, seconds in all)."""
-    training.train_model.train()
-    images, labels = train_set
-    streams, step_with = epoch_streams(seed, 0, ctx), on_device(step_with, ctx)
-    warmup = min(PLAN_WARMUP, plan.steps_per_epoch - 1)
-    last = min(warmup + PLAN_STEPS, plan.steps_per_epoch)
-    batches = epoch_batches(len(images), plan.batch_size, streams.shuffle, ctx.rank, ctx.world, ctx.device)
-    clock = [time.perf_counter()]
-    for step, index in zip(range(1, last + 1), batches):
-        optimizer_step(training, images[index], labels[index], step_with, lr_factor(0, plan), streams.augment, ctx)
-        if step in (warmup, last):
-            synchronize(ctx.device)
-            clock.append(time.perf_counter())
-    return (clock[-1] - clock[-2]) / (last - warmup), clock[-1] - clock[0]
-
-
-def train_one_epoch(training: Training, train_set: tuple[torch.Tensor, torch.Tensor], step_with: TrainStep,
-                    plan: Plan, epoch: int, seed: int, ctx: TrainContext,
-                    log_step: Callable[[int, dict], None] | None = None) -> dict:
-    """One pass over the shuffled training set (the last epoch of a plan may stop short); returns loss, accuracy,
-    steps and images/s for the epoch. Every LOG_EVERY steps, where the progress bar reads the device's sums,
-    `log_step(global step, values)` gets the mean batch loss and the images/s since its last call and the learning
-    rate."""
-    training.train_model.train()
-    images, labels = train_set
-    streams, step_with = epoch_streams(seed, epoch, ctx), on_device(step_with, ctx)
-    steps, first, seen = plan.epoch_steps(epoch), (epoch - 1) * plan.steps_per_epoch, 0
-    loss_sum = torch.zeros((), device=ctx.device)  # loss x images
-    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
-    first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
-    start = time.perf_counter()
-    logged = (0.0, 0.0, start)  # the loss sum, images and time at the last log_step
-    bar = tqdm(total=steps, desc=progress_label(epoch, plan), unit="batch", disable=not ctx.is_main, leave=False,
-               dynamic_ncols=True)
-    batches = epoch_batches(len(images), plan.batch_size, streams.shuffle, ctx.rank, ctx.world, ctx.device)
-    for step, index in zip(range(1, steps + 1), batches):
-        y = labels[index]
-        loss, logits = optimizer_step(training, images[index], y, step_with, lr_factor(first + step - 1, plan),
-                                      streams.augment, ctx)
-        loss_sum += loss * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
-        if step % LOG_EVERY == 0 or step == steps:  # one read of the device's sums
-            bad_step, loss_so_far, hits = torch.stack([first_bad_step.to(loss_sum.dtype), loss_sum,
-                                                       correct.to(loss_sum.dtype)]).tolist()
-            if bad_step >= 0:
-                bar.close()
-                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(bad_step)} of {steps}")
-            now = time.perf_counter()
-            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.3f}",
-                            img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
-            if log_step is not None:
-                log_step(first + step, {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]),
-                                        "lr": training.optimizer.param_groups[0]["lr"],
-                                        "images_per_s": (seen - logged[1]) * ctx.world / (now - logged[2])})
-                logged = (loss_so_far, seen, now)
-            bar.update(step - bar.n)
-    bar.close()
-    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(float(seen))])
-    if ctx.world > 1:
-        dist.all_reduce(totals)
-    seconds = time.perf_counter() - start
-    loss_total, correct_total, seen_total = totals.tolist()
-    return {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total, "steps": steps,
-            "seconds": seconds, "images_per_s": seen_total / seconds}
-
-
-def validate(model: nn.Module, splits: Splits, mean: Sequence[float], std: Sequence[float], ctx: TrainContext
+def validate(model: nn.Module, splits: Splits, mean: list[float], std: list[float], ctx: TrainContext
              ) -> tuple[float, float]:
     """(loss, accuracy) on the validation images, measured on the main process and shared with the others as Python
     numbers (no 64-bit float tensor on the device: Apple's MPS has none)."""
@@ -218,71 +533,53 @@ class BestEpoch(NamedTuple):
     val_accuracy: float = -1.0
 
 
-class Fitted(NamedTuple):
-    """What the epoch loop leaves: every epoch's row, the best epoch, the seconds this call trained, the last plan."""
-    history: list[dict]
-    best: BestEpoch
-    seconds: float
-    plan: Plan
+def differing_settings(asked: Mapping, saved: Mapping) -> list[tuple[str, object, object]]:
+    """(name, saved value, asked value) of each setting in `asked` whose value differs from the one in `saved`
+    (--augment's text parsed first)."""
+    return [(key, saved.get(key), value) for key, value in asked.items()
+            if (parse_augment(value) if key == "augment" else value) != saved.get(key)]
 
 
-# One row of history.json: elapsed_s is the run's wall-clock time (training, validation, saving) at the epoch's end.
-HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps", "seconds",
-                "images_per_s", "elapsed_s", "precision")
+def resumed_settings(settings: Settings, flags_given: dict, saved: dict) -> Settings:
+    """The saved run's settings with the runtime flags, --epochs and --patience of this call on top; refuses any
+    other flag given with another value than the run's."""
+    if "epochs" in flags_given and saved.get("time_budget") is not None:
+        raise UsageError(f"--epochs: the run being resumed trains for --time-budget {saved['time_budget']:g} minutes, "
+                         f"and --resume continues its plan")
+    kept = {k: v for k, v in flags_given.items() if k in settings.runtime_keys() or k in ("epochs", "patience")}
+    for key, was, value in differing_settings({k: v for k, v in flags_given.items() if k not in kept}, saved):
+        raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run being resumed ({was}): --resume "
+                         "keeps the run's settings; only --epochs and --patience may change")
+    return type(settings).from_saved({**saved, **kept})
 
 
-def fit(training: Training, splits: Splits, plan: Plan, step_with: TrainStep, seed: int, patience: int,
-        start: tuple[list[dict], BestEpoch], ctx: TrainContext,
-        save_epoch: Callable[[list[dict], BestEpoch, bool, Plan], None],
-        log_step: Callable[[int, dict], None] | None = None) -> Fitted:
-    """The epoch loop after the `start` (history, best epoch) of a resumed run: train, validate, keep the best epoch,
-    and on the main process `save_epoch(history, best, improved, plan)` after each; ends at the plan's last epoch,
-    or early after `patience` epochs without a better one. A time budget's plan (unless fixed) is made anew after
-    every full epoch from the speed and the time used so far (see replan). `log_step` goes to train_one_epoch."""
-    train_set = splits.train_images.to(ctx.device), splits.train_labels.to(ctx.device)
-    history, best = list(start[0]), start[1]
-    clock = time.perf_counter()
-    earlier_s = history[-1].get("elapsed_s", 0.0) if history else plan.spent_s  # what came before this call
-    epoch = len(history)
-    while epoch < plan.epochs:  # a re-plan may move the last epoch
-        epoch += 1
-        if patience and best.epoch is not None and epoch - 1 - best.epoch >= patience:
-            say(ctx, f"early stop: no better validation accuracy for {patience} epochs")
-            break
-        epoch_start = time.perf_counter()
-        row = {"epoch": epoch, "lr": training.peak_lrs[0] * lr_factor((epoch - 1) * plan.steps_per_epoch, plan)}
-        row.update(train_one_epoch(training, train_set, step_with, plan, epoch, seed, ctx, log_step))
-        row["val_loss"], row["val_accuracy"] = validate(training.model, splits, step_with.mean, step_with.std, ctx)
-        row["precision"] = precision_name(ctx.dtype)
-        row["elapsed_s"] = earlier_s + time.perf_counter() - clock
-        history.append({k: row[k] for k in HISTORY_KEYS})
-        improved = row["val_accuracy"] > best.val_accuracy
-        best = BestEpoch(epoch, row["val_accuracy"]) if improved else best
-        say(ctx, f"epoch {epoch:3d}/{plan.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
-                 f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
-                 f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s" + ("  *best" if improved else ""))
-        if ctx.is_main:
-            save_start = time.perf_counter()
-            save_epoch(history, best, improved, plan)
-            history[-1]["save_s"] = time.perf_counter() - save_start
-        if plan.budget_minutes is not None and not plan.fixed and row["steps"] == plan.steps_per_epoch \
-                and epoch < plan.epochs:
-            plan = replan(plan, earlier_s + time.perf_counter() - clock, epoch * plan.steps_per_epoch,
-                          row["seconds"] / row["steps"], time.perf_counter() - epoch_start - row["seconds"], ctx)
-    return Fitted(history, best, time.perf_counter() - clock, plan)
+def duration(seconds: float) -> str:
+    """'3 h 05 min', '12 min', '40 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-TRAINING_STATE = ("optimizer", "scaler")  # what --resume needs beyond the model
+def how_long(plan: Plan, estimate: Estimate, images_per_s: float) -> str:
+    """The line that says how long a run of epochs takes at `images_per_s`: its steps left, a validation pass after
+    each epoch, the test and the corruption benchmark (a forward pass: about a third of a step); over an hour, it
+    names --time-budget."""
+    step_s = plan.batch_size / images_per_s
+    forward_s = step_s / plan.batch_size / 3  # an image's
+    train_s = estimate.steps_left * step_s
+    val_s = -(-estimate.steps_left // plan.steps_per_epoch) * estimate.val_images * forward_s
+    test_images, corruptions = estimate.test_images, estimate.corruptions
+    corrupted = first_test_images(test_images) if corruptions is None else min(corruptions, test_images)
+    corruption_s = CORRUPTION_PASSES * corrupted * forward_s
+    test_s = test_images * forward_s + (min(corruption_s, CORRUPTION_SHARE * train_s) if corruptions is None
+                                        else corruption_s)
+    total = train_s + val_s + test_s
+    return (f"how long: about {duration(total)} at {images_per_s:.0f} images/s (training {duration(train_s)}, "
+            f"validation {duration(val_s)}, test and corruption benchmark {duration(test_s)})"
+            + ("; --time-budget MINUTES chooses how long instead" if total > 3600 else ""))
 
 
-def checkpoint_state(script: str, settings: dict, training: Training, history: list[dict], best: BestEpoch,
-                     plan: Plan | None = None, fingerprint: str | None = None,
-                     classes: Sequence[str] = CLASSES) -> dict:
-    """What last.pt holds after an epoch (best.pt: the same without TRAINING_STATE); `fingerprint` is
-    data_fingerprint of the splits the run trains on (None outside a run). The learning rate needs no state of its
-    own: it is a function of the step and the plan."""
-    return {"kind": script, "settings": settings, "model": training.model.state_dict(),
-            "optimizer": training.optimizer.state_dict(), "scaler": training.scaler.state_dict(),
-            "plan": None if plan is None else plan._asdict(), "epoch": len(history), "history": history,
-            "best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy, "data_fingerprint": fingerprint,
-            "classes": list(classes)}
+def say(ctx: TrainContext, line: str) -> None:
+    """Print a line on the main process, above a progress bar."""
+    if ctx.is_main:
+        tqdm.write(line, file=sys.stdout)

@@ -126,7 +126,7 @@ def save_untrained_checkpoint(kind: str, settings: dict, model, path: Path) -> P
                                       settings["weight_decay"])
     training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                      [settings["lr"]])
-    common.files.save_checkpoint(common.train.checkpoint_state(kind, dict(settings), training, [], common.train.BestEpoch()), path)
+    common.files.save_checkpoint(common.files.checkpoint_state(kind, dict(settings), training, [], common.train.BestEpoch()), path)
     return path
 
 
@@ -144,12 +144,11 @@ def interrupt_validation(monkeypatch, call: int = 2) -> None:
 
 
 def fake_training(calls: list):
-    """A stand-in for common.run.train_and_report that records its settings (with a time budget's `plan` applied)
-    and plan, and writes a one-epoch run's files, with
+    """A stand-in for common.train.train_run, as common.cli calls it, that records its settings (with a time
+    budget's `plan` applied) and plan, and writes a one-epoch run's files, with
     accuracies that follow the dropout (training: 0.5 - p/2) and the seed (validation 0.4, test 0.45, plus seed/100)."""
-    def train_and_report(kind, settings, data, splits, build_model, out_dir, ctx, resume_from=None, board=None,
-                         plan=None):
-        settings = settings if plan is None else common.run.settings_for_plan(settings, plan)
+    def train_run(kind, settings, flags_given, build_model, out_dir, ctx, plan=None):
+        settings = settings if plan is None else common.train.settings_for_plan(settings, plan)
         calls.append({**settings, "run_dir": out_dir, "plan": plan})
         shift = settings["seed"] / 100
         history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5 - settings.get("dropout", 0) / 2, "val_loss": 1.2,
@@ -157,18 +156,19 @@ def fake_training(calls: list):
         metrics = {"test_accuracy": 0.45 + shift, "test_accuracy_first1000": 0.46 + shift,
                    "best_val_accuracy": 0.4 + shift, "best_epoch": 1, "epochs_run": 1, "run_steps": 1,
                    "per_class_accuracy": {name: 0.45 + shift for name in CLASS_NAMES},
-                   "settings": {k: v for k, v in settings.items() if k not in common.settings.RUNTIME_KEYS},
+                   "settings": {k: v for k, v in settings.items() if k not in common.cli.RUNTIME_KEYS},
                    **({} if plan is None else {"plan": plan._asdict()})}
+        out_dir.mkdir(parents=True, exist_ok=True)
         common.files.save_json(history, out_dir / "history.json")
         common.files.save_json(metrics, out_dir / "metrics.json")
         return metrics
-    return train_and_report
+    return train_run
 
 
 @pytest.fixture(scope="session")
 def ex2_checkpoint(tmp_path_factory) -> Path:
     """A genuine checkpoint written the way ex2_transfer.py writes them (VGG-11-bn from scratch, no training)."""
-    settings = common.settings.resolve_settings({"mode": "scratch"}, ex2_transfer.RECIPES["scratch"], ex2_transfer.Settings)
+    settings = common.cli.resolve_settings({"mode": "scratch"}, ex2_transfer.RECIPES["scratch"], ex2_transfer.Settings)
     model = ex2_transfer.build_model(settings, initial_weights=False)
     return save_untrained_checkpoint("ex2_transfer.py", settings, model, tmp_path_factory.mktemp("ex2") / "best.pt")
 
@@ -176,4 +176,4 @@ def ex2_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture
 def no_filter_plots(monkeypatch):
     """In-process runs skip the 128-panel filter figures (seconds each on a CPU; the report tests cover them)."""
-    monkeypatch.setattr(common.run, "plot_filters", lambda *args, **kwargs: None)
+    monkeypatch.setattr(common.train, "plot_filters", lambda *args, **kwargs: None)

@@ -30,7 +30,7 @@ def distinct(outputs: torch.Tensor) -> int:
 def test_flip_mirrors_exactly_some_images():
     """Each output is its input or the input's exact left-right mirror, and both happen in one batch."""
     x = images()
-    out = common.augment.batch_flip_lr(x, 0.5, gen())
+    out = common.data.batch_flip_lr(x, 0.5, gen())
     same = [torch.equal(o, i) for o, i in zip(out, x)]
     mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
     assert all(s or m for s, m in zip(same, mirrored))
@@ -39,14 +39,14 @@ def test_flip_mirrors_exactly_some_images():
 
 def test_flip_probability_zero_and_one():
     x = images(8)
-    assert torch.equal(common.augment.batch_flip_lr(x, 0.0, gen()), x)
-    assert torch.equal(common.augment.batch_flip_lr(x, 1.0, gen()), x.flip(-1))
+    assert torch.equal(common.data.batch_flip_lr(x, 0.0, gen()), x)
+    assert torch.equal(common.data.batch_flip_lr(x, 1.0, gen()), x.flip(-1))
 
 
 def test_crop_is_a_window_of_the_zero_padded_image():
     """Each output equals one 32x32 window of its zero-padded input, at offsets that vary across the batch."""
     x = images()
-    out = common.augment.batch_crop(x, 4, gen())
+    out = common.data.batch_crop(x, 4, gen())
     padded = F.pad(x, (4, 4, 4, 4))
     offsets = []
     for o, p in zip(out, padded):
@@ -59,7 +59,7 @@ def test_crop_is_a_window_of_the_zero_padded_image():
 def test_crop_with_reflect_fill_is_a_window_of_the_mirrored_border():
     """--crop-fill reflect: each output is one window of its input padded by mirroring, so no zeros come in."""
     x = images()
-    out = common.augment.batch_crop(x, 4, gen(), fill="reflect")
+    out = common.data.batch_crop(x, 4, gen(), fill="reflect")
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     for o, p in zip(out, padded):
         assert any(torch.equal(o, p[:, dy:dy + 32, dx:dx + 32]) for dy in range(9) for dx in range(9))
@@ -69,8 +69,8 @@ def test_crop_with_reflect_fill_is_a_window_of_the_mirrored_border():
 def test_rotate_and_shift_with_reflect_fill_bring_in_no_zeros():
     """Where zeros fill darkens the corners a turn and shift uncover, reflect fill keeps a white image white."""
     x = torch.ones(8, 3, 32, 32)
-    zeros = common.augment.batch_rotate(x, 45.0, gen(), pad=4)
-    reflect = common.augment.batch_rotate(x, 45.0, gen(), pad=4, fill="reflect")
+    zeros = common.data.batch_rotate(x, 45.0, gen(), pad=4)
+    reflect = common.data.batch_rotate(x, 45.0, gen(), pad=4, fill="reflect")
     assert zeros.min() < 0.5
     assert torch.allclose(reflect, x, atol=1e-5)
 
@@ -78,19 +78,19 @@ def test_rotate_and_shift_with_reflect_fill_bring_in_no_zeros():
 def test_augment_batch_passes_the_fill_to_crop_and_rotate():
     x = (torch.ones(8, 3, 32, 32) * 255).to(torch.uint8)
     for ops in ({"crop": 4}, {"rotate": 30.0, "crop": 4}):
-        assert common.augment.augment_batch(x, ops, gen()).min() < 0.5
-        assert common.augment.augment_batch(x, ops, gen(), fill="reflect").min() > 0.99
+        assert common.data.augment_batch(x, ops, gen()).min() < 0.5
+        assert common.data.augment_batch(x, ops, gen(), fill="reflect").min() > 0.99
 
 
 def test_rotate_by_zero_degrees_is_identity():
     x = images(8)
-    assert torch.allclose(common.augment.batch_rotate(x, 0.0, gen()), x, atol=1e-5)
+    assert torch.allclose(common.data.batch_rotate(x, 0.0, gen()), x, atol=1e-5)
 
 
 def test_rotate_keeps_the_centre_and_fills_corners_with_zeros():
     """A rotation turns about the centre: the middle stays, and 45 degree turns bring zeros into the corners."""
     x = torch.ones(8, 3, 32, 32)
-    out = common.augment.batch_rotate(x, 45.0, gen())
+    out = common.data.batch_rotate(x, 45.0, gen())
     assert torch.allclose(out[:, :, 14:18, 14:18], torch.ones(8, 3, 4, 4), atol=1e-5)
     assert (out[:, :, 0, 0] < 1).any()
     assert out.min() >= 0 and out.max() <= 1 + 1e-6
@@ -98,37 +98,37 @@ def test_rotate_keeps_the_centre_and_fills_corners_with_zeros():
 
 def test_jitter_of_strength_zero_is_identity():
     x = images(8)
-    assert torch.allclose(common.augment.batch_color_jitter(x, 0.0, gen()), x, atol=1e-5)
+    assert torch.allclose(common.data.batch_color_jitter(x, 0.0, gen()), x, atol=1e-5)
 
 
 def test_jitter_stays_in_range():
-    out = common.augment.batch_color_jitter(images(), 0.5, gen())
+    out = common.data.batch_color_jitter(images(), 0.5, gen())
     assert out.min() >= 0 and out.max() <= 1
 
 
 def test_grayscale_p1_gives_equal_channels_p0_leaves_images():
     x = images(8)
-    gray = common.augment.batch_grayscale(x, 1.0, gen())
+    gray = common.data.batch_grayscale(x, 1.0, gen())
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
     luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     assert torch.allclose(gray[:, 0], luma, atol=1e-5)
-    assert torch.equal(common.augment.batch_grayscale(x, 0.0, gen()), x)
+    assert torch.equal(common.data.batch_grayscale(x, 0.0, gen()), x)
 
 
 def test_parameters_differ_between_images_of_one_batch():
     """Identical inputs come out different: every op draws its own parameters per image."""
     x = copies()
-    assert distinct(common.augment.batch_flip_lr(x, 0.5, gen())) == 2
-    assert distinct(common.augment.batch_crop(x, 4, gen())) > 1
-    assert distinct(common.augment.batch_rotate(x, 15.0, gen())) > 1
-    assert distinct(common.augment.batch_color_jitter(x, 0.3, gen())) > 1
-    assert distinct(common.augment.batch_grayscale(x, 0.5, gen())) == 2
+    assert distinct(common.data.batch_flip_lr(x, 0.5, gen())) == 2
+    assert distinct(common.data.batch_crop(x, 4, gen())) > 1
+    assert distinct(common.data.batch_rotate(x, 15.0, gen())) > 1
+    assert distinct(common.data.batch_color_jitter(x, 0.3, gen())) > 1
+    assert distinct(common.data.batch_grayscale(x, 0.5, gen())) == 2
 
 
 def test_augment_batch_returns_float32_in_unit_range():
     x = (images() * 255).to(torch.uint8)
     original = x.clone()
-    out = common.augment.augment_batch(x, ALL_OPS, gen())
+    out = common.data.augment_batch(x, ALL_OPS, gen())
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert out.min() >= 0 and out.max() <= 1
     assert torch.equal(x, original)
@@ -136,7 +136,7 @@ def test_augment_batch_returns_float32_in_unit_range():
 
 def test_augment_batch_without_ops_only_rescales():
     x = (images() * 255).to(torch.uint8)
-    out = common.augment.augment_batch(x, {}, gen())
+    out = common.data.augment_batch(x, {}, gen())
     assert torch.equal(out, x.float() / 255)
 
 
@@ -144,22 +144,22 @@ def test_augment_batch_keeps_each_image_in_its_place():
     """Images stay in batch order, so their labels still match: flip, crop and rotate keep each image's colour at the centre."""
     colours = torch.randint(0, 256, (32, 3), generator=gen())
     x = colours[:, :, None, None].expand(-1, -1, 32, 32).to(torch.uint8)
-    out = common.augment.augment_batch(x, {op: ALL_OPS[op] for op in ("flip", "crop", "rotate")}, gen())
+    out = common.data.augment_batch(x, {op: ALL_OPS[op] for op in ("flip", "crop", "rotate")}, gen())
     assert torch.allclose(out[:, :, 16, 16], colours.float() / 255, atol=1e-4)
 
 
 def test_same_seed_same_result_other_seed_other_result():
     x = (images() * 255).to(torch.uint8)
-    first = common.augment.augment_batch(x, ALL_OPS, gen(7))
-    assert torch.equal(first, common.augment.augment_batch(x, ALL_OPS, gen(7)))
-    assert not torch.equal(first, common.augment.augment_batch(x, ALL_OPS, gen(8)))
+    first = common.data.augment_batch(x, ALL_OPS, gen(7))
+    assert torch.equal(first, common.data.augment_batch(x, ALL_OPS, gen(7)))
+    assert not torch.equal(first, common.data.augment_batch(x, ALL_OPS, gen(8)))
 
 
 def test_rotate_folds_in_an_exact_mirror_and_a_crop_window():
     """With a negligible angle, the mirror batch_rotate folds in is exact and its shift is a padded-crop window."""
     x = images(16)
-    assert torch.equal(common.augment.batch_rotate(x, 1e-9, gen(), flip_p=1.0), x.flip(-1))
-    out = common.augment.batch_rotate(x, 1e-9, gen(1), pad=3)
+    assert torch.equal(common.data.batch_rotate(x, 1e-9, gen(), flip_p=1.0), x.flip(-1))
+    out = common.data.batch_rotate(x, 1e-9, gen(1), pad=3)
     padded = F.pad(x, (3, 3, 3, 3))
     offsets = set()
     for i in range(len(x)):
@@ -177,7 +177,7 @@ def luma(x: torch.Tensor) -> torch.Tensor:
 def test_jitter_keeps_grey_images_grey():
     """Hue and saturation act on colour only: a grey image (equal channels, varying pixels) stays grey."""
     level = 0.3 + 0.4 * torch.rand(32, 1, 32, 32, generator=gen(1))
-    out = common.augment.batch_color_jitter(level.expand(-1, 3, -1, -1), 0.5, gen())
+    out = common.data.batch_color_jitter(level.expand(-1, 3, -1, -1), 0.5, gen())
     assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
 
 
@@ -187,12 +187,12 @@ def test_jitter_brightness_scales_and_contrast_stretches_about_the_mean():
     detail gets b * (c * (x - mean) + mean): the contrast c stretches or shrinks it about its mean luma."""
     n, s = 64, 0.3
     flat = torch.full((n, 3, 32, 32), 0.5)
-    brightness = common.augment.batch_color_jitter(flat, s, gen(3))[:, 0].mean((1, 2)) / 0.5
+    brightness = common.data.batch_color_jitter(flat, s, gen(3))[:, 0].mean((1, 2)) / 0.5
     assert ((1 - s - 1e-5 <= brightness) & (brightness <= 1 + s + 1e-5)).all()
     assert (brightness < 0.95).any() and (brightness > 1.05).any()  # darker and brighter images both occur
 
     detail = (0.4 + 0.2 * torch.rand(n, 1, 32, 32, generator=gen(4))).expand(-1, 3, -1, -1)
-    out = common.augment.batch_color_jitter(detail, s, gen(3))[:, 0]
+    out = common.data.batch_color_jitter(detail, s, gen(3))[:, 0]
     x = detail[:, 0]
     mean = x.mean((1, 2), keepdim=True)
     assert torch.allclose(out.mean((1, 2)), brightness * mean.flatten(), atol=1e-5)  # contrast keeps the mean
@@ -207,9 +207,9 @@ def test_jitter_hue_and_saturation_change_colour_but_not_luma():
     """On colour images with brightness and contrast factored out (the same seed on flat grey images gives them),
     the luma follows brightness and contrast alone, while the colours themselves change."""
     n, s = 64, 0.2
-    brightness = common.augment.batch_color_jitter(torch.full((n, 3, 32, 32), 0.5), s, gen(5))[:, 0].mean((1, 2)) / 0.5
+    brightness = common.data.batch_color_jitter(torch.full((n, 3, 32, 32), 0.5), s, gen(5))[:, 0].mean((1, 2)) / 0.5
     x = 0.4 + 0.2 * torch.rand(n, 3, 32, 32, generator=gen(6))
-    out = common.augment.batch_color_jitter(x, s, gen(5))
+    out = common.data.batch_color_jitter(x, s, gen(5))
     y_in, y_out = luma(x), luma(out)
     mean = y_in.mean((1, 2), keepdim=True)
     assert torch.allclose(y_out.mean((1, 2)), brightness * mean.flatten(), atol=1e-4)
@@ -225,7 +225,7 @@ def test_rotation_angle_stays_within_the_chosen_degrees():
     n, max_degrees = 64, 15.0
     x = torch.zeros(n, 1, 32, 32)
     x[:, :, 15:17, 26:28] = 1.0  # centred at (15.5, 26.5): the image centre is (15.5, 15.5)
-    out = common.augment.batch_rotate(x, max_degrees, gen())[:, 0]
+    out = common.data.batch_rotate(x, max_degrees, gen())[:, 0]
     weights = out.flatten(1) / out.flatten(1).sum(1, keepdim=True)
     ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     dy, dx = (weights @ ys.flatten()) - 15.5, (weights @ xs.flatten()) - 15.5
@@ -238,24 +238,24 @@ def test_rotation_angle_stays_within_the_chosen_degrees():
 def test_flip_where_mirrors_exactly_the_images_it_is_told_to():
     x = images()
     flips = torch.arange(len(x)) % 3 == 0
-    out = common.augment.flip_where(x, flips)
+    out = common.data.flip_where(x, flips)
     expected = torch.where(flips[:, None, None, None], x.flip(-1), x)
     assert torch.equal(out, expected) and not torch.equal(out, x)
 
 
-@pytest.mark.parametrize("fill", common.augment.FILLS)
+@pytest.mark.parametrize("fill", common.data.FILLS)
 def test_a_training_step_crops_with_its_fill(fill):
-    """train_one_epoch hands the step's fill to the augmentation: white pictures cropped with reflect fill reach
+    """train_one_epoch hands the settings' fill to the augmentation: white pictures cropped with reflect fill reach
     the network white, with zeros fill with black borders."""
     seen = []
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].min().item()))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), [0.1])
-    step = common.train.TrainStep({"crop": 4}, fill, [0.0] * 3, [1.0] * 3, 0.0)
+    settings = common.cli.Settings(augment=["crop"], crop_pad=4, crop_fill=fill, mean=[0.0] * 3, std=[1.0] * 3)
     images = torch.full((16, 3, 32, 32), 255, dtype=torch.uint8)
-    common.train.train_one_epoch(training, (images, torch.zeros(16, dtype=torch.long)), step,
-                                 common.budget.Plan(batch_size=8, steps_per_epoch=2, total_steps=2), 1, 0,
+    common.train.train_one_epoch(training, images, torch.zeros(16, dtype=torch.long), settings,
+                                 common.train.Plan(batch_size=8, steps_per_epoch=2, total_steps=2), 1,
                                  common.device.TrainContext(torch.device("cpu"), torch.float32))
     assert len(seen) == 2
     assert (min(seen) == 1.0) == (fill == "reflect")

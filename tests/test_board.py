@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import common
 import ex1_convnet
-from conftest import QUICK, call, fake_training, interrupt_validation, metrics, read_json
+from conftest import QUICK, call, interrupt_validation, metrics, read_json
 
 # 64 training images in batches of 32: 2 steps per epoch, so epoch e ends at step 2e.
 RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]
@@ -74,7 +74,7 @@ def resumed(cifar_dir, tmp_path_factory) -> dict:
     out_dir = tmp_path_factory.mktemp("board") / "tb-run"
     argv = [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common.run, "plot_filters", lambda *args, **kwargs: None)  # as no_filter_plots
+        patch.setattr(common.train, "plot_filters", lambda *args, **kwargs: None)  # as no_filter_plots
         interrupt_validation(patch, call=3)
         assert ex1_convnet.main(list(map(str, argv))) == 130
         interrupted = points(out_dir)
@@ -163,14 +163,14 @@ def test_a_new_run_removes_an_earlier_runs_event_files_only_once_it_has_saved_an
     assert [event.value for event in accumulated(tmp_path).Scalars("val/accuracy")] == [0.25]
 
 
-def test_seeds_and_the_dropout_sweep_write_hparams_with_the_final_metrics_into_each_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common.cli, "train_and_report", fake_training([]))
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
-    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--epochs", "1", "--seeds", "2"]
-    assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "seeds"], capsys)[0] == 0
+@pytest.mark.slow
+def test_seeds_and_the_dropout_sweep_write_hparams_with_the_final_metrics_into_each_run(tmp_path, cifar_dir, capsys,
+                                                                                       no_filter_plots):
+    argv = [*QUICK, "--data-dir", cifar_dir, "--epochs", "1", "--limit-train", "32"]  # one step a run
+    assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "seeds", "--seeds", "2"], capsys)[0] == 0
     assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "dropout", "--dropout", "0.1", "0.5"], capsys)[0] == 0
     runs = {tmp_path / "seeds" / f"seed{s}": {"seed": s} for s in (0, 1)}
-    runs |= {tmp_path / "dropout" / f"p{p}" / f"seed{s}": {"seed": s, "dropout": p} for p in (0.1, 0.5) for s in (0, 1)}
+    runs |= {tmp_path / "dropout" / f"p{p}": {"dropout": p} for p in (0.1, 0.5)}
     for run_dir, varied in runs.items():
         assert {key: hparams(run_dir)[key] for key in varied} == varied
         events = accumulated(run_dir)
@@ -180,10 +180,10 @@ def test_seeds_and_the_dropout_sweep_write_hparams_with_the_final_metrics_into_e
     assert not list((tmp_path / "seeds").glob("events.out.tfevents.*"))  # the sweep's folder holds only its runs
 
 
-def test_no_tensorboard_writes_no_event_files(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common.cli, "train_and_report", fake_training([]))
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
-    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--epochs", "1", "--out-dir", tmp_path, "--no-tensorboard"]
+@pytest.mark.slow
+def test_no_tensorboard_writes_no_event_files(tmp_path, cifar_dir, capsys, no_filter_plots):
+    argv = [*QUICK, "--data-dir", cifar_dir, "--epochs", "1", "--limit-train", "32", "--out-dir", tmp_path,
+            "--no-tensorboard"]
     assert call(ex1_convnet.main, argv, capsys)[0] == 0
     assert (tmp_path / "metrics.json").exists() and not list(tmp_path.rglob("events.out.tfevents.*"))
     assert "tensorboard" not in metrics(tmp_path)["settings"]  # how a run is watched is not what it computes

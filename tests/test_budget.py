@@ -29,10 +29,10 @@ def run_ex1(argv, capsys) -> tuple[int, str]:
 
 
 def test_plan_fills_the_time_left_after_the_validation_passes():
-    assert common.budget.plan_total_steps(60, 12, 1.0, 0.0, 12, 25) == 60
+    assert common.train.plan_total_steps(60, 12, 1.0, 0.0, 12, 25) == 60
     # 48 s left hold 48 more steps at most, 60 in all: 3 epochs, whose 3 validation passes of 3 s leave 39
-    assert common.budget.plan_total_steps(60, 12, 1.0, 3.0, 12, 25) == 51
-    assert common.budget.plan_total_steps(60, 70, 1.0, 0.0, 12, 25) == 12  # already over: no step more
+    assert common.train.plan_total_steps(60, 12, 1.0, 3.0, 12, 25) == 51
+    assert common.train.plan_total_steps(60, 70, 1.0, 0.0, 12, 25) == 12  # already over: no step more
 
 
 def tiny_training(steps: int, batch_size: int = 32):
@@ -45,20 +45,30 @@ def tiny_training(steps: int, batch_size: int = 32):
     return training, (images, torch.randint(0, 10, (steps * batch_size,), generator=generator))
 
 
-def test_the_timed_steps_train_and_time_the_steps_after_the_warm_up(monkeypatch):
-    training, train_set = tiny_training(25)
-    before = training.model[1].weight.detach().clone()
-    plan = common.budget.Plan(32, 25, None, budget_minutes=1.0)
-    step = common.train.TrainStep({}, "zeros", [0.5] * 3, [0.5] * 3, 0.0)
-    fake_clock(monkeypatch, [0.0, 5.0, 25.0])  # read before the first step, after step 5 (the warm-up's end), step 25
-    assert common.train.timed_steps(training, train_set, step, plan, 0, CPU) == (1.0, 25.0)
-    assert not torch.equal(training.model[1].weight, before)  # the timed steps train: they count
-    assert training.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1)  # the schedule's first value
+def test_the_timed_steps_time_the_steps_after_the_warm_up_on_a_network_of_their_own(monkeypatch):
+    _, (images, labels) = tiny_training(25)
+    settings = common.cli.Settings(augment=[], mean=[0.5] * 3, std=[0.5] * 3)
+    built, epochs = [], []
+
+    def build_model(settings, initial_weights=True):
+        built.append(initial_weights)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+
+    def train_one_epoch(training, images, labels, settings, plan, epoch, ctx, steps=None):
+        epochs.append((epoch, steps, training.optimizer.param_groups[0]["lr"]))
+        return {"seconds": 2.0 * steps, "steps": steps}
+
+    monkeypatch.setattr(common.train, "train_one_epoch", train_one_epoch)
+    fake_clock(monkeypatch, [0.0, 60.0])  # read before the first step and after the last
+    plan = common.train.Plan(32, 25, None, budget_minutes=1.0)
+    assert common.train.time_steps(settings, build_model, images, labels, plan, CPU) == (2.0, 60.0)
+    assert epochs == [(0, 5, 2e-3), (0, 20, 2e-3)]  # 5 warm-up steps, then 20 timed, epoch 0's random streams
+    assert built == [False]  # a network of their own, with no starting weights to fetch
 
 
 def test_the_plan_fills_the_budget_left_after_the_timed_steps():
-    plan = common.budget.Plan(32, 25, None, budget_minutes=1.0)
-    planned = common.budget.budget_plan(plan, step_s=1.0, spent_s=25.0, val_images=96, scaling=None, ctx=CPU)
+    plan = common.train.Plan(32, 25, None, budget_minutes=1.0)
+    planned = common.train.budget_plan(plan, step_s=1.0, spent_s=25.0, val_images=96, scaling=None, ctx=CPU)
     # 1 s a step, so a validation pass of 96 images is 1 s (a third of 3 steps of 32); the 35 s left hold 33 steps
     # and the validation of the 2 epochs they reach
     assert planned.total_steps == 33 and planned.epochs == 2 and planned.images_per_s == 32
@@ -66,20 +76,20 @@ def test_the_plan_fills_the_budget_left_after_the_timed_steps():
 
 
 def test_a_budget_shorter_than_its_timed_steps_is_refused():
-    plan = common.budget.Plan(32, 25, None, budget_minutes=1.0)
-    with pytest.raises(common.errors.UsageError, match="too short for the 25 steps that time it"):
-        common.budget.budget_plan(plan, step_s=2.0, spent_s=61.0, val_images=96, scaling=None, ctx=CPU)
+    plan = common.train.Plan(32, 25, None, budget_minutes=1.0)
+    with pytest.raises(common.files.UsageError, match="too short for the 25 steps that time it"):
+        common.train.budget_plan(plan, step_s=2.0, spent_s=61.0, val_images=96, scaling=None, ctx=CPU)
 
 
 def test_the_schedule_waits_for_the_plan_then_ends_at_its_last_step():
     def factor(step: int, total: int | None) -> float:
-        return common.budget.lr_factor(step, common.budget.Plan(32, 100, total))
+        return common.train.lr_factor(step, common.train.Plan(32, 100, total))
     assert factor(5, None) == 0.1  # no plan yet: the warm-up's first value
-    assert common.budget.Plan(32, 100, None).epoch_steps(1) == 100
+    assert common.train.Plan(32, 100, None).epoch_steps(1) == 100
     assert factor(0, 250) == 0.1
     assert factor(50, 250) == 1.0  # warm-up ends at 20% of the planned steps
     assert factor(250, 250) == 0.0
-    assert [common.budget.Plan(32, 100, 250).epoch_steps(epoch) for epoch in (1, 2, 3)] == [100, 100, 50]
+    assert [common.train.Plan(32, 100, 250).epoch_steps(epoch) for epoch in (1, 2, 3)] == [100, 100, 50]
 
 
 SCALING = ex1_convnet.RECIPES["short"]["budget_scaling"]
@@ -87,56 +97,55 @@ SCALING = ex1_convnet.RECIPES["short"]["budget_scaling"]
 
 def test_the_regularisation_follows_the_planned_epochs_between_the_recipes_ends():
     short = ex1_convnet.RECIPES["short"]
-    default = common.settings.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
+    default = common.cli.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
     keys = ("dropout", "crop_pad", "label_smoothing")
     assert SCALING["epochs"] == [10, 30]
-    assert common.budget.choose_settings(SCALING, 10) == {k: short[k] for k in keys}
-    assert common.budget.choose_settings(SCALING, 3) == {k: short[k] for k in keys}  # held at the ends
-    assert common.budget.choose_settings(SCALING, 30) == {k: default[k] for k in keys}
-    assert common.budget.choose_settings(SCALING, 100) == {k: default[k] for k in keys}
-    middle = common.budget.choose_settings(SCALING, math.sqrt(10 * 30))  # halfway on the logarithm
+    assert common.train.choose_settings(SCALING, 10) == {k: short[k] for k in keys}
+    assert common.train.choose_settings(SCALING, 3) == {k: short[k] for k in keys}  # held at the ends
+    assert common.train.choose_settings(SCALING, 30) == {k: default[k] for k in keys}
+    assert common.train.choose_settings(SCALING, 100) == {k: default[k] for k in keys}
+    middle = common.train.choose_settings(SCALING, math.sqrt(10 * 30))  # halfway on the logarithm
     assert middle == {"dropout": 0.05, "crop_pad": 3, "label_smoothing": 0.15}
 
 
 def test_a_flag_given_keeps_its_value_under_the_budget_and_no_budget_scales_nothing():
     given = {"time_budget": 60.0, "dropout": 0.3}
-    settings = common.settings.resolve_settings(given, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    settings = common.cli.resolve_settings(given, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     assert set(settings["budget_scaling"]) == {"epochs", "crop_pad", "label_smoothing"}
-    settings = common.settings.resolve_settings({"time_budget": 60.0, "augment": "flip,crop"}, ex1_convnet.RECIPES["short"],
+    settings = common.cli.resolve_settings({"time_budget": 60.0, "augment": "flip,crop"}, ex1_convnet.RECIPES["short"],
                                        ex1_convnet.Settings)
     assert set(settings["budget_scaling"]) == {"epochs", "dropout", "label_smoothing"}  # --augment fixes the crop
-    assert common.settings.resolve_settings({}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)["budget_scaling"] is None
+    assert common.cli.resolve_settings({}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)["budget_scaling"] is None
 
 
 def test_the_plan_sets_the_scaled_regularisation_in_the_settings_and_the_model():
-    settings = common.settings.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
-    model = ex1_convnet.build_model(settings)
-    plan = common.budget.budget_plan(common.budget.Plan(64, 100, None, budget_minutes=60.0), step_s=1.2, spent_s=0.0,
+    settings = common.cli.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    plan = common.train.budget_plan(common.train.Plan(64, 100, None, budget_minutes=60.0), step_s=1.2, spent_s=0.0,
                                      val_images=0, scaling=settings["budget_scaling"], ctx=CPU)  # 30 epochs of 100 steps
     assert plan.chosen == {"dropout": 0.1, "crop_pad": 4, "label_smoothing": 0.1}
-    settings = common.run.settings_for_plan(settings, plan)
-    common.train.set_dropout(model, settings["dropout"])
+    settings = common.train.settings_for_plan(settings, plan)
+    model = ex1_convnet.build_model(settings)  # built after the plan, with the dropout it chose
     assert (settings["dropout"], settings["crop_pad"], settings["label_smoothing"]) == (0.1, 4, 0.1)
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
 def test_a_budget_run_ignores_patience_and_says_so_when_it_was_given(capsys):
-    settings = common.settings.resolve_settings({"time_budget": 60.0, "patience": 3}, ex1_convnet.RECIPES["short"],
+    settings = common.cli.resolve_settings({"time_budget": 60.0, "patience": 3}, ex1_convnet.RECIPES["short"],
                                        ex1_convnet.Settings)
     assert settings["patience"] == 0
     assert "--patience 3 is not applied under --time-budget" in capsys.readouterr().err
-    settings = common.settings.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    settings = common.cli.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
     assert settings["patience"] == 0 and capsys.readouterr().err == ""
 
 
 def test_a_re_plan_counts_only_the_validation_passes_still_ahead():
     # after 2 of 10-step epochs, 10 s used, 1 s a step and 2 s of validation and saving an epoch: 50 s left hold
     # 4 more epochs and their passes (48 s), not a step more
-    assert common.budget.plan_total_steps(60, 10, 1.0, 2.0, 20, 10, epochs_validated=2) == 60
-    assert common.budget.plan_total_steps(60, 10, 1.0, 2.0, 20, 10) == 58  # epochs 1 and 2 still to validate
+    assert common.train.plan_total_steps(60, 10, 1.0, 2.0, 20, 10, epochs_validated=2) == 60
+    assert common.train.plan_total_steps(60, 10, 1.0, 2.0, 20, 10) == 58  # epochs 1 and 2 still to validate
     # one step of 1 s in an epoch of 100 steps, validation 30 s: 100 s left hold the validation of the epoch the run
     # is in and 70 steps; a plan that counted the passes of the most steps it could ever take would allow none
-    assert common.budget.plan_total_steps(100, 0, 1.0, 30.0, 0, 100) == 70
+    assert common.train.plan_total_steps(100, 0, 1.0, 30.0, 0, 100) == 70
 
 
 def budget_run(cifar_dir, out_dir, minutes: str = "0.1") -> list:
@@ -157,10 +166,10 @@ def test_a_budget_run_trains_the_planned_steps_the_last_epoch_what_is_left(cifar
     assert len(history) == metrics["epochs_run"] == math.ceil(planned / STEPS_PER_EPOCH)
     assert 0 < history[-1]["steps"] == planned - STEPS_PER_EPOCH * (len(history) - 1) <= STEPS_PER_EPOCH
     last = common.files.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
-    plan = common.budget.Plan(**last["plan"])
-    assert plan.total_steps == planned and common.budget.lr_factor(planned, plan) == 0.0  # the schedule's end
+    plan = common.train.Plan(**last["plan"])
+    assert plan.total_steps == planned and common.train.lr_factor(planned, plan) == 0.0  # the schedule's end
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(  # the lr of the last step trained
-        2e-3 * common.budget.lr_factor(planned - 1, plan))
+        2e-3 * common.train.lr_factor(planned - 1, plan))
 
 
 @pytest.mark.slow
@@ -226,8 +235,7 @@ def test_epochs_and_a_budget_together_are_refused(cifar_dir, tmp_path, capsys):
                                            ([], "default")])
 def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe, tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(common.cli, "train_and_report", fake_training(calls))  # the real driver up to the training
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))  # the real driver up to the training
     code, err = run_ex1([*QUICK, "--out-dir", tmp_path, *flags], capsys)
     assert code == 0, err[-3000:]
     seen = calls[0]

@@ -154,7 +154,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     root = write_cifar(tmp_path / "data", per_batch=10, n_test=10)
     path = root / BATCHES / "data_batch_1"
     path.write_bytes(pickle.dumps({"data": CreatesFile(target), "labels": [0]}))
-    with pytest.raises(common.errors.UsageError) as error:
+    with pytest.raises(common.files.UsageError) as error:
         common.data.load_cifar10(root, download=False)
     assert not target.exists()
     assert str(path) in str(error.value) and "open" in str(error.value)
@@ -179,7 +179,7 @@ def test_corrupt_file_is_named(tmp_path, damage):
     path.write_bytes({"truncated": content[:len(content) // 2],
                       "html": b"<html><body>404 Not Found</body></html>",
                       "absurd-length": b"\x80\x04\x8e" + (2 ** 63 + 5).to_bytes(8, "little")}[damage])
-    with pytest.raises(common.errors.UsageError, match=re.escape(str(path))):
+    with pytest.raises(common.files.UsageError, match=re.escape(str(path))):
         common.data.load_cifar10(root, download=False)
 
 
@@ -204,7 +204,7 @@ def test_bad_contents_are_refused(tmp_path, changes):
     """Labels outside 0..9, a label count that does not match, or data not uint8 (N, 3072) are refused, naming the file."""
     root = write_cifar(tmp_path, per_batch=10, n_test=10)
     path = rewrite_batch(root, "data_batch_2", **changes)
-    with pytest.raises(common.errors.UsageError, match=re.escape(str(path))):
+    with pytest.raises(common.files.UsageError, match=re.escape(str(path))):
         common.data.load_cifar10(root, download=False)
 
 

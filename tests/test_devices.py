@@ -1,7 +1,6 @@
 """Every machine a student has, checked on the CPU: no float64 on the training device (Apple's MPS has none),
 resuming into another precision, what each device computes natively, torchrun's backend and refusals, checkpoints a
 fast GPU does not wait for, and the line that says how long a run takes."""
-import os
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ class Float64Watcher(TorchDispatchMode):
 def test_a_run_its_test_tta_corruption_benchmark_and_predict_make_no_float64_tensor(cifar_dir, tmp_path, monkeypatch,
                                                                                    capsys, no_filter_plots):
     watcher = Float64Watcher()
-    mean_std = common.run.channel_mean_std
+    mean_std = common.train.channel_mean_std
 
     def on_the_host(images):  # the data module's loading may stay float64 (the fixed-seed figures depend on it)
         watcher.paused = True
@@ -43,7 +42,7 @@ def test_a_run_its_test_tta_corruption_benchmark_and_predict_make_no_float64_ten
         finally:
             watcher.paused = False
 
-    monkeypatch.setattr(common.run, "channel_mean_std", on_the_host)
+    monkeypatch.setattr(common.train, "channel_mean_std", on_the_host)
     picture = tmp_path / "cat.png"
     common.plots.pyplot().imsave(picture, torch.rand(40, 30, 3).numpy())
     run = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", "--epochs", "2", "--no-tensorboard"]
@@ -86,15 +85,15 @@ def test_a_run_saved_in_fp32_or_bf16_resumes_in_fp16(first, cifar_dir, tmp_path,
 
 
 def test_an_fp16_run_resumed_in_fp16_keeps_its_scale(cifar_dir):
-    settings = common.settings.resolve_settings({}, {}, ex1_convnet.Settings)
+    settings = common.cli.resolve_settings({}, {}, ex1_convnet.Settings)
     fp16 = common.device.TrainContext(CPU, torch.float16)
-    saved = common.run.set_up_training(settings, ex1_convnet.build_model, fp16, None)
+    saved = common.train.set_up_training(settings, ex1_convnet.build_model, fp16, None)
     saved.scaler.scale(torch.ones(()))  # the scale is made at the first step
     saved.scaler.update(1024.0)  # as after a run of steps
-    checkpoint = common.train.checkpoint_state("ex1_convnet.py", dict(settings), saved, [], common.train.BestEpoch())
-    resumed = common.run.set_up_training(settings, ex1_convnet.build_model, fp16, checkpoint)
+    checkpoint = common.files.checkpoint_state("ex1_convnet.py", dict(settings), saved, [], common.train.BestEpoch())
+    resumed = common.train.set_up_training(settings, ex1_convnet.build_model, fp16, checkpoint)
     assert resumed.scaler.get_scale() == 1024.0 != torch.amp.GradScaler("cpu").get_scale()
-    fp32 = common.run.set_up_training(settings, ex1_convnet.build_model, common.device.TrainContext(CPU, torch.float32),
+    fp32 = common.train.set_up_training(settings, ex1_convnet.build_model, common.device.TrainContext(CPU, torch.float32),
                                       checkpoint)
     assert not fp32.scaler.is_enabled()  # an fp16 run resumed in fp32: its scale is not needed
 
@@ -134,7 +133,7 @@ def test_resume_keeps_bf16_only_where_the_device_computes_it_natively(fast_bf16,
     assert common.device.native_bf16(CPU) is fast_bf16  # the patch took effect
     saved = {"history": [{"precision": "bfloat16"}], "settings": {"precision": "auto"}}
     ctx = common.device.TrainContext(CPU, common.device.resolve_precision("auto", CPU))
-    resumed = common.cli.resumed_precision(ctx, saved, precision_given=False)
+    resumed = common.device.resumed_precision(ctx, saved, precision_given=False)
     out = capsys.readouterr().out
     if fast_bf16:  # the same machine: the same precision, so the resume is bit-identical
         assert resumed.dtype == torch.bfloat16 and out == ""
@@ -199,7 +198,7 @@ def test_a_run_faster_than_the_save_interval_writes_its_checkpoints_once_and_rec
         writes.append((path.name, obj["epoch"]))
         return save(obj, path)
 
-    monkeypatch.setattr(common.run, "save_checkpoint", counted)
+    monkeypatch.setattr(common.files, "save_checkpoint", counted)
     run = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "3", "--limit-train", "128",
            "--no-tensorboard"]
     assert call(ex1_convnet.main, run, capsys)[0] == 0
@@ -217,14 +216,14 @@ def test_a_run_faster_than_the_save_interval_writes_its_checkpoints_once_and_rec
 
 
 def test_a_long_run_says_how_long_it_takes_and_names_the_time_budget():
-    plan = common.budget.Plan(256, 191, 30 * 191)  # 30 epochs of 49,000 images
-    line = common.run.how_long(plan, 30 * 191, images_per_s=60.0, val_images=1000, test_images=10000, corruptions=None)
+    plan = common.train.Plan(256, 191, 30 * 191)  # 30 epochs of 49,000 images
+    line = common.train.how_long(plan, common.train.Estimate(30 * 191, 1000, 10000, None), 60.0)
     # 4.27 s a step, a third of that an image's forward pass: 166 s of validation, 56 s of test, 106 s of corruption
     # benchmark (19 passes over the first 1,000)
     assert line.startswith("how long: about 6 h 52 min at 60 images/s (training 6 h 47 min, validation 3 min, test "
                            "and corruption benchmark 3 min)")
     assert line.endswith("; --time-budget MINUTES chooses how long instead")
-    short = common.run.how_long(plan, 191, images_per_s=600.0, val_images=1000, test_images=10000, corruptions=0)
+    short = common.train.how_long(plan, common.train.Estimate(191, 1000, 10000, 0), 600.0)
     assert short.startswith("how long: about 1") and "--time-budget" not in short
 
 

@@ -78,13 +78,13 @@ def test_plain_run_sets_up_no_process_group(monkeypatch):
 def test_batch_size_is_global_in_help():
     import argparse
     parser = argparse.ArgumentParser()
-    common.settings.add_common_arguments(parser)
+    common.cli.add_arguments(parser, common.cli.Settings)
     assert "global batch size" in " ".join(parser.format_help().split())
 
 
 def test_ranks_take_disjoint_shards_of_the_same_global_batches():
-    single = list(common.train.epoch_batches(100, 32, torch.Generator().manual_seed(5)))
-    shards = [list(common.train.epoch_batches(100, 32, torch.Generator().manual_seed(5), rank, 4)) for rank in range(4)]
+    single = list(common.data.epoch_batches(100, 32, torch.Generator().manual_seed(5)))
+    shards = [list(common.data.epoch_batches(100, 32, torch.Generator().manual_seed(5), rank, 4)) for rank in range(4)]
     assert all(len(s) == len(single) == 3 for s in shards)
     for step, batch in enumerate(single):
         parts = [shards[rank][step] for rank in range(4)]

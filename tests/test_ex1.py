@@ -69,7 +69,7 @@ def test_metrics(trained):
     assert m["train_seconds"] > 0 and m["train_images_per_s"] > 0
     assert m["device"] == "cpu"
     assert m["settings"]["epochs"] == 3 and m["settings"]["lr"] == 0.02 and m["settings"]["limit_train"] == 96
-    assert "args" not in m and not common.settings.RUNTIME_KEYS & m["settings"].keys()  # the settings once, what they compute
+    assert "args" not in m and not common.cli.RUNTIME_KEYS & m["settings"].keys()  # the settings once, what they compute
     assert m["versions"]["python"] and m["versions"]["torch"] == torch.__version__
     assert m["versions"]["torchvision"] == torchvision.__version__
     assert m["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", m["git_commit"])
@@ -79,7 +79,7 @@ def test_metrics(trained):
 @pytest.mark.slow
 def test_the_report_holds_every_corruption_measured_on_the_same_images(trained):
     record = read_json(trained / "metrics.json")["corruptions"]
-    every = [(name, severity) for name, severities in common.corruptions.CORRUPTIONS.items() for severity in severities]
+    every = [(name, severity) for name, severities in common.evaluation.CORRUPTIONS.items() for severity in severities]
     assert [(r["corruption"], r["severity"]) for r in record["results"]] == every
     assert record["images"] == 40 and record["seed"] == 0
     for r in record["results"]:
@@ -114,7 +114,7 @@ def test_history_and_checkpoints(trained):
     assert history[m["best_epoch"] - 1]["val_accuracy"] == m["best_val_accuracy"]
     best, last = common.files.load_checkpoint(trained / "best.pt", KIND), common.files.load_checkpoint(trained / "last.pt", KIND)
     assert best["epoch"] == m["best_epoch"] and last["epoch"] == 3
-    assert not set(common.train.TRAINING_STATE) & best.keys() and set(common.train.TRAINING_STATE) <= last.keys()
+    assert not set(common.files.TRAINING_STATE) & best.keys() and set(common.files.TRAINING_STATE) <= last.keys()
 
 
 @pytest.mark.slow
@@ -199,7 +199,7 @@ def test_metrics_name_the_commit_that_ran_not_one_made_during_the_run(tmp_path):
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "the code that runs"], check=True)
     started = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    script = ("import subprocess, sys, torch, common.report as report; subprocess.run(sys.argv[1:], check=True); "
+    script = ("import subprocess, sys, torch, common.files as report; subprocess.run(sys.argv[1:], check=True); "
               "print(report.environment_info(torch.device('cpu'))['git_commit'])")
     recorded = subprocess.run([sys.executable, "-c", script, *git, "commit", "-q", "--allow-empty", "-m", "later"],
                               cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()

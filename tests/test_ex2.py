@@ -67,7 +67,7 @@ def vgg_features(vgg_weights) -> dict:
 def wrong_files(tmp_path_factory, vgg_weights) -> dict:
     """Files --weights must refuse: an ex1 best.pt, an ex1 model state dict, a truncated vgg11_bn file."""
     folder = tmp_path_factory.mktemp("wrong")
-    settings = common.settings.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
+    settings = common.cli.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
     model = ex1_convnet.build_model(settings)
     save_untrained_checkpoint("ex1_convnet.py", settings, model, folder / "best.pt")
     torch.save(model.state_dict(), folder / "convnet_state.pt")
@@ -136,9 +136,9 @@ def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mo
     seen = {}
 
     def fake_run_experiment(args, script, recipes, settings_type, build_model, default_out_dir):
-        given = common.settings.explicit_flags(args)
-        recipe = common.settings.choose_recipe(recipes, given.get("recipe", "default"))
-        seen.update(settings=common.settings.resolve_settings(given, recipe, settings_type), out=default_out_dir)
+        given = common.cli.explicit_flags(args)
+        recipe = common.cli.choose_recipe(recipes, given.get("recipe", "default"))
+        seen.update(settings=common.cli.resolve_settings(given, recipe, settings_type), out=default_out_dir)
         return 0
 
     monkeypatch.setattr(common.cli, "run_experiment", fake_run_experiment)
@@ -191,7 +191,7 @@ def test_wrong_weights_file_is_refused_with_a_message(wrong_files, cifar_dir, tm
 
 def test_missing_weights_file_is_refused(tmp_path):
     missing = tmp_path / "nope.pth"
-    with pytest.raises(common.errors.UsageError, match="no such file") as error:
+    with pytest.raises(common.files.UsageError, match="no such file") as error:
         ex2_transfer.imagenet_state_dict(str(missing))
     assert str(missing) in str(error.value)
 
@@ -205,7 +205,7 @@ def test_without_network_or_cache_the_message_says_how_to_provide_weights(monkey
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(common.errors.UsageError) as error:
+    with pytest.raises(common.files.UsageError) as error:
         ex2_transfer.imagenet_state_dict(None)
     assert attempts == [VGG11_BN_Weights.IMAGENET1K_V1.url]  # the download torchvision's weights API asks for
     message = str(error.value)
@@ -239,7 +239,7 @@ def test_corrupt_cached_weights_give_a_message(monkeypatch, tmp_path):
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     (cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name).write_bytes(b"not a checkpoint\n")
-    with pytest.raises(common.errors.UsageError, match="--weights"):
+    with pytest.raises(common.files.UsageError, match="--weights"):
         ex2_transfer.imagenet_state_dict(None)
 
 
@@ -259,7 +259,7 @@ def test_scratch_never_reads_weights(monkeypatch):
 
 def test_freeze_training_step_changes_only_the_head(vgg_weights):
     args = ex2_transfer.parse_args(["--freeze", "--weights", str(vgg_weights), "--batch-size", "16", "--seed", "3"])
-    settings = common.settings.resolve_settings(common.settings.explicit_flags(args), ex2_transfer.RECIPES["frozen"],
+    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex2_transfer.RECIPES["frozen"],
                                        ex2_transfer.Settings)
     model = ex2_transfer.build_model(settings)
     assert not any(p.requires_grad for p in model.features.parameters())
@@ -272,9 +272,8 @@ def test_freeze_training_step_changes_only_the_head(vgg_weights):
     images, labels = make_images(32, np.random.default_rng(1))
     images = torch.from_numpy(images.reshape(-1, 3, 32, 32))
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    plan = common.budget.Plan(batch_size=settings.batch_size, steps_per_epoch=2, total_steps=None)
-    result = common.train.train_one_epoch(training, (images, torch.tensor(labels)), common.run.train_step(settings),
-                                          plan, 1, settings.seed, ctx)
+    plan = common.train.Plan(batch_size=settings.batch_size, steps_per_epoch=2, total_steps=None)
+    result = common.train.train_one_epoch(training, images, torch.tensor(labels), settings, plan, 1, ctx)
     assert result["steps"] == 2
     assert np.isfinite(result["train_loss"])
     assert model.training and model.head.training

@@ -117,7 +117,7 @@ def test_the_docs_example_classifies_a_picture_without_torch(exported, cifar_dir
     example = example.split("```python\n", 1)[1].split("```", 1)[0]
     data = common.data.load_cifar10(cifar_dir, download=False)
     picture = tmp_path / "picture.png"
-    Image.fromarray(common.export.nhwc(data.test_images[:1])[0].numpy()).save(picture)
+    Image.fromarray(common.tasks.nhwc(data.test_images[:1])[0].numpy()).save(picture)
     code = example.replace("runs/ex1/model.onnx", str(exported["fp32"])).replace("cat.jpg", str(picture))
     result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None  # no torch\n" + code],
                             capture_output=True, text=True, timeout=120)

@@ -12,7 +12,7 @@ PARAMS_NO_BN = PARAMS_BN - 2 * (128 + 4 * 512)
 def model_for(*argv: str) -> nn.Module:
     """The model ex1_convnet.py builds for these flags."""
     args = ex1_convnet.parse_args(list(argv))
-    settings = common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES[args.recipe or "default"],
+    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES[args.recipe or "default"],
                                        ex1_convnet.Settings)
     torch.manual_seed(0)
     return ex1_convnet.build_model(settings)
@@ -24,7 +24,7 @@ def layers(model: nn.Module, kind: type) -> list[nn.Module]:
 
 def test_parameter_count_and_output_shape():
     model = model_for().eval()
-    assert common.train.count_parameters(model) == PARAMS_BN
+    assert sum(p.numel() for p in model.parameters()) == PARAMS_BN
     assert len(layers(model, nn.BatchNorm2d)) == 5
     assert {m.momentum for m in layers(model, nn.BatchNorm2d)} == {0.1}  # PyTorch's BatchNorm as it is
     assert isinstance(model[-1], nn.Linear)  # the logits come straight from the last layer
@@ -35,7 +35,7 @@ def test_parameter_count_and_output_shape():
 def test_no_bn_variant_has_no_batchnorm():
     model = model_for("--no-bn").eval()
     assert not layers(model, nn.modules.batchnorm._BatchNorm)
-    assert common.train.count_parameters(model) == PARAMS_NO_BN
+    assert sum(p.numel() for p in model.parameters()) == PARAMS_NO_BN
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 

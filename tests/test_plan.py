@@ -18,7 +18,7 @@ PLANNED = 16 * STEPS_PER_EPOCH  # 16 epochs: crop padding 3 (from 2), label smoo
 def observed_steps(monkeypatch):
     """Every training step's (label smoothing, crop padding), as the loss and the augmentation are called with
     them, in order; the time budget's plan fixed at PLANNED steps."""
-    steps, cross_entropy, rotate = [], torch.nn.functional.cross_entropy, common.augment.batch_rotate
+    steps, cross_entropy, rotate = [], torch.nn.functional.cross_entropy, common.data.batch_rotate
     pads = []
 
     def loss(logits, target, *args, **kwargs):
@@ -31,9 +31,9 @@ def observed_steps(monkeypatch):
         return rotate(images, max_degrees, generator, flip_p, pad, fill)
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", loss)
-    monkeypatch.setattr(common.augment, "batch_rotate", rotated)  # the short recipe crops inside the rotation
-    monkeypatch.setattr(common.budget, "plan_total_steps", lambda *args, **kwargs: PLANNED)
-    monkeypatch.setattr(common.run, "plot_filters", lambda *args, **kwargs: None)
+    monkeypatch.setattr(common.data, "batch_rotate", rotated)  # the short recipe crops inside the rotation
+    monkeypatch.setattr(common.train, "plan_total_steps", lambda *args, **kwargs: PLANNED)
+    monkeypatch.setattr(common.train, "plot_filters", lambda *args, **kwargs: None)
     yield steps
 
 

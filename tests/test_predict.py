@@ -95,7 +95,7 @@ def test_predict_with_tta_averages_the_softmax_of_the_views():
     settings = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    expected = torch.stack([model(common.augment.normalize(v, settings["mean"], settings["std"])).softmax(1)
+    expected = torch.stack([model(common.data.normalize(v, settings["mean"], settings["std"])).softmax(1)
                             for v in common.evaluation.tta_views(images.float() / 255)]).mean(0)
     got = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).softmax(1)
     assert torch.allclose(got, expected, atol=1e-6)
@@ -103,9 +103,9 @@ def test_predict_with_tta_averages_the_softmax_of_the_views():
 
 
 def test_tta_and_predict_are_runtime_flags_that_resume_accepts():
-    assert {"tta", "predict"} <= common.settings.RUNTIME_KEYS
-    saved = dict(common.settings.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings))
-    assert common.cli.resume_settings({"tta": True, "predict": ["x.png"]}, saved, ex1_convnet.Settings)["tta"] is True
+    assert {"tta", "predict"} <= common.cli.RUNTIME_KEYS
+    saved = dict(common.cli.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings))
+    assert common.train.resumed_settings(ex1_convnet.Settings(), {"tta": True, "predict": ["x.png"]}, saved)["tta"] is True
 
 
 # ----------------------------------------------------------------------------- reading image files
@@ -242,10 +242,10 @@ def test_unreadable_files_raise_with_the_reason(tmp_path, cifar_dir, bombs):
     (tmp_path / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:-300])
     cases = {"notes.png": "cannot identify image file", "truncated.png": "truncated"}
     for name, reason in cases.items():
-        with pytest.raises(common.errors.UnreadableImage, match=reason):
+        with pytest.raises(common.files.UnreadableImage, match=reason):
             common.data.load_image(tmp_path / name)
     for reason, path in bombs.items():
-        with pytest.raises(common.errors.UnreadableImage, match=f"{reason}: Image size"):
+        with pytest.raises(common.files.UnreadableImage, match=f"{reason}: Image size"):
             common.data.load_image(path)
 
 
@@ -256,10 +256,10 @@ def test_image_files_lists_folders_sorted_by_suffix_and_refuses_missing_paths(tm
     (tmp_path / "sub" / "inner.png").write_bytes(b"")
     explicit = tmp_path / "notes.txt"
     assert common.data.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG", tmp_path / "c.webp", explicit]
-    with pytest.raises(common.errors.UsageError, match="missing.png: no such file or folder"):
+    with pytest.raises(common.files.UsageError, match="missing.png: no such file or folder"):
         common.data.image_files([tmp_path / "a.jpg", tmp_path / "missing.png"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(common.errors.UsageError, match="empty: a folder with no image file"):
+    with pytest.raises(common.files.UsageError, match="empty: a folder with no image file"):
         common.data.image_files([tmp_path / "empty"])
 
 
@@ -329,7 +329,7 @@ def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tm
     settings = {"mean": [0.5] * 3, "std": [0.25] * 3}
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     results = common.evaluation.test_results(model, images, labels, data.classes, settings["mean"], settings["std"], ctx, tta=True)
-    metrics = common.report.metrics_record(results, model, ctx.device, data.classes, settings={}, environment={})
+    metrics = common.evaluation.metrics_record(results, model, ctx.device, data.classes, settings={}, environment={})
     plain = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx).argmax(1)
     tta = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
     assert (plain != tta).sum() > 100  # the views change many predictions
@@ -432,7 +432,7 @@ def test_every_image_kind_is_predicted(trained, cifar_dir, tmp_path, capsys):
         assert row["path"] in stdout
     with open(out / "predictions.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == list(common.report.PREDICTION_COLUMNS)
+    assert list(table[0]) == list(common.tasks.PREDICTION_COLUMNS)
     assert [(r["path"], r["label"], float(r["probability"]), r["top3_label"]) for r in table] == \
            [(r["path"], r["label"], r["probability"], r["top3"][2]["label"]) for r in rows]
     with Image.open(out / "predictions.png") as preview:

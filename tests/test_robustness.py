@@ -25,7 +25,7 @@ import torch.nn as nn
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import QUICK, ROOT, call, error_line, interrupt_validation, metrics, read_json, run_script, write_cifar
+from conftest import QUICK, ROOT, call, error_line, metrics, run_script, write_cifar
 
 # 64 training images in batches of 32: 2 steps per epoch.
 RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]
@@ -179,7 +179,7 @@ def test_ctrl_c_before_the_first_epoch_says_there_is_nothing_to_resume(tmp_path,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.cli, "train_and_report", interrupted)
+    monkeypatch.setattr(common.train, "set_up_training", interrupted)
     code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN], capsys)
     assert code == 130
     assert "nothing to resume" in err and "--resume" not in err
@@ -394,7 +394,7 @@ def fill_the_disk_at(out_dir: Path, monkeypatch, epoch: int) -> None:
         return save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_full)
-    monkeypatch.setattr(common.run, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
+    monkeypatch.setattr(common.train, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
 
 
 def assert_a_full_disk_is_reported(code: int, err: str, out_dir: Path) -> None:
@@ -428,7 +428,7 @@ def test_a_really_full_file_system_is_reported_the_same_way(tmp_path, cifar_dir,
         pytest.skip("this machine does not let a test mount a tmpfs")
     try:
         out_dir = disk / "run"
-        monkeypatch.setattr(common.run, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
+        monkeypatch.setattr(common.train, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
         code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir], capsys)
         assert_a_full_disk_is_reported(code, err, out_dir)
     finally:
@@ -459,7 +459,7 @@ def test_ctrl_c_while_loading_data_says_what_is_kept_and_how_to_go_on(tmp_path, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.run, "load_cifar10", interrupted)
+    monkeypatch.setattr(common.data, "load_cifar10", interrupted)
     code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run"], capsys)
     assert code == 130
     assert f"interrupted. {tmp_path / 'run'} keeps what it held before" in err and "to go on: python " in err

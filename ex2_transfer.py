@@ -59,8 +59,9 @@ def imagenet_state_dict(path: str | None) -> dict:
             return WEIGHTS.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except Exception as e:  # URLError (no network), RuntimeError (bad download), UnpicklingError (corrupt cache)
             raise common.files.UsageError(
-                f"could not get the ImageNet weights ({common.files.describe_error(e)}). Without network, fetch {WEIGHTS.url} "
-                f"elsewhere and pass it with --weights PATH, or place it in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
+                f"could not get the ImageNet weights ({common.files.describe_error(e)}). Without network, fetch "
+                f"{WEIGHTS.url} elsewhere and pass it with --weights PATH, or place it in "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}; "
                 f"or train from random weights with --scratch") from None
     path = Path(path)
     if not path.is_file():
@@ -68,9 +69,11 @@ def imagenet_state_dict(path: str | None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise common.files.UsageError(f"--weights {path}: not a readable weights file ({common.files.describe_error(e)})") from None
+        raise common.files.UsageError(f"--weights {path}: not a readable weights file "
+                                      f"({common.files.describe_error(e)})") from None
     if isinstance(state, dict) and "kind" in state and "model" in state:
-        raise common.files.UsageError(f"--weights {path}: a training checkpoint of {state['kind']}, not ImageNet VGG-11-bn weights")
+        raise common.files.UsageError(f"--weights {path}: a training checkpoint of {state['kind']}, not ImageNet "
+                                      "VGG-11-bn weights")
     with torch.device("meta"):
         expected = torchvision.models.vgg11_bn().state_dict()
     if not isinstance(state, dict):
@@ -87,8 +90,9 @@ def imagenet_state_dict(path: str | None) -> dict:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings(common.cli.Settings):
     """common.cli.Settings and this network's own."""
-    mode: str = "pretrained"  # pretrained, scratch or frozen
-    weights: str | None = None  # ImageNet weights from this file instead of torchvision's download
+    mode: str = "pretrained"  # pretrained, scratch or frozen (--pretrained, --scratch, --freeze)
+    weights: str | None = common.cli.setting(None, "ImageNet VGG-11-bn weights from this file, in torchvision's "
+                                                   "layout, instead of the download")
 
 
 def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequential:
@@ -101,7 +105,8 @@ def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequen
     if settings["mode"] == "frozen":
         features = FrozenFeatures(*features)
         features.requires_grad_(False)
-    head = nn.Sequential(nn.Flatten(), nn.Linear(512, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Linear(256, 10))
+    head = nn.Sequential(nn.Flatten(), nn.Linear(512, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
+                         nn.Linear(256, 10))
     return nn.Sequential(OrderedDict(features=features, head=head))
 
 
@@ -114,7 +119,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train the same network from random weights")
     parser.add_argument("--freeze", action="store_true",
                         help="freeze the ImageNet features (with --weights when given) and train only the new head")
-    parser.add_argument("--weights", help="ImageNet VGG-11-bn weights from this file, in torchvision's layout, instead of the download")
     args = parser.parse_args(argv)
     if args.mode == "scratch" and (args.freeze or args.weights):
         parser.error("--scratch trains from random weights: it cannot be combined with --freeze or --weights")

@@ -1,6 +1,7 @@
 """Training speed of Exercise 1's ConvNet on one device, measured in one run on the same images:
 
-  1. model      the training step alone: forward, backward and optimizer step on batches on the device
+  1. model      the training loop without augmentation (common.train.train_one_epoch, --augment none): forward,
+                backward and optimizer step on batches on the device
   2. loop       the project's training loop, augmentation included (common.train.train_one_epoch, ex1 default recipe)
   3. original   the original pipeline: PIL images through torchvision transforms in a DataLoader with one
                 worker per core, fp32, NCHW, Adam (ex1's original recipe)
@@ -39,7 +40,8 @@ TARGETS = {"loop_vs_model": 0.9, "loop_vs_original": 2.0, "aug_batched_vs_pil": 
 def recipe_settings(name: str, images: torch.Tensor) -> ex1_convnet.Settings:
     """Settings as the driver resolves them for `ex1_convnet.py --recipe name`, mean/std from `images`."""
     settings = common.cli.resolve_settings({}, ex1_convnet.RECIPES[name], ex1_convnet.Settings)
-    return common.train.with_data_mean_std(settings, images)
+    mean, std = common.data.channel_mean_std(images)
+    return dataclasses.replace(settings, mean=mean, std=std)
 
 
 def original_transform() -> transforms.Compose:
@@ -85,34 +87,16 @@ def new_training(settings: ex1_convnet.Settings, ctx: common.device.TrainContext
     return common.train.Training(model, model, optimizer, common.device.make_scaler(ctx), [settings.lr])
 
 
-def bench_model(images, labels, settings, ctx, n_steps: int, warmup: int) -> float:
-    """1: images/s of the training step alone (common.train.optimizer_step without augmentation) on batches already
-    on the device (the loop's batch size, precision, layout)."""
-    bs = settings["batch_size"]
-    images, labels = images.to(ctx.device), labels.to(ctx.device)
-    training = new_training(settings, ctx)
-    step_with = common.train.on_device(common.train.train_step(settings)._replace(ops={}), ctx)
-    generator = torch.Generator(ctx.device)
-
-    def steps(count: int):
-        for s in (i * bs % (len(images) - bs + 1) for i in range(count)):
-            common.train.optimizer_step(training, images[s:s + bs], labels[s:s + bs], step_with, 1.0, generator, ctx)
-
-    steps(warmup)
-    return n_steps * bs / timed(lambda: steps(n_steps), ctx.device)
-
-
 def bench_loop(images, labels, settings, ctx, n_steps: int, warmup: int) -> float:
-    """2: images/s of common.train.train_one_epoch, set up as the driver sets it up."""
+    """2 (1 with settings.augment []): images/s of common.train.train_one_epoch, set up as a run sets it up."""
     bs = settings["batch_size"]
     images, labels = images.to(ctx.device), labels.to(ctx.device)
     training = new_training(settings, ctx)
     plan = common.train.Plan(bs, n_steps, settings.epochs * n_steps, settings.lr_decay)
-    run = lambda epoch, n: common.train.train_one_epoch(training, (images[:n], labels[:n]),  # noqa: E731
-                                                        common.train.train_step(settings), plan, epoch, settings.seed, ctx)
     if warmup:
-        run(0, warmup * bs)
-    return n_steps * bs / timed(lambda: run(1, n_steps * bs), ctx.device)
+        common.train.train_one_epoch(training, images, labels, settings, plan, 0, ctx, steps=warmup)
+    return n_steps * bs / timed(lambda: common.train.train_one_epoch(training, images, labels, settings, plan, 1, ctx),
+                                ctx.device)
 
 
 def bench_original(images, labels, settings, device: torch.device, n_steps: int, warmup: int, workers: int) -> float:
@@ -140,7 +124,7 @@ def bench_augment(images, settings, device: torch.device, batch_size: int, warmu
     """4: images/s of the original recipe's augmentation (to normalised tensors), batched and PIL per image."""
     on_device = images.to(device)
     generator = torch.Generator(device).manual_seed(0)
-    ops = common.train.train_step(settings).ops
+    ops = common.data.augmentation(settings.augment, settings)
 
     def batched(n: int):
         for s in range(0, n, batch_size):
@@ -171,10 +155,12 @@ def images_per_s(run, pictures: torch.Tensor, batch_size: int, warmup: int) -> f
 def bench_inference(checkpoint_path: Path, data: common.data.CifarData, single: int, batched: int) -> list[dict]:
     """5: per engine (PyTorch eager fp32, ONNX Runtime fp32 and int8) its model file's size and images/s at batch 1
     (`single` test pictures) and at batch 256 (`batched` of them)."""
-    checkpoint = common.files.load_checkpoint(checkpoint_path, "ex1_convnet.py")
     cpu = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    model = common.tasks.model_from_checkpoint(checkpoint, ex1_convnet.build_model, cpu).eval()
-    classifier = common.tasks.PicturesToProbabilities(model, checkpoint["settings"]["mean"], checkpoint["settings"]["std"])
+    checkpoint, model = common.tasks.open_checkpoint("ex1_convnet.py", checkpoint_path, checkpoint_path.parent,
+                                                     ex1_convnet.build_model, cpu)
+    model.eval()
+    saved = checkpoint["settings"]
+    classifier = common.tasks.PicturesToProbabilities(model, saved["mean"], saved["std"])
     pictures = common.tasks.nhwc(data.test_images)
     _, ort = common.tasks.export_packages()
     rows = []
@@ -200,18 +186,22 @@ def bench_inference(checkpoint_path: Path, data: common.data.CifarData, single: 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (never downloaded; default: data)")
-    parser.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder holding cifar-10-batches-py/ (never downloaded; default: data)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                        help="precision of measurements 1 and 2 (auto: as the training scripts choose); 3 is always fp32")
-    parser.add_argument("--batch-size", type=int, help="batch size of measurements 1 and 2 (default: the ex1 default recipe's, 256); "
-                                                       "3 uses the original recipe's (200)")
-    parser.add_argument("--images", type=int, help="training images each of measurements 1-3 uses, rounded down to whole "
-                                                   "batches (default: 49,000 on CUDA, 4,096 elsewhere)")
-    parser.add_argument("--aug-images", type=int, help="images measurement 4 augments (default: --images, at most 10,000)")
-    parser.add_argument("--warmup", type=int, help="untimed steps before each measurement (default: 5 on CUDA, 2 elsewhere)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(),
-                        help=f"DataLoader workers of the original pipeline (default: one per core, {os.cpu_count()} here)")
+                        help="precision of measurements 1 and 2 (auto: as the training scripts choose); 3: fp32")
+    parser.add_argument("--batch-size", type=int, help="batch size of measurements 1 and 2 (default: the ex1 default "
+                                                       "recipe's, 256); 3 uses the original recipe's (200)")
+    parser.add_argument("--images", type=int, help="training images each of measurements 1-3 uses, rounded down to "
+                                                   "whole batches (default: 49,000 on CUDA, 4,096 elsewhere)")
+    parser.add_argument("--aug-images", type=int, help="images measurement 4 augments (default: --images, at most "
+                                                       "10,000)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before each measurement (default: 5 on CUDA, 2 "
+                                                   "elsewhere)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the original "
+                        f"pipeline (default: one per core, {os.cpu_count()} here)")
     parser.add_argument("--inference", metavar="CHECKPOINT",
                         help="measure inference of this ex1 checkpoint instead (5: PyTorch eager, ONNX Runtime fp32 "
                              "and int8 on the CPU, batch 1 and 256)")
@@ -227,8 +217,8 @@ def report_inference(args: argparse.Namespace, data: common.data.CifarData) -> i
     except common.files.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"inference on the CPU ({common.files.cpu_name()}, {torch.get_num_threads()} threads), uint8 test pictures to "
-          f"probabilities: batch 1 over {single} pictures, batch 256 over {batched}")
+    print(f"inference on the CPU ({common.files.cpu_name()}, {torch.get_num_threads()} threads), uint8 test pictures "
+          f"to probabilities: batch 1 over {single} pictures, batch 256 over {batched}")
     print(f"{'engine':<22}{'file MB':>9}{'batch 1 img/s':>15}{'batch 256 img/s':>17}")
     for row in rows:
         print(f"{row['engine']:<22}{row['file_mb']:>9.1f}{row['batch1_img_s']:>15.0f}{row['batch256_img_s']:>17.0f}")
@@ -273,8 +263,10 @@ def main(argv=None) -> int:
 
     results = {}
     for key, label, measure in [
-        ("model_img_s", "1 training step alone", lambda: bench_model(images, labels, ours, ctx, n // bs, warmup)),
-        ("loop_img_s", "2 training loop (train_one_epoch)", lambda: bench_loop(images, labels, ours, ctx, n // bs, warmup)),
+        ("model_img_s", "1 training loop without augmentation",
+         lambda: bench_loop(images, labels, dataclasses.replace(ours, augment=[]), ctx, n // bs, warmup)),
+        ("loop_img_s", "2 training loop (train_one_epoch)",
+         lambda: bench_loop(images, labels, ours, ctx, n // bs, warmup)),
         ("original_img_s", "3 original pipeline (PIL, DataLoader)",
          lambda: bench_original(images, labels, original, device, n // bs_orig, warmup, args.workers)),
     ]:

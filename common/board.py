@@ -6,11 +6,11 @@ import contextlib
 import json
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 from PIL import Image
 
-from .files import atomic_write, UsageError
+from .files import UsageError
 
 # history.json's columns logged after each epoch, at the step that ends it, and their tags.
 EPOCH_TAGS = {"epoch": "epoch/number", "train_loss": "train/loss", "train_accuracy": "train/accuracy",
@@ -35,19 +35,6 @@ def read_events(path: Path) -> Iterator:
         yield Event.FromString(record)
 
 
-def keep_events(path: Path, keep: Callable) -> None:
-    """Rewrite an event file with only the events for which `keep(event)` is true (written whole or not at all)."""
-    from tensorboard.summary.writer.record_writer import RecordWriter
-    kept = [event for event in read_events(path) if keep(event)]
-
-    def write(f) -> None:
-        records = RecordWriter(f)
-        for event in kept:
-            records.write(event.SerializeToString())
-
-    atomic_write(path, write)
-
-
 def trained_steps(history: list[dict]) -> int:
     """The optimizer steps of the epochs in `history`: the step at which the last one's row is logged (every epoch
     but a planned run's last is whole, so epoch e ends at step (e - 1) * steps per epoch + its steps)."""
@@ -57,9 +44,9 @@ def trained_steps(history: list[dict]) -> int:
 @contextlib.contextmanager
 def open_board(out_dir: Path, resumed_steps: int | None, command: str, settings: Mapping):
     """The run's SummaryWriter (the main process's), logging `command` and `settings` as text first; closed when
-    the block ends. A run resumed after `resumed_steps` steps drops from the event files what was logged after them
-    (a killed or interrupted call's last steps, a report half written), and its writer's first event tells a
-    TensorBoard already reading them to drop those points too. A new run removes an earlier run's event files only
+    the block ends. A run resumed after `resumed_steps` steps starts its writer with a purge of the steps after them
+    (a killed or interrupted call's last steps, a report half written): TensorBoard drops those points of the
+    earlier event files when it reads them. A new run removes an earlier run's event files only
     when its own first epoch is saved (log_epoch), as the run folder's other files go (--overwrite); one stopped
     before that takes its own file away again."""
     try:
@@ -67,9 +54,6 @@ def open_board(out_dir: Path, resumed_steps: int | None, command: str, settings:
     except ImportError as e:
         raise UsageError(f"TensorBoard is not installed ({e}): pip install -r requirements.txt, or pass "
                          "--no-tensorboard") from None
-    if resumed_steps is not None:
-        for path in event_files(out_dir):
-            keep_events(path, lambda event: event.step <= resumed_steps)
     first_step = 0 if resumed_steps is None else resumed_steps + 1
     writer = SummaryWriter(str(out_dir), purge_step=first_step, filename_suffix=f".{uuid.uuid4().hex[:12]}")
     stopped = True
@@ -127,10 +111,11 @@ def hparam_values(settings: Mapping) -> dict:
 
 def log_end(writer, metrics: Mapping, out_dir: Path) -> None:
     """A finished run, at the step after its last (so that a resume drops it with the rest): its test figures
-    (END_TAGS, the corruption benchmark's mean and test_per_class/<class>), every picture in `out_dir`, and its settings as hparams, in the run's own
-    event file (SummaryWriter.add_hparams would make a sub-run, listed beside the run). Only the session's hparams
-    are written, no experiment: the HParams tab then takes its columns from every run it shows, the settings that
-    differ between them first, and the final value of each scalar as the run's metrics."""
+    (END_TAGS, the corruption benchmark's mean and test_per_class/<class>), every picture in `out_dir`, and its
+    settings as hparams, in the run's own event file (SummaryWriter.add_hparams would make a sub-run, listed beside
+    the run). Only the session's hparams are written, no experiment: the HParams tab then takes its columns from every
+    run it shows, the settings that differ between them first, and the final value of each scalar as the run's
+    metrics."""
     from tensorboard.plugins.hparams.summary_v2 import hparams_pb
     step = metrics["run_steps"] + 1
     for key, tag in END_TAGS.items():

@@ -68,8 +68,8 @@ class Settings(Mapping):
                                       "standard deviation of their accuracies", runtime=True, type=int, metavar="N")
     # how long to train: epochs, or a time budget (its plan, common.train.Plan, is not a setting)
     recipe: str = setting("default", "hyperparameter set: 'default' (ours), 'original' (the assignment's), or in "
-                                     "ex1_convnet.py 'short' (for a few epochs, what --time-budget uses unless --recipe "
-                                     "is given); explicit flags override it")
+                                     "ex1_convnet.py 'short' (for a few epochs, what --time-budget uses unless "
+                                     "--recipe is given); explicit flags override it")
     epochs: int | None = setting(30, "number of training epochs" + RECIPE, POSITIVE, type=int)
     time_budget: float | None = setting(
         None, "train for this many minutes of wall-clock time instead of --epochs (validation included; loading, "
@@ -117,7 +117,7 @@ class Settings(Mapping):
     precision: str = setting(
         "auto", "auto (default): bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with fast bf16, "
                 "fp16 on older GPUs, fp32 elsewhere. bf16 needs compute capability 8.0+ on CUDA (refused below); "
-                "fp16 runs everywhere (with a gradient scaler); fp32 everywhere, slowest on GPUs", runtime=True,
+                "fp16 runs on GPUs (with a gradient scaler), not on CPUs; fp32 everywhere, slowest on GPUs", runtime=True,
         choices=["auto", "bf16", "fp16", "fp32"])
     compile: bool = setting(False, "compile the model with torch.compile", runtime=True, action="store_true")
     tensorboard: bool = setting(True, "write no TensorBoard event files (by default a training run writes them into "

@@ -82,7 +82,8 @@ def _images_and_labels(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     data, labels = record["data"], np.asarray(record["labels"])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
-        raise UsageError(f"{path}: expected uint8 data of shape (N, 3072), found {getattr(data, 'dtype', type(data))} {shape}")
+        found = getattr(data, "dtype", type(data))
+        raise UsageError(f"{path}: expected uint8 data of shape (N, 3072), found {found} {shape}")
     if labels.shape != (len(data),):
         raise UsageError(f"{path}: {len(data)} images but {labels.size} labels")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -237,10 +238,7 @@ class Splits(NamedTuple):
     val_labels: torch.Tensor
 
 
-AUGMENT_OPS = ("flip", "crop", "rotate", "jitter", "gray")
 FILLS = ("zeros", "reflect")  # what crop and rotate put where they uncover the border
-# op: its strength's setting
-STRENGTH_KEYS = {"crop": "crop_pad", "rotate": "rotate_deg", "jitter": "jitter", "gray": "gray_p"}
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -340,6 +338,14 @@ def batch_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) 
     return torch.where(gray[:, None, None, None], _luma(images).expand_as(images), images)
 
 
+# op: (the setting of its strength, the function that applies it to a batch of float images with that strength).
+# Flip, crop and rotate are applied together first (a rotation folds the flip and the crop into its one resampling),
+# then the others in this order.
+AUGMENT_OPS = {"flip": (None, None), "crop": ("crop_pad", None), "rotate": ("rotate_deg", None),
+               "jitter": ("jitter", batch_color_jitter), "gray": ("gray_p", batch_grayscale)}
+STRENGTH_KEYS = {op: key for op, (key, _) in AUGMENT_OPS.items() if key}
+
+
 def augmentation(ops: Sequence[str], settings: Mapping) -> dict[str, float]:
     """The `ops` a run applies with their strengths, e.g. {"flip": 0.5, "crop": 4}: flip's is its probability, the
     others' the `settings` STRENGTH_KEYS names."""
@@ -370,14 +376,14 @@ def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.
             x = batch_flip_lr(x, flip_p, generator)
         if pad:
             x = batch_crop(x, pad, generator, fill)
-    if "jitter" in ops:
-        x = batch_color_jitter(x, ops["jitter"], generator)
-    if "gray" in ops:
-        x = batch_grayscale(x, ops["gray"], generator)
+    for op, (_, apply) in AUGMENT_OPS.items():
+        if apply is not None and op in ops:
+            x = apply(x, ops[op], generator)
     return x
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+              ) -> torch.Tensor:
     """(x - mean) / std per channel, returned in channels_last layout."""
     mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype)[:, None, None]
     std_t = torch.as_tensor(std, device=images.device, dtype=images.dtype)[:, None, None]

@@ -38,7 +38,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    """True where this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower than fp32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -54,7 +54,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """'auto' -> bf16 where the device has native bf16, fp16 on older GPUs, else fp32; bf16 on a GPU without it is
-    refused."""
+    refused, and so is fp16 on a CPU, where its backward pass runs hundreds of times slower than bf16 or fp32."""
     if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float16 if device.type == "cuda" else torch.float32
     if name == "bf16" and device.type == "cuda" and not native_bf16(device):
@@ -62,6 +62,10 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         raise UsageError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}, compute capability "
                          f"{major}.{minor}) has no native bf16, which needs 8.0 or newer; use --precision fp16 (or "
                          f"auto, which picks it here)")
+    if name == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16: a CPU computes fp16 hundreds of times slower than bf16 or fp32; use "
+                         "--precision bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32 (or auto, which "
+                         "picks between them)")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
@@ -132,8 +136,8 @@ def init_distributed(device: str) -> tuple[int, int, int]:
 def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: bool) -> TrainContext:
     """The context a resumed run trains in: --precision when given; else the precision its last epoch trained in
     where this device computes it natively (so that a resume on the same machine is bit-identical), and what
-    --precision auto picks here where it does not (bf16 on an older GPU or a CPU without native bf16). A line says
-    when the precision changes. Checkpoints from before history rows recorded it resolve the run's own --precision."""
+    --precision auto picks here where it does not (bf16 on an older GPU or a CPU without native bf16, fp16 on a
+    CPU). A line says when the precision changes. Checkpoints from before history rows recorded it resolve the run's own --precision."""
     history = resume_from["history"]
     saved = history[-1].get("precision") if history else None
     if saved is None:
@@ -141,9 +145,11 @@ def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: boo
     dtype, why = ctx.dtype, "--precision makes the rest"
     if not precision_given:
         dtype = getattr(torch, saved)
-        if dtype == torch.bfloat16 and not native_bf16(ctx.device):
+        if dtype == torch.bfloat16 and not native_bf16(ctx.device) or dtype == torch.float16 and \
+                ctx.device.type == "cpu":
+            why = f"{ctx.device} has no native {'bf16' if dtype == torch.bfloat16 else 'fp16'}: --precision auto " \
+                  "makes the rest"
             dtype = resolve_precision("auto", ctx.device)
-            why = f"{ctx.device} has no native bf16: --precision auto makes the rest"
     if precision_name(dtype) != saved and ctx.is_main:
         print(f"note: epochs 1-{len(history)} trained in {saved}; {why} {precision_name(dtype)} (history.json "
               "records each epoch's precision)")

@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -197,12 +197,13 @@ def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
              ctx: TrainContext, tta: bool = False) -> dict:
-    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set (with `tta`: of the averaged views)."""
+    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set (with `tta`: of the averaged
+    views)."""
     logits = predict(model, images, mean, std, ctx, tta)
     labels = labels.to(ctx.device)
     predictions = logits.argmax(1)
-    return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (predictions == labels).sum().item() / max(1, len(labels)),
-            "predictions": predictions.cpu()}
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "accuracy": (predictions == labels).sum().item() / max(1, len(labels)), "predictions": predictions.cpu()}
 
 
 def per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
@@ -222,19 +223,6 @@ FIRST_TEST_IMAGES = 1000  # the assignment reports the accuracy on the first 1,0
 def first_test_images(n: int) -> int:
     """How many of `n` test images the first-1,000 figure counts."""
     return min(FIRST_TEST_IMAGES, n)
-
-
-class TestResults(NamedTuple):
-    """A model's results on the test set (the *_tta ones None without test-time augmentation)."""
-    accuracy: float
-    loss: float
-    accuracy_first1000: float  # of the first 1,000 test images, the assignment's figure
-    predictions: torch.Tensor
-    per_class: dict[str, float]
-    confusion: torch.Tensor
-    accuracy_tta: float | None = None
-    accuracy_first1000_tta: float | None = None
-    corruptions: dict | None = None  # the corruption benchmark's record (see corruption_record), None when not run
 
 
 def corruption_record(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
@@ -270,10 +258,11 @@ def corruption_images(asked: int | None, train_s: float, test_s: float, test_ima
 
 def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
                  mean: Sequence[float], std: Sequence[float], ctx: TrainContext, tta: bool = False,
-                 corruptions: int | None = 0, train_s: float = 0.0) -> TestResults:
-    """Evaluate on the whole test set: accuracies, loss, predictions, per class and confusion (with `tta`, the
-    accuracies of test-time augmentation too), and the corruption benchmark on `corruptions` of the first test
-    images (None: after `train_s` seconds of training, see corruption_images)."""
+                 corruptions: int | None = 0, train_s: float = 0.0) -> tuple[dict, torch.Tensor]:
+    """(the test figures as metrics.json names them, the predictions) on the whole test set: accuracy, loss, the
+    accuracy of the first 1,000, per class and confusion (with `tta`, the accuracies of test-time augmentation too),
+    and the corruption benchmark on `corruptions` of the first test images (None: after `train_s` seconds of
+    training, see corruption_images)."""
     start = time.perf_counter()
     result = evaluate(model, images, labels, mean, std, ctx)
     corrupted = corruption_images(corruptions, train_s, time.perf_counter() - start, len(labels))
@@ -283,13 +272,17 @@ def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
         return (predicted[:first] == labels[:first]).sum().item() / max(1, first)
 
     predictions = result["predictions"]
-    tta_result = evaluate(model, images, labels, mean, std, ctx, tta=True) if tta else None
-    return TestResults(result["accuracy"], result["loss"], accuracy_of_first(predictions), predictions,
-                       per_class_accuracy(labels, predictions, classes),
-                       confusion_matrix(labels, predictions, len(classes)),
-                       tta_result and tta_result["accuracy"], tta_result and accuracy_of_first(tta_result["predictions"]),
-                       corruption_record(model, images[:corrupted], labels[:corrupted], mean, std, ctx)
-                       if corrupted else None)
+    figures = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
+               "test_accuracy_first1000": accuracy_of_first(predictions), "test_images": len(labels),
+               "per_class_accuracy": per_class_accuracy(labels, predictions, classes),
+               "confusion_matrix": confusion_matrix(labels, predictions, len(classes)).tolist()}
+    if tta:
+        tta_result = evaluate(model, images, labels, mean, std, ctx, tta=True)
+        figures.update(test_accuracy_tta=tta_result["accuracy"],
+                       test_accuracy_first1000_tta=accuracy_of_first(tta_result["predictions"]))
+    if corrupted:
+        figures["corruptions"] = corruption_record(model, images[:corrupted], labels[:corrupted], mean, std, ctx)
+    return figures, predictions
 
 
 def corruption_examples(image: torch.Tensor, seed: int) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
@@ -310,49 +303,38 @@ def print_corruptions(record: dict) -> None:
           f"worst {worst['corruption']} {worst['severity']:g} (drop {worst['drop'] * 100:.1f})")
 
 
-def write_test_report(results: TestResults, data: CifarData, out_dir: Path) -> None:
+def write_test_report(figures: dict, predictions: torch.Tensor, data: CifarData, out_dir: Path) -> None:
     """Draw the test figures (per class, confusion, misclassified; the corruption benchmark's when it ran) in `out_dir`
     and print the per-class table (and the benchmark's)."""
-    plot_per_class(results.per_class, out_dir / "per_class.png", f"test accuracy per class ({results.accuracy:.2%} overall)")
-    plot_confusion(results.confusion, data.classes, out_dir / "confusion.png")
-    plot_misclassified(data.test_images, data.test_labels, results.predictions, data.classes, out_dir / "misclassified.png")
-    first = first_test_images(len(results.predictions))
+    per_class, accuracy = figures["per_class_accuracy"], figures["test_accuracy"]
+    corruptions = figures.get("corruptions")
+    plot_per_class(per_class, out_dir / "per_class.png", f"test accuracy per class ({accuracy:.2%} overall)")
+    plot_confusion(torch.tensor(figures["confusion_matrix"]), data.classes, out_dir / "confusion.png")
+    plot_misclassified(data.test_images, data.test_labels, predictions, data.classes, out_dir / "misclassified.png")
+    first = first_test_images(len(predictions))
     print(f"\n{'class':<12}{'accuracy':>9}")
-    for name, acc in results.per_class.items():
+    for name, acc in per_class.items():
         print(f"{name:<12}{acc:>9.2%}")
-    print(f"{'all':<12}{results.accuracy:>9.2%}   ({len(results.predictions)} test images; first {first}: "
-          f"{results.accuracy_first1000:.2%})")
-    if results.accuracy_tta is not None:
-        print(f"{'all, --tta':<12}{results.accuracy_tta:>9.2%}   (test-time augmentation; first {first}: "
-              f"{results.accuracy_first1000_tta:.2%})")
-    if results.corruptions is not None:
-        plot_corruptions(results.corruptions, out_dir / "corruptions.png")
-        plot_corruption_examples(corruption_examples(data.test_images[0], results.corruptions["seed"]),
+    print(f"{'all':<12}{accuracy:>9.2%}   ({len(predictions)} test images; first {first}: "
+          f"{figures['test_accuracy_first1000']:.2%})")
+    if "test_accuracy_tta" in figures:
+        print(f"{'all, --tta':<12}{figures['test_accuracy_tta']:>9.2%}   (test-time augmentation; first {first}: "
+              f"{figures['test_accuracy_first1000_tta']:.2%})")
+    if corruptions is not None:
+        plot_corruptions(corruptions, out_dir / "corruptions.png")
+        plot_corruption_examples(corruption_examples(data.test_images[0], corruptions["seed"]),
                                  out_dir / "corruption_examples.png")
-        print_corruptions(results.corruptions)
+        print_corruptions(corruptions)
 
 
-def write_report(results: TestResults, data: CifarData, model: nn.Module, device: torch.device, settings: dict,
-                 environment: dict, out_dir: Path, **run) -> dict:
-    """A model's test report in `out_dir`: the figures and table (write_test_report) and metrics.json
-    (metrics_record); returns the metrics."""
-    write_test_report(results, data, out_dir)
-    metrics = metrics_record(results, model, device, data.classes, settings, environment, **run)
+def write_report(figures: dict, predictions: torch.Tensor, data: CifarData, model: nn.Module, device: torch.device,
+                 settings: dict, environment: dict, out_dir: Path, **run) -> dict:
+    """A model's test report in `out_dir`: the figures and table (write_test_report) and metrics.json, which holds
+    the test figures, then what `run` adds (training's epochs and speed, or the checkpoint an evaluation read), the
+    network's size, where it ran, its classes, its recorded settings and the environment (versions, commit,
+    hardware); returns the metrics."""
+    write_test_report(figures, predictions, data, out_dir)
+    metrics = {**figures, **run, "params": sum(p.numel() for p in model.parameters()), "device": str(device),
+               "classes": list(data.classes), "settings": settings, **environment}
     save_json(metrics, out_dir / "metrics.json")
     return metrics
-
-
-def metrics_record(results: TestResults, model: nn.Module, device: torch.device, classes: Sequence[str],
-                   settings: dict, environment: dict, **run) -> dict:
-    """metrics.json: the test results, then what `run` adds (training's epochs and speed, or the checkpoint an
-    evaluation read), the network's size, where it ran, its classes, its settings (recorded_settings) and the
-    environment (versions, commit, hardware)."""
-    metrics = {"test_accuracy": results.accuracy, "test_loss": results.loss,
-               "test_accuracy_first1000": results.accuracy_first1000, "test_images": len(results.predictions),
-               "per_class_accuracy": results.per_class, "confusion_matrix": results.confusion.tolist()}
-    if results.accuracy_tta is not None:
-        metrics.update(test_accuracy_tta=results.accuracy_tta, test_accuracy_first1000_tta=results.accuracy_first1000_tta)
-    if results.corruptions is not None:
-        metrics["corruptions"] = results.corruptions
-    return {**metrics, **run, "params": sum(p.numel() for p in model.parameters()), "device": str(device), "classes": list(classes),
-            "settings": settings, **environment}

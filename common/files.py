@@ -125,8 +125,8 @@ def checkpoint_state(script: str, settings: dict, training, history: list[dict],
                      fingerprint: str | None = None, classes: Sequence[str] | None = None) -> dict:
     """What last.pt holds after an epoch (best.pt: the same without TRAINING_STATE): the script, its settings, the
     network, optimizer and scaler of `training` (train.Training), the history, the `best` epoch (train.BestEpoch),
-    the plan (train.Plan); `fingerprint` is data_fingerprint of the splits the run trains on (None outside a run). The learning rate needs no state of its
-    own: it is a function of the step and the plan."""
+    the plan (train.Plan); `fingerprint` is data_fingerprint of the splits the run trains on (None outside a run).
+    The learning rate needs no state of its own: it is a function of the step and the plan."""
     return {"kind": script, "settings": settings, "model": training.model.state_dict(),
             "optimizer": training.optimizer.state_dict(), "scaler": training.scaler.state_dict(),
             "plan": None if plan is None else plan._asdict(), "epoch": len(history), "history": history,

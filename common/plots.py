@@ -111,7 +111,7 @@ def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path:
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles):
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
         ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(title, fontsize=7)
     if not len(images):
@@ -264,8 +264,9 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> dict:
     save_json(summary, out_dir / "compare.json")
     width = max(len(r["run"]) for r in runs) + 2
     print(f"{'run':<{width}}{'test':>8}{'first 1000':>12}{'best val':>10}{'epochs':>8}")
-    for run, r in zip(runs, summary["runs"]):
-        seeds = f"  mean of {len(r['seeds'])} seeds: {format_spread(run['seeds']['test_accuracy'])}" if "seeds" in r else ""
+    for run, r in zip(runs, summary["runs"], strict=False):
+        seeds = f"  mean of {len(r['seeds'])} seeds: {format_spread(run['seeds']['test_accuracy'])}" if "seeds" in r \
+            else ""
         print(f"{r['run']:<{width}}{r['test_accuracy']:>8.2%}{r['test_accuracy_first1000']:>12.2%}"
               f"{r['best_val_accuracy']:>10.2%}{r['epochs_run']:>8}{seeds}")
     print(f"wrote {out_dir / 'compare.png'} and {out_dir / 'compare.json'}")
@@ -285,7 +286,7 @@ def summarize_seeds(seeds: Sequence[int], run_dirs: Sequence[Path], out_dir: Pat
     save_json(summary, out_dir / "seeds.json")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for seed, run in zip(seeds, runs):
+    for seed, run in zip(seeds, runs, strict=False):
         ax.plot([h["epoch"] for h in run["history"]], [h["val_accuracy"] for h in run["history"]], alpha=0.5,
                 linewidth=1, label=f"seed {seed}")
     mean = mean_history([r["history"] for r in runs])

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,28 +32,15 @@ from .files import (
 from .plots import plot_image_grid
 
 
-def model_from_checkpoint(checkpoint: dict, build_model, ctx: TrainContext) -> nn.Module:
-    """The network a checkpoint holds, rebuilt from its settings and weights, on the device."""
-    model = build_model(checkpoint["settings"], initial_weights=False)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(ctx.device, memory_format=torch.channels_last)
-
-
-class OpenedCheckpoint(NamedTuple):
-    """A checkpoint opened for a task: what the file holds, the settings its run saved, its classes, its network."""
-    checkpoint: dict
-    settings: dict
-    classes: list[str]
-    model: nn.Module
-
-
 def open_checkpoint(script: str, checkpoint_path: Path, out_dir: Path, build_model, ctx: TrainContext
-                    ) -> OpenedCheckpoint:
-    """Load a checkpoint of `script`, make the folder the task writes into, and rebuild the network on the device."""
+                    ) -> tuple[dict, nn.Module]:
+    """(a checkpoint of `script`, its network rebuilt from its settings and weights on the device), once the folder
+    the task writes into is made."""
     checkpoint = load_checkpoint(checkpoint_path, script)
     prepare_out_dir(out_dir)
-    return OpenedCheckpoint(checkpoint, checkpoint["settings"], list(checkpoint.get("classes", CLASSES)),
-                            model_from_checkpoint(checkpoint, build_model, ctx))
+    model = build_model(checkpoint["settings"], initial_weights=False)
+    model.load_state_dict(checkpoint["model"])
+    return checkpoint, model.to(ctx.device, memory_format=torch.channels_last)
 
 
 def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, download: bool, tta: bool,
@@ -61,12 +48,14 @@ def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, 
     """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir` (the corruption benchmark on
     `corruption_images` of the first test images, by default the first 1,000), write metrics.json and the test
     figures in `out_dir`; metrics.json records the `recorded` settings (the checkpoint's without the runtime flags)."""
-    checkpoint, saved, _, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
+    checkpoint, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
+    saved = checkpoint["settings"]
     data = load_cifar10(data_dir, download=download)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
-    results = test_results(model, data.test_images, data.test_labels, data.classes, saved["mean"], saved["std"], ctx, tta,
-                           FIRST_TEST_IMAGES if corruption_images is None else corruption_images)
-    metrics = write_report(results, data, model, ctx.device, recorded, environment_info(ctx.device),
+    figures, predictions = test_results(model, data.test_images, data.test_labels, data.classes, saved["mean"],
+                                        saved["std"], ctx, tta,
+                                        FIRST_TEST_IMAGES if corruption_images is None else corruption_images)
+    metrics = write_report(figures, predictions, data, model, ctx.device, recorded, environment_info(ctx.device),
                            out_dir, checkpoint=str(checkpoint_path), epoch=checkpoint["epoch"],
                            best_epoch=checkpoint["best_epoch"], best_val_accuracy=checkpoint["best_val_accuracy"])
     print(f"reports in {out_dir}")
@@ -84,13 +73,15 @@ def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str |
     not sum to 1 (the file is then removed), else 0."""
     export_packages()  # missing packages are said before any work
     cpu = TrainContext(torch.device("cpu"), torch.float32)
-    checkpoint, saved, classes, model = open_checkpoint(script, checkpoint_path, path.parent, build_model, cpu)
+    checkpoint, model = open_checkpoint(script, checkpoint_path, path.parent, build_model, cpu)
+    saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
     model.eval()
     try:
         data = load_cifar10(data_dir, download=download)
     except UsageError as e:
         if quantize:
-            raise UsageError(f"--quantize int8 calibrates on training images, and there are none at hand: {e}") from None
+            raise UsageError(f"--quantize int8 calibrates on training images, and there are none at hand: {e}"
+                             ) from None
         data = None
     classifier = PicturesToProbabilities(model, saved["mean"], saved["std"])
     run_metrics = {}  # the test accuracy its training run measured, where it lies beside the checkpoint
@@ -126,7 +117,7 @@ def check_export(model: nn.Module, path: Path, mean: list, std: list, data, quan
     got = onnx_probabilities(path, nhwc(images))
     same = (expected.argmax(1) == got.argmax(1)).sum().item()
     largest = (expected - got).abs().max().item() if len(images) else 0.0
-    off_one = (got.sum(1) - 1).abs().max().item() if len(images) else 0.0  # how far a picture's probabilities sum from 1
+    off_one = (got.sum(1) - 1).abs().max().item() if len(images) else 0.0  # how far probabilities sum from 1
     if labels is None:
         print(f"check on one random batch of {len(images)} images: the same class for {same}/{len(images)}, largest "
               f"difference in probability {largest:.1e}; the accuracy check was skipped (no test set at hand)")
@@ -160,7 +151,8 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
     else 0.
     """
     files = image_files(paths)  # a missing path or an empty folder is refused before the model loads
-    checkpoint, saved, classes, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
+    checkpoint, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
+    saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
     print(f"predicting {len(files)} file(s) with {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}"
           + (", test-time augmentation" if tta else ""))
     rows, previews, titles, skipped = [], [], [], 0
@@ -179,9 +171,10 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
             continue
         probabilities = predict(model, torch.stack(images), saved["mean"], saved["std"], ctx, tta).softmax(1).cpu()
         top_p, top_i = probabilities.topk(3, dim=1)
-        for path, image, p, i in zip(read, images, top_p.tolist(), top_i.tolist()):
-            top3 = [{"label": classes[c], "probability": round(q, 6)} for c, q in zip(i, p)]
-            rows.append({"path": str(path), "label": top3[0]["label"], "probability": top3[0]["probability"], "top3": top3})
+        for path, image, p, i in zip(read, images, top_p.tolist(), top_i.tolist(), strict=False):
+            top3 = [{"label": classes[c], "probability": round(q, 6)} for c, q in zip(i, p, strict=False)]
+            rows.append({"path": str(path), "label": top3[0]["label"], "probability": top3[0]["probability"],
+                         "top3": top3})
             if len(previews) < PREVIEW_COUNT:
                 previews.append(image)
                 titles.append(f"{top3[0]['label']} {p[0]:.0%}")
@@ -189,11 +182,13 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
     print_predictions(rows)
     save_predictions(rows, out_dir)
     plot_image_grid(previews, titles, out_dir / "predictions.png", "no image could be read")
-    print(f"{len(rows)} predicted, {skipped} skipped; predictions.json, predictions.csv and predictions.png in {out_dir}")
+    print(f"{len(rows)} predicted, {skipped} skipped; predictions.json, predictions.csv and predictions.png in "
+          f"{out_dir}")
     return 1 if skipped else 0
 
 
-PREDICTION_COLUMNS = ("path", "label", "probability", "top2_label", "top2_probability", "top3_label", "top3_probability")
+PREDICTION_COLUMNS = ("path", "label", "probability", "top2_label", "top2_probability", "top3_label",
+                      "top3_probability")
 
 
 def save_predictions(rows: list[dict], out_dir: Path) -> None:
@@ -257,7 +252,8 @@ def export_onnx(classifier: PicturesToProbabilities, path: Path, metadata: dict[
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
         raw = Path(folder) / "model.onnx"
         with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-            torch.onnx.export(classifier.eval(), (example,), raw, input_names=["images"], output_names=["probabilities"],
+            torch.onnx.export(classifier.eval(), (example,), raw, input_names=["images"],
+                              output_names=["probabilities"],
                               dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False,
                               dynamo=True)
         model = onnx.load(str(raw))
@@ -288,7 +284,8 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> Non
             warnings.simplefilter("ignore")
             quantization.quant_pre_process(str(fp32_path), str(prepared))
             softmax = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Softmax"]
-            quantization.quantize_static(str(prepared), str(out), Calibration(), quant_format=quantization.QuantFormat.QDQ,
+            quantization.quantize_static(str(prepared), str(out), Calibration(),
+                                         quant_format=quantization.QuantFormat.QDQ,
                                          per_channel=True, activation_type=quantization.QuantType.QUInt8,
                                          weight_type=quantization.QuantType.QInt8,
                                          nodes_to_exclude=softmax)  # probabilities in fp32, summing to 1

@@ -327,16 +327,17 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         last_accuracy = None if last_is_best else \
             evaluate(model, test_images, test_labels, settings.mean, settings.std, ctx)["accuracy"]
         model.load_state_dict(load_checkpoint(out_dir / "best.pt", script)["model"])
-        results = test_results(model, test_images, test_labels, data.classes, settings.mean, settings.std, ctx,
-                               settings.tta, settings.corruptions, sum(row["seconds"] for row in history))
+        figures, predictions = test_results(model, test_images, test_labels, data.classes, settings.mean,
+                                            settings.std, ctx, settings.tta, settings.corruptions,
+                                            sum(row["seconds"] for row in history))
         plot_filters(first_conv_weight(model), out_dir / "filters_after.png",
                      f"first-layer filters after training (epoch {best.epoch})")
         plot_history(history, best.epoch, out_dir / "history.png")
         save_json(history, out_dir / "history.json")  # with the last epoch's seconds of saving
         trained = history[resumed_epochs:]  # the epochs this call trained
         metrics = write_report(
-            results, data, model, ctx.device, settings.recorded(), environment, out_dir,
-            test_accuracy_last=results.accuracy if last_is_best else last_accuracy, best_epoch=best.epoch,
+            figures, predictions, data, model, ctx.device, settings.recorded(), environment, out_dir,
+            test_accuracy_last=figures["test_accuracy"] if last_is_best else last_accuracy, best_epoch=best.epoch,
             best_val_accuracy=best.val_accuracy, epochs_run=len(history), train_seconds=train_s,
             time_budget_minutes=settings.time_budget, planned_steps=plan.total_steps,
             run_steps=sum(r.get("steps", plan.steps_per_epoch) for r in history),
@@ -395,7 +396,7 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
                                                           f"{plan.total_steps / plan.steps_per_epoch:.1f} epochs)")
     bar = tqdm(total=steps, desc=label, unit="batch", disable=not ctx.is_main, leave=False, dynamic_ncols=True)
     batches = epoch_batches(len(images), plan.batch_size, shuffle, ctx.rank, ctx.world, ctx.device)
-    for step, index in zip(range(1, steps + 1), batches):
+    for step, index in zip(range(1, steps + 1), batches, strict=False):
         for group, peak in zip(training.optimizer.param_groups, training.peak_lrs, strict=True):
             group["lr"] = peak * lr_factor(first + step - 1, plan)
         x = normalize(augment_batch(images[index], ops, augment, settings.crop_fill), mean, std)

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from conftest import run_script
 
 pytestmark = pytest.mark.slow  # each test runs the benchmark script in a subprocess

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import fake_training, interrupt_validation, QUICK, read_json
 
 import common
 import ex1_convnet
-from conftest import QUICK, fake_training, interrupt_validation, read_json
 
 STEPS_PER_EPOCH = 8  # the fixture's 320 training images, less 64 for validation, in batches of 32
 CPU = common.device.TrainContext(torch.device("cpu"), torch.float32)

@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
+from conftest import assert_png
 
 import common
 from common import evaluation as corruptions
-from common.evaluation import CORRUPTIONS, corrupt, corruption_accuracies
-from conftest import assert_png
+from common.evaluation import corrupt, corruption_accuracies, CORRUPTIONS
 
 
 def textured_images(n: int, seed: int = 0, side: int = 32) -> torch.Tensor:
@@ -154,7 +154,8 @@ def test_plots_write_pngs(tmp_path):
 
 
 def test_a_negative_image_count_is_refused(capsys):
-    import ex1_convnet
     from conftest import call
+
+    import ex1_convnet
     code, _, err = call(ex1_convnet.main, ["--corruptions", "-1"], capsys)
     assert code == 2 and "--corruptions: must be 0 or more (got -1)" in err

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CLASS_NAMES, make_images, QUICK, run_script, write_cifar
 
 import common
 import ex1_convnet
-from conftest import CLASS_NAMES, QUICK, make_images, run_script, write_cifar
 
 BATCHES = "cifar-10-batches-py"
 

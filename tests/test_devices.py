@@ -4,13 +4,13 @@ fast GPU does not wait for, and the line that says how long a run takes."""
 
 import pytest
 import torch
+from conftest import call, error_line, interrupt_validation, QUICK, read_json, run_script, write_cifar
+from test_distributed import check, run_torchrun
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import common
 import ex1_convnet
-from conftest import QUICK, call, interrupt_validation, read_json, run_script, write_cifar
-from test_distributed import check, run_torchrun
 
 CPU = torch.device("cpu")
 
@@ -56,26 +56,30 @@ def test_a_run_its_test_tta_corruption_benchmark_and_predict_make_no_float64_ten
     assert watcher.found == []
 
 
-def resumed_into_fp16(cifar_dir, out_dir, monkeypatch, capsys, first: str) -> list[dict]:
-    """A run of 3 epochs in `first` precision stopped after epoch 1, then resumed with --precision fp16: its history."""
-    run = [*QUICK, "--data-dir", cifar_dir, "--out-dir", out_dir, "--epochs", "3", "--limit-train", "128",
-           "--no-tensorboard"]
-    interrupt_validation(monkeypatch, call=2)  # epoch 2's validation
-    assert call(ex1_convnet.main, [*run, "--precision", first], capsys)[0] == 130
-    code, out, err = call(ex1_convnet.main, [*run, "--resume", "--precision", "fp16"], capsys)
-    assert code == 0, err[-3000:]
-    assert "--precision makes the rest float16" in out
-    return read_json(out_dir / "history.json")
+def test_fp16_on_a_cpu_is_refused_naming_bf16_and_fp32(tmp_path, capsys):
+    code, _, err = call(ex1_convnet.main, ["--device", "cpu", "--precision", "fp16", "--out-dir", tmp_path / "run",
+                                           "--data-dir", tmp_path / "no-data", "--no-download"], capsys)
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "run").exists()
+    assert "--precision fp16: a CPU computes fp16 hundreds of times slower than bf16 or fp32" in error_line(err)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first", ["fp32", "bf16"])
-def test_a_run_saved_in_fp32_or_bf16_resumes_in_fp16(first, cifar_dir, tmp_path, monkeypatch, capsys, no_filter_plots):
-    history = resumed_into_fp16(cifar_dir, tmp_path, monkeypatch, capsys, first)
-    saved = {"fp32": "float32", "bf16": "bfloat16"}[first]
-    assert [row["precision"] for row in history] == [saved, "float16", "float16"]
-    last = common.files.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
-    assert last["scaler"]["scale"] > 0  # the fp16 epochs' own scaler, saved for the next resume
+def test_an_fp16_run_resumed_on_a_cpu_trains_in_what_auto_picks_and_says_so(cifar_dir, tmp_path, monkeypatch, capsys,
+                                                                            no_filter_plots):
+    """A run whose epochs trained in fp16 (on a GPU: its last.pt says so) resumed on a CPU without native bf16."""
+    monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: False)
+    run = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "2", "--limit-train", "128",
+           "--no-tensorboard"]
+    interrupt_validation(monkeypatch, call=2)  # epoch 2's validation
+    assert call(ex1_convnet.main, run, capsys)[0] == 130
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    last["history"][0]["precision"] = "float16"
+    torch.save(last, tmp_path / "last.pt")
+    auto = [flag for flag in run if flag not in ("--precision", "fp32")]  # no --precision: what the resume picks
+    code, out, err = call(ex1_convnet.main, [*auto, "--resume"], capsys)
+    assert code == 0, err[-3000:]
+    assert "note: epochs 1-1 trained in float16; cpu has no native fp16: --precision auto makes the rest float32" in out
+    assert [row["precision"] for row in read_json(tmp_path / "history.json")] == ["float16", "float32"]
     resume = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--resume", "--limit-train", "128"]
     code, out, _ = call(ex1_convnet.main, resume, capsys)
     assert code == 0 and "holds a finished run (metrics.json); nothing to resume" in out

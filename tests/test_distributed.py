@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
+from conftest import metrics, QUICK, ROOT, run_script
 
 import common
 import ex1_convnet
-from conftest import QUICK, ROOT, metrics, run_script
 
 N_TEST = 120  # test images of the conftest fixture
 TINY = [*QUICK, "--epochs", "1", "--limit-train", "64"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import assert_png, CLASS_NAMES, QUICK, read_json, run_ok
 
 import common
 import ex1_convnet
-from conftest import CLASS_NAMES, QUICK, assert_png, read_json, run_ok
 
 KIND = "ex1_convnet.py"
 PARAMS_BN, PARAMS_NO_BN = 7_682_826, 7_678_474

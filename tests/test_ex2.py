@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import assert_png, make_images, QUICK, run_script, save_untrained_checkpoint
 from torchvision.models import VGG11_BN_Weights
 
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import QUICK, assert_png, make_images, run_script, save_untrained_checkpoint
 
 IMAGENET_MEAN = list(VGG11_BN_Weights.IMAGENET1K_V1.transforms().mean)
 IMAGENET_STD = list(VGG11_BN_Weights.IMAGENET1K_V1.transforms().std)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import call, CLASS_NAMES, error_line, metrics, QUICK, ROOT, run_ok
 from PIL import Image
 
 import common
 import ex1_convnet
-from conftest import CLASS_NAMES, QUICK, ROOT, call, error_line, metrics, run_ok
 
 onnx = pytest.importorskip("onnx", reason="the optional export packages are not installed (make test installs them)")
 ort = pytest.importorskip("onnxruntime", reason="the optional export packages are not installed")
@@ -39,9 +39,9 @@ def session(path: Path):
 
 
 def pytorch_probabilities(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
-    checkpoint = common.files.load_checkpoint(run_dir / "best.pt", "ex1_convnet.py")
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    model = common.tasks.model_from_checkpoint(checkpoint, ex1_convnet.build_model, ctx)
+    checkpoint, model = common.tasks.open_checkpoint("ex1_convnet.py", run_dir / "best.pt", run_dir,
+                                                     ex1_convnet.build_model, ctx)
     return common.evaluation.predict(model, images, checkpoint["settings"]["mean"], checkpoint["settings"]["std"], ctx).softmax(1)
 
 

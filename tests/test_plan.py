@@ -5,10 +5,10 @@ import contextlib
 
 import pytest
 import torch
+from conftest import interrupt_validation, QUICK, read_json
 
 import common
 import ex1_convnet
-from conftest import QUICK, interrupt_validation, read_json
 
 STEPS_PER_EPOCH = 4  # the fixture's 320 training images, less 64 for validation, in batches of 64
 PLANNED = 16 * STEPS_PER_EPOCH  # 16 epochs: crop padding 3 (from 2), label smoothing 0.157 (from 0.2)

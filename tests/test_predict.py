@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import call, CLASS_NAMES, error_line, QUICK, run_script
 from PIL import Image
 
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import CLASS_NAMES, QUICK, call, error_line, run_script
 
 KIND = "ex1_convnet.py"
 CPU = ["--device", "cpu", "--precision", "fp32"]
@@ -328,8 +328,8 @@ def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tm
     data = common.data.CifarData(images[:0], labels[:0], images, labels, tuple(CLASS_NAMES))
     settings = {"mean": [0.5] * 3, "std": [0.25] * 3}
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    results = common.evaluation.test_results(model, images, labels, data.classes, settings["mean"], settings["std"], ctx, tta=True)
-    metrics = common.evaluation.metrics_record(results, model, ctx.device, data.classes, settings={}, environment={})
+    metrics, _ = common.evaluation.test_results(model, images, labels, data.classes, settings["mean"], settings["std"],
+                                                ctx, tta=True)  # the figures metrics.json holds, by its names
     plain = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx).argmax(1)
     tta = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
     assert (plain != tta).sum() > 100  # the views change many predictions

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import call, error_line, metrics, QUICK, ROOT, run_script, write_cifar
 
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import QUICK, ROOT, call, error_line, metrics, run_script, write_cifar
 
 # 64 training images in batches of 32: 2 steps per epoch.
 RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]

@@ -5,11 +5,11 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import assert_png, call, error_line, fake_training, metrics, QUICK, read_json, run_ok
 
 import common
 import ex1_convnet
 import ex2_transfer
-from conftest import QUICK, assert_png, call, error_line, fake_training, metrics, read_json, run_ok
 
 RUN = [*QUICK, "--epochs", "2", "--limit-train", "64"]
 SPREAD_KEYS = ("test_accuracy", "test_accuracy_first1000", "best_val_accuracy")

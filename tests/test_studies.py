@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_png, fake_training, QUICK, read_json, run_ok
 
 import common
 import ex1_convnet
-from conftest import QUICK, assert_png, fake_training, read_json, run_ok
 
 KIND = "ex1_convnet.py"
 # Two epochs of two batches of 32: enough for a curve, a best epoch and a last epoch.

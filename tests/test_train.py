@@ -3,9 +3,9 @@ the per-class accuracy and confusion matrix, and the data fingerprint that --res
 import pytest
 import torch
 import torch.nn as nn
+from conftest import write_cifar
 
 import common
-from conftest import write_cifar
 
 CUDA = torch.device("cuda", 0)
 

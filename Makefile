@@ -1,8 +1,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Training needs requirements.txt only. The tests also need pytest, the export packages (--export and its
-# tests use them) and selenium (the TensorBoard test drives headless Chromium with it); `make test` and
+# Training needs requirements.txt only. The tests also need pytest, ruff (make test checks the code with it first,
+# pyproject.toml says how), the export packages (--export and its tests use them) and selenium (the TensorBoard test drives headless Chromium with it); `make test` and
 # `make test-fast` add them, `make train` and `make transfer` do not.
 EXPORT_PACKAGES := 'onnx>=1.17' 'onnxscript>=0.2' 'onnxruntime>=1.20'
 TEST_PACKAGES := $(VENV)/.test-packages
@@ -18,16 +18,18 @@ $(PY): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(PY)
 
-$(TEST_PACKAGES): $(PY)
-	$(PY) -m pip install -q pytest $(EXPORT_PACKAGES) 'selenium>=4.0'
+$(TEST_PACKAGES): $(PY) Makefile
+	$(PY) -m pip install -q pytest ruff $(EXPORT_PACKAGES) 'selenium>=4.0'
 	touch $(TEST_PACKAGES)
 
 venv: $(PY)
 
 test: $(TEST_PACKAGES)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 test-fast: $(TEST_PACKAGES)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow" tests
 
 train: $(PY)

@@ -1,7 +1,7 @@
 """README.md and docs/*.md against the code: every command of a project script they show parses with that script's
 argument parser today (parse only: nothing trains), every flag a command gives is in the script's --help, a flag
 named outside a command exists (or, on a page that names the commit, existed at the commit REMOVED_FLAGS gives for
-it), every script a command runs exists, and every relative link (and #anchor) resolves. No network; one --help
+it), every script a command runs exists, every `make` target exists, and every relative link (and #anchor) resolves. No network; one --help
 per script, run side by side."""
 import contextlib
 import importlib.util
@@ -237,6 +237,36 @@ def test_every_command_parses_with_todays_scripts(page, parsers):
 def test_every_script_a_command_runs_exists(page):
     missing = missing_run_files(page)
     assert not missing, f"{page.name}: commands run files that are not in the repository: {missing}"
+
+
+MAKE = re.compile(r"(?<![\w./-])make((?:\s+[A-Z_]+=\S*)*)((?:\s+[a-z][\w-]*)*)")
+
+
+def make_targets() -> set[str]:
+    """The targets the Makefile defines."""
+    return set(re.findall(r"^([A-Za-z][\w-]*)\s*:(?!=)", (ROOT / "Makefile").read_text(), re.MULTILINE))
+
+
+def unknown_make_targets(page: Path, targets: set[str]) -> list[str]:
+    """The targets of `make ...` commands in the page's code that the Makefile lacks."""
+    prose, blocks = split_markdown(page.read_text())
+    code = inline_code(prose) + [line.split("#")[0] for language, block in blocks if language not in ("python", "py")
+                                 for line in block.splitlines()]
+    return sorted({target for piece in code for match in MAKE.finditer(piece) for target in match.group(2).split()
+                   if target not in targets})
+
+
+def test_the_make_check_finds_unknown_targets(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("`make train`, `make PYTHON=python3.12 test`, `make board LOGDIR=runs/x`, `make trian`\n")
+    assert unknown_make_targets(page, make_targets()) == ["trian"]
+    assert {"train", "transfer", "test", "test-fast", "venv", "board"} <= make_targets()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_make_target_exists(page):
+    unknown = unknown_make_targets(page, make_targets())
+    assert not unknown, f"{page.name}: make targets the Makefile does not define: {unknown}"
 
 
 def test_the_removed_flags_are_gone(help_flags):

@@ -28,9 +28,10 @@ PLACEHOLDERS = {"...", "…"}
 END_OF_COMMAND = re.compile(r"\s#|;|&&|\|\||\|")  # a comment, or the next command of the line
 INLINE_CODE = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-# Flags that are not the project's scripts' own: torchrun's, gpu_check.sh's --smoke and TensorBoard's.
+# Flags that are not the project's scripts' own: torchrun's, gpu_check.sh's --smoke, TensorBoard's and pip's.
 OTHER_TOOLS_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_id", "--rdzv_backend",
-                     "--rdzv_endpoint", "--master_addr", "--master_port", "--smoke", "--logdir", "--host", "--port"}
+                     "--rdzv_endpoint", "--master_addr", "--master_port", "--smoke", "--logdir", "--host", "--port",
+                     "--index-url"}
 README_MAX_LINES = 250
 # Flags since removed from the scripts, each with the last commit that had them. A page may name such a flag (in its
 # prose, a table of removed flags, the settings of a run made with it) only where it names that commit; no command

@@ -33,6 +33,7 @@ OTHER_TOOLS_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_ran
                      "--rdzv_endpoint", "--master_addr", "--master_port", "--smoke", "--logdir", "--host", "--port",
                      "--index-url"}
 README_MAX_LINES = 250
+GUIDE_MAX_LINES = 150  # docs/guide.md, the page a student of the assignment reads first
 # Flags since removed from the scripts, each with the last commit that had them. A page may name such a flag (in its
 # prose, a table of removed flags, the settings of a run made with it) only where it names that commit; no command
 # on any page may give it, since a command a reader copies must run with today's scripts.
@@ -342,3 +343,10 @@ def test_every_relative_link_resolves(page):
 def test_the_readme_is_short():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; the rest belongs in docs/"
+
+
+def test_the_guide_is_short_and_the_readme_links_it_early():
+    lines = len((ROOT / "docs" / "guide.md").read_text().splitlines())
+    assert lines <= GUIDE_MAX_LINES, f"docs/guide.md has {lines} lines; the rest belongs in the other docs/ pages"
+    first = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    assert "](docs/guide.md)" in first, "README.md's first 40 lines do not link docs/guide.md"

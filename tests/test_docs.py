@@ -1,7 +1,13 @@
-"""README.md and docs/*.md against the code: every flag of a command they show exists in that script's --help (or,
-on a page that names the commit, in the commit REMOVED_FLAGS gives for it), and every relative link (and #anchor)
-they make resolves. No network; one --help per script, run side by side."""
+"""README.md and docs/*.md against the code: every command of a project script they show parses with that script's
+argument parser today (parse only: nothing trains), every flag a command gives is in the script's --help, a flag
+named outside a command exists (or, on a page that names the commit, existed at the commit REMOVED_FLAGS gives for
+it), every script a command runs exists, every `make` target exists, and every relative link (and #anchor) resolves. No network; one --help
+per script, run side by side."""
+import contextlib
+import importlib.util
+import io
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +19,23 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = ("ex1_convnet.py", "ex2_transfer.py", "benchmarks/speed.py")
 SCRIPT = re.compile(r"(?<![\w./-])(?:\./)?(" + "|".join(re.escape(s) for s in SCRIPTS) + r")(?![\w.])")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
+# A command that runs a file: `python X.py`, `python3 X.py`, `bash X.sh`, `torchrun ... X.py` (its path, relative to the
+# repository's root).
+RUNS_FILE = re.compile(r"(?<![\w.-])(?:python3?|bash|sh)\s+(?:-\S+\s+)*((?:\./)?[\w./-]+\.(?:py|sh))(?![\w.])")
+# Words of a command that stand for more of it ("python ex1_convnet.py ..."), not arguments.
+PLACEHOLDERS = {"...", "…"}
 END_OF_COMMAND = re.compile(r"\s#|;|&&|\|\||\|")  # a comment, or the next command of the line
 INLINE_CODE = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-# Flags that are not the project's scripts' own: torchrun's, gpu_check.sh's --smoke and TensorBoard's.
+# Flags that are not the project's scripts' own: torchrun's, gpu_check.sh's --smoke, TensorBoard's and pip's.
 OTHER_TOOLS_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_id", "--rdzv_backend",
-                     "--rdzv_endpoint", "--master_addr", "--master_port", "--smoke", "--logdir", "--host", "--port"}
+                     "--rdzv_endpoint", "--master_addr", "--master_port", "--smoke", "--logdir", "--host", "--port",
+                     "--index-url"}
 README_MAX_LINES = 250
-# Flags since removed from the scripts, each with the last commit that had them. The commands of measured runs that
-# used them stay as they were run; such a flag is accepted only on a page that names that commit, where it runs.
+GUIDE_MAX_LINES = 150  # docs/guide.md, the page a student of the assignment reads first
+# Flags since removed from the scripts, each with the last commit that had them. A page may name such a flag (in its
+# prose, a table of removed flags, the settings of a run made with it) only where it names that commit; no command
+# on any page may give it, since a command a reader copies must run with today's scripts.
 REMOVED_FLAGS = {flag: "78d6b9b" for flag in (
     "--whiten", "--no-whiten", "--whiten-eps", "--whiten-directions", "--lookahead", "--no-lookahead",
     "--alternate-flip", "--no-alternate-flip", "--output-scale", "--lr-end", "--bn-momentum", "--decay-norm-bias",
@@ -104,10 +118,10 @@ def removed_here(flag: str, page_text: str) -> bool:
 
 
 def unknown_command_flags(page: Path, help_flags: dict[str, set[str]]) -> list[str]:
-    """'script: flag' for each flag of a command on the page that the script's --help does not list."""
-    text = page.read_text()
+    """'script: flag' for each flag of a command on the page that the script's --help does not list (a removed
+    flag too: a command must run today, whatever commit the page names)."""
     return [f"{script}: {flag}" for script, tail in commands(page) for flag in FLAG.findall(tail)
-            if flag not in help_flags[script] and not removed_here(flag, text)]
+            if flag not in help_flags[script]]
 
 
 def unknown_named_flags(page: Path, help_flags: dict[str, set[str]]) -> list[str]:
@@ -131,17 +145,129 @@ def test_every_flag_the_page_names_exists(page, help_flags):
     assert not unknown, f"{page.name}: flags no script has: {unknown}"
 
 
-def test_a_removed_flag_is_accepted_only_on_a_page_that_names_its_commit(tmp_path):
+def test_a_removed_flag_is_named_only_on_a_page_that_names_its_commit_and_never_in_a_command(tmp_path):
     help_flags = {script: {"--epochs"} for script in SCRIPTS}
     page = tmp_path / "page.md"
     page.write_text("`python ex1_convnet.py --epochs 3 --whiten`\n")
     assert unknown_command_flags(page, help_flags) == ["ex1_convnet.py: --whiten"]
     assert unknown_named_flags(page, help_flags) == ["--whiten"]
-    page.write_text("`python ex1_convnet.py --epochs 3 --whiten` at commit 78d6b9b0\n")  # another commit's hash
-    assert unknown_command_flags(page, help_flags) == ["ex1_convnet.py: --whiten"]
-    page.write_text("At commit 78d6b9b: `python ex1_convnet.py --epochs 3 --whiten --no-such-flag`\n")
-    assert unknown_command_flags(page, help_flags) == ["ex1_convnet.py: --no-such-flag"]
+    page.write_text("Whitened (`--whiten`) at commit 78d6b9b0\n")  # another commit's hash
+    assert unknown_named_flags(page, help_flags) == ["--whiten"]
+    page.write_text("Whitened (`--whiten`, up to commit 78d6b9b), `--no-such-flag`\n")
     assert unknown_named_flags(page, help_flags) == ["--no-such-flag"]
+    page.write_text("At commit 78d6b9b: `python ex1_convnet.py --epochs 3 --whiten --no-such-flag`\n")
+    assert unknown_command_flags(page, help_flags) == ["ex1_convnet.py: --whiten", "ex1_convnet.py: --no-such-flag"]
+
+
+def load_script(script: str):
+    """The script as a module (its parse_args parses a command line without running anything)."""
+    spec = importlib.util.spec_from_file_location(f"docs_check_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def parsers() -> dict:
+    """Each script's parse_args."""
+    return {script: load_script(script).parse_args for script in SCRIPTS}
+
+
+def parse_error(parse_args, tail: str) -> str | None:
+    """None when the command's arguments parse (--help, which exits 0, counts); else what the parser said."""
+    try:
+        argv = [word for word in shlex.split(tail) if word not in PLACEHOLDERS]
+    except ValueError as e:
+        return f"cannot split {tail!r}: {e}"
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+            parse_args(argv)
+    except SystemExit as e:
+        if e.code:
+            return said.getvalue().strip().splitlines()[-1] if said.getvalue().strip() else f"exit code {e.code}"
+    return None
+
+
+def unparsed_commands(page: Path, parsers: dict) -> list[str]:
+    """'script tail: error' for each command on the page that its script's argument parser refuses."""
+    errors = []
+    for script, tail in commands(page):
+        error = parse_error(parsers[script], tail)
+        if error:
+            errors.append(f"{script} {tail.strip()}: {error}")
+    return errors
+
+
+def missing_run_files(page: Path) -> list[str]:
+    """The files that a command on the page runs (`python X.py`, `bash X.sh`) and that the repository lacks."""
+    prose, blocks = split_markdown(page.read_text())
+    code = inline_code(prose) + [line for language, block in blocks if language not in ("python", "py")
+                                 for line in block.replace("\\\n", " ").splitlines()]
+    return sorted({path for piece in code for path in RUNS_FILE.findall(piece) if not (ROOT / path).is_file()})
+
+
+def test_the_parse_check_finds_bad_commands(parsers, tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("`python ex1_convnet.py --epochs 2 --limit-train 5000` and `python ex1_convnet.py ...`, "
+                    "`python ex1_convnet.py --help`, `python ex2_transfer.py --scratch --weights w.pth`, "
+                    "`python ex1_convnet.py --precision fp64`, `python ex1_convnet.py --epochs two`, "
+                    "`python benchmarks/speed.py --images 2048 --no-such-flag`\n")
+    errors = unparsed_commands(page, parsers)
+    assert [error.split(":")[0] for error in errors] == [
+        "ex2_transfer.py --scratch --weights w.pth", "ex1_convnet.py --precision fp64", "ex1_convnet.py --epochs two",
+        "benchmarks/speed.py --images 2048 --no-such-flag"], errors
+    assert "cannot be combined" in errors[0] and "invalid choice" in errors[1], errors
+
+
+def test_the_file_check_finds_scripts_that_are_gone(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("`python benchmarks/tta.py --views 6` and `python ex1_convnet.py`, `benchmarks/tta.py` in prose\n\n"
+                    "```bash\nbash benchmarks/gpu_check.sh BUNDLE OUT\npython3 -u tools/gone.py  # gone\n```\n")
+    assert missing_run_files(page) == ["benchmarks/tta.py", "tools/gone.py"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_parses_with_todays_scripts(page, parsers):
+    errors = unparsed_commands(page, parsers)
+    assert not errors, f"{page.name}: commands that today's scripts refuse: {errors}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_script_a_command_runs_exists(page):
+    missing = missing_run_files(page)
+    assert not missing, f"{page.name}: commands run files that are not in the repository: {missing}"
+
+
+MAKE = re.compile(r"(?<![\w./-])make((?:\s+[A-Z_]+=\S*)*)((?:\s+[a-z][\w-]*)*)")
+
+
+def make_targets() -> set[str]:
+    """The targets the Makefile defines."""
+    return set(re.findall(r"^([A-Za-z][\w-]*)\s*:(?!=)", (ROOT / "Makefile").read_text(), re.MULTILINE))
+
+
+def unknown_make_targets(page: Path, targets: set[str]) -> list[str]:
+    """The targets of `make ...` commands in the page's code that the Makefile lacks."""
+    prose, blocks = split_markdown(page.read_text())
+    code = inline_code(prose) + [line.split("#")[0] for language, block in blocks if language not in ("python", "py")
+                                 for line in block.splitlines()]
+    return sorted({target for piece in code for match in MAKE.finditer(piece) for target in match.group(2).split()
+                   if target not in targets})
+
+
+def test_the_make_check_finds_unknown_targets(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("`make train`, `make PYTHON=python3.12 test`, `make board LOGDIR=runs/x`, `make trian`\n")
+    assert unknown_make_targets(page, make_targets()) == ["trian"]
+    assert {"train", "transfer", "test", "test-fast", "venv", "board"} <= make_targets()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_make_target_exists(page):
+    unknown = unknown_make_targets(page, make_targets())
+    assert not unknown, f"{page.name}: make targets the Makefile does not define: {unknown}"
 
 
 def test_the_removed_flags_are_gone(help_flags):
@@ -216,3 +342,10 @@ def test_every_relative_link_resolves(page):
 def test_the_readme_is_short():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; the rest belongs in docs/"
+
+
+def test_the_guide_is_short_and_the_readme_links_it_early():
+    lines = len((ROOT / "docs" / "guide.md").read_text().splitlines())
+    assert lines <= GUIDE_MAX_LINES, f"docs/guide.md has {lines} lines; the rest belongs in the other docs/ pages"
+    first = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    assert "](docs/guide.md)" in first, "README.md's first 40 lines do not link docs/guide.md"

@@ -117,8 +117,8 @@ class Settings(Mapping):
     precision: str = setting(
         "auto", "auto (default): bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with fast bf16, "
                 "fp16 on older GPUs, fp32 elsewhere. bf16 needs compute capability 8.0+ on CUDA (refused below); "
-                "fp16 runs on GPUs (with a gradient scaler), not on CPUs; fp32 everywhere, slowest on GPUs", runtime=True,
-        choices=["auto", "bf16", "fp16", "fp32"])
+                "fp16 runs on GPUs (with a gradient scaler), not on CPUs; fp32 everywhere, slowest on GPUs",
+        runtime=True, choices=["auto", "bf16", "fp16", "fp32"])
     compile: bool = setting(False, "compile the model with torch.compile", runtime=True, action="store_true")
     tensorboard: bool = setting(True, "write no TensorBoard event files (by default a training run writes them into "
                                       "--out-dir)", runtime=True, flag="--no-tensorboard", action="store_false")
@@ -314,7 +314,7 @@ def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dic
     except KeyboardInterrupt as e:
         sweep = bool(sweeps) or "seeds" in flags_given
         print(f"\ninterrupted. {str(e) or interrupted_outside_training(flags_given, sweep, out_dir)}", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)  # 143 after SIGTERM
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

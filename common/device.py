@@ -137,7 +137,8 @@ def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: boo
     """The context a resumed run trains in: --precision when given; else the precision its last epoch trained in
     where this device computes it natively (so that a resume on the same machine is bit-identical), and what
     --precision auto picks here where it does not (bf16 on an older GPU or a CPU without native bf16, fp16 on a
-    CPU). A line says when the precision changes. Checkpoints from before history rows recorded it resolve the run's own --precision."""
+    CPU). A line says when the precision changes. Checkpoints from before history rows recorded it resolve the run's
+    own --precision."""
     history = resume_from["history"]
     saved = history[-1].get("precision") if history else None
     if saved is None:

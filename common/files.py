@@ -246,7 +246,9 @@ def what_a_stop_keeps(out_dir: Path):
     """Ctrl-C or a failed write while the block trains: said with what `out_dir` keeps and how to go on."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if str(e):  # it says what is kept already (train.Stopped)
+            raise
         raise KeyboardInterrupt(what_is_kept(out_dir, interrupted=True)) from None
     except SaveError as e:
         raise SaveError(e.errno, f"{e.strerror}; {what_is_kept(out_dir)}", e.filename) from None

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,6 +55,7 @@ from .files import (
     load_checkpoint,
     NonFiniteLoss,
     prepare_out_dir,
+    resume_command,
     run_dir_lock,
     save_json,
     tee_console,
@@ -69,7 +72,9 @@ if TYPE_CHECKING:
 PLAN_WARMUP, PLAN_STEPS = 5, 20  # a --time-budget run times PLAN_STEPS steps after PLAN_WARMUP to plan its total
 WARMUP = 0.2  # the one-cycle schedule's rise: this fraction of the steps
 LOG_EVERY = 25  # steps between the progress bar's readings of the device's sums (and TensorBoard's step scalars)
-SAVE_EVERY_S = 30.0  # the most wall-clock seconds between two writes of a run's checkpoints
+SAVE_EVERY_S = 30.0  # the most wall-clock seconds between two writes of a run's checkpoints at the end of epochs
+IN_EPOCH_SAVE_S = 60.0  # the most seconds of training lost to a kill: last.pt is written inside an epoch this often,
+SAVE_SHARE = 0.02  # ... or less often where writing it would take more than this share of the time (a fast GPU)
 # One row of history.json: elapsed_s is the run's wall-clock time (training, validation, saving) at the epoch's end.
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps", "seconds",
                 "images_per_s", "elapsed_s", "precision")
@@ -220,8 +225,9 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                 stale.unlink(missing_ok=True)
         data, splits = load_training_data(settings, ctx)
         board = stack.enter_context(open_board(
-            out_dir, trained_steps(resume_from["history"]) if resume_from else None, f"python {shlex.join(sys.argv)}",
-            settings.recorded())) if ctx.is_main and settings.tensorboard else None
+            out_dir, resume_from and trained_steps(resume_from["history"]) + resume_from.get("in_epoch", {}).get(
+                "step", 0), f"python {shlex.join(sys.argv)}", settings.recorded())) \
+            if ctx.is_main and settings.tensorboard else None
         stack.enter_context(what_a_stop_keeps(out_dir))
         stack.enter_context(tee_console(out_dir / "train.log", enabled=ctx.is_main))
         environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
@@ -248,8 +254,13 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
             plan = budget_plan(plan, step_s, spent_s, len(splits.val_images), settings.budget_scaling, ctx)
         settings = settings_for_plan(settings, plan)  # what every epoch trains with, and what the run records
 
-        # The network, its optimizer and gradient scaler: new, or as last.pt left them.
+        # The network, its optimizer and gradient scaler: new, or as last.pt left them (inside an epoch: `progress`).
         training = set_up_training(settings, build_model, ctx, resume_from)
+        in_epoch = (resume_from or {}).get("in_epoch")
+        if in_epoch and len(in_epoch["ranks"]) != ctx.world:
+            raise UsageError(f"{out_dir / 'last.pt'} was saved inside epoch {in_epoch['epoch']} by "
+                             f"{len(in_epoch['ranks'])} processes: resume it with as many (torchrun --nproc_per_node)")
+        progress = in_epoch and in_epoch["ranks"][ctx.rank]
         model = training.model
         if resume_from is None:
             history, best = [], BestEpoch()
@@ -259,17 +270,24 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         else:
             history, best = resume_from["history"], BestEpoch(resume_from["best_epoch"],
                                                               resume_from["best_val_accuracy"])
-            say(ctx, f"resuming after epoch {len(history)} of {plan.epochs} (best so far: epoch {best.epoch})")
+            at = f"at epoch {len(history) + 1} of {plan.epochs}, step {progress['step']} of " \
+                 f"{plan.epoch_steps(len(history) + 1)}" if progress else f"after epoch {len(history)} of {plan.epochs}"
+            say(ctx, f"resuming {at}" + (f" (best so far: epoch {best.epoch})" if best.epoch else ""))
         resumed_epochs = len(history)
         estimate = None if plan.budget_minutes is not None or not ctx.is_main else Estimate(
-            plan.total_steps - trained_steps(history), len(splits.val_images), len(data.test_labels),
-            settings.corruptions)
+            plan.total_steps - trained_steps(history) - (progress or {}).get("step", 0), len(splits.val_images),
+            len(data.test_labels), settings.corruptions)
 
-        # The epochs: train, validate, keep the best, save; early stop; a time budget re-plans after each.
+        # The epochs: train (pausing to save the run every IN_EPOCH_SAVE_S or on SIGINT/SIGTERM), validate, keep the
+        # best, save; early stop; a time budget re-plans after each.
+        signals = stack.enter_context(contextlib.ExitStack())  # closed after the epochs: Ctrl-C then stops the test
+        stop = stop_on_signals(signals)  # stop["signal"]: the SIGINT or SIGTERM that asks the run to save and stop
         clock = time.perf_counter()
-        earlier_s = history[-1].get("elapsed_s", 0.0) if history else plan.spent_s  # before this call
+        earlier_s = in_epoch["elapsed_s"] if in_epoch else history[-1].get("elapsed_s", 0.0) if history \
+            else plan.spent_s  # before this call
         held = {}  # checkpoints not written yet: at most every SAVE_EVERY_S, so that a fast GPU waits for no disk
         written_at = -math.inf  # the first epoch is written at once: a run can be resumed from early on
+        pause_at, save_s = clock + IN_EPOCH_SAVE_S, 0.0  # the next in-epoch save, and what the last one cost
         epoch = len(history)
         try:
             while epoch < plan.epochs:  # a re-plan may move the last epoch
@@ -277,11 +295,37 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                 if settings.patience and best.epoch is not None and epoch - 1 - best.epoch >= settings.patience:
                     say(ctx, f"early stop: no better validation accuracy for {settings.patience} epochs")
                     break
-                epoch_start = time.perf_counter()
+                epoch_start = time.perf_counter() - (progress["seconds"] if progress else 0.0)
                 row = {"epoch": epoch,
                        "lr": training.peak_lrs[0] * lr_factor((epoch - 1) * plan.steps_per_epoch, plan)}
-                row.update(train_one_epoch(training, images, labels, settings, plan, epoch, ctx, board,
-                                           estimate if epoch == resumed_epochs + 1 else None))
+                epoch_save_s = 0.0  # the epoch's in-epoch saves
+                while True:  # the epoch, in pieces between the in-epoch saves
+                    result = train_one_epoch(training, images, labels, settings, plan, epoch, ctx, board,
+                                             estimate if epoch == resumed_epochs + 1 else None, progress=progress,
+                                             pause_at=pause_at, stop=stop)
+                    progress, estimate = result.get("progress"), None
+                    if progress is None:
+                        break
+                    saving, ranks = time.perf_counter(), [progress]
+                    if ctx.world > 1:  # every process's streams and sums, in one state
+                        ranks = [None] * ctx.world
+                        dist.all_gather_object(ranks, progress)
+                    if ctx.is_main:  # last.pt at this step; the epochs' checkpoints held till now written first
+                        held.pop("last", None)
+                        write_checkpoints(held, out_dir)
+                        write_checkpoints({"last": {**checkpoint_state(
+                            script, dict(settings), training, history, best, plan, fingerprint, data.classes),
+                            "in_epoch": {"epoch": epoch, "step": progress["step"], "ranks": ranks,
+                                         "elapsed_s": earlier_s + saving - clock}}}, out_dir)
+                        written_at = time.perf_counter()
+                        save_s = written_at - saving
+                        epoch_save_s += save_s
+                    pause_at = time.perf_counter() + max(IN_EPOCH_SAVE_S, save_s * (1 - SAVE_SHARE) / SAVE_SHARE)
+                    if stop["signal"] is not None:
+                        raise Stopped(stop["signal"], f"stopped at epoch {epoch}, step {progress['step']} of "
+                                                      f"{plan.epoch_steps(epoch)}: {out_dir / 'last.pt'} holds it; "
+                                                      f"resume with: python {resume_command(True)}")
+                row.update(result)
                 row["val_loss"], row["val_accuracy"] = validate(model, splits, settings.mean, settings.std, ctx)
                 row["precision"] = precision_name(ctx.dtype)
                 row["elapsed_s"] = earlier_s + time.perf_counter() - clock
@@ -307,15 +351,19 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                     if due:
                         write_checkpoints(held, out_dir)
                         written_at = time.perf_counter()
-                    history[-1]["save_s"] = time.perf_counter() - save_start
+                    history[-1]["save_s"] = epoch_save_s + time.perf_counter() - save_start
                 if plan.budget_minutes is not None and not plan.fixed and row["steps"] == plan.steps_per_epoch \
                         and epoch < plan.epochs:
                     plan = replan(plan, earlier_s + time.perf_counter() - clock, epoch * plan.steps_per_epoch,
                                   row["seconds"] / row["steps"], time.perf_counter() - epoch_start - row["seconds"],
                                   ctx)
+                if stop["signal"] is not None and epoch < plan.epochs:  # a signal during validation or saving
+                    raise Stopped(stop["signal"], f"stopped after epoch {epoch}: {out_dir / 'last.pt'} holds it; "
+                                                  f"resume with: python {resume_command(True)}")
         finally:  # the end, an early stop, Ctrl-C, an error: what is held is written
             flush_start = time.perf_counter()
             write_checkpoints(held, out_dir)
+            signals.close()
         history[-1]["save_s"] = history[-1].get("save_s", 0.0) + time.perf_counter() - flush_start
         train_s = time.perf_counter() - clock
         if not ctx.is_main:
@@ -374,29 +422,44 @@ class Estimate(NamedTuple):
 
 def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tensor, settings: Settings, plan: Plan,
                     epoch: int, ctx: TrainContext, board=None, estimate: Estimate | None = None,
-                    steps: int | None = None) -> dict:
+                    steps: int | None = None, progress: dict | None = None, pause_at: float = math.inf,
+                    stop: dict | None = None) -> dict:
     """One pass over the shuffled training set on the device (the last epoch of a plan may stop short; `steps`, when
-    given, stops it there); returns loss, accuracy, steps, seconds and images/s. Every LOG_EVERY steps the progress
-    bar reads the device's sums, and the steps' figures go to TensorBoard's `board`; with an `estimate`, once, after
-    50 steps or 20 seconds, a line says how long the run takes."""
+    given, stops it there); returns loss, accuracy, steps, seconds and images/s. It pauses after a step when the
+    clock passes `pause_at` or a signal set stop["signal"], and then returns {"progress": ...}: the step reached, the
+    random streams' states and the running sums, from which a call with that `progress` goes on as if unbroken (also
+    after a resume from last.pt). Every LOG_EVERY steps the progress bar reads the device's sums, and the steps'
+    figures go to TensorBoard's `board`; with an `estimate`, once, after 50 steps or 20 seconds, a line says how long
+    the run takes."""
     training.train_model.train()
-    torch.manual_seed(epoch_seed(settings.seed, epoch, 2, ctx.rank))  # dropout's stream, torch's own
+    augment = torch.Generator(ctx.device)
+    if progress is None:  # dropout's stream is torch's own; the data order a function of the epoch
+        torch.manual_seed(epoch_seed(settings.seed, epoch, 2, ctx.rank))
+        augment.manual_seed(epoch_seed(settings.seed, epoch, 1, ctx.rank))
+        progress = {"step": 0, "loss_sum": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long), "seen": 0,
+                    "seconds": 0.0}
+    else:
+        torch.set_rng_state(progress["torch_rng"])
+        if ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(progress["cuda_rng"], ctx.device)
+        augment.set_state(progress["augment_rng"])
     shuffle = torch.Generator().manual_seed(epoch_seed(settings.seed, epoch, 0))
-    augment = torch.Generator(ctx.device).manual_seed(epoch_seed(settings.seed, epoch, 1, ctx.rank))
     ops = augmentation(settings.augment, settings)
     mean, std = torch.tensor(settings.mean, device=ctx.device), torch.tensor(settings.std, device=ctx.device)
-    steps, first = steps or plan.epoch_steps(epoch), (epoch - 1) * plan.steps_per_epoch
-    loss_sum = torch.zeros((), device=ctx.device)  # loss x images
-    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+    steps, first, done = steps or plan.epoch_steps(epoch), (epoch - 1) * plan.steps_per_epoch, progress["step"]
+    loss_sum = progress["loss_sum"].to(ctx.device)  # loss x images
+    correct = progress["correct"].to(ctx.device)
     first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
-    start = time.perf_counter()
-    seen, logged = 0, (0.0, 0.0, start)  # the loss sum, images and time at the last reading
+    start, seen = time.perf_counter() - progress["seconds"], progress["seen"]
+    logged = (loss_sum.item(), seen, time.perf_counter())  # the loss sum, images and time at the last reading
     label = f"epoch {epoch}/{plan.epochs or '?'}" + ("" if plan.budget_minutes is None or plan.total_steps is None
                                                      else f" ({plan.budget_minutes:g} min ≈ "
                                                           f"{plan.total_steps / plan.steps_per_epoch:.1f} epochs)")
-    bar = tqdm(total=steps, desc=label, unit="batch", disable=not ctx.is_main, leave=False, dynamic_ncols=True)
-    batches = epoch_batches(len(images), plan.batch_size, shuffle, ctx.rank, ctx.world, ctx.device)
-    for step, index in zip(range(1, steps + 1), batches, strict=False):
+    bar = tqdm(total=steps, initial=done, desc=label, unit="batch", disable=not ctx.is_main, leave=False,
+               dynamic_ncols=True)
+    batches = itertools.islice(epoch_batches(len(images), plan.batch_size, shuffle, ctx.rank, ctx.world, ctx.device),
+                               done, None)
+    for step, index in zip(range(done + 1, steps + 1), batches, strict=False):
         for group, peak in zip(training.optimizer.param_groups, training.peak_lrs, strict=True):
             group["lr"] = peak * lr_factor(first + step - 1, plan)
         x = normalize(augment_batch(images[index], ops, augment, settings.crop_fill), mean, std)
@@ -413,25 +476,32 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
-        if step % LOG_EVERY == 0 or step == steps:  # one read of the device's sums
+        pause = step < steps and pause_wanted(step, pause_at, stop, ctx)
+        if step % LOG_EVERY == 0 or step == steps or pause:  # one read of the device's sums
             bad_step, loss_so_far, hits = torch.stack([first_bad_step.to(loss_sum.dtype), loss_sum,
                                                        correct.to(loss_sum.dtype)]).tolist()
             if bad_step >= 0:
                 bar.close()
                 raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(bad_step)} of {steps}")
             now = time.perf_counter()
-            images_per_s = (seen - logged[1]) * ctx.world / (now - logged[2])
+            images_per_s = (seen - logged[1]) * ctx.world / max(now - logged[2], 1e-9)
             bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.3f}",
                             img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
-            if board is not None:
+            if board is not None and seen > logged[1]:
                 log_step(board, first + step, {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]),
                                                "lr": training.optimizer.param_groups[0]["lr"],
                                                "images_per_s": images_per_s})
-            if estimate is not None and (step >= 50 or now - start >= 20 or step == steps):
+            if estimate is not None and (step - done >= 50 or now - start >= 20 or step == steps):
                 say(ctx, how_long(plan, estimate, images_per_s))
                 estimate = None
             logged = (loss_so_far, seen, now)
             bar.update(step - bar.n)
+        if pause:
+            bar.close()
+            return {"progress": {"step": step, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
+                                 "seconds": time.perf_counter() - start, "torch_rng": torch.get_rng_state(),
+                                 "augment_rng": augment.get_state(), "cuda_rng": torch.cuda.get_rng_state(ctx.device)
+                                 if ctx.device.type == "cuda" else None}}
     bar.close()
     totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(float(seen))])
     if ctx.world > 1:
@@ -440,6 +510,44 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
     loss_total, correct_total, seen_total = totals.tolist()
     return {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total, "steps": steps,
             "seconds": seconds, "images_per_s": seen_total / seconds}
+
+
+def pause_wanted(step: int, pause_at: float, stop: dict | None, ctx: TrainContext) -> bool:
+    """Whether train_one_epoch pauses after `step`: when the clock passed `pause_at` or a signal asked to stop; under
+    torchrun every process decides the same, at the steps where it reads the device anyway (every LOG_EVERY)."""
+    wanted = time.perf_counter() >= pause_at or bool(stop and stop["signal"])
+    if ctx.world == 1:
+        return wanted
+    if step % LOG_EVERY:
+        return False
+    flag = torch.tensor(float(wanted), device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run, its state saved: the exit code a shell expects (128 + the signal)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def stop_on_signals(stack: contextlib.ExitStack) -> dict:
+    """From now until `stack` closes, SIGINT (Ctrl-C) and SIGTERM (docker stop, Slurm, a closed terminal) set
+    stop["signal"] instead of interrupting: the training loop then saves the run at the step it reached and stops. A
+    second one stops at once (the files it was writing stay whole: each is written to a temporary file, then renamed).
+    """
+    stop = {"signal": None}
+
+    def asked(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        stack.callback(signal.signal, signum, signal.signal(signum, asked))
+    return stop
 
 
 def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: torch.Tensor, plan: Plan,

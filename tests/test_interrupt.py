@@ -1,0 +1,120 @@
+"""Interrupt anywhere: SIGINT or SIGTERM inside an epoch saves the run at that step and --resume goes on from it; a
+kill loses at most the steps since the last in-epoch save, also a kill while that state is written; the resumed
+runs end with the history and test figures of the unbroken run."""
+import itertools
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import call, QUICK, read_json, ROOT
+
+import common
+import ex1_convnet
+
+pytestmark = pytest.mark.slow  # each test trains end to end
+
+ARGS = [*QUICK, "--limit-train", "256", "--batch-size", "16", "--epochs", "2", "--no-tensorboard"]  # 16 steps an epoch
+COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps")
+FIGURES = ("test_accuracy", "test_accuracy_first1000", "test_loss", "best_epoch", "best_val_accuracy", "epochs_run")
+# A run in a process of its own whose in-epoch saves come after every step (no minute between them, at any cost) and
+# which kills itself with SIGKILL half-way through writing the second: last.pt keeps the first.
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+sys.path.insert(0, ".")
+import common, ex1_convnet
+common.train.IN_EPOCH_SAVE_S, common.train.SAVE_SHARE = 0.0, 1.0
+real, writes = common.files.atomic_write, []
+def atomic_write(path, write):
+    if path.name == "last.pt":
+        writes.append(path)
+        if len(writes) == 2:
+            def half(f):
+                f.write(b"PK\\x03\\x04 half a checkpoint")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, half)
+    return real(path, write)
+common.files.atomic_write = atomic_write
+sys.exit(ex1_convnet.main(sys.argv[1:]))
+"""
+
+
+def history_of(run_dir) -> list[dict]:
+    """history.json's columns that do not depend on the clock, the losses to 1e-4 (two processes once differed in a
+    loss's sixth digit; a broken resume moves them far more)."""
+    return [{k: pytest.approx(row[k], rel=1e-4) if "loss" in k else row[k] for k in COLUMNS}
+            for row in read_json(run_dir / "history.json")]
+
+
+def figures_of(run_dir) -> dict:
+    metrics = read_json(run_dir / "metrics.json")
+    return {k: pytest.approx(metrics[k], rel=1e-4) if "loss" in k else metrics[k] for k in FIGURES}
+
+
+@pytest.fixture(scope="module")
+def unbroken(cifar_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("unbroken")
+    assert ex1_convnet.main([str(a) for a in [*ARGS, "--data-dir", cifar_dir, "--out-dir", out_dir]]) == 0
+    return out_dir
+
+
+def signal_at_step(monkeypatch, signum: int, step: int) -> None:
+    """The training loss, as train_one_epoch computes it, sends `signum` to this process at its `step`-th call, as
+    Ctrl-C or `kill` would (the handler the run installs receives it)."""
+    real, calls = torch.nn.functional.cross_entropy, itertools.count(1)
+
+    def loss(*args, **kwargs):
+        if next(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(common.train.F, "cross_entropy", loss)
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_inside_an_epoch_saves_that_step_and_the_resume_ends_as_if_unbroken(
+        signum, exit_code, unbroken, cifar_dir, tmp_path, monkeypatch, capsys):
+    argv = [*ARGS, "--data-dir", cifar_dir, "--out-dir", tmp_path]
+    with monkeypatch.context() as patches:
+        signal_at_step(patches, signum, 5)
+        code, _, err = call(ex1_convnet.main, argv, capsys)
+    assert code == exit_code, err[-3000:]
+    assert "stopped at epoch 1, step 5 of 16" in err and "resume with: python" in err
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["in_epoch"]["step"] == 5 and saved["history"] == []  # no epoch had finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gave the signals back
+    code, out, err = call(ex1_convnet.main, [*argv, "--resume"], capsys)
+    assert code == 0, err[-3000:]
+    assert "resuming at epoch 1 of 2, step 5 of 16" in out
+    assert history_of(tmp_path) == history_of(unbroken) and figures_of(tmp_path) == figures_of(unbroken)
+
+
+def test_a_kill_while_the_in_epoch_state_is_written_resumes_from_the_one_before(unbroken, cifar_dir, tmp_path, capsys):
+    argv = [str(a) for a in [*ARGS, "--data-dir", cifar_dir, "--out-dir", tmp_path]]
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, *argv], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [p.name for p in tmp_path.glob(".last.pt.*.tmp")]  # the write the kill cut short
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["in_epoch"]["step"] == 1
+    code, out, err = call(ex1_convnet.main, [*argv, "--resume"], capsys)
+    assert code == 0, err[-3000:]
+    assert "resuming at epoch 1 of 2, step 1 of 16" in out
+    assert history_of(tmp_path) == history_of(unbroken) and figures_of(tmp_path) == figures_of(unbroken)
+
+
+def test_a_time_budget_stopped_inside_an_epoch_keeps_its_plan_and_its_clock(cifar_dir, tmp_path, monkeypatch, capsys):
+    argv = [*QUICK, "--limit-train", "256", "--batch-size", "16", "--time-budget", "0.5", "--no-tensorboard",
+            "--data-dir", cifar_dir, "--out-dir", tmp_path]
+    with monkeypatch.context() as patches:
+        signal_at_step(patches, signal.SIGTERM, 25 + 5)  # the 25 timed steps, then step 5 of epoch 1
+        assert call(ex1_convnet.main, argv, capsys)[0] == 143
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    code, _, err = call(ex1_convnet.main, [*argv, "--resume"], capsys)
+    assert code == 0, err[-3000:]
+    history, metrics = read_json(tmp_path / "history.json"), read_json(tmp_path / "metrics.json")
+    assert history[0]["elapsed_s"] > saved["in_epoch"]["elapsed_s"]  # the clock went on from where it stopped
+    assert metrics["plan"]["budget_minutes"] == 0.5 and metrics["plan"]["spent_s"] == saved["plan"]["spent_s"]
+    assert history[-1]["elapsed_s"] <= 0.5 * 60 * 1.5  # within the budget, give or take the last epoch's re-plan

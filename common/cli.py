@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from .data import AUGMENT_OPS, FILLS, parse_augment, STRENGTH_KEYS
-from .device import init_distributed, resolve_device, resolve_precision, TrainContext
+from .device import init_distributed, resolve_device, resolve_precision, say, TrainContext
 from .files import load_checkpoint, NonFiniteLoss, resume_command, SaveError, UsageError
 from .plots import compare_runs, load_run, summarize_seeds
 from .tasks import CALIBRATION_IMAGES, eval_only, export_model, EXPORT_PACKAGES, predict_images
-from .train import differing_settings, Plan, say, settings_for_plan, train_run
+from .train import differing_settings, Plan, settings_for_plan, train_run
 
 
 def setting(default, help: str | None = None, check: tuple[Callable, str] | None = None, runtime: bool = False,

@@ -3,10 +3,12 @@ natively, autocast, clock synchronisation and the processes of torchrun."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from .files import UsageError
 
@@ -155,3 +157,9 @@ def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: boo
         print(f"note: epochs 1-{len(history)} trained in {saved}; {why} {precision_name(dtype)} (history.json "
               "records each epoch's precision)")
     return ctx._replace(dtype=dtype)
+
+
+def say(ctx: TrainContext, line: str) -> None:
+    """Print a line on the main process, above a progress bar."""
+    if ctx.is_main:
+        tqdm.write(line, file=sys.stdout)

@@ -12,16 +12,17 @@ import math
 import time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from .data import CifarData, normalize
+from .data import CifarData, normalize, Splits
 from .device import autocast, TrainContext
 from .files import save_json
 from .plots import plot_confusion, plot_corruption_examples, plot_corruptions, plot_misclassified, plot_per_class
@@ -206,6 +207,19 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
             "accuracy": (predictions == labels).sum().item() / max(1, len(labels)), "predictions": predictions.cpu()}
 
 
+def validate(model: nn.Module, splits: Splits, mean: list[float], std: list[float], ctx: TrainContext
+             ) -> tuple[float, float]:
+    """(loss, accuracy) on the validation images, measured on the main process and shared with the others as Python
+    numbers (no 64-bit float tensor on the device: Apple's MPS has none)."""
+    shared = [None]
+    if ctx.is_main:
+        result = evaluate(model, splits.val_images, splits.val_labels, mean, std, ctx)
+        shared = [(result["loss"], result["accuracy"])]
+    if ctx.world > 1:
+        dist.broadcast_object_list(shared, 0)
+    return shared[0]
+
+
 def per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
     counts = torch.bincount(labels, minlength=len(classes)).clamp(min=1)
     hits = torch.bincount(labels[predictions == labels], minlength=len(classes))
@@ -338,3 +352,37 @@ def write_report(figures: dict, predictions: torch.Tensor, data: CifarData, mode
                "classes": list(data.classes), "settings": settings, **environment}
     save_json(metrics, out_dir / "metrics.json")
     return metrics
+
+
+class Estimate(NamedTuple):
+    """What the line that says how long a run takes counts besides the speed (see how_long)."""
+    steps_left: int
+    val_images: int
+    test_images: int
+    corruptions: int | None
+
+
+def duration(seconds: float) -> str:
+    """'3 h 05 min', '12 min', '40 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def how_long(plan, estimate: Estimate, images_per_s: float) -> str:
+    """The line that says how long a run of epochs takes at `images_per_s` under its `plan` (train.Plan): its steps
+    left, a validation pass after each epoch, the test and the corruption benchmark (a forward pass: about a third
+    of a step); over an hour, it names --time-budget."""
+    step_s = plan.batch_size / images_per_s
+    forward_s = step_s / plan.batch_size / 3  # an image's
+    train_s = estimate.steps_left * step_s
+    val_s = -(-estimate.steps_left // plan.steps_per_epoch) * estimate.val_images * forward_s
+    test_images, corruptions = estimate.test_images, estimate.corruptions
+    corrupted = first_test_images(test_images) if corruptions is None else min(corruptions, test_images)
+    corruption_s = CORRUPTION_PASSES * corrupted * forward_s
+    test_s = test_images * forward_s + (min(corruption_s, CORRUPTION_SHARE * train_s) if corruptions is None
+                                        else corruption_s)
+    total = train_s + val_s + test_s
+    return (f"how long: about {duration(total)} at {images_per_s:.0f} images/s (training {duration(train_s)}, "
+            f"validation {duration(val_s)}, test and corruption benchmark {duration(test_s)})"
+            + ("; --time-budget MINUTES chooses how long instead" if total > 3600 else ""))

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -239,6 +240,31 @@ def environment_info(device: torch.device) -> dict:
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__},
             "git_commit": LOADED_COMMIT, "hardware": hardware}
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run, its state saved: the exit code a shell expects (128 + the signal)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def stop_on_signals(stack: contextlib.ExitStack) -> dict:
+    """From now until `stack` closes, SIGINT (Ctrl-C) and SIGTERM (docker stop, Slurm, a closed terminal) set
+    stop["signal"] instead of interrupting: the training loop then saves the run at the step it reached and stops. A
+    second one stops at once (the files it was writing stay whole: each is written to a temporary file, then renamed).
+    """
+    stop = {"signal": None}
+
+    def asked(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        stack.callback(signal.signal, signum, signal.signal(signum, asked))
+    return stop
 
 
 @contextlib.contextmanager

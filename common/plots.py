@@ -53,10 +53,11 @@ def plot_history(history: list[dict], best_epoch: int | None, path: Path) -> Non
     save_figure(fig, path)
 
 
-def plot_filters(weight: torch.Tensor, path: Path, title: str) -> None:
-    """First-layer filters (out, 3, k, k) as colour images on one grid, each scaled to its own range."""
+def plot_filters(model: torch.nn.Module, path: Path, title: str) -> None:
+    """The filters (out, 3, k, k) of the model's first convolution as colour images on one grid, each scaled to its
+    own range."""
     plt = pyplot()
-    w = weight.detach().float().cpu()
+    w = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).weight.detach().float().cpu()
     low = w.amin((1, 2, 3), keepdim=True)
     high = w.amax((1, 2, 3), keepdim=True)
     w = ((w - low) / (high - low).clamp(min=1e-8)).permute(0, 2, 3, 1)  # (out, k, k, 3)

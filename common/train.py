@@ -1,9 +1,7 @@
-"""The training run, in the order it happens (train_run): the run folder (new, resumed, or finished and left alone),
-the data, the plan (how many steps at what learning rate; under a time budget, what its first timed steps buy and
-the settings it chooses for that many epochs), the network and its optimizer, then epoch after epoch:
-train_one_epoch (shuffle, augment, forward, loss, backward, learning rate), validate, keep the best, save; at the end
-the test of the best epoch and the reports. The schedule and the time budget's plan sit above the loop that uses
-them."""
+"""The training run in the order it happens (train_run): the run folder, the data, the plan (steps, learning rate; a
+time budget's from its first timed steps, with the settings it chooses), the network and its optimizer, then epoch
+after epoch train_one_epoch (shuffle, augment, forward, loss, backward, learning rate; a pause to save every minute or
+on a signal), validate, keep the best, save; at the end the test of the best epoch and the reports."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +11,6 @@ import itertools
 import json
 import math
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import files
 from .board import log_end, log_epoch, log_step, open_board, trained_steps
 from .data import (
     augment_batch,
@@ -37,33 +35,19 @@ from .data import (
     load_training_data,
     normalize,
     parse_augment,
-    Splits,
 )
 from .device import (
     autocast,
     make_scaler,
     precision_name,
     resumed_precision,
+    say,
     share_from_rank0,
     synchronize,
     TrainContext,
 )
-from .evaluation import CORRUPTION_PASSES, CORRUPTION_SHARE, evaluate, first_test_images, test_results, write_report
-from .files import (
-    checkpoint_state,
-    environment_info,
-    load_checkpoint,
-    NonFiniteLoss,
-    prepare_out_dir,
-    resume_command,
-    run_dir_lock,
-    save_json,
-    tee_console,
-    TRAINING_STATE,
-    UsageError,
-    what_a_stop_keeps,
-    write_checkpoints,
-)
+from .evaluation import Estimate, evaluate, how_long, test_results, validate, write_report
+from .files import UsageError
 from .plots import plot_filters, plot_history
 
 if TYPE_CHECKING:
@@ -211,16 +195,16 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
     if settings.resume:
         if not unfinished:
             raise UsageError(f"nothing to resume in {out_dir}: it has no last.pt (start without --resume)")
-        resume_from = load_checkpoint(out_dir / "last.pt", script)
+        resume_from = files.load_checkpoint(out_dir / "last.pt", script)
         settings = resumed_settings(settings, flags_given, resume_from["settings"])
         ctx = resumed_precision(ctx, resume_from, "precision" in flags_given)
     elif (finished or unfinished) and not settings.overwrite:
         what = "a finished run (metrics.json)" if finished else "an unfinished run (last.pt); --resume continues it"
         raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
-    prepare_out_dir(out_dir)
+    files.prepare_out_dir(out_dir)
     with contextlib.ExitStack() as stack:
         if ctx.is_main:  # one run a folder; its console into train.log
-            stack.enter_context(run_dir_lock(out_dir))
+            stack.enter_context(files.run_dir_lock(out_dir))
             for stale in out_dir.glob(".*.tmp"):  # temporary files of atomic_write left by a run killed while saving
                 stale.unlink(missing_ok=True)
         data, splits = load_training_data(settings, ctx)
@@ -228,9 +212,9 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
             out_dir, resume_from and trained_steps(resume_from["history"]) + resume_from.get("in_epoch", {}).get(
                 "step", 0), f"python {shlex.join(sys.argv)}", settings.recorded())) \
             if ctx.is_main and settings.tensorboard else None
-        stack.enter_context(what_a_stop_keeps(out_dir))
-        stack.enter_context(tee_console(out_dir / "train.log", enabled=ctx.is_main))
-        environment = environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
+        stack.enter_context(files.what_a_stop_keeps(out_dir))
+        stack.enter_context(files.tee_console(out_dir / "train.log", enabled=ctx.is_main))
+        environment = files.environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
         fingerprint = data_fingerprint(splits)
         if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
             raise UsageError(f"--data-dir {settings.data_dir}: the data differs from the data the run in {out_dir} "
@@ -265,7 +249,7 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         if resume_from is None:
             history, best = [], BestEpoch()
             if ctx.is_main:
-                plot_filters(first_conv_weight(model), out_dir / "filters_before.png",
+                plot_filters(model, out_dir / "filters_before.png",
                              "first-layer filters before training")
         else:
             history, best = resume_from["history"], BestEpoch(resume_from["best_epoch"],
@@ -281,7 +265,7 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         # The epochs: train (pausing to save the run every IN_EPOCH_SAVE_S or on SIGINT/SIGTERM), validate, keep the
         # best, save; early stop; a time budget re-plans after each.
         signals = stack.enter_context(contextlib.ExitStack())  # closed after the epochs: Ctrl-C then stops the test
-        stop = stop_on_signals(signals)  # stop["signal"]: the SIGINT or SIGTERM that asks the run to save and stop
+        stop = files.stop_on_signals(signals)  # stop["signal"]: a SIGINT or SIGTERM that asks the run to save and stop
         clock = time.perf_counter()
         earlier_s = in_epoch["elapsed_s"] if in_epoch else history[-1].get("elapsed_s", 0.0) if history \
             else plan.spent_s  # before this call
@@ -312,8 +296,8 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                         dist.all_gather_object(ranks, progress)
                     if ctx.is_main:  # last.pt at this step; the epochs' checkpoints held till now written first
                         held.pop("last", None)
-                        write_checkpoints(held, out_dir)
-                        write_checkpoints({"last": {**checkpoint_state(
+                        files.write_checkpoints(held, out_dir)
+                        files.write_checkpoints({"last": {**files.checkpoint_state(
                             script, dict(settings), training, history, best, plan, fingerprint, data.classes),
                             "in_epoch": {"epoch": epoch, "step": progress["step"], "ranks": ranks,
                                          "elapsed_s": earlier_s + saving - clock}}}, out_dir)
@@ -322,9 +306,9 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                         epoch_save_s += save_s
                     pause_at = time.perf_counter() + max(IN_EPOCH_SAVE_S, save_s * (1 - SAVE_SHARE) / SAVE_SHARE)
                     if stop["signal"] is not None:
-                        raise Stopped(stop["signal"], f"stopped at epoch {epoch}, step {progress['step']} of "
-                                                      f"{plan.epoch_steps(epoch)}: {out_dir / 'last.pt'} holds it; "
-                                                      f"resume with: python {resume_command(True)}")
+                        raise files.Stopped(stop["signal"], f"stopped at epoch {epoch}, step {progress['step']} of "
+                                                            f"{plan.epoch_steps(epoch)}: {out_dir / 'last.pt'} holds "
+                                                            f"it; resume with: python {files.resume_command(True)}")
                 row.update(result)
                 row["val_loss"], row["val_accuracy"] = validate(model, splits, settings.mean, settings.std, ctx)
                 row["precision"] = precision_name(ctx.dtype)
@@ -343,13 +327,13 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                     if board is not None:
                         log_epoch(board, history)
                     due = save_start - written_at >= SAVE_EVERY_S
-                    last = checkpoint_state(script, dict(settings), training, history, best, plan, fingerprint,
-                                            data.classes)
+                    last = files.checkpoint_state(script, dict(settings), training, history, best, plan,
+                                                  fingerprint, data.classes)
                     held["last"] = last if due else copy.deepcopy(last)  # its tensors no longer follow the training
                     if improved:  # testing needs no optimizer state: best.pt is a third of last.pt's size
-                        held["best"] = {k: v for k, v in held["last"].items() if k not in TRAINING_STATE}
+                        held["best"] = {k: v for k, v in held["last"].items() if k not in files.TRAINING_STATE}
                     if due:
-                        write_checkpoints(held, out_dir)
+                        files.write_checkpoints(held, out_dir)
                         written_at = time.perf_counter()
                     history[-1]["save_s"] = epoch_save_s + time.perf_counter() - save_start
                 if plan.budget_minutes is not None and not plan.fixed and row["steps"] == plan.steps_per_epoch \
@@ -358,11 +342,11 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                                   row["seconds"] / row["steps"], time.perf_counter() - epoch_start - row["seconds"],
                                   ctx)
                 if stop["signal"] is not None and epoch < plan.epochs:  # a signal during validation or saving
-                    raise Stopped(stop["signal"], f"stopped after epoch {epoch}: {out_dir / 'last.pt'} holds it; "
-                                                  f"resume with: python {resume_command(True)}")
+                    raise files.Stopped(stop["signal"], f"stopped after epoch {epoch}: {out_dir / 'last.pt'} holds "
+                                                        f"it; resume with: python {files.resume_command(True)}")
         finally:  # the end, an early stop, Ctrl-C, an error: what is held is written
             flush_start = time.perf_counter()
-            write_checkpoints(held, out_dir)
+            files.write_checkpoints(held, out_dir)
             signals.close()
         history[-1]["save_s"] = history[-1].get("save_s", 0.0) + time.perf_counter() - flush_start
         train_s = time.perf_counter() - clock
@@ -374,14 +358,14 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         test_images, test_labels = data.test_images, data.test_labels
         last_accuracy = None if last_is_best else \
             evaluate(model, test_images, test_labels, settings.mean, settings.std, ctx)["accuracy"]
-        model.load_state_dict(load_checkpoint(out_dir / "best.pt", script)["model"])
+        model.load_state_dict(files.load_checkpoint(out_dir / "best.pt", script)["model"])
         figures, predictions = test_results(model, test_images, test_labels, data.classes, settings.mean,
                                             settings.std, ctx, settings.tta, settings.corruptions,
                                             sum(row["seconds"] for row in history))
-        plot_filters(first_conv_weight(model), out_dir / "filters_after.png",
+        plot_filters(model, out_dir / "filters_after.png",
                      f"first-layer filters after training (epoch {best.epoch})")
         plot_history(history, best.epoch, out_dir / "history.png")
-        save_json(history, out_dir / "history.json")  # with the last epoch's seconds of saving
+        files.save_json(history, out_dir / "history.json")  # with the last epoch's seconds of saving
         trained = history[resumed_epochs:]  # the epochs this call trained
         metrics = write_report(
             figures, predictions, data, model, ctx.device, settings.recorded(), environment, out_dir,
@@ -410,14 +394,6 @@ class Training(NamedTuple):
     optimizer: torch.optim.Optimizer  # its groups' learning rates are set before every step (see train_one_epoch)
     scaler: torch.amp.GradScaler
     peak_lrs: list[float]  # each optimizer group's learning rate at the schedule's peak
-
-
-class Estimate(NamedTuple):
-    """What the line that says how long a run takes counts besides the speed (see how_long)."""
-    steps_left: int
-    val_images: int
-    test_images: int
-    corruptions: int | None
 
 
 def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tensor, settings: Settings, plan: Plan,
@@ -482,7 +458,8 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
                                                        correct.to(loss_sum.dtype)]).tolist()
             if bad_step >= 0:
                 bar.close()
-                raise NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(bad_step)} of {steps}")
+                raise files.NonFiniteLoss(f"training loss is not finite at epoch {epoch}, step {int(bad_step)} of "
+                                          f"{steps}")
             now = time.perf_counter()
             images_per_s = (seen - logged[1]) * ctx.world / max(now - logged[2], 1e-9)
             bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.3f}",
@@ -523,31 +500,6 @@ def pause_wanted(step: int, pause_at: float, stop: dict | None, ctx: TrainContex
     flag = torch.tensor(float(wanted), device=ctx.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run, its state saved: the exit code a shell expects (128 + the signal)."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-def stop_on_signals(stack: contextlib.ExitStack) -> dict:
-    """From now until `stack` closes, SIGINT (Ctrl-C) and SIGTERM (docker stop, Slurm, a closed terminal) set
-    stop["signal"] instead of interrupting: the training loop then saves the run at the step it reached and stops. A
-    second one stops at once (the files it was writing stay whole: each is written to a temporary file, then renamed).
-    """
-    stop = {"signal": None}
-
-    def asked(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        stack.callback(signal.signal, signum, signal.signal(signum, asked))
-    return stop
 
 
 def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: torch.Tensor, plan: Plan,
@@ -619,23 +571,6 @@ def make_optimizer(params: list[nn.Parameter] | list[dict], name: str, lr: float
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
 
 
-def first_conv_weight(model: nn.Module) -> torch.Tensor:
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight
-
-
-def validate(model: nn.Module, splits: Splits, mean: list[float], std: list[float], ctx: TrainContext
-             ) -> tuple[float, float]:
-    """(loss, accuracy) on the validation images, measured on the main process and shared with the others as Python
-    numbers (no 64-bit float tensor on the device: Apple's MPS has none)."""
-    shared = [None]
-    if ctx.is_main:
-        result = evaluate(model, splits.val_images, splits.val_labels, mean, std, ctx)
-        shared = [(result["loss"], result["accuracy"])]
-    if ctx.world > 1:
-        dist.broadcast_object_list(shared, 0)
-    return shared[0]
-
-
 class BestEpoch(NamedTuple):
     """The epoch of the highest validation accuracy so far (epoch None before the first)."""
     epoch: int | None = None
@@ -660,35 +595,3 @@ def resumed_settings(settings: Settings, flags_given: dict, saved: dict) -> Sett
         raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run being resumed ({was}): --resume "
                          "keeps the run's settings; only --epochs and --patience may change")
     return type(settings).from_saved({**saved, **kept})
-
-
-def duration(seconds: float) -> str:
-    """'3 h 05 min', '12 min', '40 s'."""
-    if seconds >= 3600:
-        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
-    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def how_long(plan: Plan, estimate: Estimate, images_per_s: float) -> str:
-    """The line that says how long a run of epochs takes at `images_per_s`: its steps left, a validation pass after
-    each epoch, the test and the corruption benchmark (a forward pass: about a third of a step); over an hour, it
-    names --time-budget."""
-    step_s = plan.batch_size / images_per_s
-    forward_s = step_s / plan.batch_size / 3  # an image's
-    train_s = estimate.steps_left * step_s
-    val_s = -(-estimate.steps_left // plan.steps_per_epoch) * estimate.val_images * forward_s
-    test_images, corruptions = estimate.test_images, estimate.corruptions
-    corrupted = first_test_images(test_images) if corruptions is None else min(corruptions, test_images)
-    corruption_s = CORRUPTION_PASSES * corrupted * forward_s
-    test_s = test_images * forward_s + (min(corruption_s, CORRUPTION_SHARE * train_s) if corruptions is None
-                                        else corruption_s)
-    total = train_s + val_s + test_s
-    return (f"how long: about {duration(total)} at {images_per_s:.0f} images/s (training {duration(train_s)}, "
-            f"validation {duration(val_s)}, test and corruption benchmark {duration(test_s)})"
-            + ("; --time-budget MINUTES chooses how long instead" if total > 3600 else ""))
-
-
-def say(ctx: TrainContext, line: str) -> None:
-    """Print a line on the main process, above a progress bar."""
-    if ctx.is_main:
-        tqdm.write(line, file=sys.stdout)

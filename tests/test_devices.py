@@ -221,13 +221,13 @@ def test_a_run_faster_than_the_save_interval_writes_its_checkpoints_once_and_rec
 
 def test_a_long_run_says_how_long_it_takes_and_names_the_time_budget():
     plan = common.train.Plan(256, 191, 30 * 191)  # 30 epochs of 49,000 images
-    line = common.train.how_long(plan, common.train.Estimate(30 * 191, 1000, 10000, None), 60.0)
+    line = common.evaluation.how_long(plan, common.evaluation.Estimate(30 * 191, 1000, 10000, None), 60.0)
     # 4.27 s a step, a third of that an image's forward pass: 166 s of validation, 56 s of test, 106 s of corruption
     # benchmark (19 passes over the first 1,000)
     assert line.startswith("how long: about 6 h 52 min at 60 images/s (training 6 h 47 min, validation 3 min, test "
                            "and corruption benchmark 3 min)")
     assert line.endswith("; --time-budget MINUTES chooses how long instead")
-    short = common.train.how_long(plan, common.train.Estimate(191, 1000, 10000, 0), 600.0)
+    short = common.evaluation.how_long(plan, common.evaluation.Estimate(191, 1000, 10000, 0), 600.0)
     assert short.startswith("how long: about 1") and "--time-budget" not in short
 
 

@@ -24,6 +24,6 @@ def test_each_module_imports_only_the_modules_before_it():
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         for_types = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)  # `if TYPE_CHECKING:` names
                      and getattr(node.test, "id", "") == "TYPE_CHECKING" for inner in ast.walk(node)}
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
-                    and id(node) not in for_types}
+        imported = {node.module or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.level == 1 and id(node) not in for_types for alias in node.names}
         assert imported <= set(order[:position]), f"common/{name}.py imports {imported - set(order[:position])}"

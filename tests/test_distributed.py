@@ -103,7 +103,7 @@ def test_two_processes_train_the_same_weights_as_one(ex1_runs):
     start = ex1_convnet.build_model({"dropout": 0.0, "batch_norm": False, "linear_init_std": None}).state_dict()
     for name in one:
         assert (one[name] - start[name]).abs().max() > 5e-5, f"{name} barely moved: the comparison would prove nothing"
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     h_one = json.loads((one_dir / "history.json").read_text())
     h_two = json.loads((two_dir / "history.json").read_text())
     assert len(h_one) == len(h_two) == 1
@@ -195,3 +195,36 @@ def test_a_time_budget_under_torchrun_plans_once_and_every_process_follows_it(ci
     assert m["processes"] == 2 and m["time_budget_minutes"] == 0.1
     assert m["planned_steps"] == m["run_steps"] >= 2
     assert result.stdout.count("plan: 0.1 min") == 1
+
+
+STOPPED_RANK_1 = """
+import os, signal, sys, itertools
+sys.path.insert(0, {root!r})
+import torch, common, ex1_convnet
+if os.environ["RANK"] == "1":  # only this process gets the signal, at its 3rd step
+    real, calls = torch.nn.functional.cross_entropy, itertools.count(1)
+    def loss(*args, **kwargs):
+        if next(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    common.train.F.cross_entropy = loss
+sys.exit(ex1_convnet.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_one_state(cifar_dir, tmp_path):
+    """SIGTERM to rank 1 inside epoch 1: both processes stop at the next step where they read the device (25), rank
+    0 writes last.pt with both processes' streams and sums, and torchrun's --resume ends the run."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(STOPPED_RANK_1.format(root=str(ROOT)))
+    flags = [*QUICK, "--epochs", "1", "--limit-train", "256", "--batch-size", "8", "--no-tensorboard",
+             "--data-dir", cifar_dir, "--out-dir", tmp_path / "run"]  # 32 steps of 4 images a process
+    stopped = run_torchrun(str(driver), *flags)
+    assert stopped.returncode != 0 and "stopped at epoch 1, step 25 of 32" in stopped.stderr, stopped.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["in_epoch"]
+    assert state["step"] == 25 and [rank["step"] for rank in state["ranks"]] == [25, 25]
+    assert not torch.equal(state["ranks"][0]["augment_rng"], state["ranks"][1]["augment_rng"])  # each its own
+    resumed = check(run_torchrun("ex1_convnet.py", *flags, "--resume"))
+    assert "resuming at epoch 1 of 1, step 25 of 32" in resumed.stdout
+    assert [row["steps"] for row in json.loads((tmp_path / "run" / "history.json").read_text())] == [32]

@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Training needs requirements.txt only. The tests also need pytest, ruff (make test checks the code with it first,
-# pyproject.toml says how), the export packages (--export and its tests use them) and selenium (the TensorBoard test drives headless Chromium with it); `make test` and
+# as pyproject.toml says) and the export packages (--export and its tests use them); `make test` and
 # `make test-fast` add them, `make train` and `make transfer` do not.
 EXPORT_PACKAGES := 'onnx>=1.17' 'onnxscript>=0.2' 'onnxruntime>=1.20'
 TEST_PACKAGES := $(VENV)/.test-packages
@@ -19,7 +19,7 @@ $(PY): requirements.txt
 	touch $(PY)
 
 $(TEST_PACKAGES): $(PY) Makefile
-	$(PY) -m pip install -q pytest ruff $(EXPORT_PACKAGES) 'selenium>=4.0'
+	$(PY) -m pip install -q pytest ruff $(EXPORT_PACKAGES)
 	touch $(TEST_PACKAGES)
 
 venv: $(PY)

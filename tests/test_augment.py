@@ -31,9 +31,9 @@ def test_flip_mirrors_exactly_some_images():
     """Each output is its input or the input's exact left-right mirror, and both happen in one batch."""
     x = images()
     out = common.data.batch_flip_lr(x, 0.5, gen())
-    same = [torch.equal(o, i) for o, i in zip(out, x)]
-    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
-    assert all(s or m for s, m in zip(same, mirrored))
+    same = [torch.equal(o, i) for o, i in zip(out, x, strict=False)]
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=False)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=False))
     assert any(same) and any(mirrored)
 
 
@@ -49,7 +49,7 @@ def test_crop_is_a_window_of_the_zero_padded_image():
     out = common.data.batch_crop(x, 4, gen())
     padded = F.pad(x, (4, 4, 4, 4))
     offsets = []
-    for o, p in zip(out, padded):
+    for o, p in zip(out, padded, strict=False):
         found = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(o, p[:, dy:dy + 32, dx:dx + 32])]
         assert len(found) == 1
         offsets += found
@@ -61,7 +61,7 @@ def test_crop_with_reflect_fill_is_a_window_of_the_mirrored_border():
     x = images()
     out = common.data.batch_crop(x, 4, gen(), fill="reflect")
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    for o, p in zip(out, padded):
+    for o, p in zip(out, padded, strict=False):
         assert any(torch.equal(o, p[:, dy:dy + 32, dx:dx + 32]) for dy in range(9) for dx in range(9))
     assert out.min() > 0  # random images hold no exact zero, a zero-padded window would
 

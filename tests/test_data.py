@@ -46,7 +46,7 @@ def test_loads_from_parent_folder_and_from_batches_folder(cifar_dir):
     """--data-dir may name the folder holding cifar-10-batches-py/ or that folder itself; both give the same data."""
     outer = common.data.load_cifar10(cifar_dir, download=False)
     inner = common.data.load_cifar10(cifar_dir / BATCHES, download=False)
-    for a, b in zip(outer[:4], inner[:4]):
+    for a, b in zip(outer[:4], inner[:4], strict=False):
         assert torch.equal(a, b)
     assert outer.classes == inner.classes == tuple(CLASS_NAMES)
 
@@ -72,7 +72,7 @@ def test_bytes_keys_load_like_str_keys(cifar_dir, tmp_path):
     as_bytes = common.data.load_cifar10(write_cifar(tmp_path, bytes_keys=True), download=False)
     as_str = common.data.load_cifar10(cifar_dir, download=False)
     assert isinstance(next(iter(raw_batch(tmp_path, "data_batch_1"))), bytes)
-    for a, b in zip(as_bytes[:4], as_str[:4]):
+    for a, b in zip(as_bytes[:4], as_str[:4], strict=False):
         assert torch.equal(a, b)
     assert as_bytes.classes == tuple(CLASS_NAMES)
 

@@ -346,7 +346,7 @@ def test_compare_draws_and_summarises_two_runs(run_pretrained, run_scratch, tmp_
     assert [Path(r["run"]) for r in summary["runs"]] == dirs
     lines = proc.stdout.splitlines()
     assert any("test" in line and "first 1000" in line for line in lines)
-    for run_dir, row in zip(dirs, summary["runs"]):
+    for run_dir, row in zip(dirs, summary["runs"], strict=False):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert row["test_accuracy"] == metrics["test_accuracy"]
         assert row["test_accuracy_first1000"] == metrics["test_accuracy_first1000"]

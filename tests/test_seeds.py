@@ -96,7 +96,7 @@ def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, 
         assert_png(tmp_path / f"p{p}" / "seeds.png")
     rows = read_json(tmp_path / "dropout_sweep.json")["runs"]
     assert [r["p"] for r in rows] == [0.1, 0.5] and [Path(r["run"]) for r in rows] == [tmp_path / "p0.1", tmp_path / "p0.5"]
-    for row, p in zip(rows, (0.1, 0.5)):
+    for row, p in zip(rows, (0.1, 0.5), strict=False):
         assert row["seeds"] == [0, 1, 2]
         assert row["test_accuracy"] == pytest.approx(statistics.mean(tests))
         assert row["test_accuracy_std"] == pytest.approx(statistics.stdev(tests))

@@ -64,7 +64,7 @@ def test_compare_writes_figure_and_json_that_agree_with_the_runs(bn_runs, compar
     summary = read_json(out_dir / "compare.json")
     dirs = [bn_runs["bn"], bn_runs["no-bn"]]
     assert [Path(r["run"]) for r in summary["runs"]] == dirs
-    for run_dir, row in zip(dirs, summary["runs"]):
+    for run_dir, row in zip(dirs, summary["runs"], strict=False):
         metrics, history = read_json(run_dir / "metrics.json"), read_json(run_dir / "history.json")
         for key in ("test_accuracy", "test_accuracy_first1000", "best_val_accuracy", "best_epoch", "epochs_run"):
             assert row[key] == metrics[key], (run_dir.name, key)
@@ -121,7 +121,7 @@ def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(common.plots, "save_figure", lambda fig, path: figures.append(fig))
     history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "train_accuracy": 0.2 * e,
-                "val_accuracy": v} for e, v in zip((1, 2, 3, 4), (0.3, 0.6, 0.5, 0.55))]
+                "val_accuracy": v} for e, v in zip((1, 2, 3, 4), (0.3, 0.6, 0.5, 0.55), strict=False)]
     common.plots.plot_history(history, 2, tmp_path / "history.png")
     assert len(figures) == 1
     axes = figures[0].axes
@@ -190,7 +190,7 @@ def test_dropout_sweep_writes_figure_and_json_that_agree_with_the_runs(sweep):
     assert_png(out_dir / "dropout_sweep.png", min_side=100)
     runs = read_json(out_dir / "dropout_sweep.json")["runs"]
     assert [r["p"] for r in runs] == [float(p) for p in SWEEP_PS]
-    for p, r in zip(SWEEP_PS, runs):
+    for p, r in zip(SWEEP_PS, runs, strict=False):
         run_dir = out_dir / f"p{p}"
         assert Path(r["run"]) == run_dir
         history, metrics = read_json(run_dir / "history.json"), read_json(run_dir / "metrics.json")

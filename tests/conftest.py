@@ -52,7 +52,8 @@ def write_cifar(root: Path, per_batch: int = 64, n_test: int = 120, bytes_keys: 
     data, labels = make_images(n_test, rng)
     dump("test_batch", {"batch_label": key("testing batch 1 of 1"), "labels": labels, "data": data,
                         "filenames": [key(f"test_{j}.png") for j in range(n_test)]})
-    dump("batches.meta", {"label_names": [key(n) for n in CLASS_NAMES], "num_cases_per_batch": per_batch, "num_vis": 3072})
+    dump("batches.meta", {"label_names": [key(n) for n in CLASS_NAMES], "num_cases_per_batch": per_batch,
+                          "num_vis": 3072})
     return root
 
 
@@ -126,13 +127,14 @@ def save_untrained_checkpoint(kind: str, settings: dict, model, path: Path) -> P
                                       settings["weight_decay"])
     training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                      [settings["lr"]])
-    common.files.save_checkpoint(common.files.checkpoint_state(kind, dict(settings), training, [], common.train.BestEpoch()), path)
+    common.files.save_checkpoint(common.files.checkpoint_state(kind, dict(settings), training, [],
+                                                               common.train.BestEpoch()), path)
     return path
 
 
 def interrupt_validation(monkeypatch, call: int = 2) -> None:
-    """evaluate, as fit calls it (common.train), raises KeyboardInterrupt at its `call`-th call (the validation of
-    that epoch) and passes every other call on."""
+    """evaluate, as validate calls it after every epoch (common.evaluation), raises KeyboardInterrupt at its `call`-th
+    call (the validation of that epoch) and passes every other call on."""
     evaluate, calls = common.evaluation.evaluate, iter(range(1, 1 << 30))
 
     def interrupted(*args, **kwargs):
@@ -140,7 +142,7 @@ def interrupt_validation(monkeypatch, call: int = 2) -> None:
             raise KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(common.train, "evaluate", interrupted)  # fit validates through it
+    monkeypatch.setattr(common.evaluation, "evaluate", interrupted)
 
 
 def fake_training(calls: list):
@@ -151,8 +153,9 @@ def fake_training(calls: list):
         settings = settings if plan is None else common.train.settings_for_plan(settings, plan)
         calls.append({**settings, "run_dir": out_dir, "plan": plan})
         shift = settings["seed"] / 100
-        history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5 - settings.get("dropout", 0) / 2, "val_loss": 1.2,
-                    "val_accuracy": 0.4 + shift, "lr": 0.1, "steps": 1, "seconds": 1.0, "images_per_s": 32.0}]
+        history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5 - settings.get("dropout", 0) / 2,
+                    "val_loss": 1.2, "val_accuracy": 0.4 + shift, "lr": 0.1, "steps": 1, "seconds": 1.0,
+                    "images_per_s": 32.0}]
         metrics = {"test_accuracy": 0.45 + shift, "test_accuracy_first1000": 0.46 + shift,
                    "best_val_accuracy": 0.4 + shift, "best_epoch": 1, "epochs_run": 1, "run_steps": 1,
                    "per_class_accuracy": {name: 0.45 + shift for name in CLASS_NAMES},

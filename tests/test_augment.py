@@ -141,7 +141,8 @@ def test_augment_batch_without_ops_only_rescales():
 
 
 def test_augment_batch_keeps_each_image_in_its_place():
-    """Images stay in batch order, so their labels still match: flip, crop and rotate keep each image's colour at the centre."""
+    """Images stay in batch order, so their labels still match: flip, crop and rotate keep each image's colour at the
+    centre."""
     colours = torch.randint(0, 256, (32, 3), generator=gen())
     x = colours[:, :, None, None].expand(-1, -1, 32, 32).to(torch.uint8)
     out = common.data.augment_batch(x, {op: ALL_OPS[op] for op in ("flip", "crop", "rotate")}, gen())
@@ -163,7 +164,8 @@ def test_rotate_folds_in_an_exact_mirror_and_a_crop_window():
     padded = F.pad(x, (3, 3, 3, 3))
     offsets = set()
     for i in range(len(x)):
-        match = [(a, b) for a in range(7) for b in range(7) if torch.allclose(out[i], padded[i, :, a:a + 32, b:b + 32], atol=1e-5)]
+        match = [(a, b) for a in range(7) for b in range(7)
+                 if torch.allclose(out[i], padded[i, :, a:a + 32, b:b + 32], atol=1e-5)]
         assert match, f"image {i} is no window of the padded image"
         offsets.add(match[0])
     assert len(offsets) > 1

@@ -17,7 +17,8 @@ def test_speed_smoke(cifar_dir, tmp_path):
     for key in ("model_img_s", "loop_img_s", "original_img_s", "aug_batched_img_s", "aug_pil_img_s"):
         assert figures[key] > 0, key
     assert figures["loop_vs_model"] == figures["loop_img_s"] / figures["model_img_s"]
-    assert (figures["device"], figures["precision"], figures["batch_size"], figures["images"]) == ("cpu", "float32", 32, 192)
+    assert (figures["device"], figures["precision"], figures["batch_size"],
+            figures["images"]) == ("cpu", "float32", 32, 192)
     assert "2/3 loop vs original pipeline" in result.stdout
 
 
@@ -34,8 +35,8 @@ def test_inference_smoke(cifar_dir, tmp_path):
                         "--precision", "fp32", "--val-size", "64", "--batch-size", "32", "--epochs", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "inference.json"
-    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--inference", run / "best.pt", "--images", "20",
-                        "--json", out, timeout=300)
+    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--inference", run / "best.pt",
+                        "--images", "20", "--json", out, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["inference"]
     assert [r["engine"] for r in rows] == ["PyTorch eager fp32", "ONNX Runtime fp32", "ONNX Runtime int8"]

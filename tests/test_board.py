@@ -103,8 +103,8 @@ def test_a_run_resumed_to_3_epochs_logs_its_history_once_with_its_test_figures_p
     assert set(events.Tags()["images"]) == {f"figures/{name}" for name in pictures}
     assert events.Images("figures/history")[0].encoded_image_string == (run_dir / "history.png").read_bytes()
     command = f"`python {shlex.join(sys.argv)}`"  # each call's: in-process, pytest's
-    assert [(event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors("run/command/text_summary")
-            ] == [(0, command), (5, command)]
+    assert [(event.step, event.tensor_proto.string_val[0].decode())
+            for event in events.Tensors("run/command/text_summary")] == [(0, command), (5, command)]
     assert hparams(run_dir) == common.board.hparam_values(run["settings"])
     assert not [path for path in run_dir.iterdir() if path.is_dir()]  # hparams in the run itself, not a sub-run
 
@@ -143,8 +143,8 @@ def test_a_resume_drops_the_points_after_its_step_and_a_record_a_kill_left_half_
         f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00\x12\x34")  # the start of a record that was never finished
     with common.board.open_board(tmp_path, 4, "python ex1_convnet.py --resume", {"seed": 0}) as writer:
         writer.add_scalar("train/batch_loss", 0.55, 5)
-    assert scalars(accumulated(tmp_path), "train/batch_loss") == [(step, as_logged(step / 10)) for step in range(1, 5)] \
-        + [(5, as_logged(0.55))]
+    assert scalars(accumulated(tmp_path), "train/batch_loss") \
+        == [(step, as_logged(step / 10)) for step in range(1, 5)] + [(5, as_logged(0.55))]
 
 
 def test_a_new_run_removes_an_earlier_runs_event_files_only_once_it_has_saved_an_epoch(tmp_path):
@@ -207,7 +207,8 @@ def tensorboard(logdir: Path, log: Path, run: str, timeout: float = 180):
     url = f"http://127.0.0.1:{free_port()}"
     with open(log, "w") as output:
         process = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host",
-                                    "127.0.0.1", "--port", url.rsplit(":", 1)[1]], stdout=output, stderr=subprocess.STDOUT)
+                                    "127.0.0.1", "--port", url.rsplit(":", 1)[1]],
+                                   stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -215,7 +216,8 @@ def tensorboard(logdir: Path, log: Path, run: str, timeout: float = 180):
             with contextlib.suppress(OSError, ValueError):
                 if run in get_json(f"{url}/data/runs"):
                     break
-            assert time.monotonic() < deadline, f"tensorboard did not list {run} in {timeout}s:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (f"tensorboard did not list {run} in {timeout}s:\n"
+                                                 f"{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
@@ -238,4 +240,5 @@ def test_tensorboard_serves_the_runs_curves_on_localhost(resumed, tmp_path):
                 served = get_json(f"{url}/data/plugin/scalars/scalars?run={run_dir.name}&tag=val/accuracy")
         tags = get_json(f"{url}/data/plugin/scalars/tags")[run_dir.name]
     assert {"train/batch_loss", "train/loss", "val/accuracy", "test/accuracy"} <= set(tags)
-    assert [(step, value) for _, step, value in served] == [(2 * r["epoch"], as_logged(r["val_accuracy"])) for r in history]
+    assert [(step, value) for _, step, value in served] == [(2 * r["epoch"], as_logged(r["val_accuracy"]))
+                                                            for r in history]

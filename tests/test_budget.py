@@ -120,8 +120,9 @@ def test_a_flag_given_keeps_its_value_under_the_budget_and_no_budget_scales_noth
 
 def test_the_plan_sets_the_scaled_regularisation_in_the_settings_and_the_model():
     settings = common.cli.resolve_settings({"time_budget": 60.0}, ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    # 30 epochs of 100 steps
     plan = common.train.budget_plan(common.train.Plan(64, 100, None, budget_minutes=60.0), step_s=1.2, spent_s=0.0,
-                                     val_images=0, scaling=settings["budget_scaling"], ctx=CPU)  # 30 epochs of 100 steps
+                                     val_images=0, scaling=settings["budget_scaling"], ctx=CPU)
     assert plan.chosen == {"dropout": 0.1, "crop_pad": 4, "label_smoothing": 0.1}
     settings = common.train.settings_for_plan(settings, plan)
     model = ex1_convnet.build_model(settings)  # built after the plan, with the dropout it chose
@@ -161,7 +162,8 @@ def test_a_budget_run_trains_the_planned_steps_the_last_epoch_what_is_left(cifar
     assert not list(tmp_path.glob("filters_*.png"))  # no_filter_plots took effect
     metrics, history = read_json(tmp_path / "metrics.json"), read_json(tmp_path / "history.json")
     planned = metrics["planned_steps"]
-    assert metrics["time_budget_minutes"] == 0.2 and planned > STEPS_PER_EPOCH and metrics["plan"]["total_steps"] == planned
+    assert metrics["time_budget_minutes"] == 0.2 and planned > STEPS_PER_EPOCH \
+        and metrics["plan"]["total_steps"] == planned
     assert metrics["run_steps"] == planned == sum(row["steps"] for row in history)
     assert len(history) == metrics["epochs_run"] == math.ceil(planned / STEPS_PER_EPOCH)
     assert 0 < history[-1]["steps"] == planned - STEPS_PER_EPOCH * (len(history) - 1) <= STEPS_PER_EPOCH
@@ -188,7 +190,8 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
     code, err = run_ex1([*resume, "--epochs", "5"], capsys)
     assert code == 2 and "--resume continues its plan" in err
 
-    # (interrupt_validation passes every later call on to evaluate) every reading 5 s later: epoch 2 ends past the 6-second budget, which the re-plan sees
+    # (interrupt_validation passes every later call on to evaluate) every reading 5 s later: epoch 2 ends past the
+    # 6-second budget, which the re-plan sees
     fake_clock(monkeypatch, itertools.count(0.0, 5.0))
     capsys.readouterr()
     code = ex1_convnet.main([str(a) for a in resume])
@@ -204,7 +207,8 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
 
 @pytest.mark.parametrize("budget", ["0", "-1", "nan", "inf"])
 def test_a_budget_that_is_not_a_positive_number_is_refused_before_any_work(budget, cifar_dir, tmp_path, capsys):
-    code, err = run_ex1([*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", "--time-budget", budget], capsys)
+    code, err = run_ex1([*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", "--time-budget", budget],
+                        capsys)
     assert code == 2 and "--time-budget must be a positive number of minutes" in err
     assert not (tmp_path / "run").exists()
 
@@ -216,7 +220,8 @@ def test_a_budget_too_short_for_one_step_exits_2(cifar_dir, tmp_path, capsys, no
 
 
 def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(cifar_dir, tmp_path, capsys, no_filter_plots):
-    previous = {"metrics.json": b'{"test_accuracy": 0.5}', "last.pt": b"last", "best.pt": b"best", "history.json": b"[]"}
+    previous = {"metrics.json": b'{"test_accuracy": 0.5}', "last.pt": b"last", "best.pt": b"best",
+                "history.json": b"[]"}
     for name, content in previous.items():
         (tmp_path / name).write_bytes(content)
     code, err = run_ex1([*budget_run(cifar_dir, tmp_path, "0.00001"), "--overwrite"], capsys)

@@ -27,7 +27,8 @@ EVERY = [(name, severity) for name, severities in CORRUPTIONS.items() for severi
 
 
 def test_table_is_immutable_and_holds_the_benchmark():
-    assert {"gaussian_noise", "jpeg", "gaussian_blur", "contrast", "brightness", "shift", "downscale"} <= set(CORRUPTIONS)
+    assert {"gaussian_noise", "jpeg", "gaussian_blur", "contrast", "brightness", "shift",
+            "downscale"} <= set(CORRUPTIONS)
     assert CORRUPTIONS["gaussian_noise"] == (2, 4, 8)
     assert all(isinstance(s, tuple) and len(s) >= 2 for s in CORRUPTIONS.values())
     with pytest.raises(TypeError):

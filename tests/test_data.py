@@ -136,7 +136,8 @@ def test_reads_the_official_python2_pickles(tmp_path):
     assert ("SHORT_BINSTRING", "training batch 1 of 5") in ops  # a byte-string value, not only keys
     pickletools.dis(stream, out=io.StringIO())  # a well-formed stream: every opcode's stack effect checks out
 
-    assert set(common.data.read_batch(tmp_path / BATCHES / "data_batch_1")) == {"batch_label", "labels", "data", "filenames"}
+    assert set(common.data.read_batch(tmp_path / BATCHES / "data_batch_1")) == {"batch_label", "labels", "data",
+                                                                                  "filenames"}
     data = common.data.load_cifar10(tmp_path, download=False)
     train = [records[f"data_batch_{i}"] for i in range(1, 6)]
     assert np.array_equal(data.train_images.numpy(), np.concatenate([r[b"data"] for r in train]).reshape(-1, 3, 32, 32))
@@ -172,7 +173,8 @@ def test_missing_data_with_no_download_exits_2_naming_the_folder(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "html", "absurd-length"])
 def test_corrupt_file_is_named(tmp_path, damage):
-    """A truncated file, an HTML page saved in its place, or a corrupt length field gives a UsageError naming the file."""
+    """A truncated file, an HTML page saved in its place, or a corrupt length field gives a UsageError naming the
+    file."""
     root = write_cifar(tmp_path / "data", per_batch=10, n_test=10)
     path = root / BATCHES / "data_batch_3"
     content = path.read_bytes()
@@ -201,7 +203,8 @@ def test_corrupt_file_on_the_command_line_exits_2(tmp_path, capsys):
     {"data": np.zeros((10, 3072), np.float32)},
 ], ids=["label-10", "label-minus-1", "too-few-labels", "wrong-shape", "wrong-dtype"])
 def test_bad_contents_are_refused(tmp_path, changes):
-    """Labels outside 0..9, a label count that does not match, or data not uint8 (N, 3072) are refused, naming the file."""
+    """Labels outside 0..9, a label count that does not match, or data not uint8 (N, 3072) are refused, naming the
+    file."""
     root = write_cifar(tmp_path, per_batch=10, n_test=10)
     path = rewrite_batch(root, "data_batch_2", **changes)
     with pytest.raises(common.files.UsageError, match=re.escape(str(path))):

@@ -24,7 +24,8 @@ class Float64Watcher(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if not self.paused and any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_leaves(result)):
+        if not self.paused and any(isinstance(t, torch.Tensor) and t.dtype == torch.float64
+                                   for t in tree_leaves(result)):
             self.found.append(str(func))
         return result
 
@@ -97,8 +98,8 @@ def test_an_fp16_run_resumed_in_fp16_keeps_its_scale(cifar_dir):
     checkpoint = common.files.checkpoint_state("ex1_convnet.py", dict(settings), saved, [], common.train.BestEpoch())
     resumed = common.train.set_up_training(settings, ex1_convnet.build_model, fp16, checkpoint)
     assert resumed.scaler.get_scale() == 1024.0 != torch.amp.GradScaler("cpu").get_scale()
-    fp32 = common.train.set_up_training(settings, ex1_convnet.build_model, common.device.TrainContext(CPU, torch.float32),
-                                      checkpoint)
+    fp32 = common.train.set_up_training(settings, ex1_convnet.build_model,
+                                        common.device.TrainContext(CPU, torch.float32), checkpoint)
     assert not fp32.scaler.is_enabled()  # an fp16 run resumed in fp32: its scale is not needed
 
 
@@ -128,7 +129,8 @@ def test_bf16_on_a_gpu_below_8_0_is_refused_before_any_work(monkeypatch, tmp_pat
     assert code == 2 and "Traceback" not in err
     assert "--precision bf16: this GPU (a GPU of 7.5, compute capability 7.5) has no native bf16" in err
     assert "--precision fp16" in err and not (tmp_path / "run").exists()
-    assert "bf16 needs compute capability 8.0+ on CUDA" in " ".join(run_script("ex1_convnet.py", "--help").stdout.split())
+    help_text = " ".join(run_script("ex1_convnet.py", "--help").stdout.split())
+    assert "bf16 needs compute capability 8.0+ on CUDA" in help_text
 
 
 @pytest.mark.parametrize("fast_bf16", [False, True])
@@ -143,7 +145,8 @@ def test_resume_keeps_bf16_only_where_the_device_computes_it_natively(fast_bf16,
         assert resumed.dtype == torch.bfloat16 and out == ""
     else:
         assert resumed.dtype == torch.float32
-        assert "note: epochs 1-1 trained in bfloat16; cpu has no native bf16: --precision auto makes the rest float32" in out
+        assert ("note: epochs 1-1 trained in bfloat16; cpu has no native bf16: "
+                "--precision auto makes the rest float32") in out
 
 
 def torchrun_environment(monkeypatch, local_world: int) -> list:

@@ -1,8 +1,8 @@
 """README.md and docs/*.md against the code: every command of a project script they show parses with that script's
 argument parser today (parse only: nothing trains), every flag a command gives is in the script's --help, a flag
 named outside a command exists (or, on a page that names the commit, existed at the commit REMOVED_FLAGS gives for
-it), every script a command runs exists, every `make` target exists, and every relative link (and #anchor) resolves. No network; one --help
-per script, run side by side."""
+it), every script a command runs exists, every `make` target exists, and every relative link (and #anchor) resolves.
+No network; one --help per script, run side by side."""
 import contextlib
 import importlib.util
 import io
@@ -107,8 +107,9 @@ def test_the_parser_finds_commands_in_code_blocks_and_inline_code(tmp_path):
                     "torchrun --standalone ex2_transfer.py --resume; python benchmarks/speed.py --json f.json\n```\n\n"
                     "```python\nprint('python ex1_convnet.py --ignored')\n```\n")
     assert [(script, FLAG.findall(tail)) for script, tail in commands(page)] == [
-        ("ex1_convnet.py", ["--epochs"]), ("ex2_transfer.py", ["--scratch"]), ("ex1_convnet.py", ["--seeds", "--no-bn"]),
-        ("ex2_transfer.py", ["--resume"]), ("benchmarks/speed.py", ["--json"])]
+        ("ex1_convnet.py", ["--epochs"]), ("ex2_transfer.py", ["--scratch"]),
+        ("ex1_convnet.py", ["--seeds", "--no-bn"]), ("ex2_transfer.py", ["--resume"]),
+        ("benchmarks/speed.py", ["--json"])]
 
 
 def removed_here(flag: str, page_text: str) -> bool:
@@ -128,7 +129,8 @@ def unknown_named_flags(page: Path, help_flags: dict[str, set[str]]) -> list[str
     """The flags named anywhere in inline code or a code block, with or without a script, that none has."""
     text = page.read_text()
     prose, blocks = split_markdown(text)
-    code = " ".join(inline_code(prose)) + " " + " ".join(code for language, code in blocks if language not in ("python", "py"))
+    code = " ".join(inline_code(prose)) + " " + " ".join(code for language, code in blocks
+                                                         if language not in ("python", "py"))
     known = set().union(*help_flags.values()) | OTHER_TOOLS_FLAGS
     return sorted(flag for flag in set(FLAG.findall(code)) - known if not removed_here(flag, text))
 

@@ -56,8 +56,8 @@ def test_run_writes_every_report(trained):
 def test_metrics(trained):
     m = read_json(trained / "metrics.json")
     for key in ["test_accuracy", "test_accuracy_first1000", "test_accuracy_last", "per_class_accuracy", "best_epoch",
-                "best_val_accuracy", "params", "epochs_run", "train_seconds", "train_images_per_s", "device", "settings",
-                "versions", "git_commit", "hardware"]:
+                "best_val_accuracy", "params", "epochs_run", "train_seconds", "train_images_per_s", "device",
+                "settings", "versions", "git_commit", "hardware"]:
         assert key in m, key
     for key in ["test_accuracy", "test_accuracy_first1000", "test_accuracy_last", "best_val_accuracy"]:
         assert 0 <= m[key] <= 1, key
@@ -69,7 +69,8 @@ def test_metrics(trained):
     assert m["train_seconds"] > 0 and m["train_images_per_s"] > 0
     assert m["device"] == "cpu"
     assert m["settings"]["epochs"] == 3 and m["settings"]["lr"] == 0.02 and m["settings"]["limit_train"] == 96
-    assert "args" not in m and not common.cli.RUNTIME_KEYS & m["settings"].keys()  # the settings once, what they compute
+    # the settings once, what they compute
+    assert "args" not in m and not common.cli.RUNTIME_KEYS & m["settings"].keys()
     assert m["versions"]["python"] and m["versions"]["torch"] == torch.__version__
     assert m["versions"]["torchvision"] == torchvision.__version__
     assert m["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", m["git_commit"])
@@ -112,7 +113,8 @@ def test_history_and_checkpoints(trained):
         assert round(row["images_per_s"] * row["seconds"]) == 96
     assert m["best_val_accuracy"] == max(row["val_accuracy"] for row in history)
     assert history[m["best_epoch"] - 1]["val_accuracy"] == m["best_val_accuracy"]
-    best, last = common.files.load_checkpoint(trained / "best.pt", KIND), common.files.load_checkpoint(trained / "last.pt", KIND)
+    best, last = (common.files.load_checkpoint(trained / "best.pt", KIND),
+                  common.files.load_checkpoint(trained / "last.pt", KIND))
     assert best["epoch"] == m["best_epoch"] and last["epoch"] == 3
     assert not set(common.files.TRAINING_STATE) & best.keys() and set(common.files.TRAINING_STATE) <= last.keys()
 

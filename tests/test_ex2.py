@@ -129,8 +129,9 @@ def test_network_is_vgg11_bn_features_and_the_new_head():
     assert (layers[3].in_features, layers[3].out_features) == (256, 10)
 
 
-@pytest.mark.parametrize("flags, mode", [([], "pretrained"), (["--pretrained"], "pretrained"), (["--scratch"], "scratch"),
-                                         (["--freeze"], "frozen"), (["--freeze", "--weights", "w.pth"], "frozen"),
+@pytest.mark.parametrize("flags, mode", [([], "pretrained"), (["--pretrained"], "pretrained"),
+                                         (["--scratch"], "scratch"), (["--freeze"], "frozen"),
+                                         (["--freeze", "--weights", "w.pth"], "frozen"),
                                          (["--scratch", "--recipe", "original"], "scratch")])
 def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mode):
     seen = {}
@@ -149,7 +150,8 @@ def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mo
     assert seen["settings"]["mean"] == IMAGENET_MEAN and seen["settings"]["std"] == IMAGENET_STD
 
 
-@pytest.mark.parametrize("flags", [["--scratch", "--freeze"], ["--freeze", "--scratch"], ["--scratch", "--weights", "w.pth"]])
+@pytest.mark.parametrize("flags", [["--scratch", "--freeze"], ["--freeze", "--scratch"],
+                                   ["--scratch", "--weights", "w.pth"]])
 def test_scratch_with_freeze_or_weights_is_refused(capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
         ex2_transfer.parse_args(flags)
@@ -170,7 +172,8 @@ def test_weights_file_gives_the_backbone_exactly_its_tensors(vgg_weights, vgg_fe
 
 def test_weights_file_with_extra_entries_still_loads(monkeypatch, vgg_weights, vgg_features):
     real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: {**real_load(*args, **kwargs), "extra.note": torch.zeros(3)})
+    monkeypatch.setattr(torch, "load",
+                        lambda *args, **kwargs: {**real_load(*args, **kwargs), "extra.note": torch.zeros(3)})
     model = ex2_transfer.build_model({"mode": "pretrained", "weights": str(vgg_weights)})
     assert torch.equal(model.state_dict()["features.0.weight"], vgg_features["features.0.weight"])
 
@@ -181,8 +184,8 @@ def test_weights_file_with_extra_entries_still_loads(monkeypatch, vgg_weights, v
                                          ("truncated", "not a readable weights file")])
 def test_wrong_weights_file_is_refused_with_a_message(wrong_files, cifar_dir, tmp_path, case, words):
     path = wrong_files[case]
-    proc = run_script("ex2_transfer.py", "--weights", path, *QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run",
-                      "--epochs", 1, env=quiet_env(tmp_path / "torch_home"))
+    proc = run_script("ex2_transfer.py", "--weights", path, *QUICK, "--data-dir", cifar_dir,
+                      "--out-dir", tmp_path / "run", "--epochs", 1, env=quiet_env(tmp_path / "torch_home"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(path) in proc.stderr and words in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -328,7 +331,8 @@ def test_frozen_run_keeps_the_backbone_bit_identical(run_frozen, vgg_features):
         for key, value in vgg_features.items():
             assert torch.equal(features[key], value), f"{name}: {key} changed"
         if name == "last.pt":
-            assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == HEAD_PARAMS  # only the head is optimised
+            # only the head is optimised
+            assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == HEAD_PARAMS
     with torch.device("meta"):
         head = ex2_transfer.build_model({"mode": "scratch", "weights": None}).head
     assert f"trainable: {sum(p.numel() for p in head.parameters()):,}" in run_frozen["proc"].stdout

@@ -42,7 +42,8 @@ def pytorch_probabilities(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     checkpoint, model = common.tasks.open_checkpoint("ex1_convnet.py", run_dir / "best.pt", run_dir,
                                                      ex1_convnet.build_model, ctx)
-    return common.evaluation.predict(model, images, checkpoint["settings"]["mean"], checkpoint["settings"]["std"], ctx).softmax(1)
+    return common.evaluation.predict(model, images, checkpoint["settings"]["mean"], checkpoint["settings"]["std"],
+                                     ctx).softmax(1)
 
 
 @pytest.mark.slow
@@ -93,10 +94,12 @@ def test_the_int8_model_is_smaller_runs_and_says_its_accuracy(exported, cifar_di
     assert np.abs(out.sum(1) - 1).max() < 1e-5  # the Softmax stays in fp32: a quantised one sums to 1 only within 2%
     assert "the probabilities of a picture sum to 1 within" in exported["int8_out"]
     accuracy = (torch.from_numpy(out).argmax(1) == data.test_labels).float().mean().item()
-    assert f"ONNX Runtime (int8) {accuracy:.2%}" in exported["int8_out"] and "int8 against PyTorch:" in exported["int8_out"]
+    assert f"ONNX Runtime (int8) {accuracy:.2%}" in exported["int8_out"] \
+        and "int8 against PyTorch:" in exported["int8_out"]
     props = {p.key: p.value for p in onnx.load(str(exported["int8"])).metadata_props}
     assert json.loads(props["classes"]) == CLASS_NAMES
-    assert props["quantization"] == "int8 static, calibrated on 320 training images"  # the fixture's 320, not test images
+    # the fixture's 320, not test images
+    assert props["quantization"] == "int8 static, calibrated on 320 training images"
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ PARAMS_NO_BN = PARAMS_BN - 2 * (128 + 4 * 512)
 def model_for(*argv: str) -> nn.Module:
     """The model ex1_convnet.py builds for these flags."""
     args = ex1_convnet.parse_args(list(argv))
-    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES[args.recipe or "default"],
-                                       ex1_convnet.Settings)
+    settings = common.cli.resolve_settings(common.cli.explicit_flags(args),
+                                           ex1_convnet.RECIPES[args.recipe or "default"], ex1_convnet.Settings)
     torch.manual_seed(0)
     return ex1_convnet.build_model(settings)
 

@@ -99,13 +99,15 @@ def test_predict_with_tta_averages_the_softmax_of_the_views():
                             for v in common.evaluation.tta_views(images.float() / 255)]).mean(0)
     got = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).softmax(1)
     assert torch.allclose(got, expected, atol=1e-6)
-    assert not torch.allclose(common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx).softmax(1), expected, atol=1e-3)
+    plain = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx).softmax(1)
+    assert not torch.allclose(plain, expected, atol=1e-3)
 
 
 def test_tta_and_predict_are_runtime_flags_that_resume_accepts():
     assert {"tta", "predict"} <= common.cli.RUNTIME_KEYS
     saved = dict(common.cli.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings))
-    assert common.train.resumed_settings(ex1_convnet.Settings(), {"tta": True, "predict": ["x.png"]}, saved)["tta"] is True
+    assert common.train.resumed_settings(ex1_convnet.Settings(), {"tta": True, "predict": ["x.png"]},
+                                         saved)["tta"] is True
 
 
 # ----------------------------------------------------------------------------- reading image files
@@ -166,7 +168,8 @@ def test_every_lossless_image_kind_decodes_to_the_pixels_it_was_made_from(tmp_pa
         "scan.tif": (lambda p: base.save(p), rgb, 0), "lossless.webp": (lambda p: base.save(p, lossless=True), rgb, 0),
         "cmyk.tif": (lambda p: base.convert("CMYK").save(p), rgb, 0),
         "grey.png": (lambda p: base.convert("L").save(p), np.repeat(grey[..., None], 3, 2), 0),
-        "grey16.png": (lambda p: Image.fromarray(grey.astype(np.uint16) * 257).save(p), np.repeat(grey[..., None], 3, 2), 0),
+        "grey16.png": (lambda p: Image.fromarray(grey.astype(np.uint16) * 257).save(p),
+                       np.repeat(grey[..., None], 3, 2), 0),
         "palette.png": (lambda p: palette.save(p), shown, 0),
         "palette_transparent.png": (lambda p: palette.save(p, transparency=transparent), shown_on_white, 0),
         "rgba.png": (lambda p: Image.fromarray(np.dstack([rgb, np.full((32, 32), 255, np.uint8)])).save(p), rgb, 0),
@@ -188,7 +191,8 @@ def test_an_upscaled_256x256_image_and_a_1x1_image(cifar_dir, tmp_path):
     assert restored.shape == (3, 32, 32)
     assert (restored.float() - image.float()).abs().mean() < 8  # Lanczos rings a little on the fixture's noise
     Image.new("RGB", (1, 1), (10, 200, 30)).save(tmp_path / "dot.png")
-    assert torch.equal(common.data.load_image(tmp_path / "dot.png"), torch.tensor([10, 200, 30], dtype=torch.uint8)[:, None, None].expand(3, 32, 32))
+    assert torch.equal(common.data.load_image(tmp_path / "dot.png"),
+                       torch.tensor([10, 200, 30], dtype=torch.uint8)[:, None, None].expand(3, 32, 32))
 
 
 def test_transparency_is_composited_on_white(tmp_path):
@@ -255,7 +259,8 @@ def test_image_files_lists_folders_sorted_by_suffix_and_refuses_missing_paths(tm
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "inner.png").write_bytes(b"")
     explicit = tmp_path / "notes.txt"
-    assert common.data.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG", tmp_path / "c.webp", explicit]
+    assert common.data.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG",
+                                                             tmp_path / "c.webp", explicit]
     with pytest.raises(common.files.UsageError, match="missing.png: no such file or folder"):
         common.data.image_files([tmp_path / "a.jpg", tmp_path / "missing.png"])
     (tmp_path / "empty").mkdir()
@@ -269,7 +274,8 @@ def test_a_missing_path_or_an_empty_folder_is_exit_2_before_the_model_loads(tmp_
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     absent_checkpoint = tmp_path / "no-such-checkpoint.pt"
-    for path, reason in ((tmp_path / "missing.jpg", "no such file or folder"), (tmp_path / "empty", "a folder with no image file")):
+    for path, reason in ((tmp_path / "missing.jpg", "no such file or folder"),
+                         (tmp_path / "empty", "a folder with no image file")):
         code, _, err = call(ex1_convnet.main, ["--predict", path, "--checkpoint", absent_checkpoint, *CPU], capsys)
         assert code == 2 and f"{path}: {reason}" in error_line(err), err
         assert str(absent_checkpoint) not in err
@@ -279,7 +285,8 @@ def test_a_checkpoint_of_the_other_script_is_refused_as_eval_only_refuses_it(tmp
     to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
     other = tmp_path / "ex2.pt"
     torch.save({"kind": "ex2_transfer.py", "settings": {}, "model": {}}, other)
-    code, _, predict_err = call(ex1_convnet.main, ["--predict", tmp_path / "cat.png", "--checkpoint", other, *CPU], capsys)
+    code, _, predict_err = call(ex1_convnet.main, ["--predict", tmp_path / "cat.png", "--checkpoint", other, *CPU],
+                                capsys)
     assert code == 2
     code, _, eval_err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", other, "--data-dir", cifar_dir,
                                                 "--no-download", "--out-dir", tmp_path / "eval", *CPU], capsys)
@@ -355,7 +362,8 @@ def test_a_training_run_with_tta_reports_both_accuracies(trained, cifar_dir):
     model, settings = model_of(trained / "best.pt")  # the final test ran the views, not the plain images
     data = common.data.load_cifar10(cifar_dir, download=False)
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    predicted = common.evaluation.predict(model, data.test_images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
+    predicted = common.evaluation.predict(model, data.test_images, settings["mean"], settings["std"], ctx,
+                                          tta=True).argmax(1)
     assert metrics["test_accuracy_tta"] == (predicted == data.test_labels).sum().item() / 120
 
 

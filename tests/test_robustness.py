@@ -77,7 +77,8 @@ class Launched:
         deadline = time.monotonic() + timeout
         while not path.exists():
             if self.proc.poll() is not None:
-                pytest.fail(f"the run ended (exit {self.proc.returncode}) before writing {path.name}:\n{self.output()[-3000:]}")
+                pytest.fail(f"the run ended (exit {self.proc.returncode}) before writing {path.name}:\n"
+                            f"{self.output()[-3000:]}")
             if time.monotonic() > deadline:
                 self.proc.kill()
                 self.proc.wait()
@@ -107,7 +108,8 @@ def reference(tmp_path_factory, cifar_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory, cifar_dir) -> dict:
-    """The same run killed with SIGKILL once epoch 1 is saved (so during epoch 2), and a pristine copy of what it left."""
+    """The same run killed with SIGKILL once epoch 1 is saved (so during epoch 2), and a pristine copy of what it
+    left."""
     base = tmp_path_factory.mktemp("killed")
     out_dir = base / "run"
     run = Launched(base / "logs", "ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", out_dir, *RUN)
@@ -148,7 +150,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, killed):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(tmp_path, cifar_dir, reference, capsys, no_filter_plots):
+def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(tmp_path, cifar_dir, reference, capsys,
+                                                                  no_filter_plots):
     """SIGINT during epoch 2: exit 130, last.pt of epoch 1 loadable, no temp file, and the printed command resumes."""
     out_dir = tmp_path / "run"
     run = Launched(tmp_path / "logs", "ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", out_dir, *RUN)
@@ -213,7 +216,8 @@ def test_a_failing_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, mon
 
     monkeypatch.setattr(torch, "save", half_save)
     with pytest.raises(type(exception)):
-        common.files.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.zeros(1000)}, "epoch": 2}, checkpoint_path)
+        common.files.save_checkpoint({"kind": "ex1_convnet.py", "model": {"w": torch.zeros(1000)}, "epoch": 2},
+                                     checkpoint_path)
     monkeypatch.undo()
 
     assert metrics_path.read_bytes() == old_metrics and checkpoint_path.read_bytes() == old_checkpoint
@@ -224,18 +228,21 @@ def test_a_failing_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, mon
 def test_atomic_write_fsyncs_the_temporary_file_in_the_same_folder_before_renaming(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "fsync",
+                        lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b)))
     common.files.save_json({"a": 1}, tmp_path / "metrics.json")
     assert [e[0] for e in events] == ["fsync", "replace"]
     temporary = Path(events[1][1])
-    assert events[0][1] == str(temporary) and temporary.parent == tmp_path and events[1][2] == str(tmp_path / "metrics.json")
+    assert events[0][1] == str(temporary) and temporary.parent == tmp_path \
+        and events[1][2] == str(tmp_path / "metrics.json")
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"a": 1}
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"])
 def test_result_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
-    """Not mkstemp's private 0600: 0666 less the umask, as `open(path, 'w')` gives, so a shared folder stays readable."""
+    """Not mkstemp's private 0600: 0666 less the umask, as `open(path, 'w')` gives, so a shared folder stays
+    readable."""
     previous = os.umask(umask)
     try:
         common.files.save_json({"a": 1}, tmp_path / "metrics.json")
@@ -308,7 +315,8 @@ def test_resume_refuses_a_flag_that_changes_the_model_or_the_data(killed, flags,
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path, killed, reference, cifar_dir, capsys, no_filter_plots):
+def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path, killed, reference, cifar_dir,
+                                                                       capsys, no_filter_plots):
     run_dir = tmp_path / "run"
     shutil.copytree(killed["unfinished"], run_dir)
     done = common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["epoch"]
@@ -328,11 +336,13 @@ def test_resume_keeps_the_saved_settings_and_epochs_may_extend_the_run(tmp_path,
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_precision_the_run_trained_in(tmp_path, killed, cifar_dir, capsys, monkeypatch, no_filter_plots):
+def test_resume_keeps_the_precision_the_run_trained_in(tmp_path, killed, cifar_dir, capsys, monkeypatch,
+                                                       no_filter_plots):
     """On a CPU where --precision auto means bf16 (simulated here, so that every CPU runs this), a run started with
     --precision fp32 resumes in fp32; a --precision given to --resume wins, is announced, and history.json and
     metrics.json record both."""
-    monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: False)  # the stand-in is what auto reads, on any CPU
+    # the stand-in is what auto reads, on any CPU
+    monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: False)
     assert common.device.resolve_precision("auto", torch.device("cpu")) == torch.float32
     monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: True)
     assert common.device.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
@@ -364,7 +374,8 @@ def test_resume_refuses_other_data_and_takes_the_same_data_from_another_folder(t
     run_dir = tmp_path / "run"
     shutil.copytree(killed["unfinished"], run_dir)
     data = common.data.load_cifar10(cifar_dir, download=False)
-    expected = common.data.data_fingerprint(common.data.split_train_val(data, 64, 64))  # RUN: --val-size 64 --limit-train 64
+    # RUN: --val-size 64 --limit-train 64
+    expected = common.data.data_fingerprint(common.data.split_train_val(data, 64, 64))
     assert common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected
     before = (run_dir / "last.pt").read_bytes()
 
@@ -419,7 +430,8 @@ def test_a_full_disk_ends_with_one_line_naming_the_file_what_is_kept_and_how_to_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="mounting a tmpfs needs root on Linux")
+@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"),
+                    reason="mounting a tmpfs needs root on Linux")
 def test_a_really_full_file_system_is_reported_the_same_way(tmp_path, cifar_dir, capsys, monkeypatch, no_filter_plots):
     """A 150 MB tmpfs holds epoch 1's best.pt (31 MB) and last.pt (92 MB), and no room for epoch 2's."""
     disk = tmp_path / "disk"
@@ -444,7 +456,7 @@ def test_train_log_holds_stderr_too_and_each_call_appends(tmp_path, cifar_dir, c
         print("warning: a line on stderr during the run", file=sys.stderr)  # as Python's warnings print
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(common.train, "evaluate", warning_evaluate)
+    monkeypatch.setattr(common.evaluation, "evaluate", warning_evaluate)  # validation and the test call it
     out_dir = tmp_path / "run"
     argv = [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir]
     assert call(ex1_convnet.main, argv, capsys)[0] == 0
@@ -474,7 +486,8 @@ def test_a_second_run_into_a_busy_folder_exits_2_naming_the_holder(tmp_path, cif
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; sys.path.insert(0, "
-                               f"{str(ROOT)!r}); import common; lock = common.files.run_dir_lock(Path({str(out_dir)!r})); "
+                               f"{str(ROOT)!r}); import common; "
+                               f"lock = common.files.run_dir_lock(Path({str(out_dir)!r})); "
                                "lock.__enter__(); print('locked', flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -532,7 +545,8 @@ def test_a_checkpoint_from_before_the_data_fingerprint_resumes_and_gains_one(tmp
     code, out, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir, "--data-dir", cifar_dir], capsys)
     assert code == 0, err[-3000:]
     assert f"resuming after epoch {old['epoch']} of 3" in out
-    expected = common.data.data_fingerprint(common.data.split_train_val(common.data.load_cifar10(cifar_dir, False), 64, 64))
+    data = common.data.load_cifar10(cifar_dir, False)
+    expected = common.data.data_fingerprint(common.data.split_train_val(data, 64, 64))
     assert common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected
 
 
@@ -549,7 +563,8 @@ def test_every_torch_load_uses_weights_only():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                 keywords = {k.arg: k.value for k in node.keywords}
                 calls.append((script, node.lineno))
-                assert isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True, \
+                assert (isinstance(keywords.get("weights_only"), ast.Constant)
+                        and keywords["weights_only"].value is True), \
                     f"{script}:{node.lineno}: torch.load without weights_only=True"
     assert calls
 
@@ -562,7 +577,8 @@ class _Payload:
 def _bad_checkpoints(folder: Path, reference: Path, ex2_checkpoint: Path) -> dict:
     """name -> (path, what the message must say)."""
     state_dict = folder / "state_dict.pt"
-    torch.save(ex1_convnet.build_model({"dropout": 0.1, "batch_norm": True, "linear_init_std": None}).state_dict(), state_dict)
+    torch.save(ex1_convnet.build_model({"dropout": 0.1, "batch_norm": True, "linear_init_std": None}).state_dict(),
+               state_dict)
     random_bytes = folder / "random.pt"
     random_bytes.write_bytes(os.urandom(4096))
     truncated = folder / "truncated.pt"
@@ -581,7 +597,8 @@ def _bad_checkpoints(folder: Path, reference: Path, ex2_checkpoint: Path) -> dic
         "bare state dict": (state_dict, "not a checkpoint of this project (a bare state dict"),
         "random bytes": (random_bytes, "not a readable checkpoint: not a PyTorch checkpoint file"),
         "truncated checkpoint": (truncated, "not a readable checkpoint: a truncated or corrupt checkpoint"),
-        "checkpoint without its last 100 bytes": (cut_end, "not a readable checkpoint: a truncated or corrupt checkpoint"),
+        "checkpoint without its last 100 bytes": (cut_end,
+                                                  "not a readable checkpoint: a truncated or corrupt checkpoint"),
         "empty file": (empty, "not a readable checkpoint: an empty file"),
         "pickled code": (code, "not a readable checkpoint"),  # torch's own wording varies between versions
         "a tensor": (tensor, "not a checkpoint of this project"),
@@ -592,7 +609,8 @@ def _bad_checkpoints(folder: Path, reference: Path, ex2_checkpoint: Path) -> dic
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_eval_only_refuses_what_is_not_its_checkpoint(tmp_path, reference, ex2_checkpoint, cifar_dir, capsys, monkeypatch):
+def test_eval_only_refuses_what_is_not_its_checkpoint(tmp_path, reference, ex2_checkpoint, cifar_dir, capsys,
+                                                      monkeypatch):
     cases = _bad_checkpoints(tmp_path, reference, ex2_checkpoint)
     control = tmp_path / "control"
     control.mkdir()
@@ -602,7 +620,8 @@ def test_eval_only_refuses_what_is_not_its_checkpoint(tmp_path, reference, ex2_c
     monkeypatch.chdir(tmp_path)  # where the payload would leave its mark
     for name, (path, expected) in cases.items():
         code, _, err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", path, "--data-dir", cifar_dir,
-                                               "--no-download", "--device", "cpu", "--out-dir", tmp_path / "eval"], capsys)
+                                               "--no-download", "--device", "cpu", "--out-dir", tmp_path / "eval"],
+                            capsys)
         assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
         assert expected in error_line(err) and str(path) in error_line(err), f"{name}: {error_line(err)}"
         assert "Traceback" not in err
@@ -610,12 +629,14 @@ def test_eval_only_refuses_what_is_not_its_checkpoint(tmp_path, reference, ex2_c
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
     # and the other way round: ex1's checkpoint given to ex2
-    code, _, err = call(ex2_transfer.main, ["--eval-only", "--checkpoint", reference / "best.pt", "--data-dir", cifar_dir,
-                                            "--no-download", "--device", "cpu", "--out-dir", tmp_path / "eval2"], capsys)
+    code, _, err = call(ex2_transfer.main, ["--eval-only", "--checkpoint", reference / "best.pt",
+                                            "--data-dir", cifar_dir, "--no-download", "--device", "cpu",
+                                            "--out-dir", tmp_path / "eval2"], capsys)
     assert code == 2 and "a checkpoint of ex1_convnet.py, not of ex2_transfer.py" in error_line(err)
     # a genuine checkpoint still evaluates
-    code, _, err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", reference / "best.pt", "--data-dir", cifar_dir,
-                                           "--no-download", "--device", "cpu", "--out-dir", tmp_path / "eval3"], capsys)
+    code, _, err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", reference / "best.pt",
+                                           "--data-dir", cifar_dir, "--no-download", "--device", "cpu",
+                                           "--out-dir", tmp_path / "eval3"], capsys)
     assert code == 0, err[-3000:]
     assert metrics(tmp_path / "eval3")["test_accuracy"] == metrics(reference)["test_accuracy"]
 
@@ -676,8 +697,8 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_best_pt(tmp_path, cifar_
 @pytest.mark.slow
 def test_a_huge_learning_rate_stops_with_a_message(tmp_path, cifar_dir, capsys, no_filter_plots):
     """The real trigger: lr 1e30 in fp32 on the ConvNet without BatchNorm."""
-    code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN, "--epochs", "1",
-                                           "--lr", "1e30", "--no-bn"], capsys)
+    code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN,
+                                           "--epochs", "1", "--lr", "1e30", "--no-bn"], capsys)
     assert code == 3, err[-3000:]
     assert re.search(r"not finite at epoch 1, step \d+ of 2", error_line(err))
     assert not (tmp_path / "run" / "metrics.json").exists()
@@ -741,7 +762,8 @@ def test_bad_settings_are_refused_before_any_work(case, tmp_path, cifar_dir, cap
 @pytest.mark.slow
 def test_a_refusal_exits_2_from_the_command_line(tmp_path, cifar_dir):
     """The exit status itself, through a real process: a bad device and a bad learning rate."""
-    result = run_script("ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN, "--device", "tpu")
+    result = run_script("ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *RUN,
+                        "--device", "tpu")
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: --device tpu")
     assert not (tmp_path / "run").exists()
@@ -770,7 +792,9 @@ def _bad_data(root: Path) -> dict:
     variant("wrong shape", lambda f: (f / "data_batch_2").write_bytes(pickle.dumps(
         {"data": __import__("numpy").zeros((64, 100), "uint8"), "labels": [0] * 64})))
     variant("malicious", lambda f: (f / "data_batch_1").write_bytes(pickle.dumps({"data": _Evil(root / "PWNED")})))
-    expected = {"missing": "CIFAR-10 not found", "truncated": "data_batch_3: not a CIFAR-10 batch file (pickle data was truncated)", "corrupt": "test_batch: not a CIFAR-10 batch",
+    expected = {"missing": "CIFAR-10 not found",
+                "truncated": "data_batch_3: not a CIFAR-10 batch file (pickle data was truncated)",
+                "corrupt": "test_batch: not a CIFAR-10 batch",
                 "wrong shape": "expected uint8 data of shape (N, 3072)", "malicious": "refusing to load global"}
     return {name: (folder, expected[name]) for name, folder in cases.items()}
 
@@ -781,7 +805,8 @@ def test_data_errors_keep_their_message_and_exit_2_under_resume(tmp_path, killed
     before = (unfinished / "last.pt").read_bytes()
     for name, (data_dir, expected) in _bad_data(tmp_path).items():
         fresh = call(ex1_convnet.main, ["--data-dir", data_dir, "--out-dir", tmp_path / "fresh" / name, *RUN], capsys)
-        resumed = call(ex1_convnet.main, ["--resume", "--out-dir", unfinished, "--data-dir", data_dir, "--no-download"], capsys)
+        resumed = call(ex1_convnet.main, ["--resume", "--out-dir", unfinished, "--data-dir", data_dir, "--no-download"],
+                       capsys)
         for label, (code, _, err) in (("fresh", fresh), ("resume", resumed)):
             assert code == 2, f"{name} ({label}): exit {code}\n{err[-2000:]}"
             assert expected in error_line(err) and "Traceback" not in err, f"{name} ({label}): {error_line(err)}"

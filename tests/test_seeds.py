@@ -95,12 +95,14 @@ def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, 
         assert read_json(tmp_path / f"p{p}" / "seeds.json")["test_accuracy"]["values"] == pytest.approx(tests)
         assert_png(tmp_path / f"p{p}" / "seeds.png")
     rows = read_json(tmp_path / "dropout_sweep.json")["runs"]
-    assert [r["p"] for r in rows] == [0.1, 0.5] and [Path(r["run"]) for r in rows] == [tmp_path / "p0.1", tmp_path / "p0.5"]
+    assert [r["p"] for r in rows] == [0.1, 0.5] \
+        and [Path(r["run"]) for r in rows] == [tmp_path / "p0.1", tmp_path / "p0.5"]
     for row, p in zip(rows, (0.1, 0.5), strict=False):
         assert row["seeds"] == [0, 1, 2]
         assert row["test_accuracy"] == pytest.approx(statistics.mean(tests))
         assert row["test_accuracy_std"] == pytest.approx(statistics.stdev(tests))
-        assert row["final_train_accuracy"] == pytest.approx(0.5 - p / 2) and row["final_train_accuracy_std"] == pytest.approx(0)
+        assert row["final_train_accuracy"] == pytest.approx(0.5 - p / 2) \
+            and row["final_train_accuracy_std"] == pytest.approx(0)
         assert row["val_accuracy"] == pytest.approx([0.41])  # the mean curve over the seeds
     assert_png(tmp_path / "dropout_sweep.png")
     assert "over 3 seeds" in out
@@ -120,7 +122,8 @@ def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, monkey
 
 
 @pytest.mark.parametrize("flags, words", [(["--seeds", "0"], "--seeds must be at least 1"),
-                                          (["--seeds", "2", "--eval-only"], "--eval-only and --seeds are separate tasks")])
+                                          (["--seeds", "2", "--eval-only"],
+                                           "--eval-only and --seeds are separate tasks")])
 def test_bad_seeds_are_refused(flags, words, tmp_path, capsys):
     code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path, *flags], capsys)
     assert code == 2 and words in error_line(err)
@@ -131,7 +134,8 @@ def test_spread_is_the_sample_standard_deviation():
     assert result["mean"] == pytest.approx(0.83) and result["std"] == pytest.approx(0.026457513)
     assert (result["min"], result["max"]) == (0.80, 0.85)
     assert common.plots.spread([0.5])["std"] is None
-    assert common.plots.format_spread(result) == "83.0 ± 2.6%" and common.plots.format_spread(common.plots.spread([0.5])) == "50.0%"
+    assert common.plots.format_spread(result) == "83.0 ± 2.6%" \
+        and common.plots.format_spread(common.plots.spread([0.5])) == "50.0%"
 
 
 def test_a_finished_member_trained_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch, capsys):

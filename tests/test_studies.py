@@ -107,8 +107,9 @@ def test_metrics_report_the_last_and_the_best_epochs_model(bn_runs, cifar_dir):
         model = ex1_convnet.build_model(checkpoint["settings"])
         model.load_state_dict(checkpoint["model"])
         model = model.to(memory_format=torch.channels_last)
-        accuracy[name] = common.evaluation.evaluate(model, data.test_images, data.test_labels, checkpoint["settings"]["mean"],
-                                         checkpoint["settings"]["std"], ctx)["accuracy"]
+        accuracy[name] = common.evaluation.evaluate(model, data.test_images, data.test_labels,
+                                                    checkpoint["settings"]["mean"], checkpoint["settings"]["std"],
+                                                    ctx)["accuracy"]
     one_image = 1 / len(data.test_labels)  # allow one argmax tie to fall the other way under another thread count
     assert m["test_accuracy"] == pytest.approx(accuracy["best"], abs=one_image)
     assert m["test_accuracy_last"] == pytest.approx(accuracy["last"], abs=one_image)
@@ -130,14 +131,16 @@ def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
         marks = [line for line in ax.get_lines() if list(line.get_xdata()) == [2, 2]]
         assert marks, "no vertical line at the best epoch"
         legend = ax.get_legend()
-        assert legend is not None and any("best epoch" in t.get_text() and "2" in t.get_text() for t in legend.get_texts())
+        assert legend is not None and any("best epoch" in t.get_text() and "2" in t.get_text()
+                                          for t in legend.get_texts())
 
 
 # ----------------------------------------------------------------------------- augmentation
 
 def augment_of(*flags: str, recipe: str = "default") -> list[str]:
     args = ex1_convnet.parse_args(list(flags))
-    return common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES[recipe], ex1_convnet.Settings)["augment"]
+    return common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES[recipe],
+                                       ex1_convnet.Settings)["augment"]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -157,8 +160,10 @@ def test_per_op_flags_turn_ops_on_and_off(flags, expected):
 
 def test_strength_flags_set_the_strength_and_override_the_recipe():
     args = ex1_convnet.parse_args(["--recipe", "original", "--rotate-deg", "5", "--jitter", "0", "--crop-pad", "2"])
-    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES["original"], ex1_convnet.Settings)
-    assert settings["augment"] == ["flip", "crop", "rotate"]  # the original recipe's flip,crop,rotate,jitter less jitter
+    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES["original"],
+                                           ex1_convnet.Settings)
+    # the original recipe's flip,crop,rotate,jitter less jitter
+    assert settings["augment"] == ["flip", "crop", "rotate"]
     assert settings["rotate_deg"] == 5 and settings["crop_pad"] == 2 and settings["jitter"] == 0
     assert augment_of(recipe="original") == ["flip", "crop", "rotate", "jitter"]
 
@@ -166,7 +171,8 @@ def test_strength_flags_set_the_strength_and_override_the_recipe():
 @pytest.mark.parametrize("flags, fill", [((), "reflect"), (("--crop-fill", "zeros"), "zeros")])
 def test_crop_fill_flag_reaches_the_training_step(flags, fill):
     args = ex1_convnet.parse_args(list(flags))
-    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES["short"], ex1_convnet.Settings)
+    settings = common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES["short"],
+                                           ex1_convnet.Settings)
     assert settings.crop_fill == fill  # what train_one_epoch crops with (tests/test_augment.py)
 
 

@@ -158,7 +158,8 @@ def test_confusion_matrix_has_the_true_class_in_rows():
 def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
     """The same files in another folder give the same fingerprint; other images, labels or split sizes do not."""
     def fingerprint(root, val_size=64):
-        return common.data.data_fingerprint(common.data.split_train_val(common.data.load_cifar10(root, download=False), val_size, None))
+        data = common.data.load_cifar10(root, download=False)
+        return common.data.data_fingerprint(common.data.split_train_val(data, val_size, None))
 
     original = fingerprint(write_cifar(tmp_path / "a", per_batch=16, n_test=10))
     assert fingerprint(write_cifar(tmp_path / "moved" / "b", per_batch=16, n_test=10)) == original
@@ -166,7 +167,8 @@ def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
     assert fingerprint(tmp_path / "a", val_size=32) != original
     images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 3])
-    assert common.data.data_fingerprint([images, labels]) != common.data.data_fingerprint([images, torch.tensor([0, 1, 2, 4])])
+    other_labels = torch.tensor([0, 1, 2, 4])
+    assert common.data.data_fingerprint([images, labels]) != common.data.data_fingerprint([images, other_labels])
 
 
 def test_parameter_groups_speed_up_the_norm_biases_only_when_asked():

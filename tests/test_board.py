@@ -1,9 +1,9 @@
 """TensorBoard: each run's event files hold its history.json, its test figures and pictures and its settings as
-hparams; --resume drops what an interrupted call logged after its last epoch, --overwrite starts clean, --eval-only
+hparams; --resume purges what an interrupted call logged after its last save, --overwrite starts clean, --eval-only
 and --no-tensorboard write nothing; TensorBoard serves them on localhost.
 
-The event files are read the two ways TensorBoard reads them: every record as written (LegacyEventFileLoader, which
-drops nothing, so a stale point shows as a duplicate step) and through EventAccumulator."""
+The event files are read every record as written (LegacyEventFileLoader) and as TensorBoard shows them
+(EventAccumulator, which drops the points a resume purged)."""
 import collections
 import contextlib
 import json
@@ -40,7 +40,11 @@ def points(run_dir: Path) -> list[tuple[str, int]]:
 
 
 def duplicates(run_dir: Path) -> list[tuple[str, int]]:
-    return [point for point, count in collections.Counter(points(run_dir)).items() if count > 1]
+    """(tag, step) of the scalars TensorBoard shows twice (through EventAccumulator, which applies a resumed run's
+    purge of the steps after the one it resumed from)."""
+    events = accumulated(run_dir)
+    return [(tag, step) for tag in events.Tags()["scalars"]
+            for step, count in collections.Counter(event.step for event in events.Scalars(tag)).items() if count > 1]
 
 
 def accumulated(run_dir: Path) -> EventAccumulator:

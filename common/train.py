@@ -137,11 +137,12 @@ def budget_plan(plan: Plan, step_s: float, spent_s: float, val_images: int, scal
     that many epochs; both said."""
     budget_s = plan.budget_minutes * 60
     step_s = share_from_rank0(step_s, ctx)
-    if share_from_rank0(spent_s, ctx) > budget_s:
-        raise UsageError(f"--time-budget {plan.budget_minutes:g} minutes is too short for the "
-                         f"{PLAN_WARMUP + PLAN_STEPS} steps that time it (they took {spent_s:.1f} s)")
     val_s = step_s * ctx.world * val_images / plan.batch_size / 3  # a forward pass: about a third of a step
     total = share_from_rank0(plan_total_steps(budget_s, spent_s, step_s, val_s, 0, plan.steps_per_epoch), ctx)
+    if total == 0:
+        raise UsageError(f"--time-budget {plan.budget_minutes:g} minutes is too short for the "
+                         f"{PLAN_WARMUP + PLAN_STEPS} steps that time it (they took {spent_s:.1f} s) and one step of "
+                         "training with its validation")
     epochs = total / plan.steps_per_epoch
     planned = plan._replace(total_steps=total, images_per_s=plan.batch_size / step_s, spent_s=spent_s,
                             chosen=choose_settings(scaling, epochs))
@@ -505,14 +506,15 @@ def pause_wanted(step: int, pause_at: float, stop: dict | None, ctx: TrainContex
 def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: torch.Tensor, plan: Plan,
                ctx: TrainContext) -> tuple[float, float]:
     """A time budget's first steps, on a network of its own that is then dropped (the run's network is built with
-    the settings the plan chooses): PLAN_WARMUP steps, then PLAN_STEPS timed ones (fewer when an epoch is short).
-    Returns (seconds per timed step, seconds in all)."""
+    the settings the plan chooses): PLAN_WARMUP steps, then PLAN_STEPS timed ones (fewer when an epoch is short: one
+    warm-up step at least, the epoch's others timed). Returns (seconds per timed step, seconds in all)."""
     start = time.perf_counter()
     training = set_up_training(settings, build_model, ctx, None, quiet=True)
-    train_one_epoch(training, images, labels, settings, plan, 0, ctx, steps=min(PLAN_WARMUP, plan.steps_per_epoch))
+    warm_up = min(PLAN_WARMUP, max(1, plan.steps_per_epoch - 1))
+    train_one_epoch(training, images, labels, settings, plan, 0, ctx, steps=warm_up)
     synchronize(ctx.device)
     timed = train_one_epoch(training, images, labels, settings, plan, 0, ctx,
-                            steps=min(PLAN_STEPS, plan.steps_per_epoch))
+                            steps=min(PLAN_STEPS, max(1, plan.steps_per_epoch - warm_up)))
     return timed["seconds"] / timed["steps"], time.perf_counter() - start
 
 

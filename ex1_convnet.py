@@ -27,7 +27,7 @@ import common
 WIDTHS = (128, 512, 512, 512, 512)
 
 RECIPES = {
-    # Ours (common.settings.Settings' defaults): AdamW with a one-cycle schedule, label smoothing, flips and
+    # Ours (common.cli.Settings' defaults): AdamW with a one-cycle schedule, label smoothing, flips and
     # translations. The strengths of the ops not in `augment` (rotate, jitter, gray) are what a flag turning them
     # on gets.
     "default": {},
@@ -40,7 +40,7 @@ RECIPES = {
     # the learning rate (docs/probes.md); random first filters, a 5-degree rotation and mirrored borders, with which
     # the hour's model loses at most a point more than the 30-epoch model to each corruption (docs/robustness.md).
     # A time budget's plan moves dropout, crop padding and label smoothing from these values (best up to 10 epochs)
-    # towards the default recipe's (for 30) as it buys more epochs: common.budget.choose_settings.
+    # towards the default recipe's (for 30) as it buys more epochs: common.train.choose_settings.
     "short": dict(epochs=5, batch_size=64, dropout=0.0, augment="flip,crop,rotate", crop_pad=2, crop_fill="reflect",
                   rotate_deg=5.0, label_smoothing=0.2, norm_bias_lr=8.0,
                   budget_scaling={"epochs": [10, 30], "dropout": [0.0, 0.1], "crop_pad": [2, 4],
@@ -53,9 +53,8 @@ class Settings(common.cli.Settings):
     """common.cli.Settings and this network's own."""
     dropout: float | list[float] = common.cli.setting(  # of every block, or one value per block
         0.1, "dropout of every block (default: the recipe's); several values train one model each in --out-dir/p<P>/ "
-             "(augmentation off unless --augment) and draw dropout_sweep.png", (lambda p: 0 <= p < 1, "must be in "
-                                                                                "[0, 1)"), type=float, nargs="+",
-        metavar="P")
+             "(augmentation off unless --augment) and draw dropout_sweep.png",
+        (lambda p: 0 <= p < 1, "must be in [0, 1)"), type=float, nargs="+", metavar="P")
     batch_norm: bool = common.cli.setting(True, "the variant without BatchNorm", flag="--no-bn", action="store_false")
     linear_init_std: float | None = None  # the last layer's initial weights: normal with this std (None: PyTorch's)
 
@@ -137,8 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     return common.cli.run_experiment(args, "ex1_convnet.py", RECIPES, Settings, build_model, "runs/ex1",
-                                 default_recipe="short" if args.time_budget is not None else "default",
-                                 sweeps=[dropout_sweep(args)] if isinstance(args.dropout, list) else [])
+                                     default_recipe="short" if args.time_budget is not None else "default",
+                                     sweeps=[dropout_sweep(args)] if isinstance(args.dropout, list) else [])
 
 
 if __name__ == "__main__":

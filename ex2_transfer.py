@@ -31,7 +31,7 @@ WEIGHTS = VGG11_BN_Weights.IMAGENET1K_V1
 IMAGENET_MEAN = list(WEIGHTS.transforms().mean)
 IMAGENET_STD = list(WEIGHTS.transforms().std)
 
-# Ours (common.settings.Settings' defaults) for each mode, with ImageNet's mean and std.
+# Ours (common.cli.Settings' defaults) for each mode, with ImageNet's mean and std.
 IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 RECIPES = {
     "pretrained": dict(IMAGENET, epochs=20, lr=1e-3),

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .data import AUGMENT_OPS, FILLS, parse_augment, STRENGTH_KEYS
 from .device import init_distributed, resolve_device, resolve_precision, say, TrainContext
-from .files import load_checkpoint, NonFiniteLoss, resume_command, SaveError, UsageError
+from .files import NonFiniteLoss, resume_command, SaveError, UsageError
 from .plots import compare_runs, load_run, summarize_seeds
 from .tasks import CALIBRATION_IMAGES, eval_only, export_model, EXPORT_PACKAGES, predict_images
 from .train import differing_settings, Plan, settings_for_plan, train_run
@@ -293,9 +293,8 @@ def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dic
         if settings.eval_only:
             checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "eval")
             if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
-                recorded = recorded_settings(load_checkpoint(checkpoint, script)["settings"])
                 eval_only(script, checkpoint, reports, settings.data_dir, not settings.no_download, settings.tta,
-                          settings.corruptions, build_model, recorded, ctx)
+                          settings.corruptions, build_model, RUNTIME_KEYS, ctx)
         elif sweeps:
             run_sweeps(sweeps, script, settings, flags_given, build_model, out_dir, ctx)
         else:

@@ -44,10 +44,10 @@ def open_checkpoint(script: str, checkpoint_path: Path, out_dir: Path, build_mod
 
 
 def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, download: bool, tta: bool,
-              corruption_images: int | None, build_model, recorded: dict, ctx: TrainContext) -> dict:
+              corruption_images: int | None, build_model, runtime_keys: set[str], ctx: TrainContext) -> dict:
     """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir` (the corruption benchmark on
     `corruption_images` of the first test images, by default the first 1,000), write metrics.json and the test
-    figures in `out_dir`; metrics.json records the `recorded` settings (the checkpoint's without the runtime flags)."""
+    figures in `out_dir`; metrics.json records the checkpoint's settings without the `runtime_keys`."""
     checkpoint, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
     saved = checkpoint["settings"]
     data = load_cifar10(data_dir, download=download)
@@ -55,6 +55,7 @@ def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, 
     figures, predictions = test_results(model, data.test_images, data.test_labels, data.classes, saved["mean"],
                                         saved["std"], ctx, tta,
                                         FIRST_TEST_IMAGES if corruption_images is None else corruption_images)
+    recorded = {k: v for k, v in saved.items() if k not in runtime_keys}
     metrics = write_report(figures, predictions, data, model, ctx.device, recorded, environment_info(ctx.device),
                            out_dir, checkpoint=str(checkpoint_path), epoch=checkpoint["epoch"],
                            best_epoch=checkpoint["best_epoch"], best_val_accuracy=checkpoint["best_val_accuracy"])

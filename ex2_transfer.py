@@ -66,25 +66,11 @@ def imagenet_state_dict(path: str | None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise common.files.UsageError(f"--weights {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise common.files.UsageError(f"--weights {path}: not a readable weights file "
-                                      f"({common.files.describe_error(e)})") from None
+    state = common.files.read_torch_file(path, "weights file")
     if isinstance(state, dict) and "kind" in state and "model" in state:
         raise common.files.UsageError(f"--weights {path}: a training checkpoint of {state['kind']}, not ImageNet "
                                       "VGG-11-bn weights")
-    with torch.device("meta"):
-        expected = torchvision.models.vgg11_bn().state_dict()
-    if not isinstance(state, dict):
-        raise common.files.UsageError(f"--weights {path}: holds a {type(state).__name__}, not a VGG-11-bn state dict")
-    missing = [k for k in expected if k not in state]
-    wrong = [k for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
-    if missing or wrong:
-        problem = (f"{len(missing)} of {len(expected)} tensors missing (first: {missing[0]})" if missing
-                   else f"{len(wrong)} tensors of the wrong shape (first: {wrong[0]})")
-        raise common.files.UsageError(f"--weights {path}: not VGG-11-bn weights in torchvision's layout: {problem}")
-    return {k: state[k] for k in expected}  # extra entries beside torchvision's would fail the strict load
+    return state
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,7 +86,8 @@ def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequen
     `initial_weights` asks for them (not when a checkpoint's weights come next)."""
     vgg = torchvision.models.vgg11_bn()
     if initial_weights and settings["mode"] != "scratch":
-        vgg.load_state_dict(imagenet_state_dict(settings["weights"]))
+        common.files.load_weights(vgg, imagenet_state_dict(settings["weights"]), f"--weights {settings['weights']}",
+                                  "VGG-11-bn in torchvision's layout")
     features = vgg.features
     if settings["mode"] == "frozen":
         features = FrozenFeatures(*features)

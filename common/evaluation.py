@@ -265,8 +265,8 @@ def corruption_images(asked: int | None, train_s: float, test_s: float, test_ima
     affordable = int(CORRUPTION_SHARE * train_s / (CORRUPTION_PASSES * test_s / max(1, test_images)))
     count = min(first_test_images(test_images), affordable) // CORRUPTION_STEP * CORRUPTION_STEP
     if count < first_test_images(test_images):
-        print(f"corruption benchmark: {f'the first {count} test images' if count else 'not run'}, as a tenth of the "
-              f"{train_s:.0f} s of training affords {affordable}; --corruptions N chooses")
+        print(f"corruption benchmark: {f'on the first {count} test images' if count else 'not run'}, to take at most "
+              f"a tenth of the {train_s:.0f} s of training (--corruptions N sets the number of images)")
     return count
 
 
@@ -309,12 +309,17 @@ def print_corruptions(record: dict) -> None:
     """The corruption benchmark as a table: a row per corruption, its accuracy and drop at each severity."""
     print(f"\ncorruption benchmark, first {record['images']} test images: clean {record['clean_accuracy']:.2%}")
     for name in dict.fromkeys(r["corruption"] for r in record["results"]):
-        cells = [f"{r['severity']:>5g}: {r['accuracy']:7.2%} ({-r['drop'] * 100:+.1f})"
+        cells = [f"{r['severity']:>5g}: {r['accuracy']:7.2%} ({points(-r['drop'], '+')})"
                  for r in record["results"] if r["corruption"] == name]
         print(f"  {name:<15}" + "   ".join(cells))
     worst = record["worst"]
-    print(f"  mean corruption accuracy {record['mean_accuracy']:.2%} (drop {record['mean_drop'] * 100:.1f} points); "
-          f"worst {worst['corruption']} {worst['severity']:g} (drop {worst['drop'] * 100:.1f})")
+    print(f"  mean corruption accuracy {record['mean_accuracy']:.2%} (drop {points(record['mean_drop'])} points); "
+          f"worst {worst['corruption']} {worst['severity']:g} (drop {points(worst['drop'])})")
+
+
+def points(fraction: float, sign: str = "") -> str:
+    """A fraction as percentage points to one decimal, never '-0.0'."""
+    return f"{round(fraction * 100, 1) + 0.0:{sign}.1f}"
 
 
 def write_test_report(figures: dict, predictions: torch.Tensor, data: CifarData, out_dir: Path) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,34 +89,56 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     atomic_write(path, write)
 
 
+def read_torch_file(path: Path, what: str) -> object:
+    """torch.load of `path` with weights_only, or a UsageError that says in one sentence why it is no readable
+    `what` (no library detail: a pickle opcode means nothing to a reader)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        head = path.read_bytes()[:4]
+        if not head:
+            why = "an empty file"
+        elif head != b"PK\x03\x04":
+            why = f"not a PyTorch {what}"
+        elif not zipfile.is_zipfile(path):
+            why = f"a truncated or corrupt {what}"
+        elif "Weights only load failed" in str(e):
+            why = "it holds Python objects besides tensors and plain data, which are not loaded for safety"
+        else:
+            why = f"a corrupt {what}"
+        raise UsageError(f"{path}: not a readable {what}: {why}") from None
+
+
+CHECKPOINT_KEYS = ("kind", "settings", "model", "epoch", "history", "best_epoch", "best_val_accuracy")
+
+
 def load_checkpoint(path: Path, script: str) -> dict:
-    """Load one of this project's checkpoints (weights_only), refusing other files with a message."""
+    """Load one of `script`'s checkpoints (weights_only), refusing any other file in one sentence."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"checkpoint {path} " + ("is not a file" if path.exists() else "does not exist"))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if not head:
-            what = "an empty file"
-        elif head != b"PK\x03\x04":
-            what = "not a PyTorch checkpoint file"
-        elif not zipfile.is_zipfile(path):
-            what = "a truncated or corrupt checkpoint"
-        elif "Weights only load failed" in str(e):
-            what = "it holds objects other than tensors and plain data (refused by weights_only loading)"
-        else:
-            what = "a corrupt checkpoint"
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
-        raise UsageError(f"{path}: not a readable checkpoint: {what} ({type(e).__name__}: {detail[:200]})") from None
+        raise UsageError(f"checkpoint {path} is not a file" if path.exists() else
+                         f"checkpoint {path} does not exist: train a run first (python {script}), or name a "
+                         "checkpoint with --checkpoint PATH")
+    checkpoint = read_torch_file(path, "checkpoint file")
     if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "model" not in checkpoint:
         raise UsageError(f"{path}: not a checkpoint of this project (a bare state dict or another program's file)")
     if checkpoint["kind"] != script:
         raise UsageError(f"{path}: a checkpoint of {checkpoint['kind']}, not of {script}; use the script that wrote it")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise UsageError(f"{path}: an incomplete checkpoint of {script}, without its {', '.join(missing)}")
     return checkpoint
+
+
+def load_weights(model: torch.nn.Module, state: object, source: str,
+                 network: str = "the network its settings describe") -> None:
+    """Load the state dict `state` (from the file `source`) into `model`, or a UsageError saying that it does not fit
+    `network`."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):
+        raise UsageError(f"{source}: its weights do not fit {network} (tensors missing, extra or of another shape)"
+                         ) from None
 
 
 TRAINING_STATE = ("optimizer", "scaler")  # what last.pt holds beyond best.pt: what --resume needs beyond the model
@@ -148,9 +171,10 @@ def write_checkpoints(held: dict, out_dir: Path) -> None:
 @contextlib.contextmanager
 def tee_console(path: Path, enabled: bool = True):
     """Append what the block prints to stdout and stderr to `path` as well, after a line naming the command and the
-    time; progress-bar redraws (lines that begin with a carriage return) stay on the console."""
+    time, and, when an exception ends the block, a line saying it; progress-bar redraws (lines that begin with a
+    carriage return) stay on the console. Yields the log file, for what goes to it alone (None when not `enabled`)."""
     if not enabled:
-        yield
+        yield None
         return
 
     class Tee:
@@ -175,7 +199,10 @@ def tee_console(path: Path, enabled: bool = True):
         original = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
         try:
-            yield
+            yield log
+        except BaseException as e:  # the log ends with what stopped the run, as the console says it
+            log.write(f"{'interrupted' if isinstance(e, KeyboardInterrupt) else 'error'}: {e}\n")
+            raise
         finally:
             sys.stdout, sys.stderr = original
 
@@ -191,9 +218,24 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
+def run_folder(out_dir: Path, main: bool = True):
+    """Make `out_dir` for a run (see prepare_out_dir); when the block fails before it saved a checkpoint there and
+    the folder is new (made by the `main` process), remove it: a failed start leaves nothing behind."""
+    created = main and not out_dir.exists()
+    prepare_out_dir(out_dir)
+    try:
+        yield
+    except BaseException:
+        if created and not any(out_dir.glob("*.pt")):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def run_dir_lock(out_dir: Path):
     """Hold an exclusive lock on out_dir/.lock (with this process's id in it) while the block runs: a second run into
-    the same folder is refused at once. The system drops the lock when the process ends, however it ends."""
+    the same folder is refused at once. The file goes at the end; the system drops the lock when the process ends,
+    however it ends."""
     import fcntl  # POSIX only: imported here so that the module loads everywhere
     with open(out_dir / ".lock", "a+", encoding="utf-8") as lock:
         try:
@@ -207,7 +249,10 @@ def run_dir_lock(out_dir: Path):
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        yield
+        try:
+            yield
+        finally:
+            (out_dir / ".lock").unlink(missing_ok=True)
 
 
 def cpu_name() -> str:

@@ -24,6 +24,7 @@ from .files import (
     atomic_write,
     environment_info,
     load_checkpoint,
+    load_weights,
     prepare_out_dir,
     save_json,
     UnreadableImage,
@@ -32,14 +33,11 @@ from .files import (
 from .plots import plot_image_grid
 
 
-def open_checkpoint(script: str, checkpoint_path: Path, out_dir: Path, build_model, ctx: TrainContext
-                    ) -> tuple[dict, nn.Module]:
-    """(a checkpoint of `script`, its network rebuilt from its settings and weights on the device), once the folder
-    the task writes into is made."""
+def open_checkpoint(script: str, checkpoint_path: Path, build_model, ctx: TrainContext) -> tuple[dict, nn.Module]:
+    """(a checkpoint of `script`, its network rebuilt from its settings and weights on the device)."""
     checkpoint = load_checkpoint(checkpoint_path, script)
-    prepare_out_dir(out_dir)
     model = build_model(checkpoint["settings"], initial_weights=False)
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"], checkpoint_path)
     return checkpoint, model.to(ctx.device, memory_format=torch.channels_last)
 
 
@@ -48,7 +46,8 @@ def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, 
     """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir` (the corruption benchmark on
     `corruption_images` of the first test images, by default the first 1,000), write metrics.json and the test
     figures in `out_dir`; metrics.json records the checkpoint's settings without the `runtime_keys`."""
-    checkpoint, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
+    checkpoint, model = open_checkpoint(script, checkpoint_path, build_model, ctx)
+    prepare_out_dir(out_dir)
     saved = checkpoint["settings"]
     data = load_cifar10(data_dir, download=download)
     print(f"evaluating {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}")
@@ -74,7 +73,8 @@ def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str |
     not sum to 1 (the file is then removed), else 0."""
     export_packages()  # missing packages are said before any work
     cpu = TrainContext(torch.device("cpu"), torch.float32)
-    checkpoint, model = open_checkpoint(script, checkpoint_path, path.parent, build_model, cpu)
+    checkpoint, model = open_checkpoint(script, checkpoint_path, build_model, cpu)
+    prepare_out_dir(path.parent)
     saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
     model.eval()
     try:
@@ -128,7 +128,8 @@ def check_export(model: nn.Module, path: Path, mean: list, std: list, data, quan
         print(f"check on the {len(images)} test images: ONNX Runtime ({'int8' if quantized else 'fp32'}) "
               f"{onnx_accuracy:.2%}, PyTorch {torch_accuracy:.2%}; the same class for {same}/{len(images)} "
               f"({same / len(images):.2%}); largest difference in probability {largest:.1e}"
-              + (f"; int8 against PyTorch: {(onnx_accuracy - torch_accuracy) * 100:+.2f} points" if quantized else ""))
+              + (f"; int8 against PyTorch: {round((onnx_accuracy - torch_accuracy) * 100, 2) + 0.0:+.2f} points"
+                 if quantized else ""))
     print(f"the probabilities of a picture sum to 1 within {off_one:.1e}")
     wrong = [] if quantized or same >= 0.999 * len(images) else \
         [f"gives another class than PyTorch for {len(images) - same} of {len(images)} images"]
@@ -152,7 +153,7 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
     else 0.
     """
     files = image_files(paths)  # a missing path or an empty folder is refused before the model loads
-    checkpoint, model = open_checkpoint(script, checkpoint_path, out_dir, build_model, ctx)
+    checkpoint, model = open_checkpoint(script, checkpoint_path, build_model, ctx)
     saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
     print(f"predicting {len(files)} file(s) with {checkpoint_path} (epoch {checkpoint['epoch']}) on {ctx.device}"
           + (", test-time augmentation" if tta else ""))
@@ -180,7 +181,12 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
                 previews.append(image)
                 titles.append(f"{top3[0]['label']} {p[0]:.0%}")
     bar.close()
+    if not rows:
+        print(f"error: none of the {len(files)} file(s) could be read as an image; nothing written to {out_dir}",
+              file=sys.stderr)
+        return 1
     print_predictions(rows)
+    prepare_out_dir(out_dir)
     save_predictions(rows, out_dir)
     plot_image_grid(previews, titles, out_dir / "predictions.png", "no image could be read")
     print(f"{len(rows)} predicted, {skipped} skipped; predictions.json, predictions.csv and predictions.png in "

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 PLAN_WARMUP, PLAN_STEPS = 5, 20  # a --time-budget run times PLAN_STEPS steps after PLAN_WARMUP to plan its total
 WARMUP = 0.2  # the one-cycle schedule's rise: this fraction of the steps
 LOG_EVERY = 25  # steps between the progress bar's readings of the device's sums (and TensorBoard's step scalars)
+ESTIMATE_AFTER_S = 10.0  # the line that says how long a run takes: from this many seconds of steps after the first
 SAVE_EVERY_S = 30.0  # the most wall-clock seconds between two writes of a run's checkpoints at the end of epochs
 IN_EPOCH_SAVE_S = 60.0  # the most seconds of training lost to a kill: last.pt is written inside an epoch this often,
 SAVE_SHARE = 0.02  # ... or less often where writing it would take more than this share of the time (a fast GPU)
@@ -202,8 +203,8 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
     elif (finished or unfinished) and not settings.overwrite:
         what = "a finished run (metrics.json)" if finished else "an unfinished run (last.pt); --resume continues it"
         raise UsageError(f"{out_dir} already holds {what}; pass --overwrite to start over, or choose another --out-dir")
-    files.prepare_out_dir(out_dir)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(files.run_folder(out_dir, ctx.is_main))
         if ctx.is_main:  # one run a folder; its console into train.log
             stack.enter_context(files.run_dir_lock(out_dir))
             for stale in out_dir.glob(".*.tmp"):  # temporary files of atomic_write left by a run killed while saving
@@ -213,8 +214,8 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
             out_dir, resume_from and trained_steps(resume_from["history"]) + resume_from.get("in_epoch", {}).get(
                 "step", 0), f"python {shlex.join(sys.argv)}", settings.recorded())) \
             if ctx.is_main and settings.tensorboard else None
+        log = stack.enter_context(files.tee_console(out_dir / "train.log", enabled=ctx.is_main))
         stack.enter_context(files.what_a_stop_keeps(out_dir))
-        stack.enter_context(files.tee_console(out_dir / "train.log", enabled=ctx.is_main))
         environment = files.environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
         fingerprint = data_fingerprint(splits)
         if resume_from is not None and resume_from.get("data_fingerprint") not in (None, fingerprint):
@@ -240,7 +241,17 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         settings = settings_for_plan(settings, plan)  # what every epoch trains with, and what the run records
 
         # The network, its optimizer and gradient scaler: new, or as last.pt left them (inside an epoch: `progress`).
-        training = set_up_training(settings, build_model, ctx, resume_from)
+        training = set_up_training(settings, build_model, ctx, resume_from, out_dir / "last.pt")
+        if log is not None:  # the network and every setting in train.log; on the console what this run is
+            print(f"{training.model}\nsettings: {json.dumps(settings.recorded())}", file=log)
+            given = [f"--{key.replace('_', '-')} {value}" for key, value in flags_given.items()
+                     if key not in settings.runtime_keys() and key not in ("recipe", "epochs", "time_budget")]
+            print(f"{script}: recipe {settings.recipe}, " + (
+                f"{plan.epochs} epoch{'s' * (plan.epochs != 1)}" if plan.budget_minutes is None
+                else f"time budget {plan.budget_minutes:g} min") +
+                f", {parameter_counts(training.model)}, {ctx.device}, "
+                f"{precision_name(ctx.dtype)}" + (f", {ctx.world} processes" if ctx.world > 1 else "") +
+                ("; given: " + " ".join(given) if given else "") + f"; the network and settings in {log.name}")
         in_epoch = (resume_from or {}).get("in_epoch")
         if in_epoch and len(in_epoch["ranks"]) != ctx.world:
             raise UsageError(f"{out_dir / 'last.pt'} was saved inside epoch {in_epoch['epoch']} by "
@@ -318,8 +329,8 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                 improved = row["val_accuracy"] > best.val_accuracy
                 best = BestEpoch(epoch, row["val_accuracy"]) if improved else best
                 say(ctx, f"epoch {epoch:3d}/{plan.epochs}  train loss {row['train_loss']:.4f} "
-                         f"acc {row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} "
-                         f"acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s  "
+                         f"acc {row['train_accuracy']:.2%}  val loss {row['val_loss']:.4f} "
+                         f"acc {row['val_accuracy']:.2%}  lr {row['lr']:.2e}  {row['seconds']:.1f}s  "
                          f"{row['images_per_s']:.0f} img/s" + ("  *best" if improved else ""))
                 if ctx.is_main:  # the epoch's checkpoints: held, and written when SAVE_EVERY_S have passed
                     save_start = time.perf_counter()
@@ -405,9 +416,9 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
     given, stops it there); returns loss, accuracy, steps, seconds and images/s. It pauses after a step when the
     clock passes `pause_at` or a signal set stop["signal"], and then returns {"progress": ...}: the step reached, the
     random streams' states and the running sums, from which a call with that `progress` goes on as if unbroken (also
-    after a resume from last.pt). Every LOG_EVERY steps the progress bar reads the device's sums, and the steps'
-    figures go to TensorBoard's `board`; with an `estimate`, once, after 50 steps or 20 seconds, a line says how long
-    the run takes."""
+    after a resume from last.pt). The progress bar counts every step; every LOG_EVERY steps it reads the device's sums,
+    and the steps' figures go to TensorBoard's `board`. With an `estimate`, once, a line says how long the run takes,
+    at the speed of the steps after the first (a warm-up) over ESTIMATE_AFTER_S seconds or 50 steps."""
     training.train_model.train()
     augment = torch.Generator(ctx.device)
     if progress is None:  # dropout's stream is torch's own; the data order a function of the epoch
@@ -429,6 +440,7 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
     first_bad_step = torch.full((), -1, device=ctx.device, dtype=torch.long)
     start, seen = time.perf_counter() - progress["seconds"], progress["seen"]
     logged = (loss_sum.item(), seen, time.perf_counter())  # the loss sum, images and time at the last reading
+    warm = (seen, time.perf_counter())  # images and time after the first step: where the estimate's speed starts
     label = f"epoch {epoch}/{plan.epochs or '?'}" + ("" if plan.budget_minutes is None or plan.total_steps is None
                                                      else f" ({plan.budget_minutes:g} min ≈ "
                                                           f"{plan.total_steps / plan.steps_per_epoch:.1f} epochs)")
@@ -454,7 +466,13 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
         seen += len(y)
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
         pause = step < steps and pause_wanted(step, pause_at, stop, ctx)
-        if step % LOG_EVERY == 0 or step == steps or pause:  # one read of the device's sums
+        bar.update()
+        if estimate is not None and step == done + 1 < steps:
+            synchronize(ctx.device)
+            warm = (seen, time.perf_counter())
+        estimate_due = estimate is not None and (step == steps or step > done + 1 and (
+            time.perf_counter() - warm[1] >= ESTIMATE_AFTER_S or step - done >= 50))
+        if step % LOG_EVERY == 0 or step == steps or pause or estimate_due:  # one read of the device's sums
             bad_step, loss_so_far, hits = torch.stack([first_bad_step.to(loss_sum.dtype), loss_sum,
                                                        correct.to(loss_sum.dtype)]).tolist()
             if bad_step >= 0:
@@ -463,17 +481,16 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
                                           f"{steps}")
             now = time.perf_counter()
             images_per_s = (seen - logged[1]) * ctx.world / max(now - logged[2], 1e-9)
-            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.3f}",
+            bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.1%}",
                             img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
             if board is not None and seen > logged[1]:
                 log_step(board, first + step, {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]),
                                                "lr": training.optimizer.param_groups[0]["lr"],
                                                "images_per_s": images_per_s})
-            if estimate is not None and (step - done >= 50 or now - start >= 20 or step == steps):
-                say(ctx, how_long(plan, estimate, images_per_s))
+            if estimate_due:
+                say(ctx, how_long(plan, estimate, (seen - warm[0]) * ctx.world / (now - warm[1])))
                 estimate = None
             logged = (loss_so_far, seen, now)
-            bar.update(step - bar.n)
         if pause:
             bar.close()
             return {"progress": {"step": step, "loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
@@ -509,7 +526,7 @@ def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: to
     the settings the plan chooses): PLAN_WARMUP steps, then PLAN_STEPS timed ones (fewer when an epoch is short: one
     warm-up step at least, the epoch's others timed). Returns (seconds per timed step, seconds in all)."""
     start = time.perf_counter()
-    training = set_up_training(settings, build_model, ctx, None, quiet=True)
+    training = set_up_training(settings, build_model, ctx, initial_weights=False)
     warm_up = min(PLAN_WARMUP, max(1, plan.steps_per_epoch - 1))
     train_one_epoch(training, images, labels, settings, plan, 0, ctx, steps=warm_up)
     synchronize(ctx.device)
@@ -518,26 +535,20 @@ def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: to
     return timed["seconds"] / timed["steps"], time.perf_counter() - start
 
 
-def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_from: dict | None,
-                    quiet: bool = False) -> Training:
-    """The network, optimizer and gradient scaler: new, or as the checkpoint `resume_from` left them (its scaler's
-    state only where both runs scale: fp16); the network wrapped for several processes and compiled if asked. Unless
-    `quiet`, the network and the settings are printed."""
+def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_from: dict | None = None,
+                    resume_path: Path | None = None, initial_weights: bool = True) -> Training:
+    """The network, optimizer and gradient scaler: new (a script's initial weights where it has them and
+    `initial_weights` asks), or as the checkpoint `resume_from` read from `resume_path` left them (its scaler's state
+    only where both runs scale: fp16); the network wrapped for several processes and compiled if asked."""
     torch.manual_seed(settings.seed)
-    model = build_model(settings, initial_weights=resume_from is None and not quiet).to(ctx.device)
-    if ctx.is_main and not quiet:
-        print(model)
-        print(f"parameters: {sum(p.numel() for p in model.parameters()):,}  trainable: "
-              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-        print(f"device: {ctx.device}  precision: {precision_name(ctx.dtype)}  processes: {ctx.world}")
-        print("settings: " + json.dumps(settings.recorded()))
+    model = build_model(settings, initial_weights=resume_from is None and initial_weights).to(ctx.device)
     model = model.to(memory_format=torch.channels_last)
     groups = parameter_groups(model, settings.lr, settings.norm_bias_lr)
     optimizer = make_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = make_scaler(ctx)
     if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
+        files.load_weights(model, resume_from["model"], resume_path)
         optimizer.load_state_dict(resume_from["optimizer"])
         if resume_from.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(resume_from["scaler"])
@@ -550,6 +561,13 @@ def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_f
     if settings.compile:
         train_model = torch.compile(train_model)
     return Training(model, train_model, optimizer, scaler, peak_lrs)
+
+
+def parameter_counts(model: nn.Module) -> str:
+    """'7,682,826 parameters', and how many of them train where that is fewer."""
+    total, trainable = (sum(p.numel() for p in model.parameters() if wanted(p)) for wanted in
+                        (lambda p: True, lambda p: p.requires_grad))
+    return f"{total:,} parameters" + (f" ({trainable:,} trainable)" if trainable < total else "")
 
 
 def parameter_groups(model: nn.Module, lr: float, norm_bias_lr: float = 1.0) -> list[dict]:

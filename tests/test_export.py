@@ -40,7 +40,7 @@ def session(path: Path):
 
 def pytorch_probabilities(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    checkpoint, model = common.tasks.open_checkpoint("ex1_convnet.py", run_dir / "best.pt", run_dir,
+    checkpoint, model = common.tasks.open_checkpoint("ex1_convnet.py", run_dir / "best.pt",
                                                      ex1_convnet.build_model, ctx)
     return common.evaluation.predict(model, images, checkpoint["settings"]["mean"], checkpoint["settings"]["std"],
                                      ctx).softmax(1)

@@ -496,7 +496,7 @@ def test_a_second_run_into_a_busy_folder_exits_2_naming_the_holder(tmp_path, cif
         assert code == 2
         assert error_line(err) == (f"error: {out_dir} is in use by another run (process {holder.pid}); wait for it to "
                                    "end, or choose another --out-dir")
-        assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]
+        assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]  # the holder's
     finally:
         holder.kill()
         holder.wait()

@@ -1,11 +1,8 @@
-"""Training speed of Exercise 1's ConvNet on one device, measured in one run on the same images:
-
-  1. model      common.train.train_one_epoch without augmentation (--augment none): forward, backward and
-                optimizer step on batches on the device
-  2. loop       common.train.train_one_epoch as ex1's default recipe runs it, augmentation included
-  3. original   the original pipeline: PIL images through torchvision transforms in a DataLoader with one
-                worker per core, fp32, NCHW, Adam (ex1's original recipe)
-  4. aug        augmentation alone: batched (common.data.augment_batch) against PIL per image, original recipe's ops
+"""Training speed of Exercise 1's ConvNet on one device, measured in one run on the same images: (1) the training
+loop without augmentation (common.train.train_one_epoch, --augment none), (2) the same loop as ex1's default recipe
+runs it, augmentation included, (3) the original pipeline: PIL images through torchvision transforms in a DataLoader
+with one worker per core, fp32, NCHW, Adam (ex1's original recipe), and (4) augmentation alone: batched
+(common.data.augment_batch) against PIL per image, with the original recipe's ops.
 
 With --inference CHECKPOINT it measures inference on the CPU instead: the checkpoint's network in PyTorch (eager,
 fp32) and its --export in ONNX Runtime (fp32 and int8), at batch 1 and 256, from uint8 test pictures to
@@ -46,9 +43,9 @@ ORIGINAL_TRANSFORM = transforms.Compose([  # the original pipeline's per-image a
 
 def recipe_settings(name: str, images: torch.Tensor, **flags) -> ex1_convnet.Settings:
     """Settings as the driver resolves them for `ex1_convnet.py --recipe name` with `flags`, mean/std from `images`."""
-    settings = common.cli.resolve_settings(flags, ex1_convnet.RECIPES[name], ex1_convnet.Settings)
     mean, std = common.data.channel_mean_std(images)
-    return dataclasses.replace(settings, mean=mean, std=std)
+    return common.cli.resolve_settings({**flags, "mean": mean, "std": std}, ex1_convnet.RECIPES[name],
+                                       ex1_convnet.Settings)
 
 
 def original_batch(pairs: list) -> list[torch.Tensor]:
@@ -179,7 +176,7 @@ def report_training(args: argparse.Namespace, ctx: common.device.TrainContext, d
     ops, generator = common.data.augmentation(original.augment, original), torch.Generator(ctx.device).manual_seed(0)
     aug = data.train_images[:n_aug]
 
-    def augment(batch):
+    def augment(batch):  # 4, batched: the original recipe's ops on the device, to normalised tensors
         common.data.normalize(common.data.augment_batch(batch, ops, generator), original.mean, original.std)
 
     results = {}

@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED=1
 
 if [[ -n $SMOKE ]]; then  # every step but fp16, which the scripts refuse on a CPU
   DEV=(--device cpu) FRESH=(--limit-train 32 --val-size 32 --batch-size 16 --corruptions 0) RESUMED=(--corruptions 0)
-  SPEED=(--images 200 --batch-size 100 --aug-images 128 --warmup 1 --workers 1) BUDGET=0.1 BF16=1 FP16=fp32
+  SPEED=(--images 200 --batch-size 100 --aug-images 128 --warmup 1 --workers 1) BUDGET=0.5 BF16=1 FP16=fp32
   EX1_EPOCHS=${EX1_EPOCHS:-1} EX2_EPOCHS=${EX2_EPOCHS:-1}
 else
   DEV=(--device cuda) FRESH=() RESUMED=() SPEED=() BUDGET=1 FP16=fp16

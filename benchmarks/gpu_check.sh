@@ -1,35 +1,30 @@
 #!/usr/bin/env bash
-# The GPU check a reviewer runs once (docs/benchmarks.md#gpu_checksh), each run in its own folder: ex1 (default
-# recipe) and ex2 --scratch, --precision auto; ex1 fp16 for 2 epochs, then --resume to 3; where the GPU has native
-# bf16 (compute capability 8.0+) ex1 bf16 for 2 epochs, then --resume to 3 in fp16; ex1 --compile for 2 epochs;
-# ex1 --time-budget 1; benchmarks/speed.py. A failing step does not stop the others.
+# The GPU check a reviewer runs once: ex1 (default recipe) and ex2 --scratch, fp16 and bf16 runs resumed, ex1
+# --compile and --time-budget 1, and benchmarks/speed.py, each in its own run folder; a failing step does not stop
+# the others. What each step runs, what OUT_DIR gets and how long it takes: docs/benchmarks.md#gpu_checksh.
 #
-#   bash benchmarks/gpu_check.sh BUNDLE OUT_DIR [--smoke]
+#   bash benchmarks/gpu_check.sh BUNDLE OUT_DIR [--smoke]    # --smoke: the same steps on the CPU, tiny settings
 #
-# BUNDLE is cifar10-jpeg.npz. Its decoder is $CIFAR_TOOL, else cifar10_from_jpeg.py beside the bundle (e.g. in
-# .gpu/), else in ../tools/ beside it (the shared layout). OUT_DIR gets gpu_check.json (per step: command, exit
-# code, seconds, headline figures, the run's whole metrics.json), gpu_check.md (the table printed at the end) and
-# gpu_check.log (every step's output); data and runs go to $GPU_CHECK_WORK or a new temporary folder.
-# --smoke: the same steps on the CPU with tiny settings and the first 200 test images, fp32 where they say fp16.
-# Environment: PYTHON (default .venv/bin/python if present, else python3); EX1_EPOCHS and EX2_EPOCHS (default 30)
-# for the two long runs, e.g. EX2_EPOCHS=10 on a slow GPU. Exit code 1 when a step failed, 2 on a usage error.
+# Environment: PYTHON (default .venv/bin/python if present, else python3), EX1_EPOCHS and EX2_EPOCHS (default 30),
+# CIFAR_TOOL (the bundle's decoder; default cifar10_from_jpeg.py beside it, else in ../tools/ beside it) and
+# GPU_CHECK_WORK (data and runs; default a new temporary folder). Exit code 1 when a step failed, 2 on a usage error.
 set -uo pipefail
 
-usage() { echo "usage: bash benchmarks/gpu_check.sh BUNDLE OUT_DIR [--smoke]" >&2; exit 2; }
-[[ $# -eq 2 || ( $# -eq 3 && $3 == --smoke ) ]] || usage
-[[ -f $1 ]] || { echo "error: bundle $1 not found" >&2; exit 2; }
-BUNDLE=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
+fail() { echo "$1" >&2; exit 2; }
+absolute() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
+[[ $# -eq 2 || ( $# -eq 3 && $3 == --smoke ) ]] || fail "usage: bash benchmarks/gpu_check.sh BUNDLE OUT_DIR [--smoke]"
+[[ -f $1 ]] || fail "error: bundle $1 not found"
+BUNDLE=$(absolute "$1")
 for TOOL in "${CIFAR_TOOL:-}" "$(dirname "$BUNDLE")/cifar10_from_jpeg.py" "$(dirname "$BUNDLE")/../tools/cifar10_from_jpeg.py"; do
-  if [[ -n $TOOL && -f $TOOL ]]; then break; fi
+  if [[ -f $TOOL ]]; then break; fi
 done
-[[ -f $TOOL ]] || { echo "error: no decoder: put cifar10_from_jpeg.py beside $1 or name it in CIFAR_TOOL" >&2; exit 2; }
-TOOL=$(cd "$(dirname "$TOOL")" && pwd)/$(basename "$TOOL")
+[[ -f $TOOL ]] || fail "error: no decoder: put cifar10_from_jpeg.py beside $1 or name it in CIFAR_TOOL"
+TOOL=$(absolute "$TOOL")
 mkdir -p "$2" || exit 2
 OUT=$(cd "$2" && pwd) SMOKE=${3:-}
 cd "$(dirname "$0")/.." || exit 2
-if [[ -z ${PYTHON:-} ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
+PYTHON=${PYTHON:-python3}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
 DATA=$WORK/data LOG=$OUT/gpu_check.log
 mkdir -p "$WORK/steps" "$WORK/speed" || exit 2
@@ -37,7 +32,7 @@ export PYTHONUNBUFFERED=1
 
 if [[ -n $SMOKE ]]; then  # every step but fp16, which the scripts refuse on a CPU
   DEV=(--device cpu) FRESH=(--limit-train 32 --val-size 32 --batch-size 16 --corruptions 0) RESUMED=(--corruptions 0)
-  SPEED=(--images 200 --batch-size 100 --aug-images 128 --warmup 1 --workers 1) BUDGET=0.1 BF16=1 FP16=fp32
+  SPEED=(--images 200 --batch-size 100 --aug-images 128 --warmup 1 --workers 1) BUDGET=0.5 BF16=1 FP16=fp32
   EX1_EPOCHS=${EX1_EPOCHS:-1} EX2_EPOCHS=${EX2_EPOCHS:-1}
 else
   DEV=(--device cuda) FRESH=() RESUMED=() SPEED=() BUDGET=1 FP16=fp16
@@ -46,22 +41,22 @@ fi
 RUN=(--data-dir "$DATA" --no-download --no-tensorboard "${DEV[@]}")  # every training call
 
 : > "$LOG"; : > "$WORK/steps.tsv"
-# step NAME RUN_DIR CMD...: run CMD, its output into the log, exit code and seconds into steps.tsv, and the run's
-# metrics.json and history.json into steps/ when this call wrote them (a resume rewrites its run's).
+# step NAME RUN_DIR CMD...: run CMD, its output (progress bars: last state) into the log, exit code and seconds into
+# steps.tsv, and the run's metrics.json and history.json into steps/ when this call wrote them (a resume rewrites them).
 step() {
   local name=$1 dir=$2 start rc seconds; shift 2
   echo "== $name: $*"
   touch "$WORK/steps/$name.start"; start=$(date +%s.%N)
-  "$@" > "$WORK/steps/$name.log" 2>&1; rc=$?
+  "$@" 2>&1 | sed 's/.*\r//' > "$WORK/steps/$name.log"; rc=${PIPESTATUS[0]}
   seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$seconds" "$dir" "$*" >> "$WORK/steps.tsv"
-  { echo "===== $name (exit $rc, ${seconds}s): $*"; sed 's/.*\r//' "$WORK/steps/$name.log"; } >> "$LOG"  # bars: last state
+  { echo "===== $name (exit $rc, ${seconds}s): $*"; cat "$WORK/steps/$name.log"; } >> "$LOG"
   for f in metrics history; do
     if [[ $dir/$f.json -nt $WORK/steps/$name.start ]]; then cp "$dir/$f.json" "$WORK/steps/$name.$f.json"; fi
   done
   if [[ $rc -eq 0 ]]; then echo "   done in ${seconds}s"; return 0; fi
-  echo "   FAILED (exit $rc) after ${seconds}s:"; sed 's/.*\r//' "$WORK/steps/$name.log" | tail -n 12 | sed 's/^/   | /'
-  return $rc
+  echo "   FAILED (exit $rc) after ${seconds}s:"; tail -n 12 "$WORK/steps/$name.log" | sed 's/^/   | /'
+  return "$rc"
 }
 ex1() { step "$1" "$WORK/$2" "$PYTHON" ex1_convnet.py --out-dir "$WORK/$2" "${RUN[@]}" "${@:3}"; }  # ex1 NAME DIR FLAGS
 
@@ -108,36 +103,35 @@ from pathlib import Path
 import torch
 
 work, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].lstrip("-")
+columns = {"epochs_run": "", "test_accuracy": ".2%", "test_accuracy_first1000": ".2%", "train_seconds": ".0f",
+           "precision": "", "peak_memory_mb": ",.0f"}  # the headline figures, each with its format in the table
 load = lambda p: json.loads(p.read_text()) if p.exists() else None  # noqa: E731
 fmt = lambda v, spec="": "—" if v is None else format(v, spec)  # noqa: E731
 steps, rows = [], []
 for line in (work / "steps.tsv").read_text().splitlines():
     name, rc, seconds, run_dir, command = line.split("\t")
-    m, history = load(work / "steps" / f"{name}.metrics.json"), load(work / "steps" / f"{name}.history.json")
+    m, history = (load(work / "steps" / f"{name}.{kind}.json") for kind in ("metrics", "history"))
     s = {"name": name, "command": command, "exit_code": None if rc == "skipped" else int(rc), "seconds": float(seconds),
-         **{k: (m or {}).get(k) for k in ("test_accuracy", "test_accuracy_first1000", "epochs_run", "train_seconds",
-                                          "precision", "peak_memory_mb")}}
+         **{k: (m or {}).get(k) for k in columns}}
     problem = f"exit {rc}" if rc not in ("0", "skipped") else None
     if rc == "0" and m is None and run_dir != "-":
         problem = "wrote no metrics.json: " + (work / "steps" / f"{name}.log").read_text().strip().splitlines()[-1][-120:]
+    note = "skipped: " + command if rc == "skipped" else ""
     if "resume" in name and history:
         s["epoch_precisions"] = [r.get("precision") for r in history]
+        note = "epochs in " + ", ".join(map(str, s["epoch_precisions"]))
         wanted = "float16" if mode == "full" else "float32"  # the smoke's CPU has no fp16
-        if not problem and (len(history) != 3 or s["epoch_precisions"][-1] != wanted):
-            problem = f"epochs after the resume: {s['epoch_precisions']}, not 3 ending in {wanted}"
-    note = problem or ("skipped: " + command if rc == "skipped" else "")
-    if not problem and "epoch_precisions" in s:
-        note = "epochs in " + ", ".join(s["epoch_precisions"])
-    elif not problem and name == "speed":
+        if len(history) != 3 or s["epoch_precisions"][-1] != wanted:
+            problem = problem or f"epochs after the resume: {s['epoch_precisions']}, not 3 ending in {wanted}"
+    elif name == "speed" and m:
         note = f"images/s: loop {m['loop_img_s']:,.0f}, model {m['model_img_s']:,.0f}, original {m['original_img_s']:,.0f}"
     steps.append({**s, "ok": problem is None, "problem": problem, "metrics": m})
-    rows.append(f"| {name} | {fmt(s['exit_code'])} | {s['seconds']:.0f} | {fmt(s['epochs_run'])} | "
-                f"{fmt(s['test_accuracy'], '.2%')} | {fmt(s['test_accuracy_first1000'], '.2%')} | "
-                f"{fmt(s['train_seconds'], '.0f')} | {fmt(s['precision'])} | {fmt(s['peak_memory_mb'], ',.0f')} | {note} |")
+    cells = [name, fmt(s["exit_code"]), f"{s['seconds']:.0f}", *(fmt(s[k], spec) for k, spec in columns.items())]
+    rows.append("| " + " | ".join([*cells, problem or note]) + " |")
 
-cuda = torch.cuda.is_available()
-device = f"{torch.cuda.get_device_name(0)}, compute capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))}" \
-    if cuda else "no CUDA GPU"
+device = "no CUDA GPU"
+if torch.cuda.is_available():
+    device = f"{torch.cuda.get_device_name(0)}, compute capability " + "%d.%d" % torch.cuda.get_device_capability(0)
 failed = [s["name"] for s in steps if not s["ok"]]
 lines = [f"# GPU check ({mode}): {device}, torch {torch.__version__}", "",
          "| step | exit | seconds | epochs | test acc | first 1000 | train s | precision | peak MiB | note |",
@@ -147,8 +141,6 @@ lines = [f"# GPU check ({mode}): {device}, torch {torch.__version__}", "",
 (out / "gpu_check.json").write_text(json.dumps({"mode": mode, "device": device, "torch": torch.__version__,
                                                 "failed": failed, "steps": steps}, indent=2) + "\n")
 print("\n" + "\n".join(lines))
+print(f"wrote {out}/gpu_check.json, gpu_check.md and gpu_check.log (runs and checkpoints: {work})")
 sys.exit(1 if failed else 0)
 EOF
-status=$?
-echo "wrote $OUT/gpu_check.json, gpu_check.md and gpu_check.log (runs and checkpoints: $WORK)"
-exit $status

@@ -72,7 +72,7 @@ def images_per_s(run, images: torch.Tensor, batch_size: int, warmup: int, device
 
 def bench_loop(images, labels, settings, ctx, warmup: int) -> float:
     """1 and 2 (1: settings.augment []): images/s of common.train.train_one_epoch, set up as a run sets it up."""
-    training = common.train.set_up_training(settings, ex1_convnet.build_model, ctx, None, quiet=True)
+    training = common.train.set_up_training(settings, ex1_convnet.build_model, ctx)
     steps = len(images) // settings.batch_size
     plan = common.train.Plan(settings.batch_size, steps, settings.epochs * steps, settings.lr_decay)
     if warmup:
@@ -84,7 +84,7 @@ def bench_original(images, labels, settings, device: torch.device, warmup: int, 
     """3: images/s of the original pipeline: PIL transforms in DataLoader workers, fp32, NCHW, Adam."""
     bs, dataset = settings.batch_size, torch.utils.data.TensorDataset(common.tasks.nhwc(images), labels)
     training = common.train.set_up_training(settings, ex1_convnet.build_model,
-                                            common.device.TrainContext(device, torch.float32), None, quiet=True)
+                                            common.device.TrainContext(device, torch.float32))
     model = training.model.to(memory_format=torch.contiguous_format)
 
     def epoch(steps: int):  # a fresh loader each time: worker start-up is part of an epoch

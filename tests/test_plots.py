@@ -22,7 +22,7 @@ def figures(monkeypatch) -> list:
 
 def texts(fig) -> str:
     """Every title (the figure's and its panels'), axis label and text of a figure, one a line."""
-    parts = [fig._suptitle.get_text() if fig._suptitle else ""]
+    parts = [fig.get_suptitle()]
     for ax in fig.axes:
         parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), *(t.get_text() for t in ax.texts)]
     return "\n".join(parts)
@@ -37,7 +37,7 @@ def test_a_one_epoch_history_shows_its_dots_and_learning_rate_under_a_title(figu
                 "lr": 2e-4}]
     common.plots.plot_history(history, 1, tmp_path / "history.png", 2000, 1000)
     (fig,) = figures
-    assert "2,000 training images" in fig._suptitle.get_text() and "1,000 validation images" in fig._suptitle.get_text()
+    assert "2,000 training images" in fig.get_suptitle() and "1,000 validation images" in fig.get_suptitle()
     data = [line for ax in fig.axes for line in ax.get_lines() if len(line.get_xdata()) == 1]
     assert len(data) == 5 and all(line.get_marker() not in ("None", "", None) for line in data)
     assert any("learning rate" in ax.get_ylabel() and [2e-4] in [list(line.get_ydata()) for line in ax.get_lines()]
@@ -51,11 +51,11 @@ def test_the_test_figures_say_what_they_show_on_which_images_with_units(figures,
     record = common.evaluation.corruption_accuracies(lambda batch: torch.zeros(len(batch), dtype=torch.long), IMAGES,
                                                      labels)
     predictions = torch.tensor([0, 2, 2, 1])
-    figures_ = {"test_accuracy": 0.5, "test_accuracy_first1000": 0.5, "corruptions": record,
+    report = {"test_accuracy": 0.5, "test_accuracy_first1000": 0.5, "corruptions": record,
                 "per_class_accuracy": common.evaluation.per_class_accuracy(labels, predictions, common.data.CLASSES),
                 "confusion_matrix": common.evaluation.confusion_matrix(labels, predictions).tolist()}
     data = common.data.CifarData(IMAGES, labels, IMAGES, labels, tuple(common.data.CLASSES))
-    common.evaluation.write_test_report(figures_, predictions, data, tmp_path)
+    common.evaluation.write_test_report(report, predictions, data, tmp_path)
     per_class, confusion, misclassified, corruptions, examples = map(texts, figures)
     for text in (per_class, confusion, misclassified, corruptions):
         assert "4 test images" in text
@@ -76,5 +76,5 @@ def test_predictions_name_each_file_on_a_grid_fitted_to_five(figures, tmp_path, 
                                              "--out-dir", tmp_path / "predict", "--device", "cpu"], capsys)
     assert code == 0, err
     (fig,) = figures
-    assert len(fig.axes) == 5 and fig._suptitle is not None
+    assert len(fig.axes) == 5 and "pictures" in fig.get_suptitle()
     assert [ax.get_title().split("\n")[0] for ax in fig.axes] == [f"photo{i}.png" for i in range(5)]

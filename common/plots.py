@@ -115,7 +115,7 @@ def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path:
     plt = pyplot()
     rows = max(1, math.ceil(len(images) / 8))
     cols = max(1, math.ceil(len(images) / rows))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, titles, strict=False):

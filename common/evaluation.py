@@ -38,6 +38,10 @@ CORRUPTIONS: Mapping[str, tuple] = MappingProxyType({
     "shift": (1, 2),                 # pixels the image moves right and down; the gap filled by reflection
     "downscale": (24, 16),           # side the image is shrunk to (antialiased) before its return to full size
 })
+# name -> the format of its strength on a label, with the unit.
+STRENGTHS = MappingProxyType({"gaussian_noise": "σ {:g}/255", "jpeg": "quality {:g}", "gaussian_blur": "σ {:g} px",
+                              "contrast": "×{:g}", "brightness": "×{:g}", "darkness": "×{:g}", "shift": "{:g} px",
+                              "downscale": "{0:g}×{0:g} px"})
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
@@ -300,9 +304,9 @@ def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
 
 
 def corruption_examples(image: torch.Tensor, seed: int) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
-    """One uint8 image (3, H, W) under every corruption: per corruption, the clean image and each severity, labelled."""
-    return [(name, [("clean", image)] + [(f"{severity:g}", corrupt(image[None], name, severity, seed)[0])
-                                        for severity in severities]) for name, severities in CORRUPTIONS.items()]
+    """One uint8 image (3, H, W) under every corruption: per corruption, the clean image and each strength, labelled."""
+    return [(name, [("clean", image)] + [(STRENGTHS[name].format(s), corrupt(image[None], name, s, seed)[0])
+                                        for s in severities]) for name, severities in CORRUPTIONS.items()]
 
 
 def print_corruptions(record: dict) -> None:
@@ -327,7 +331,8 @@ def write_test_report(figures: dict, predictions: torch.Tensor, data: CifarData,
     and print the per-class table (and the benchmark's)."""
     per_class, accuracy = figures["per_class_accuracy"], figures["test_accuracy"]
     corruptions = figures.get("corruptions")
-    plot_per_class(per_class, out_dir / "per_class.png", f"test accuracy per class ({accuracy:.2%} overall)")
+    plot_per_class(per_class, out_dir / "per_class.png",
+                   f"Accuracy per class on the {len(predictions):,} test images ({accuracy:.2%} overall)")
     plot_confusion(torch.tensor(figures["confusion_matrix"]), data.classes, out_dir / "confusion.png")
     plot_misclassified(data.test_images, data.test_labels, predictions, data.classes, out_dir / "misclassified.png")
     first = first_test_images(len(predictions))
@@ -340,9 +345,9 @@ def write_test_report(figures: dict, predictions: torch.Tensor, data: CifarData,
         print(f"{'all, --tta':<12}{figures['test_accuracy_tta']:>9.2%}   (test-time augmentation; first {first}: "
               f"{figures['test_accuracy_first1000_tta']:.2%})")
     if corruptions is not None:
-        plot_corruptions(corruptions, out_dir / "corruptions.png")
-        plot_corruption_examples(corruption_examples(data.test_images[0], corruptions["seed"]),
-                                 out_dir / "corruption_examples.png")
+        plot_corruptions(corruptions, out_dir / "corruptions.png", STRENGTHS)
+        rows = corruption_examples(data.test_images[0], corruptions["seed"])
+        plot_corruption_examples(rows, out_dir / "corruption_examples.png", "First test image under each corruption")
         print_corruptions(corruptions)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,28 +28,33 @@ def pyplot():
 
 
 def style_axes(ax, xlabel: str, ylabel: str, integer_x: bool = True) -> None:
-    """Labels, a light grid and the legend; whole numbers on an epoch axis."""
+    """Labels, a light grid, a legend of labelled lines; whole numbers on an epoch axis, percent on an accuracy one."""
     if integer_x:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
+    if "accuracy" in ylabel:
+        ax.yaxis.set_major_formatter(lambda y, _: f"{y * 100:g}%")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
 
 
-def plot_history(history: list[dict], best_epoch: int | None, path: Path) -> None:
-    """Loss and accuracy of training and validation per epoch, the best epoch marked."""
+def plot_history(history: list[dict], best_epoch: int | None, path: Path, train_images: int, val_images: int) -> None:
+    """Loss and accuracy of training and validation, and the learning rate: a dot per epoch, the best epoch marked."""
     plt = pyplot()
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], label="validation")
-    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], label="train")
-    ax_acc.plot(epochs, [r["val_accuracy"] for r in history], label="validation")
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    panels = {"loss": {"train": "train_loss", "validation": "val_loss"},
+              "accuracy": {"train": "train_accuracy", "validation": "val_accuracy"},
+              "learning rate (at the epoch's start)": {"learning rate": "lr"}}
+    for ax, (name, lines) in zip(axes, panels.items(), strict=True):
+        for label, key in lines.items():
+            ax.plot([r["epoch"] for r in history], [r[key] for r in history], "o-", ms=4, label=label)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
         style_axes(ax, "epoch", name)
+    fig.suptitle(f"Loss and accuracy per epoch: {train_images:,} training images (measured while they train), "
+                 f"{val_images:,} validation images")
     save_figure(fig, path)
 
 
@@ -81,7 +86,7 @@ def plot_per_class(accuracy: dict[str, float], path: Path, title: str) -> None:
     bars = ax.bar(list(accuracy), list(accuracy.values()), color="tab:blue")
     ax.bar_label(bars, labels=[f"{v:.1%}" for v in accuracy.values()], fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test accuracy")
+    style_axes(ax, "class", "test accuracy", integer_x=False)
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=45)
     save_figure(fig, path)
@@ -100,37 +105,38 @@ def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> 
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix of the {m.sum():,} test images\nrows: the true class, columns: the predicted one")
     fig.colorbar(image, ax=ax)
     save_figure(fig, path)
 
 
-def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path: Path, empty_title: str) -> None:
-    """uint8 images (3, H, W) enlarged on a grid of 8 columns, each with its title."""
+def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path: Path, title: str) -> None:
+    """uint8 images (3, H, W) enlarged on a grid of up to 8 columns, as few rows as fit them, each with its title."""
     plt = pyplot()
-    cols = 8
-    rows = max(1, math.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
+    rows = max(1, math.ceil(len(images) / 8))
+    cols = max(1, math.ceil(len(images) / rows))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+    for ax, image, caption in zip(axes.flat, images, titles, strict=False):
         ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=7)
-    if not len(images):
-        fig.suptitle(empty_title)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 
 def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
                        classes: Sequence[str], path: Path, count: int = 32) -> None:
-    """A grid of the first `count` wrongly classified images, titled true -> predicted."""
+    """A grid of the first `count` wrongly classified test images, each titled with its true and predicted class."""
     wrong = (predictions != labels).nonzero().flatten()[:count].tolist()
-    plot_image_grid([images[i] for i in wrong], [f"{classes[labels[i]]}\n-> {classes[predictions[i]]}" for i in wrong],
-                    path, "no misclassified images")
+    titles = [f"true {classes[labels[i]]}\n→ {classes[predictions[i]]}" for i in wrong]
+    plot_image_grid([images[i] for i in wrong], titles, path, f"The first {len(wrong)} misclassified of the "
+                    f"{len(labels):,} test images: true → predicted class" if wrong else "no misclassified images")
 
 
-def plot_corruptions(record: dict, path: Path) -> None:
-    """Grouped bars: the accuracy under each corruption, one bar a severity (labelled with its value), the clean
-    accuracy as a horizontal line and the mean corrupted accuracy in the title."""
+def plot_corruptions(record: dict, path: Path, strengths: Mapping[str, str]) -> None:
+    """Grouped bars: the accuracy under each corruption, a bar per severity labelled by `strengths` (corruption ->
+    format of its strength), the clean accuracy as a horizontal line and the mean corrupted accuracy in the title."""
     plt = pyplot()
     names = list(dict.fromkeys(r["corruption"] for r in record["results"]))
     levels = max(r["level"] for r in record["results"])
@@ -141,19 +147,20 @@ def plot_corruptions(record: dict, path: Path) -> None:
         rows = [(names.index(r["corruption"]), r) for r in record["results"] if r["level"] == level]
         x = [i - 0.4 + (level - 0.5) * width for i, _ in rows]
         bars = ax.bar(x, [r["accuracy"] for _, r in rows], width, color=colors[level - 1], label=f"severity {level}")
-        ax.bar_label(bars, [f"{r['severity']:g}" for _, r in rows], fontsize=7, padding=2)
+        ax.bar_label(bars, [strengths[r["corruption"]].format(r["severity"]) for _, r in rows], fontsize=7, padding=2,
+                     rotation=90, bbox={"color": "white", "pad": 0.5})
     ax.axhline(record["clean_accuracy"], color="black", linestyle="--",
                label=f"clean ({record['clean_accuracy']:.1%})")
     ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=20, ha="right")
-    ax.set_ylim(0, min(1.05, max(record["clean_accuracy"], *(r["accuracy"] for r in record["results"])) * 1.15))
-    ax.set_title(f"Accuracy under corruption, {record['images']:,} test images: mean {record['mean_accuracy']:.1%} "
-                 f"(drop {record['mean_drop'] * 100:.1f} points)")
-    style_axes(ax, "corruption (bar labels: the severity's value)", "accuracy", integer_x=False)
+    ax.set_ylim(0, max(record["clean_accuracy"], *(r["accuracy"] for r in record["results"])) * 1.3)
+    ax.set_title(f"Accuracy under corruption, the first {record['images']:,} test images: mean "
+                 f"{record['mean_accuracy']:.1%} (drop {record['mean_drop'] * 100:.1f} points)")
+    style_axes(ax, "corruption (bar labels: its strength)", "accuracy", integer_x=False)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     save_figure(fig, path)
 
 
-def plot_corruption_examples(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], path: Path) -> None:
+def plot_corruption_examples(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], path: Path, title: str) -> None:
     """Rows of labelled uint8 images (3, H, W), a row per corruption (see evaluation.corruption_examples), drawn as
     one mosaic with each row's name on the left and each image's label above it."""
     plt = pyplot()
@@ -174,6 +181,7 @@ def plot_corruption_examples(rows: list[tuple[str, list[tuple[str, torch.Tensor]
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
+    ax.set_title(title)
     save_figure(fig, path)
 
 

@@ -179,7 +179,7 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
                          "top3": top3})
             if len(previews) < PREVIEW_COUNT:
                 previews.append(image)
-                titles.append(f"{top3[0]['label']} {p[0]:.0%}")
+                titles.append(f"{path.name}\n{top3[0]['label']} {p[0]:.0%}")
     bar.close()
     if not rows:
         print(f"error: none of the {len(files)} file(s) could be read as an image; nothing written to {out_dir}",
@@ -188,7 +188,8 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
     print_predictions(rows)
     prepare_out_dir(out_dir)
     save_predictions(rows, out_dir)
-    plot_image_grid(previews, titles, out_dir / "predictions.png", "no image could be read")
+    plot_image_grid(previews, titles, out_dir / "predictions.png", f"The first {len(previews)} pictures read: "
+                    "file, predicted class and its probability" if previews else "no image could be read")
     print(f"{len(rows)} predicted, {skipped} skipped; predictions.json, predictions.csv and predictions.png in "
           f"{out_dir}")
     return 1 if skipped else 0

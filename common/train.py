@@ -376,7 +376,7 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                                             sum(row["seconds"] for row in history))
         plot_filters(model, out_dir / "filters_after.png",
                      f"first-layer filters after training (epoch {best.epoch})")
-        plot_history(history, best.epoch, out_dir / "history.png")
+        plot_history(history, best.epoch, out_dir / "history.png", len(splits.train_images), len(splits.val_images))
         files.save_json(history, out_dir / "history.json")  # with the last epoch's seconds of saving
         trained = history[resumed_epochs:]  # the epochs this call trained
         metrics = write_report(

@@ -147,10 +147,10 @@ def test_corrupt_gives_the_same_on_the_gpu():
 def test_plots_write_pngs(tmp_path):
     images, labels = IMAGES[:4], torch.tensor([0, 1, 2, 3])
     record = corruption_accuracies(lambda batch: torch.where(batch[:, 0, 0, 0] > 128, labels, 0), images, labels)
-    common.plots.plot_corruptions(record, tmp_path / "corruptions.png")
+    common.plots.plot_corruptions(record, tmp_path / "corruptions.png", common.evaluation.STRENGTHS)
     assert_png(tmp_path / "corruptions.png")
     common.plots.plot_corruption_examples(common.evaluation.corruption_examples(IMAGES[0], seed=0),
-                                          tmp_path / "examples.png")
+                                          tmp_path / "examples.png", "a title")
     assert_png(tmp_path / "examples.png")
 
 

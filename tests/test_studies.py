@@ -122,8 +122,8 @@ def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(common.plots, "save_figure", lambda fig, path: figures.append(fig))
     history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "train_accuracy": 0.2 * e,
-                "val_accuracy": v} for e, v in zip((1, 2, 3, 4), (0.3, 0.6, 0.5, 0.55), strict=False)]
-    common.plots.plot_history(history, 2, tmp_path / "history.png")
+                "val_accuracy": v, "lr": 1e-3} for e, v in zip((1, 2, 3, 4), (0.3, 0.6, 0.5, 0.55), strict=False)]
+    common.plots.plot_history(history, 2, tmp_path / "history.png", 64, 64)
     assert len(figures) == 1
     axes = figures[0].axes
     assert len(axes) >= 2

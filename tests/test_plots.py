@@ -1,0 +1,80 @@
+"""What a student reads in the pictures: titles that say what and which images, accuracies in percent, every epoch
+visible, true → predicted, the units of the corruptions' strengths, the predictions' files on a grid that fits them."""
+import numpy as np
+import pytest
+import torch
+from conftest import call, save_untrained_checkpoint
+from PIL import Image
+
+import common
+import ex1_convnet
+
+IMAGES = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures the plots draw, caught instead of saved."""
+    caught = []
+    monkeypatch.setattr(common.plots, "save_figure", lambda fig, path: caught.append(fig))
+    return caught
+
+
+def texts(fig) -> str:
+    """Every title (the figure's and its panels'), axis label and text of a figure, one a line."""
+    parts = [fig.get_suptitle()]
+    for ax in fig.axes:
+        parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), *(t.get_text() for t in ax.texts)]
+    return "\n".join(parts)
+
+
+def in_percent(ax) -> bool:
+    return ax.yaxis.get_major_formatter()(0.25, 0) == "25%"
+
+
+def test_a_one_epoch_history_shows_its_dots_and_learning_rate_under_a_title(figures, tmp_path):
+    history = [{"epoch": 1, "train_loss": 2.3, "val_loss": 2.4, "train_accuracy": 0.19, "val_accuracy": 0.18,
+                "lr": 2e-4}]
+    common.plots.plot_history(history, 1, tmp_path / "history.png", 2000, 1000)
+    (fig,) = figures
+    assert "2,000 training images" in fig.get_suptitle() and "1,000 validation images" in fig.get_suptitle()
+    data = [line for ax in fig.axes for line in ax.get_lines() if len(line.get_xdata()) == 1]
+    assert len(data) == 5 and all(line.get_marker() not in ("None", "", None) for line in data)
+    assert any("learning rate" in ax.get_ylabel() and [2e-4] in [list(line.get_ydata()) for line in ax.get_lines()]
+               for ax in fig.axes)
+    (accuracy,) = [ax for ax in fig.axes if ax.get_ylabel() == "accuracy"]
+    assert in_percent(accuracy)
+
+
+def test_the_test_figures_say_what_they_show_on_which_images_with_units(figures, tmp_path, capsys):
+    labels = torch.tensor([0, 1, 2, 3])
+    record = common.evaluation.corruption_accuracies(lambda batch: torch.zeros(len(batch), dtype=torch.long), IMAGES,
+                                                     labels)
+    predictions = torch.tensor([0, 2, 2, 1])
+    report = {"test_accuracy": 0.5, "test_accuracy_first1000": 0.5, "corruptions": record,
+                "per_class_accuracy": common.evaluation.per_class_accuracy(labels, predictions, common.data.CLASSES),
+                "confusion_matrix": common.evaluation.confusion_matrix(labels, predictions).tolist()}
+    data = common.data.CifarData(IMAGES, labels, IMAGES, labels, tuple(common.data.CLASSES))
+    common.evaluation.write_test_report(report, predictions, data, tmp_path)
+    per_class, confusion, misclassified, corruptions, examples = map(texts, figures)
+    for text in (per_class, confusion, misclassified, corruptions):
+        assert "4 test images" in text
+    assert "test image under each corruption" in examples
+    assert "true automobile\n→ bird" in misclassified and "true → predicted" in misclassified
+    assert in_percent(figures[0].axes[0]) and in_percent(figures[3].axes[0])
+    for unit in ("2/255", "quality 90", "σ 0.5 px", "×0.6", "2 px", "16×16 px"):
+        assert unit in corruptions and unit in examples
+
+
+def test_predictions_name_each_file_on_a_grid_fitted_to_five(figures, tmp_path, capsys):
+    settings = ex1_convnet.Settings(mean=[0.5] * 3, std=[0.5] * 3)
+    checkpoint = save_untrained_checkpoint("ex1_convnet.py", settings, ex1_convnet.build_model(settings),
+                                           tmp_path / "best.pt")
+    for i in range(5):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / f"photo{i}.png")
+    code, out, err = call(ex1_convnet.main, ["--predict", *sorted(tmp_path.glob("*.png")), "--checkpoint", checkpoint,
+                                             "--out-dir", tmp_path / "predict", "--device", "cpu"], capsys)
+    assert code == 0, err
+    (fig,) = figures
+    assert len(fig.axes) == 5 and "pictures" in fig.get_suptitle()
+    assert [ax.get_title().split("\n")[0] for ax in fig.axes] == [f"photo{i}.png" for i in range(5)]

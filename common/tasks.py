@@ -188,8 +188,8 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
     print_predictions(rows)
     prepare_out_dir(out_dir)
     save_predictions(rows, out_dir)
-    plot_image_grid(previews, titles, out_dir / "predictions.png", f"The first {len(previews)} pictures read: "
-                    "file, predicted class and its probability" if previews else "no image could be read")
+    shown = f"The first {len(previews)} pictures read" if len(previews) < len(rows) else "Each picture"
+    plot_image_grid(previews, titles, out_dir / "predictions.png", f"{shown}: file, predicted class, probability")
     print(f"{len(rows)} predicted, {skipped} skipped; predictions.json, predictions.csv and predictions.png in "
           f"{out_dir}")
     return 1 if skipped else 0

@@ -109,9 +109,6 @@ def read_torch_file(path: Path, what: str) -> object:
         raise UsageError(f"{path}: not a readable {what}: {why}") from None
 
 
-CHECKPOINT_KEYS = ("kind", "settings", "model", "epoch", "history", "best_epoch", "best_val_accuracy")
-
-
 def load_checkpoint(path: Path, script: str) -> dict:
     """Load one of `script`'s checkpoints (weights_only), refusing any other file in one sentence."""
     path = Path(path)
@@ -124,9 +121,6 @@ def load_checkpoint(path: Path, script: str) -> dict:
         raise UsageError(f"{path}: not a checkpoint of this project (a bare state dict or another program's file)")
     if checkpoint["kind"] != script:
         raise UsageError(f"{path}: a checkpoint of {checkpoint['kind']}, not of {script}; use the script that wrote it")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise UsageError(f"{path}: an incomplete checkpoint of {script}, without its {', '.join(missing)}")
     return checkpoint
 
 

@@ -354,7 +354,7 @@ def test_resume_keeps_the_precision_the_run_trained_in(tmp_path, killed, cifar_d
 
     code, out, err = call(ex1_convnet.main, [*resume, "--out-dir", kept], capsys)
     assert code == 0, err[-3000:]
-    assert "precision: float32" in out and "note:" not in out
+    assert "cpu, float32;" in out and "note:" not in out
     assert [row["precision"] for row in json.loads((kept / "history.json").read_text())] == ["float32"] * 3
     assert metrics(kept)["precision"] == "float32"
 
@@ -595,11 +595,11 @@ def _bad_checkpoints(folder: Path, reference: Path, ex2_checkpoint: Path) -> dic
     return {
         "ex2 checkpoint": (ex2_checkpoint, "a checkpoint of ex2_transfer.py, not of ex1_convnet.py"),
         "bare state dict": (state_dict, "not a checkpoint of this project (a bare state dict"),
-        "random bytes": (random_bytes, "not a readable checkpoint: not a PyTorch checkpoint file"),
-        "truncated checkpoint": (truncated, "not a readable checkpoint: a truncated or corrupt checkpoint"),
+        "random bytes": (random_bytes, "not a readable checkpoint file: not a PyTorch checkpoint file"),
+        "truncated checkpoint": (truncated, "not a readable checkpoint file: a truncated or corrupt checkpoint"),
         "checkpoint without its last 100 bytes": (cut_end,
-                                                  "not a readable checkpoint: a truncated or corrupt checkpoint"),
-        "empty file": (empty, "not a readable checkpoint: an empty file"),
+                                                  "not a readable checkpoint file: a truncated or corrupt checkpoint"),
+        "empty file": (empty, "not a readable checkpoint file: an empty file"),
         "pickled code": (code, "not a readable checkpoint"),  # torch's own wording varies between versions
         "a tensor": (tensor, "not a checkpoint of this project"),
         "missing file": (folder / "missing.pt", "does not exist"),

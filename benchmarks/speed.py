@@ -128,8 +128,7 @@ def report_inference(args: argparse.Namespace, data: common.data.CifarData) -> d
     at batch 1 and at batch 256; returns the figures --json writes."""
     single, batched = min(args.images or 500, len(data.test_images)), min(args.images or 2560, len(data.test_images))
     checkpoint_path, cpu = Path(args.inference), common.device.TrainContext(CPU, torch.float32)
-    checkpoint, model = common.tasks.open_checkpoint("ex1_convnet.py", checkpoint_path, checkpoint_path.parent,
-                                                     ex1_convnet.build_model, cpu)
+    checkpoint, model = common.tasks.open_checkpoint("ex1_convnet.py", checkpoint_path, ex1_convnet.build_model, cpu)
     classifier = common.tasks.PicturesToProbabilities(model.eval(), checkpoint["settings"]["mean"],
                                                       checkpoint["settings"]["std"])
     pictures = common.tasks.nhwc(data.test_images)

@@ -47,11 +47,9 @@ def image_count(value: str) -> int:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings(Mapping):
-    """Every setting of a run, made once by resolve_settings (these defaults, then a recipe, then the flags given),
-    checked when made, never changed after: --resume, a sweep's runs and a time budget's choice make new ones with
-    dataclasses.replace. A script adds the settings of its own network in a subclass (see ex1_convnet.Settings). It
-    reads as a mapping too (settings["lr"]), as the settings a checkpoint saves do, so that a script's build_model
-    takes either. The defaults are our recipe's; a recipe lists what differs."""
+    """Every setting of a run: these defaults (our recipe's), then a recipe's, then the flags given (resolve_settings);
+    checked when made, never changed (dataclasses.replace makes new ones). A script's subclass adds its network's. It
+    reads as a mapping too (settings["lr"]), as a checkpoint's saved settings do, so that build_model takes either."""
     # where the data comes from and how much of it
     data_dir: str = setting("data", "folder holding cifar-10-batches-py/ (or that folder itself); downloaded there if "
                                     "missing (default: data)", runtime=True)
@@ -180,8 +178,9 @@ class Settings(Mapping):
         return {field.name for field in dataclasses.fields(cls) if field.metadata.get("runtime")}
 
     def recorded(self) -> dict:
-        """The settings as checkpoints' logs and metrics.json record what a run computes: without the runtime ones."""
-        return recorded_settings(self)
+        """The settings as train.log and metrics.json record what a run computes: without the runtime ones."""
+        runtime = self.runtime_keys()
+        return {k: v for k, v in self.items() if k not in runtime}
 
     @classmethod
     def from_saved(cls, values: Mapping) -> Settings:
@@ -193,14 +192,8 @@ class Settings(Mapping):
 RUNTIME_KEYS = Settings.runtime_keys()
 
 
-def recorded_settings(settings: Mapping) -> dict:
-    """Settings (or the dict a checkpoint saved) as metrics.json records them: without RUNTIME_KEYS."""
-    return {k: v for k, v in settings.items() if k not in RUNTIME_KEYS}
-
-
 def add_arguments(parser: argparse.ArgumentParser, settings_type: type[Settings]) -> None:
-    """A flag for every setting of `settings_type` that has a help text (all default to None: a flag not given
-    leaves the recipe's value or the Settings default)."""
+    """A flag for every setting of `settings_type` with a help text, defaulting to None (see explicit_flags)."""
     for field in dataclasses.fields(settings_type):
         meta = field.metadata
         if meta.get("help"):
@@ -212,12 +205,6 @@ def add_arguments(parser: argparse.ArgumentParser, settings_type: type[Settings]
 def explicit_flags(args: argparse.Namespace) -> dict:
     """The flags given on the command line and their values (argparse leaves the others None)."""
     return {k: v for k, v in vars(args).items() if v is not None}
-
-
-def choose_recipe(recipes: dict[str, dict], name: str) -> dict:
-    if name not in recipes:
-        raise UsageError(f"--recipe {name}: choose from {', '.join(recipes)}")
-    return recipes[name]
 
 
 def resolve_settings(flags_given: dict, recipe: dict, settings_type: type[Settings] = Settings) -> Settings:
@@ -261,11 +248,9 @@ def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dic
                    build_model, default_out_dir: str, default_recipe: str = "default", sweeps: Sequence[Sweep] = ()
                    ) -> int:
     """The one task of a script's command line: --compare, --export, --predict, --eval-only, sweeps (the script's
-    own, and --seeds inside them) or one training run; returns the exit code of its outcome. `settings_type` is the
-    script's Settings; the settings a sweep varies are left out of the flags given. `build_model(settings, *,
-    initial_weights=True)` builds a script's network from settings (its Settings, or the dict a checkpoint saved);
-    with initial_weights False a checkpoint's weights replace the new ones at once (ex2 then fetches no ImageNet
-    weights)."""
+    own, and --seeds inside them) or one training run; returns its exit code. `build_model(settings, *,
+    initial_weights=True)` builds the network from its Settings or a checkpoint's saved dict (initial_weights False:
+    a checkpoint's weights come next, so ex2 fetches no ImageNet weights)."""
     flags_given = explicit_flags(args)
     out_dir = Path(flags_given.get("out_dir", default_out_dir))
     try:
@@ -277,21 +262,23 @@ def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dic
             sweeps = [*sweeps, seeds_sweep(flags_given.get("seed", settings_type.seed), flags_given["seeds"])]
         flags_given = {k: v for k, v in flags_given.items() if k not in {"seeds", *(sweep.key for sweep in sweeps)}}
         name = flags_given.get("recipe", default_recipe)
-        settings = resolve_settings(flags_given, {"recipe": name, **choose_recipe(recipes, name)}, settings_type)
+        if name not in recipes:
+            raise UsageError(f"--recipe {name}: choose from {', '.join(recipes)}")
+        settings = resolve_settings(flags_given, {"recipe": name, **recipes[name]}, settings_type)
         for sweep in sweeps:  # every value checked before the first run starts
             for value in sweep.values:
                 dataclasses.replace(settings, **sweep.changes, **{sweep.key: value})
         ctx = train_context(settings)
+        checkpoint = Path(flags_given.get("checkpoint", out_dir / "best.pt"))  # for --eval-only, --predict, --export
         if settings.export:
-            return export_model(script, task_checkpoint(flags_given, out_dir), Path(settings.export),
-                                settings.quantize, settings.data_dir, not settings.no_download,
-                                build_model) if ctx.is_main else 0
+            return export_model(script, checkpoint, Path(settings.export), settings.quantize, settings.data_dir,
+                                not settings.no_download, build_model) if ctx.is_main else 0
         if settings.predict:
-            checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "predict")
+            reports = reports_dir(flags_given, checkpoint, out_dir, "predict")
             return predict_images(script, settings.predict, settings.tta, build_model, ctx, checkpoint,
                                   reports) if ctx.is_main else 0
         if settings.eval_only:
-            checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "eval")
+            reports = reports_dir(flags_given, checkpoint, out_dir, "eval")
             if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
                 eval_only(script, checkpoint, reports, settings.data_dir, not settings.no_download, settings.tta,
                           settings.corruptions, build_model, RUNTIME_KEYS, ctx)
@@ -344,10 +331,9 @@ def train_context(settings: Settings) -> TrainContext:
 
 def run_sweeps(sweeps: Sequence[Sweep], script: str, settings: Settings, flags_given: dict, build_model,
                out_dir: Path, ctx: TrainContext, plan: Plan | None = None) -> Plan | None:
-    """One run per value of the first sweep in out_dir/<prefix><value>/, each swept in turn by the others; a finished
-    run is reused when its settings are these, an unfinished one continued with --resume. Under a time budget the
-    first run plans and the others train its plan, which is returned. Then the main process writes the sweep's
-    report."""
+    """One run per value of the first sweep in out_dir/<prefix><value>/, each swept in turn by the others (a finished
+    run with these settings reused, an unfinished one continued with --resume), then the sweep's report. Under a time
+    budget the first run plans and the others train its plan, which is returned."""
     sweep, inner = sweeps[0], sweeps[1:]
     run_dirs = []
     for value in sweep.values:
@@ -373,16 +359,15 @@ def run_sweeps(sweeps: Sequence[Sweep], script: str, settings: Settings, flags_g
 
 
 def reusable_run(run_dir: Path, settings: Settings) -> bool:
-    """True when `run_dir` holds a finished run trained with `settings` (with the settings its time budget's plan
-    chose, if any) and not --overwrite; refuses a finished run with other settings, naming them. What the run itself
-    filled in is not compared: a mean and std taken from the data; nor a setting the run did not record (one added
-    since, whose default keeps what it did)."""
+    """True when `run_dir` holds a finished run trained with `settings` (and its plan's choices) and not --overwrite;
+    refuses one with other settings, naming them. A mean and std taken from the data, and a setting the run did not
+    record (added since), are not compared."""
     if settings.overwrite or not (run_dir / "metrics.json").exists():
         return False
     saved = load_run(run_dir)["metrics"]
     asked = settings_for_plan(settings, Plan(**saved["plan"])) if saved.get("plan") else settings
     recorded = saved.get("settings", {})
-    differences = differing_settings({k: v for k, v in recorded_settings(asked).items() if k in recorded and not (
+    differences = differing_settings({k: v for k, v in asked.recorded().items() if k in recorded and not (
         k in ("mean", "std") and v == "data")}, recorded)
     if differences:
         named = "; ".join(f"{key}: {was} -> {value}" for key, was, value in differences)
@@ -392,8 +377,8 @@ def reusable_run(run_dir: Path, settings: Settings) -> bool:
 
 
 def finished_plan(run_dir: Path, ctx: TrainContext) -> Plan:
-    """The time budget's plan of the finished run in `run_dir`, read on the main process once it wrote it and
-    shared, for the next runs of a sweep to train as it is."""
+    """The time budget's plan of the finished run in `run_dir` (read by the main process, shared), for the next runs
+    of a sweep to train as it is."""
     saved = [load_run(run_dir)["metrics"]["plan"] if ctx.is_main else None]
     if ctx.world > 1:
         dist.broadcast_object_list(saved, 0)
@@ -408,8 +393,7 @@ def seeds_sweep(first: int, count: int) -> Sweep:
 
 
 def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) -> str:
-    """What Ctrl-C outside an epoch (loading data, between the runs of a sweep, writing a report) leaves, and how to
-    go on."""
+    """What Ctrl-C outside an epoch (loading data, between a sweep's runs, a report) leaves, and how to go on."""
     command = resume_command(sweep)
     if sweep:
         return (f"the finished runs in {out_dir} are kept, and so is the last epoch of an unfinished one; continue "
@@ -420,19 +404,12 @@ def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) 
             f"to go on: python {command}")
 
 
-def task_checkpoint(flags_given: dict, out_dir: Path) -> Path:
-    """The checkpoint --eval-only, --predict and --export read: --checkpoint, else best.pt of the run in --out-dir
-    (the script's run folder by default)."""
-    return Path(flags_given["checkpoint"]) if "checkpoint" in flags_given else out_dir / "best.pt"
-
-
-def checkpoint_and_reports(flags_given: dict, out_dir: Path, task: str) -> tuple[Path, Path]:
-    """(the checkpoint --eval-only or --predict reads (task_checkpoint), the folder its reports go to): <task>/ beside
-    the checkpoint, or --out-dir when --checkpoint names the checkpoint, a folder that must not hold a training run."""
-    checkpoint = task_checkpoint(flags_given, out_dir)
+def reports_dir(flags_given: dict, checkpoint: Path, out_dir: Path, task: str) -> Path:
+    """Where the reports of --eval-only or --predict go: <task>/ beside the checkpoint, or --out-dir when --checkpoint
+    names the checkpoint, a folder that must not hold a training run."""
     if "checkpoint" not in flags_given or "out_dir" not in flags_given:
-        return checkpoint, checkpoint.parent / task
+        return checkpoint.parent / task
     if any((out_dir / name).exists() for name in ("last.pt", "history.json")):
         raise UsageError(f"--out-dir {out_dir} holds a training run, whose files an evaluation would overwrite: "
                          f"choose another folder, or leave --out-dir out to write into {checkpoint.parent / task}")
-    return checkpoint, out_dir
+    return out_dir

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import files
-from .board import log_end, log_epoch, log_step, open_board, trained_steps
+from .board import log_end, log_epoch, open_board, trained_steps
 from .data import (
     augment_batch,
     augmentation,
@@ -104,8 +104,7 @@ def lr_factor(step: int, plan: Plan) -> float:
 
 def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
                      steps_per_epoch: int, epochs_validated: int = 0) -> int:
-    """The most steps a time budget holds: those done, then more at `step_s` each, with a validation pass of `val_s`
-    for every epoch they reach beyond the `epochs_validated`."""
+    """The most steps a budget holds: those done, then `step_s` each, plus `val_s` per epoch past `epochs_validated`."""
     left = budget_s - elapsed_s
 
     def cost(total: int) -> float:
@@ -152,9 +151,8 @@ def budget_plan(plan: Plan, step_s: float, spent_s: float, val_images: int, scal
 
 def replan(plan: Plan, elapsed_s: float, steps_done: int, step_s: float, epoch_extra_s: float,
            ctx: TrainContext) -> Plan:
-    """After an epoch under a time budget: the plan's total steps set anew from the time used, the last epoch's seconds
-    per step and its seconds besides them (validation, saving), so that a run ends on time on a machine whose speed
-    changes; the schedule follows the new total, the chosen settings stay."""
+    """After an epoch under a time budget: the total steps set anew from the time used and the last epoch's speed and
+    extra seconds (validation, saving), so that the run ends on time; the schedule follows, the chosen settings stay."""
     total = share_from_rank0(plan_total_steps(
         plan.budget_minutes * 60, elapsed_s, step_s, epoch_extra_s, steps_done, plan.steps_per_epoch,
         epochs_validated=steps_done // plan.steps_per_epoch), ctx)
@@ -165,8 +163,7 @@ def replan(plan: Plan, elapsed_s: float, steps_done: int, step_s: float, epoch_e
 
 
 def settings_for_plan(settings: Settings, plan: Plan) -> Settings:
-    """The settings every epoch of the run trains with and records: with the values a time budget's plan chose
-    (crop off where its padding became 0)."""
+    """The settings the run trains with and records: with its plan's choices (crop off where its padding is 0)."""
     if not plan.chosen:
         return settings
     crop_pad = plan.chosen.get("crop_pad", settings.crop_pad)
@@ -399,11 +396,10 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
                     epoch: int, ctx: TrainContext, board=None, estimate: Estimate | None = None,
                     steps: int | None = None, progress: dict | None = None, pause_at: float = math.inf,
                     stop: dict | None = None) -> dict:
-    """One pass over the shuffled training set on the device (a plan's last epoch, or `steps`, may stop it short);
-    returns loss, accuracy, steps, seconds and images/s. Past `pause_at` or on a signal (stop["signal"]) it pauses
-    after a step and returns {"progress": ...} (the step, random streams and sums), from which a call goes on as if
-    unbroken. Every LOG_EVERY steps it reads the device's sums for the bar and `board`. With an `estimate`, once, a
-    line says how long the run takes, at the speed after the first step over ESTIMATE_AFTER_S seconds or 50 steps."""
+    """One pass over the shuffled training set (a plan's last epoch, or `steps`, may stop short); returns loss,
+    accuracy, steps, seconds and images/s. Past `pause_at` or on stop["signal"] it returns {"progress": ...} (step,
+    random streams, sums) instead, from which a call goes on as if unbroken. Every LOG_EVERY steps it reads the sums
+    for the bar and `board`; with an `estimate`, once, says how long the run takes (after ESTIMATE_AFTER_S or 50)."""
     training.train_model.train()
     augment = torch.Generator(ctx.device)
     if progress is None:  # dropout's stream is torch's own; the data order a function of the epoch
@@ -468,10 +464,10 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
             images_per_s = (seen - logged[1]) * ctx.world / max(now - logged[2], 1e-9)
             bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.1%}",
                             img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
-            if board is not None and seen > logged[1]:
-                log_step(board, first + step, {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]),
-                                               "lr": training.optimizer.param_groups[0]["lr"],
-                                               "images_per_s": images_per_s})
+            if board is not None and seen > logged[1]:  # the steps' figures since the last reading
+                board.add_scalar("train/batch_loss", (loss_so_far - logged[0]) / (seen - logged[1]), first + step)
+                board.add_scalar("train/lr", training.optimizer.param_groups[0]["lr"], first + step)
+                board.add_scalar("train/images_per_s", images_per_s, first + step)
             if estimate_due:
                 say(ctx, how_long(plan, estimate, (seen - warm[0]) * ctx.world / (now - warm[1])))
                 estimate = None
@@ -493,8 +489,7 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
 
 
 def pause_wanted(step: int, pause_at: float, stop: dict | None, ctx: TrainContext) -> bool:
-    """Whether train_one_epoch pauses after `step` (the clock passed `pause_at`, or a signal); under torchrun every
-    process decides the same, every LOG_EVERY steps."""
+    """Whether to pause after `step` (past `pause_at`, or a signal); under torchrun all alike, every LOG_EVERY."""
     wanted = time.perf_counter() >= pause_at or bool(stop and stop["signal"])
     if ctx.world == 1:
         return wanted
@@ -521,9 +516,8 @@ def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: to
 
 def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_from: dict | None = None,
                     resume_path: Path | None = None, initial_weights: bool = True) -> Training:
-    """The network, optimizer and gradient scaler: new (the initial weights if `initial_weights`), or as the
-    checkpoint `resume_from` (read from `resume_path`) left them, its scaler's state where both scale (fp16); the
-    network wrapped for several processes and compiled if asked."""
+    """The network, optimizer and gradient scaler: new, or as the checkpoint `resume_from` (`resume_path`) left them
+    (its scaler's state where both are fp16); the network wrapped for several processes and compiled if asked."""
     torch.manual_seed(settings.seed)
     model = build_model(settings, initial_weights=resume_from is None and initial_weights)
     model = model.to(ctx.device, memory_format=torch.channels_last)
@@ -555,8 +549,7 @@ def parameter_counts(model: nn.Module) -> str:
 
 
 def parameter_groups(model: nn.Module, lr: float, norm_bias_lr: float = 1.0) -> list[dict]:
-    """The trainable parameters as optimizer groups at `lr`, except the BatchNorm biases, which learn at
-    `norm_bias_lr` times `lr` in a second group where that differs."""
+    """The trainable parameters as optimizer groups at `lr`, and the BatchNorm biases' at `norm_bias_lr` times it."""
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                    and m.bias is not None} if norm_bias_lr != 1.0 else set()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -380,8 +380,7 @@ def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) 
 
 
 def reports_dir(flags_given: dict, checkpoint: Path, out_dir: Path, task: str) -> Path:
-    """Where the reports of --eval-only or --predict go: <task>/ beside the checkpoint, or --out-dir when --checkpoint
-    names the checkpoint, a folder that must not hold a training run."""
+    """Where --eval-only or --predict reports: <task>/ by the checkpoint, or with --checkpoint a run-free --out-dir."""
     if "checkpoint" not in flags_given or "out_dir" not in flags_given:
         return checkpoint.parent / task
     if any((out_dir / name).exists() for name in ("last.pt", "history.json")):

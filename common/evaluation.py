@@ -50,8 +50,7 @@ def gaussian_noise(images: torch.Tensor, sigma: float, generator: torch.Generato
 
 
 def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """Encode and decode each image as JPEG at `quality` (1-100), by Pillow: the same pixels as torchvision's
-    v2.functional.jpeg, whose JPEG encoder and decoder torchvision 0.29 deprecates (a warning at every call)."""
+    """Each image encoded and decoded as JPEG at `quality` (1-100) by Pillow (torchvision 0.29 deprecates its own)."""
     decoded = []
     for image in images.permute(0, 2, 3, 1).cpu().numpy():
         buffer = io.BytesIO()

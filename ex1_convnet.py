@@ -27,20 +27,17 @@ import common
 WIDTHS = (128, 512, 512, 512, 512)
 
 RECIPES = {
-    # Ours (common.cli.Settings' defaults): AdamW with a one-cycle schedule, label smoothing, flips and
-    # translations. The strengths of the ops not in `augment` (rotate, jitter, gray) are what a flag turning them
-    # on gets.
+    # Ours (common.cli.Settings' defaults): AdamW, one-cycle, label smoothing, flips and translations (a flag that
+    # turns on rotate, jitter or gray gets the strength set there).
     "default": {},
     # The assignment's: Adam, lr x0.95 per epoch, heavier augmentation, mean/std 0.5.
     "original": dict(batch_size=200, optimizer="adam", weight_decay=1e-3, lr_decay=0.95, label_smoothing=0.0,
                      dropout=[0.4, 0.3, 0.3, 0.3, 0.3], linear_init_std=1e-3, augment="flip,crop,rotate,jitter",
                      crop_pad=3, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
-    # For the few epochs a CPU hour buys (what --time-budget uses unless --recipe is given): more, smaller steps, no
-    # dropout and a lighter crop (a network that sees each image 3-5 times underfits), BatchNorm biases at 8 times
-    # the learning rate (docs/probes.md); random first filters, a 5-degree rotation and mirrored borders, with which
-    # the hour's model loses at most a point more than the 30-epoch model to each corruption (docs/robustness.md).
-    # A time budget's plan moves dropout, crop padding and label smoothing from these values (best up to 10 epochs)
-    # towards the default recipe's (for 30) as it buys more epochs: common.train.choose_settings.
+    # For the few epochs a CPU hour buys (--time-budget's unless --recipe is given): smaller steps, no dropout and a
+    # lighter crop (a network that sees each image 3-5 times underfits), BatchNorm biases at 8 times the learning rate
+    # (docs/probes.md), a 5-degree rotation and mirrored borders (docs/robustness.md). A time budget's plan moves
+    # dropout, crop padding and label smoothing towards the default recipe's as it buys more epochs (choose_settings).
     "short": dict(epochs=5, batch_size=64, dropout=0.0, augment="flip,crop,rotate", crop_pad=2, crop_fill="reflect",
                   rotate_deg=5.0, label_smoothing=0.2, norm_bias_lr=8.0,
                   budget_scaling={"epochs": [10, 30], "dropout": [0.0, 0.1], "crop_pad": [2, 4],
@@ -75,25 +72,9 @@ def build_model(settings: Mapping, *, initial_weights: bool = True) -> nn.Sequen
     return nn.Sequential(*layers, nn.Flatten(), classifier)
 
 
-def plot_dropout_sweep(rows: list[dict], path: Path) -> None:
-    """Final training and validation accuracy against p (with ± one standard deviation over seeds), and each p's
-    validation curve (its mean over seeds)."""
-    plt = common.plots.pyplot()
-    fig, (ax_p, ax_curves) = plt.subplots(1, 2, figsize=(11, 4))
-    ps = [r["p"] for r in rows]
-    for key, label in (("final_train_accuracy", "train (last epoch)"),
-                       ("final_val_accuracy", "validation (last epoch)")):
-        ax_p.errorbar(ps, [r[key] for r in rows], yerr=[r.get(f"{key}_std") or 0 for r in rows], fmt="o-",
-                      capsize=3, label=label)
-    for r in rows:
-        ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
-    common.plots.style_axes(ax_p, "dropout p", "accuracy", integer_x=False)
-    common.plots.style_axes(ax_curves, "epoch", "validation accuracy")
-    common.plots.save_figure(fig, path)
-
-
 def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -> None:
-    """dropout_sweep.json and .png and a table: per p its run's accuracies, or their mean and std over its seeds."""
+    """dropout_sweep.json and a table (per p its run's accuracies, or their mean and std over its seeds), and
+    dropout_sweep.png (final training and validation accuracy against p ± std, each p's validation curve)."""
     rows = []
     for p, run in zip(ps, common.plots.load_runs(run_dirs), strict=True):
         row = {"p": p, "run": run["run"]}
@@ -107,7 +88,16 @@ def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -
         if "members" in run:
             row["seeds"] = run["seeds"]["seeds"]
         rows.append(row)
-    plot_dropout_sweep(rows, out_dir / "dropout_sweep.png")
+    fig, (ax_p, ax_curves) = common.plots.pyplot().subplots(1, 2, figsize=(11, 4))
+    for key, label in (("final_train_accuracy", "train (last epoch)"),
+                       ("final_val_accuracy", "validation (last epoch)")):
+        ax_p.errorbar(ps, [r[key] for r in rows], yerr=[r.get(f"{key}_std") or 0 for r in rows], fmt="o-",
+                      capsize=3, label=label)
+    for r in rows:
+        ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
+    common.plots.style_axes(ax_p, "dropout p", "accuracy", integer_x=False)
+    common.plots.style_axes(ax_curves, "epoch", "validation accuracy")
+    common.plots.save_figure(fig, out_dir / "dropout_sweep.png")
     common.files.save_json({"runs": rows}, out_dir / "dropout_sweep.json")
     print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}"
           + ("   (means over seeds; test ± std)" if "seeds" in rows[0] else ""))

@@ -44,9 +44,8 @@ RECIPES = {
 
 
 class FrozenFeatures(nn.Sequential):
-    """Backbone that stays in eval mode. Its BatchNorm layers keep normalising with ImageNet's running statistics,
-    which the frozen convolutions after them were trained against; batch statistics would instead shift every
-    feature between training and evaluation and overwrite the frozen running buffers."""
+    """Backbone that stays in eval mode: its BatchNorm layers keep ImageNet's running statistics, which the frozen
+    convolutions after them were trained against (batch statistics would shift every feature and the buffers)."""
 
     def train(self, mode: bool = True) -> "FrozenFeatures":
         return super().train(False)

@@ -36,19 +36,15 @@ def read_events(path: Path) -> Iterator:
 
 
 def trained_steps(history: list[dict]) -> int:
-    """The optimizer steps of the epochs in `history`: the step at which the last one's row is logged (every epoch
-    but a planned run's last is whole, so epoch e ends at step (e - 1) * steps per epoch + its steps)."""
+    """The optimizer steps of the epochs in `history`: the step at which the last one's row is logged."""
     return sum(row["steps"] for row in history)
 
 
 @contextlib.contextmanager
 def open_board(out_dir: Path, resumed_steps: int | None, command: str, settings: Mapping):
-    """The run's SummaryWriter (the main process's), logging `command` and `settings` as text first; closed when
-    the block ends. A run resumed after `resumed_steps` steps starts its writer with a purge of the steps after them
-    (a killed or interrupted call's last steps, a report half written): TensorBoard drops those points of the
-    earlier event files when it reads them. A new run removes an earlier run's event files only
-    when its own first epoch is saved (log_epoch), as the run folder's other files go (--overwrite); one stopped
-    before that takes its own file away again."""
+    """The run's SummaryWriter, logging `command` and `settings` first, closed with the block; a run resumed after
+    `resumed_steps` purges the later steps of earlier event files. A new run removes an earlier run's files once its
+    first epoch is saved (log_epoch); one stopped before that removes its own."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
@@ -73,15 +69,8 @@ def open_board(out_dir: Path, resumed_steps: int | None, command: str, settings:
                 path.unlink()
 
 
-def log_step(writer, step: int, values: Mapping[str, float]) -> None:
-    """Training's figures every few steps (train/batch_loss, train/lr, train/images_per_s)."""
-    for name, value in values.items():
-        writer.add_scalar(f"train/{name}", value, step)
-
-
 def log_epoch(writer, history: list[dict]) -> None:
-    """The last row of `history` (EPOCH_TAGS), on disk at once; after a new run's first epoch, the event files of
-    the run it replaces are removed."""
+    """The last row of `history` (EPOCH_TAGS), on disk at once; a new run's first removes the replaced run's files."""
     row, step = history[-1], trained_steps(history)
     for key, tag in EPOCH_TAGS.items():
         writer.add_scalar(tag, row[key], step)
@@ -90,15 +79,6 @@ def log_epoch(writer, history: list[dict]) -> None:
         for path in event_files(writer.log_dir):
             if not path.name.endswith(writer.filename_suffix):
                 path.unlink()
-
-
-def log_picture(writer, path: Path, step: int) -> None:
-    """A PNG file as it is (not decoded and encoded again) under figures/<its name>."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    with Image.open(path) as image:
-        picture = Summary.Image(height=image.height, width=image.width, colorspace=len(image.getbands()),
-                                encoded_image_string=path.read_bytes())
-    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=f"figures/{path.stem}", image=picture)]), step)
 
 
 def hparam_values(settings: Mapping) -> dict:
@@ -110,12 +90,10 @@ def hparam_values(settings: Mapping) -> dict:
 
 
 def log_end(writer, metrics: Mapping, out_dir: Path) -> None:
-    """A finished run, at the step after its last (so that a resume drops it with the rest): its test figures
-    (END_TAGS, the corruption benchmark's mean and test_per_class/<class>), every picture in `out_dir`, and its
-    settings as hparams, in the run's own event file (SummaryWriter.add_hparams would make a sub-run, listed beside
-    the run). Only the session's hparams are written, no experiment: the HParams tab then takes its columns from every
-    run it shows, the settings that differ between them first, and the final value of each scalar as the run's
-    metrics."""
+    """A finished run, at the step after its last (a resume drops it): test figures (END_TAGS, the corruption mean,
+    test_per_class/<class>), every picture in `out_dir`, and its settings as the session's hparams (no experiment: the
+    HParams tab takes its columns from the runs shown) in the run's own event file (add_hparams makes a sub-run)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams.summary_v2 import hparams_pb
     step = metrics["run_steps"] + 1
     for key, tag in END_TAGS.items():
@@ -125,7 +103,10 @@ def log_end(writer, metrics: Mapping, out_dir: Path) -> None:
         writer.add_scalar("test/corruption_mean_accuracy", metrics["corruptions"]["mean_accuracy"], step)
     for name, accuracy in metrics["per_class_accuracy"].items():
         writer.add_scalar(f"test_per_class/{name}", accuracy, step)
-    for path in sorted(out_dir.glob("*.png")):
-        log_picture(writer, path, step)
+    for path in sorted(out_dir.glob("*.png")):  # under figures/<its name>, as it is (not decoded and encoded again)
+        with Image.open(path) as image:
+            picture = Summary.Image(height=image.height, width=image.width, colorspace=len(image.getbands()),
+                                    encoded_image_string=path.read_bytes())
+        writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=f"figures/{path.stem}", image=picture)]), step)
     writer.file_writer.add_summary(hparams_pb(hparam_values(metrics["settings"]), trial_id=str(out_dir)), step)
     writer.flush()

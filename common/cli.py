@@ -1,7 +1,6 @@
 """The command line: a run's Settings (each with its default, its flag's help and its check, declared once), made
-from the defaults, a recipe and the flags given; then the one task a command line asks for (run_experiment): one
-training run, sweeps (--seeds, ex1's dropout values), --compare, --eval-only, --predict or --export, and the exit
-code of each outcome."""
+from the defaults, a recipe and the flags given; then the one task a command line asks for (run_experiment): a
+training run, sweeps (--seeds, ex1's dropout values), --compare, --eval-only, --predict or --export; its exit code."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .data import AUGMENT_OPS, FILLS, parse_augment, STRENGTH_KEYS
-from .device import init_distributed, resolve_device, resolve_precision, say, TrainContext
+from .device import init_distributed, resolve_device, resolve_precision, say, share_from_rank0, TrainContext
 from .files import NonFiniteLoss, resume_command, SaveError, UsageError
 from .plots import compare_runs, load_run, summarize_seeds
 from .tasks import CALIBRATION_IMAGES, eval_only, export_model, EXPORT_PACKAGES, predict_images
@@ -24,9 +23,8 @@ from .train import differing_settings, Plan, settings_for_plan, train_run
 
 def setting(default, help: str | None = None, check: tuple[Callable, str] | None = None, runtime: bool = False,
             flag: str | None = None, **argparse_options):
-    """A field of Settings: its `default`; with `help`, the flag that sets it (--the-name, or `flag`) and that flag's
-    argparse options; a `check` (a test of a value and what it must be); `runtime`: it says where and how a run
-    executes, not what it computes (not recorded, free to change on --resume)."""
+    """A field of Settings: its `default`; with `help`, its flag (--the-name, or `flag`) and argparse options; a
+    `check` (a test, and what a value must be); `runtime`: where and how a run executes (not recorded, not kept)."""
     return dataclasses.field(default=default, metadata=dict(help=help, check=check, runtime=runtime, flag=flag,
                                                            options=argparse_options))
 
@@ -47,36 +45,29 @@ def image_count(value: str) -> int:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings(Mapping):
-    """Every setting of a run, made once by resolve_settings (these defaults, then a recipe, then the flags given),
-    checked when made, never changed after: --resume, a sweep's runs and a time budget's choice make new ones with
-    dataclasses.replace. A script adds the settings of its own network in a subclass (see ex1_convnet.Settings). It
-    reads as a mapping too (settings["lr"]), as the settings a checkpoint saves do, so that a script's build_model
-    takes either. The defaults are our recipe's; a recipe lists what differs."""
+    """Every setting of a run: these defaults (our recipe's), a recipe's, the flags given; checked, never changed (see
+    dataclasses.replace). A script's subclass adds its network's. A Mapping, as saved settings, for build_model."""
     # where the data comes from and how much of it
     data_dir: str = setting("data", "folder holding cifar-10-batches-py/ (or that folder itself); downloaded there if "
                                     "missing (default: data)", runtime=True)
     no_download: bool = setting(False, "never download CIFAR-10; fail with a message if it is missing", runtime=True,
                                 action="store_true")
-    val_size: int = setting(1000, "validation images, taken from the end of the training set (default: 1000)",
-                            type=int)
-    limit_train: int | None = setting(None, "train on the first N training images only, for quick runs", POSITIVE,
-                                      type=int)
-    seed: int = setting(0, "random seed: two CPU runs with the same seed give the same history (default: 0)",
-                        type=int)
+    val_size: int = setting(1000, "validation images, taken from the end of the training set (default: 1000)", type=int)
+    limit_train: int | None = setting(None, "train on the first N training images (quick runs)", POSITIVE, type=int)
+    seed: int = setting(0, "random seed: two CPU runs with the same seed give the same history (default: 0)", type=int)
     seeds: int | None = setting(None, "train N runs with the seeds --seed, --seed+1, ... in --out-dir/seed<S>/ "
-                                      "(finished ones are reused), then write seeds.json and seeds.png with the mean ± "
-                                      "standard deviation of their accuracies", runtime=True, type=int, metavar="N")
+                                      "(finished ones reused); seeds.json and seeds.png: their accuracies' mean ± std",
+                                runtime=True, type=int, metavar="N")
     # how long to train: epochs, or a time budget (its plan, common.train.Plan, is not a setting)
-    recipe: str = setting("default", "hyperparameter set: 'default' (ours), 'original' (the assignment's), or in "
-                                     "ex1_convnet.py 'short' (for a few epochs, what --time-budget uses unless "
-                                     "--recipe is given); explicit flags override it")
+    recipe: str = setting("default", "hyperparameter set: 'default' (ours), 'original' (the assignment's) or, in "
+                                     "ex1_convnet.py, 'short' (few epochs; --time-budget's unless --recipe is given); "
+                                     "explicit flags override it")
     epochs: int | None = setting(30, "number of training epochs" + RECIPE, POSITIVE, type=int)
     time_budget: float | None = setting(
         None, "train for this many minutes of wall-clock time instead of --epochs (validation included; loading, "
-              "building and the final test not): the speed of the first steps fixes the total steps, the "
-              "learning-rate schedule runs over them, and the last epoch may be partial",
-        (lambda minutes: 0 < minutes < math.inf, "must be a positive number of minutes"), type=float,
-        metavar="MINUTES")
+              "building and the final test not): the first steps' speed fixes the total steps the learning-rate "
+              "schedule runs over; the last epoch may be partial",
+        (lambda minutes: 0 < minutes < math.inf, "must be a positive number of minutes"), type=float, metavar="MINUTES")
     budget_scaling: dict | None = None  # a recipe's rule for the settings a budget chooses (see choose_settings)
     patience: int = setting(10, "stop after this many epochs without a better validation accuracy; 0 never stops "
                                 "early", NOT_NEGATIVE, type=int)
@@ -85,8 +76,7 @@ class Settings(Mapping):
                               type=int)
     optimizer: str = setting("adamw", "AdamW, Adam or SGD with Nesterov momentum" + RECIPE,
                              choices=["adamw", "adam", "sgd"])
-    lr: float = setting(2e-3, "peak learning rate" + RECIPE, (POSITIVE[0], "must be positive and finite"),
-                        type=float)
+    lr: float = setting(2e-3, "peak learning rate" + RECIPE, (POSITIVE[0], "must be positive and finite"), type=float)
     weight_decay: float = setting(0.05, "weight decay" + RECIPE, NOT_NEGATIVE, type=float)
     norm_bias_lr: float = setting(1.0, "learning rate of the BatchNorm biases: X times --lr" + RECIPE, POSITIVE,
                                   type=float, metavar="X")
@@ -115,42 +105,36 @@ class Settings(Mapping):
                                   runtime=True)
     device: str = setting("auto", "auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", runtime=True)
     precision: str = setting(
-        "auto", "auto (default): bf16 on GPUs with native bf16 (compute capability 8.0+) and on CPUs with fast bf16, "
-                "fp16 on older GPUs, fp32 elsewhere. bf16 needs compute capability 8.0+ on CUDA (refused below); "
-                "fp16 runs on GPUs (with a gradient scaler), not on CPUs; fp32 everywhere, slowest on GPUs",
+        "auto", "auto (default): bf16 where native (CPUs with fast bf16, GPUs of compute capability 8.0+), fp16 on "
+                "older GPUs (gradient scaling), else fp32. bf16 needs compute capability 8.0+ on CUDA; fp16 a GPU",
         runtime=True, choices=["auto", "bf16", "fp16", "fp32"])
     compile: bool = setting(False, "compile the model with torch.compile", runtime=True, action="store_true")
     tensorboard: bool = setting(True, "write no TensorBoard event files (by default a training run writes them into "
                                       "--out-dir)", runtime=True, flag="--no-tensorboard", action="store_false")
     resume: bool = setting(False, "continue the run in --out-dir from its last.pt", runtime=True, action="store_true")
-    overwrite: bool = setting(False, "start over in an --out-dir that already holds a run", runtime=True,
-                              action="store_true")
+    overwrite: bool = setting(False, "start over in an --out-dir that holds a run", runtime=True, action="store_true")
     eval_only: bool = setting(False, "evaluate --checkpoint on the test set and write its reports (default --out-dir: "
                                      "eval/ beside the checkpoint)", runtime=True, action="store_true")
-    checkpoint: str | None = setting(None, "checkpoint for --eval-only (default: best.pt in --out-dir) and for "
-                                           "--predict (default: best.pt of the script's default run folder)",
-                                     runtime=True)
+    checkpoint: str | None = setting(None, "checkpoint for --eval-only, --predict and --export (default: best.pt in "
+                                           "--out-dir, by default the script's run folder)", runtime=True)
     predict: list[str] | None = setting(
         None, "predict the class of image files, and of those in folders (any size: the shorter side resized to 32, "
               "the centre cropped): a table, and predictions.json, .csv and .png in --out-dir (default: predict/ "
-              "beside the checkpoint); exit code 1 when a file could not be read", runtime=True, nargs="+",
-        metavar="PATH")
+              "beside the checkpoint); exit code 1 when a file cannot be read", runtime=True, nargs="+", metavar="PATH")
     tta: bool = setting(False, "test-time augmentation for --predict, --eval-only and a training run's final test: "
                                "the softmax averaged over 6 views, the image and its left-right mirror, each as it is "
-                               "and shifted by 2 pixels diagonally both ways (+2,+2 and -2,-2, zero fill); "
-                               "metrics.json then adds test_accuracy_tta and test_accuracy_first1000_tta",
-                        runtime=True, action="store_true")
+                               "and shifted by 2 pixels diagonally both ways (zero fill); metrics.json then adds "
+                               "test_accuracy_tta and test_accuracy_first1000_tta", runtime=True, action="store_true")
     corruptions: int | None = setting(
         None, "the corruption benchmark after training and with --eval-only: the accuracy on the first N test images "
               "(without N: all) clean and under noise, JPEG, blur, contrast, brightness, darkness, shifts and "
-              "downscaling, into metrics.json and corruptions.png; 0 skips it (default: the first 1,000 with "
-              "--eval-only; after training as many of them as a tenth of its time affords)", runtime=True,
-        type=image_count, nargs="?", const=ALL_TEST_IMAGES, metavar="N")
+              "downscaling, into metrics.json and corruptions.png; 0 skips it (default: 1,000 with --eval-only, "
+              "after training as many as a tenth of its time affords)",
+        runtime=True, type=image_count, nargs="?", const=ALL_TEST_IMAGES, metavar="N")
     export: str | None = setting(
-        None, "write the model of --checkpoint (default: best.pt in --out-dir) as an ONNX file for ONNX Runtime: "
-              "input 'images', uint8 (N, 32, 32, 3) RGB, output 'probabilities' (N, 10), normalisation inside; then "
-              f"check it against PyTorch on the test set. Needs: pip install {EXPORT_PACKAGES}", runtime=True,
-        metavar="FILE.onnx")
+        None, "write the model of --checkpoint as an ONNX file for ONNX Runtime: input 'images', uint8 (N, 32, 32, 3) "
+              "RGB, output 'probabilities' (N, 10), normalisation inside; then check it against PyTorch on the test "
+              f"set. Needs: pip install {EXPORT_PACKAGES}", runtime=True, metavar="FILE.onnx")
     quantize: str | None = setting(None, "with --export: a statically quantised int8 model instead, calibrated on "
                                          f"{CALIBRATION_IMAGES} training images", runtime=True, choices=["int8"])
     compare: list[str] | None = setting(None, "compare finished runs: compare.png and compare.json in --out-dir "
@@ -180,27 +164,21 @@ class Settings(Mapping):
         return {field.name for field in dataclasses.fields(cls) if field.metadata.get("runtime")}
 
     def recorded(self) -> dict:
-        """The settings as checkpoints' logs and metrics.json record what a run computes: without the runtime ones."""
-        return recorded_settings(self)
+        """The settings as train.log and metrics.json record what a run computes: without the runtime ones."""
+        runtime = self.runtime_keys()
+        return {k: v for k, v in self.items() if k not in runtime}
 
     @classmethod
     def from_saved(cls, values: Mapping) -> Settings:
-        """Settings from saved values (a checkpoint's or metrics.json's): a value for a setting added since is its
-        default, one for a setting since removed is left out."""
+        """Settings from saved ones (a checkpoint's, metrics.json's): new ones default, removed ones dropped."""
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
 RUNTIME_KEYS = Settings.runtime_keys()
 
 
-def recorded_settings(settings: Mapping) -> dict:
-    """Settings (or the dict a checkpoint saved) as metrics.json records them: without RUNTIME_KEYS."""
-    return {k: v for k, v in settings.items() if k not in RUNTIME_KEYS}
-
-
 def add_arguments(parser: argparse.ArgumentParser, settings_type: type[Settings]) -> None:
-    """A flag for every setting of `settings_type` that has a help text (all default to None: a flag not given
-    leaves the recipe's value or the Settings default)."""
+    """A flag for every setting of `settings_type` with a help text, defaulting to None (see explicit_flags)."""
     for field in dataclasses.fields(settings_type):
         meta = field.metadata
         if meta.get("help"):
@@ -214,17 +192,10 @@ def explicit_flags(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-def choose_recipe(recipes: dict[str, dict], name: str) -> dict:
-    if name not in recipes:
-        raise UsageError(f"--recipe {name}: choose from {', '.join(recipes)}")
-    return recipes[name]
-
-
 def resolve_settings(flags_given: dict, recipe: dict, settings_type: type[Settings] = Settings) -> Settings:
-    """The run's settings: the type's defaults, then the recipe, then the flags given (see explicit_flags); the ops
-    of --augment turned on or off by their strengths given (> 0 on, 0 off), in AUGMENT_OPS' order; under a time
-    budget no epochs (its plan says how long), no early stop (it trains its whole schedule; a --patience given is
-    noted) and a budget_scaling without the settings a flag gives (--augment gives crop_pad too)."""
+    """The run's settings: the type's defaults, then the recipe, then the flags given; --augment's ops turned on or
+    off by the strengths given (> 0 on, 0 off), in AUGMENT_OPS' order; under a time budget no epochs, no early stop (a
+    --patience given is noted) and a budget_scaling without the settings a flag gives (--augment gives crop_pad)."""
     if "time_budget" in flags_given and "epochs" in flags_given:
         raise UsageError("--time-budget and --epochs both say how long to train: give one of them")
     values = {**recipe, **flags_given}
@@ -260,12 +231,9 @@ class Sweep(NamedTuple):
 def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dict], settings_type: type[Settings],
                    build_model, default_out_dir: str, default_recipe: str = "default", sweeps: Sequence[Sweep] = ()
                    ) -> int:
-    """The one task of a script's command line: --compare, --export, --predict, --eval-only, sweeps (the script's
-    own, and --seeds inside them) or one training run; returns the exit code of its outcome. `settings_type` is the
-    script's Settings; the settings a sweep varies are left out of the flags given. `build_model(settings, *,
-    initial_weights=True)` builds a script's network from settings (its Settings, or the dict a checkpoint saved);
-    with initial_weights False a checkpoint's weights replace the new ones at once (ex2 then fetches no ImageNet
-    weights)."""
+    """The one task of a script's command line (--compare, --export, --predict, --eval-only, sweeps, a training run);
+    returns its exit code. `build_model(settings, *, initial_weights=True)` builds the network from Settings or a
+    checkpoint's saved dict (initial_weights False: a checkpoint's weights come next; ex2 fetches no ImageNet's)."""
     flags_given = explicit_flags(args)
     out_dir = Path(flags_given.get("out_dir", default_out_dir))
     try:
@@ -273,25 +241,31 @@ def run_experiment(args: argparse.Namespace, script: str, recipes: dict[str, dic
         if "compare" in flags_given:
             compare_runs(flags_given["compare"], Path(flags_given.get("out_dir", "runs/compare")))
             return 0
-        if "seeds" in flags_given:
-            sweeps = [*sweeps, seeds_sweep(flags_given.get("seed", settings_type.seed), flags_given["seeds"])]
+        if "seeds" in flags_given:  # the seeds --seed, --seed+1, ... in seed<S>/, summarised by seeds.json and .png
+            if flags_given["seeds"] < 1:
+                raise UsageError(f"--seeds must be at least 1 (got {flags_given['seeds']})")
+            first = flags_given.get("seed", settings_type.seed)
+            sweeps = [*sweeps, Sweep("seed", list(range(first, first + flags_given["seeds"])), "seed", {},
+                                     summarize_seeds)]
         flags_given = {k: v for k, v in flags_given.items() if k not in {"seeds", *(sweep.key for sweep in sweeps)}}
         name = flags_given.get("recipe", default_recipe)
-        settings = resolve_settings(flags_given, {"recipe": name, **choose_recipe(recipes, name)}, settings_type)
+        if name not in recipes:
+            raise UsageError(f"--recipe {name}: choose from {', '.join(recipes)}")
+        settings = resolve_settings(flags_given, {"recipe": name, **recipes[name]}, settings_type)
         for sweep in sweeps:  # every value checked before the first run starts
             for value in sweep.values:
                 dataclasses.replace(settings, **sweep.changes, **{sweep.key: value})
         ctx = train_context(settings)
+        checkpoint = Path(flags_given.get("checkpoint", out_dir / "best.pt"))  # for --eval-only, --predict, --export
         if settings.export:
-            return export_model(script, task_checkpoint(flags_given, out_dir), Path(settings.export),
-                                settings.quantize, settings.data_dir, not settings.no_download,
-                                build_model) if ctx.is_main else 0
+            return export_model(script, checkpoint, Path(settings.export), settings.quantize, settings.data_dir,
+                                not settings.no_download, build_model) if ctx.is_main else 0
         if settings.predict:
-            checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "predict")
+            reports = reports_dir(flags_given, checkpoint, out_dir, "predict")
             return predict_images(script, settings.predict, settings.tta, build_model, ctx, checkpoint,
                                   reports) if ctx.is_main else 0
         if settings.eval_only:
-            checkpoint, reports = checkpoint_and_reports(flags_given, out_dir, "eval")
+            reports = reports_dir(flags_given, checkpoint, out_dir, "eval")
             if ctx.is_main:  # under torchrun rank 0 alone evaluates, prints and writes
                 eval_only(script, checkpoint, reports, settings.data_dir, not settings.no_download, settings.tta,
                           settings.corruptions, build_model, RUNTIME_KEYS, ctx)
@@ -344,10 +318,8 @@ def train_context(settings: Settings) -> TrainContext:
 
 def run_sweeps(sweeps: Sequence[Sweep], script: str, settings: Settings, flags_given: dict, build_model,
                out_dir: Path, ctx: TrainContext, plan: Plan | None = None) -> Plan | None:
-    """One run per value of the first sweep in out_dir/<prefix><value>/, each swept in turn by the others; a finished
-    run is reused when its settings are these, an unfinished one continued with --resume. Under a time budget the
-    first run plans and the others train its plan, which is returned. Then the main process writes the sweep's
-    report."""
+    """One run per value of the first sweep in out_dir/<prefix><value>/, each swept by the others (a finished one
+    reused, an unfinished one resumed with --resume), then its report. Returns the plan a time budget's first made."""
     sweep, inner = sweeps[0], sweeps[1:]
     run_dirs = []
     for value in sweep.values:
@@ -373,16 +345,14 @@ def run_sweeps(sweeps: Sequence[Sweep], script: str, settings: Settings, flags_g
 
 
 def reusable_run(run_dir: Path, settings: Settings) -> bool:
-    """True when `run_dir` holds a finished run trained with `settings` (with the settings its time budget's plan
-    chose, if any) and not --overwrite; refuses a finished run with other settings, naming them. What the run itself
-    filled in is not compared: a mean and std taken from the data; nor a setting the run did not record (one added
-    since, whose default keeps what it did)."""
+    """True when `run_dir` holds a finished run of `settings` (and its plan's choices), not --overwrite; refuses one of
+    other settings, naming them (a mean and std taken from the data, a setting added since, not compared)."""
     if settings.overwrite or not (run_dir / "metrics.json").exists():
         return False
     saved = load_run(run_dir)["metrics"]
     asked = settings_for_plan(settings, Plan(**saved["plan"])) if saved.get("plan") else settings
     recorded = saved.get("settings", {})
-    differences = differing_settings({k: v for k, v in recorded_settings(asked).items() if k in recorded and not (
+    differences = differing_settings({k: v for k, v in asked.recorded().items() if k in recorded and not (
         k in ("mean", "std") and v == "data")}, recorded)
     if differences:
         named = "; ".join(f"{key}: {was} -> {value}" for key, was, value in differences)
@@ -392,24 +362,13 @@ def reusable_run(run_dir: Path, settings: Settings) -> bool:
 
 
 def finished_plan(run_dir: Path, ctx: TrainContext) -> Plan:
-    """The time budget's plan of the finished run in `run_dir`, read on the main process once it wrote it and
-    shared, for the next runs of a sweep to train as it is."""
-    saved = [load_run(run_dir)["metrics"]["plan"] if ctx.is_main else None]
-    if ctx.world > 1:
-        dist.broadcast_object_list(saved, 0)
-    return Plan(**saved[0])._replace(fixed=True)
-
-
-def seeds_sweep(first: int, count: int) -> Sweep:
-    """--seeds: the seeds first, first+1, ... in seed<S>/, summarised by seeds.json and seeds.png."""
-    if count < 1:
-        raise UsageError(f"--seeds must be at least 1 (got {count})")
-    return Sweep("seed", list(range(first, first + count)), "seed", {}, summarize_seeds)
+    """The time budget's plan of the finished run in `run_dir`, for a sweep's next runs to train as it is."""
+    return Plan(**share_from_rank0(load_run(run_dir)["metrics"]["plan"] if ctx.is_main else None, ctx))._replace(
+        fixed=True)
 
 
 def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) -> str:
-    """What Ctrl-C outside an epoch (loading data, between the runs of a sweep, writing a report) leaves, and how to
-    go on."""
+    """What Ctrl-C outside an epoch (loading data, between a sweep's runs, a report) leaves, and how to go on."""
     command = resume_command(sweep)
     if sweep:
         return (f"the finished runs in {out_dir} are kept, and so is the last epoch of an unfinished one; continue "
@@ -420,19 +379,11 @@ def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) 
             f"to go on: python {command}")
 
 
-def task_checkpoint(flags_given: dict, out_dir: Path) -> Path:
-    """The checkpoint --eval-only, --predict and --export read: --checkpoint, else best.pt of the run in --out-dir
-    (the script's run folder by default)."""
-    return Path(flags_given["checkpoint"]) if "checkpoint" in flags_given else out_dir / "best.pt"
-
-
-def checkpoint_and_reports(flags_given: dict, out_dir: Path, task: str) -> tuple[Path, Path]:
-    """(the checkpoint --eval-only or --predict reads (task_checkpoint), the folder its reports go to): <task>/ beside
-    the checkpoint, or --out-dir when --checkpoint names the checkpoint, a folder that must not hold a training run."""
-    checkpoint = task_checkpoint(flags_given, out_dir)
+def reports_dir(flags_given: dict, checkpoint: Path, out_dir: Path, task: str) -> Path:
+    """Where --eval-only or --predict reports: <task>/ by the checkpoint, or with --checkpoint a run-free --out-dir."""
     if "checkpoint" not in flags_given or "out_dir" not in flags_given:
-        return checkpoint, checkpoint.parent / task
+        return checkpoint.parent / task
     if any((out_dir / name).exists() for name in ("last.pt", "history.json")):
         raise UsageError(f"--out-dir {out_dir} holds a training run, whose files an evaluation would overwrite: "
                          f"choose another folder, or leave --out-dir out to write into {checkpoint.parent / task}")
-    return checkpoint, out_dir
+    return out_dir

@@ -1,7 +1,6 @@
-"""The data and its augmentation: CIFAR-10 into uint8 tensors (read from the official batch files, downloaded if
-allowed), the train/validation split, the data's fingerprint and channel statistics, your own pictures read as the
-network sees them; batched random augmentation on the training device (flip, crop, rotate, colour jitter, greyscale)
-and the normalisation every input gets."""
+"""The data: CIFAR-10 as uint8 tensors (the official batch files, downloaded if allowed), the train/validation split,
+its fingerprint and channel statistics, your own pictures as the network sees them; batched random augmentation on
+the training device (flip, crop, rotate, colour jitter, greyscale) and the normalisation every input gets."""
 from __future__ import annotations
 
 import functools
@@ -81,9 +80,8 @@ def _images_and_labels(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise UsageError(f"{path}: not a CIFAR-10 batch file (missing {', '.join(sorted(missing))})")
     data, labels = record["data"], np.asarray(record["labels"])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        shape = getattr(data, "shape", None)
-        found = getattr(data, "dtype", type(data))
-        raise UsageError(f"{path}: expected uint8 data of shape (N, 3072), found {found} {shape}")
+        raise UsageError(f"{path}: expected uint8 data of shape (N, 3072), found {getattr(data, 'dtype', type(data))} "
+                         f"{getattr(data, 'shape', None)}")
     if labels.shape != (len(data),):
         raise UsageError(f"{path}: {len(data)} images but {labels.size} labels")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -153,8 +151,7 @@ def split_train_val(data: CifarData, val_size: int, limit_train: int | None) -> 
 
 
 def epoch_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
-    """A seed for one random stream of one epoch (0: a time budget's timed steps), so that a resumed run draws what
-    an unbroken one would."""
+    """A seed for one random stream of one epoch (0: a time budget's timed steps): a resume draws the same."""
     return (seed * 1_000_003 + epoch * 10_007 + stream * 101 + rank) % (2 ** 63)
 
 
@@ -210,8 +207,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(path: Path) -> torch.Tensor:
     """An image file as the network sees it: (3, 32, 32) uint8 RGB, EXIF orientation applied, the shorter side
-    resized to 32 (antialiased) and the centre cropped. A 32x32 image keeps its pixels, unresampled.
-    """
+    resized to 32 (antialiased) and the centre cropped. A 32x32 image keeps its pixels, unresampled."""
     try:
         with warnings.catch_warnings():  # an image over Image.MAX_IMAGE_PIXELS is refused, not only warned about
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -256,8 +252,7 @@ def batch_flip_lr(images: torch.Tensor, p: float, generator: torch.Generator) ->
 
 
 def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator, fill: str = "zeros") -> torch.Tensor:
-    """Pad by `pad` (`fill` "zeros", or "reflect": the border mirrored) and cut a window of the original size at a
-    random offset per image."""
+    """Pad by `pad` (`fill`: zeros, or the border mirrored) and cut the original size at a random offset per image."""
     n, c, h, w = images.shape
     dev = images.device
     padded = F.pad(images, (pad, pad, pad, pad), mode="constant" if fill == "zeros" else "reflect").flatten(2)
@@ -269,13 +264,8 @@ def batch_crop(images: torch.Tensor, pad: int, generator: torch.Generator, fill:
 
 def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator,
                  flip_p: float = 0.0, pad: int = 0, fill: str = "zeros") -> torch.Tensor:
-    """Rotate each image about its centre by a random angle in [-max_degrees, max_degrees], the corners it uncovers
-    filled by `fill` ("zeros", or "reflect": the image mirrored at its edge; unlike batch_crop's, this mirror
-    repeats the edge pixels once).
-
-    A mirror (probability flip_p) and a translation by up to `pad` pixels, which batch_flip_lr and batch_crop
-    would do before, are folded into the same resampling: one grid_sample for all three.
-    """
+    """Rotate each image by a random angle in [-max_degrees, max_degrees], corners filled by `fill` (reflect repeats
+    the edge pixels); a mirror (probability flip_p) and a shift by up to `pad` pixels in the same grid_sample."""
     n, _, h, w = images.shape
     dev = images.device
     angle = _uniform(n, -max_degrees, max_degrees, generator).to(dev) * (math.pi / 180)
@@ -293,22 +283,13 @@ def batch_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Gene
 @functools.lru_cache(maxsize=None)
 def _color_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(RGB -> YIQ matrix, its inverse, RGB -> grey RGB matrix) on `device`, made once so that no training
-    step copies them there. In YIQ the first row gives the luma and a hue shift is a rotation of the (I, Q) plane.
-    """
+    step copies them there. In YIQ the first row gives the luma and a hue shift is a rotation of the (I, Q) plane."""
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device)
     return to_yiq, torch.linalg.inv(to_yiq), torch.ones(3, 1, device=device) * to_yiq[0]
 
 
-def _luma(images: torch.Tensor) -> torch.Tensor:
-    weights = _color_constants(images.device)[0][0].to(images.dtype)
-    return (images * weights[:, None, None]).sum(1, keepdim=True)
-
-
 def batch_color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Random brightness, contrast and saturation in [1-s, 1+s] and hue in [-s, s] turns, per image.
-
-    The four are linear in RGB, so they are composed into one 3x3 matrix and offset per image, applied at once.
-    """
+    """Random brightness, contrast, saturation in [1-s, 1+s] and hue in [-s, s] turns per image: one matrix, offset."""
     n = len(images)
     dev = images.device
 
@@ -323,19 +304,19 @@ def batch_color_jitter(images: torch.Tensor, strength: float, generator: torch.G
     rotation[:, 2, 1], rotation[:, 2, 2] = turn.sin(), turn.cos()
     to_yiq, from_yiq, to_gray = _color_constants(dev)
     hue = from_yiq @ rotation @ to_yiq
-    luma = to_yiq[0]
     saturate = saturation * torch.eye(3, device=dev) + (1 - saturation) * to_gray
     matrix = hue @ saturate * (brightness * contrast)
     x = images.flatten(2)
-    mean_luma = (x.mean(2) @ luma)[:, None, None]  # a grey stays grey under saturation and hue
+    mean_luma = (x.mean(2) @ to_yiq[0])[:, None, None]  # a grey stays grey under saturation and hue
     offset = ((1 - contrast) * brightness * mean_luma).expand(n, 3, 1)
     return torch.baddbmm(offset.to(images.dtype), matrix.to(images.dtype), x).clamp_(0, 1).view_as(images)
 
 
 def batch_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace each image by its grey version with probability p."""
+    """Replace each image by its grey version (its luma) with probability p."""
     gray = torch.rand(len(images), generator=generator, device=generator.device).to(images.device) < p
-    return torch.where(gray[:, None, None, None], _luma(images).expand_as(images), images)
+    luma = (images * _color_constants(images.device)[0][0].to(images.dtype)[:, None, None]).sum(1, keepdim=True)
+    return torch.where(gray[:, None, None, None], luma.expand_as(images), images)
 
 
 # op: (the setting of its strength, the function that applies it to a batch of float images with that strength).
@@ -347,8 +328,7 @@ STRENGTH_KEYS = {op: key for op, (key, _) in AUGMENT_OPS.items() if key}
 
 
 def augmentation(ops: Sequence[str], settings: Mapping) -> dict[str, float]:
-    """The `ops` a run applies with their strengths, e.g. {"flip": 0.5, "crop": 4}: flip's is its probability, the
-    others' the `settings` STRENGTH_KEYS names."""
+    """The `ops` with their strengths, e.g. {"flip": 0.5, "crop": 4}: flip's probability, the others' settings."""
     return {op: 0.5 if op == "flip" else settings[STRENGTH_KEYS[op]] for op in ops}
 
 
@@ -365,8 +345,7 @@ def parse_augment(value: str | list) -> list[str]:
 
 def augment_batch(images: torch.Tensor, ops: dict[str, float], generator: torch.Generator, fill: str = "zeros"
                   ) -> torch.Tensor:
-    """uint8 images -> float images in [0, 1], augmented with `ops` (see augmentation); `fill` what crop and rotate
-    put where they uncover the border (see batch_crop)."""
+    """uint8 images -> float images in [0, 1], augmented with `ops` (see augmentation), crop and rotate with `fill`."""
     x = images.float().div_(255)
     flip_p, pad = ops.get("flip", 0.0), int(ops.get("crop", 0))
     if "rotate" in ops:

@@ -15,12 +15,9 @@ from .files import UsageError
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda, mps or cpu; refuse devices that do not exist here."""
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -32,7 +29,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return torch.device("cuda", index)
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "mps" and not mps:
         raise UsageError(f"--device {name}: MPS is not available on this machine")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {name}: unsupported device (use auto, cpu, cuda, cuda:N or mps)")
@@ -46,17 +43,15 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """True where `device` computes bf16 natively: CUDA from compute capability 8.0 (Ampere), CPUs with AVX512-BF16
-    or AMX. torch.cuda.is_bf16_supported() also counts the slow emulation of older GPUs such as the T4 and V100,
-    which train faster in fp16 with a gradient scaler."""
+    """True where `device` computes bf16 natively: CUDA from compute capability 8.0, CPUs with AVX512-BF16 or AMX
+    (torch.cuda.is_bf16_supported() also counts older GPUs' slow emulation: a T4 trains faster in fp16)."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and cpu_has_fast_bf16()
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 where the device has native bf16, fp16 on older GPUs, else fp32; bf16 on a GPU without it is
-    refused, and so is fp16 on a CPU, where its backward pass runs hundreds of times slower than bf16 or fp32."""
+    """'auto': bf16 where native, fp16 on older GPUs, else fp32; refuses non-native bf16 on a GPU, fp16 on a CPU."""
     if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float16 if device.type == "cuda" else torch.float32
     if name == "bf16" and device.type == "cuda" and not native_bf16(device):
@@ -105,8 +100,8 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def share_from_rank0(value: int | float, ctx: TrainContext) -> int | float:
-    """Rank 0's `value` (a number) on every process (a plain run returns it unchanged)."""
+def share_from_rank0(value, ctx: TrainContext):
+    """Rank 0's `value` (any picklable one) on every process (a plain run returns it unchanged)."""
     if ctx.world == 1:
         return value
     shared = [value]
@@ -115,9 +110,8 @@ def share_from_rank0(value: int | float, ctx: TrainContext) -> int | float:
 
 
 def init_distributed(device: str) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment, the process group's backend following `device`
-    (NCCL on CUDA, gloo elsewhere); a plain run stays single-process. Refuses, before any work, a GPU named by
-    number (each process takes its LOCAL_RANK's) and more processes on a machine than it has GPUs."""
+    """(rank, world size, local rank) from torchrun's environment, the backend NCCL on CUDA, else gloo; (0, 1, 0)
+    without torchrun. Refuses a GPU named by number (each process takes its LOCAL_RANK's), more processes than GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
@@ -136,11 +130,8 @@ def init_distributed(device: str) -> tuple[int, int, int]:
 
 
 def resumed_precision(ctx: TrainContext, resume_from: dict, precision_given: bool) -> TrainContext:
-    """The context a resumed run trains in: --precision when given; else the precision its last epoch trained in
-    where this device computes it natively (so that a resume on the same machine is bit-identical), and what
-    --precision auto picks here where it does not (bf16 on an older GPU or a CPU without native bf16, fp16 on a
-    CPU). A line says when the precision changes. Checkpoints from before history rows recorded it resolve the run's
-    own --precision."""
+    """The context a resumed run trains in: --precision, else its last epoch's precision where native here (a resume
+    is bit-identical), else auto's; said when it changes. A history without precisions resolves its --precision."""
     history = resume_from["history"]
     saved = history[-1].get("precision") if history else None
     if saved is None:

@@ -1,10 +1,6 @@
 """Evaluation: a model's predictions (with test-time augmentation), loss and accuracy, per class and confusion; the
-corruption benchmark (in the spirit of CIFAR-10-C: noise, JPEG, blur, contrast, brightness, shifts, downscaling);
-and the test report, its table, figures and metrics.json.
-
-Corruptions take uint8 images (N, 3, H, W), RGB, and are computed on the CPU, so that their result does not depend on
-the device; the only random one, gaussian_noise, draws from a CPU generator. torchvision's transforms.v2.functional
-does blur, contrast, brightness, padding and resizing; Pillow does JPEG."""
+corruption benchmark (in the spirit of CIFAR-10-C) on uint8 images (N, 3, H, W), computed on the CPU (gaussian_noise
+from a CPU generator) so that its result does not depend on the device; the test report and metrics.json."""
 from __future__ import annotations
 
 import io
@@ -16,14 +12,13 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .data import CifarData, normalize, Splits
-from .device import autocast, TrainContext
+from .device import autocast, share_from_rank0, TrainContext
 from .files import save_json
 from .plots import plot_confusion, plot_corruption_examples, plot_corruptions, plot_misclassified, plot_per_class
 
@@ -44,19 +39,14 @@ STRENGTHS = MappingProxyType({"gaussian_noise": "σ {:g}/255", "jpeg": "quality 
                               "downscale": "{0:g}×{0:g} px"})
 
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255
-
-
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float images in [0, 1] -> uint8, rounded to the nearest level (torchvision's colour ops truncate)."""
     return (images * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def gaussian_noise(images: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """Add normal noise of standard deviation `sigma` (0-255 units), drawn image after image from a CPU `generator`:
-    the first k images get the same noise whatever the batch's length. (One draw for the whole batch would not
-    ensure it: torch's CPU randn makes its values 16 at a time and redraws a last incomplete 16.)"""
+    """Add normal noise of std `sigma` (0-255 units), drawn image after image from a CPU `generator`, so that the first
+    k images get the same noise whatever the batch's length (torch's CPU randn redraws a last incomplete 16)."""
     noise = torch.empty(images.shape)
     for i in range(len(images)):
         noise[i] = torch.randn(images.shape[1:], generator=generator)
@@ -64,8 +54,7 @@ def gaussian_noise(images: torch.Tensor, sigma: float, generator: torch.Generato
 
 
 def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """Encode and decode each image as JPEG at `quality` (1-100), by Pillow: the same pixels as torchvision's
-    v2.functional.jpeg, whose JPEG encoder and decoder torchvision 0.29 deprecates (a warning at every call)."""
+    """Each image encoded and decoded as JPEG at `quality` (1-100) by Pillow (torchvision 0.29 deprecates its own)."""
     decoded = []
     for image in images.permute(0, 2, 3, 1).cpu().numpy():
         buffer = io.BytesIO()
@@ -81,12 +70,12 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def contrast(images: torch.Tensor, factor: float) -> torch.Tensor:
     """Blend each image with its mean grey level: factor 1 leaves it, 0 makes it uniformly grey."""
-    return _to_uint8(TF.adjust_contrast(_to_float(images), factor))
+    return _to_uint8(TF.adjust_contrast(images.float() / 255, factor))
 
 
 def brightness(images: torch.Tensor, factor: float) -> torch.Tensor:
     """Multiply every pixel by `factor`, clipped at 255."""
-    return _to_uint8(TF.adjust_brightness(_to_float(images), factor))
+    return _to_uint8(TF.adjust_brightness(images.float() / 255, factor))
 
 
 def shift(images: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -98,7 +87,7 @@ def shift(images: torch.Tensor, pixels: int) -> torch.Tensor:
 def downscale(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize to size x size (bilinear, antialiased) and back to the original size (bilinear)."""
     h, w = images.shape[-2:]
-    small = TF.resize(_to_float(images), [size, size], antialias=True)
+    small = TF.resize(images.float() / 255, [size, size], antialias=True)
     return _to_uint8(TF.resize(small, [h, w], antialias=True))
 
 
@@ -108,9 +97,8 @@ _FUNCTIONS = MappingProxyType({"jpeg": jpeg, "gaussian_blur": gaussian_blur, "co
 
 
 def corrupt(images: torch.Tensor, name: str, severity, seed: int) -> torch.Tensor:
-    """`images` under corruption `name` at `severity`, one of CORRUPTIONS[name]: uint8, same shape and device. The
-    same (images, name, severity, seed) give the same result on any device, and a prefix of the images the same
-    prefix of the result."""
+    """`images` under corruption `name` at `severity` (of CORRUPTIONS[name]): uint8, same shape and device; the same
+    result for the same arguments on any device, and for a prefix of the images the same prefix."""
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}: choose from {', '.join(CORRUPTIONS)}")
     if severity not in CORRUPTIONS[name]:
@@ -135,16 +123,10 @@ def _correct(classify: Callable, images: torch.Tensor, labels: torch.Tensor) -> 
 
 def corruption_accuracies(classify: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                           labels: torch.Tensor, seed: int = 0) -> dict:
-    """Accuracy of `classify` (uint8 batch (N, 3, H, W) -> predicted classes (N,)) on the clean images and on each
-    corruption and severity of the same images, as a JSON-ready record:
-
-    {"images": N, "seed": seed, "clean_accuracy": a,
-     "results": [{"corruption": name, "severity": value, "level": 1.., "accuracy": x, "drop": a - x}, ...],
-     "mean_accuracy": mean of the results' accuracies, "mean_drop": a - mean_accuracy,
-     "worst": the result with the largest drop (the first of equals)}.
-
-    Accuracies are fractions, each drop computed from counts on the same images, so that it is exact.
-    """
+    """Accuracy of `classify` (uint8 batch (N, 3, H, W) -> predicted classes (N,)) on the clean images and under each
+    corruption and severity, as fractions (each drop exact, from counts): {"images": N, "seed": seed, "clean_accuracy":
+    a, "results": [{"corruption": name, "severity": value, "level": 1.., "accuracy": x, "drop": a - x}, ...],
+    "mean_accuracy", "mean_drop": a - mean_accuracy, "worst": the largest drop's result (the first of equals)}."""
     labels = torch.as_tensor(labels).cpu()
     n = len(images)
     if n == 0 or labels.shape != (n,):
@@ -182,10 +164,8 @@ def tta_views(images: torch.Tensor, pixels: int = TTA_SHIFT) -> list[torch.Tenso
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], ctx: TrainContext,
             tta: bool = False) -> torch.Tensor:
-    """Logits (float32, on the device) for uint8 images normalised with `mean` and `std`, in eval mode and large
-    batches. With `tta`, the log of the softmax averaged over tta_views: its softmax is that average, its argmax the
-    averaged prediction.
-    """
+    """Logits (float32, on the device) of uint8 images normalised with `mean` and `std`, in eval mode and large
+    batches; with `tta`, the log of the softmax averaged over tta_views (its argmax the averaged prediction)."""
     model.eval()
     outputs = []
     mean, std = torch.tensor(mean, device=ctx.device), torch.tensor(std, device=ctx.device)
@@ -202,8 +182,7 @@ def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
              ctx: TrainContext, tta: bool = False) -> dict:
-    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set (with `tta`: of the averaged
-    views)."""
+    """Loss (plain cross-entropy), accuracy and predictions of `model` on a labelled set (`tta`: averaged views)."""
     logits = predict(model, images, mean, std, ctx, tta)
     labels = labels.to(ctx.device)
     predictions = logits.argmax(1)
@@ -213,15 +192,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
 
 def validate(model: nn.Module, splits: Splits, mean: list[float], std: list[float], ctx: TrainContext
              ) -> tuple[float, float]:
-    """(loss, accuracy) on the validation images, measured on the main process and shared with the others as Python
-    numbers (no 64-bit float tensor on the device: Apple's MPS has none)."""
-    shared = [None]
-    if ctx.is_main:
-        result = evaluate(model, splits.val_images, splits.val_labels, mean, std, ctx)
-        shared = [(result["loss"], result["accuracy"])]
-    if ctx.world > 1:
-        dist.broadcast_object_list(shared, 0)
-    return shared[0]
+    """(loss, accuracy) on the validation images: the main process's, shared as Python numbers (MPS has no float64)."""
+    result = evaluate(model, splits.val_images, splits.val_labels, mean, std, ctx) if ctx.is_main else {}
+    return share_from_rank0((result.get("loss"), result.get("accuracy")), ctx)
 
 
 def per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
@@ -238,37 +211,20 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, n_classes:
 FIRST_TEST_IMAGES = 1000  # the assignment reports the accuracy on the first 1,000 test images
 
 
-def first_test_images(n: int) -> int:
-    """How many of `n` test images the first-1,000 figure counts."""
-    return min(FIRST_TEST_IMAGES, n)
-
-
-def corruption_record(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
-                      std: Sequence[float], ctx: TrainContext, seed: int = 0) -> dict:
-    """The corruption benchmark of `model` on uint8 `images` (see corruption_accuracies): its accuracy on them clean
-    and under every corruption and severity of CORRUPTIONS, drawn from `seed`."""
-    start = time.perf_counter()
-    record = corruption_accuracies(lambda x: predict(model, x, mean, std, ctx).argmax(1).cpu(), images, labels, seed)
-    print(f"corruption benchmark: {len(record['results'])} corrupted copies of {len(images)} test images in "
-          f"{time.perf_counter() - start:.0f} s")
-    return record
-
-
 CORRUPTION_SHARE = 0.1  # by default the corruption benchmark takes at most this share of the training time
 CORRUPTION_STEP = 100  # ... on a multiple of this many test images (fewer: not run)
 CORRUPTION_PASSES = 1 + sum(len(severities) for severities in CORRUPTIONS.values())  # clean, each corrupted copy
 
 
 def corruption_images(asked: int | None, train_s: float, test_s: float, test_images: int) -> int:
-    """How many of the first test images the corruption benchmark takes: `asked` (--corruptions N) when given, else
-    as many of the first 1,000 as CORRUPTION_SHARE of the `train_s` seconds of training affords, a pass over each
-    corrupted copy costing what the test's pass over its `test_images` took (`test_s`); fewer than CORRUPTION_STEP:
-    none. Said in one line when not all 1,000."""
+    """How many of the first test images the corruption benchmark takes: `asked` (--corruptions N), else as many of
+    1,000 as CORRUPTION_SHARE of `train_s` affords at the test's speed (`test_s` for `test_images`), in steps of
+    CORRUPTION_STEP; said when not all."""
     if asked is not None:
         return asked
     affordable = int(CORRUPTION_SHARE * train_s / (CORRUPTION_PASSES * test_s / max(1, test_images)))
-    count = min(first_test_images(test_images), affordable) // CORRUPTION_STEP * CORRUPTION_STEP
-    if count < first_test_images(test_images):
+    count = min(FIRST_TEST_IMAGES, test_images, affordable) // CORRUPTION_STEP * CORRUPTION_STEP
+    if count < min(FIRST_TEST_IMAGES, test_images):
         print(f"corruption benchmark: {f'on the first {count} test images' if count else 'not run'}, to take at most "
               f"a tenth of the {train_s:.0f} s of training (--corruptions N sets the number of images)")
     return count
@@ -277,14 +233,13 @@ def corruption_images(asked: int | None, train_s: float, test_s: float, test_ima
 def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
                  mean: Sequence[float], std: Sequence[float], ctx: TrainContext, tta: bool = False,
                  corruptions: int | None = 0, train_s: float = 0.0) -> tuple[dict, torch.Tensor]:
-    """(the test figures as metrics.json names them, the predictions) on the whole test set: accuracy, loss, the
-    accuracy of the first 1,000, per class and confusion (with `tta`, the accuracies of test-time augmentation too),
-    and the corruption benchmark on `corruptions` of the first test images (None: after `train_s` seconds of
-    training, see corruption_images)."""
+    """(the test figures as metrics.json names them, the predictions): accuracy, loss, the first 1,000's accuracy, per
+    class and confusion (`tta`: its accuracies too), and the corruption benchmark on `corruptions` of the first test
+    images (None: see corruption_images)."""
     start = time.perf_counter()
     result = evaluate(model, images, labels, mean, std, ctx)
     corrupted = corruption_images(corruptions, train_s, time.perf_counter() - start, len(labels))
-    first = first_test_images(len(labels))
+    first = min(FIRST_TEST_IMAGES, len(labels))
 
     def accuracy_of_first(predicted: torch.Tensor) -> float:
         return (predicted[:first] == labels[:first]).sum().item() / max(1, first)
@@ -299,7 +254,12 @@ def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
         figures.update(test_accuracy_tta=tta_result["accuracy"],
                        test_accuracy_first1000_tta=accuracy_of_first(tta_result["predictions"]))
     if corrupted:
-        figures["corruptions"] = corruption_record(model, images[:corrupted], labels[:corrupted], mean, std, ctx)
+        start = time.perf_counter()
+        record = corruption_accuracies(lambda x: predict(model, x, mean, std, ctx).argmax(1).cpu(), images[:corrupted],
+                                       labels[:corrupted])
+        print(f"corruption benchmark: {len(record['results'])} corrupted copies of {record['images']} test images in "
+              f"{time.perf_counter() - start:.0f} s")
+        figures["corruptions"] = record
     return figures, predictions
 
 
@@ -326,16 +286,18 @@ def points(fraction: float, sign: str = "") -> str:
     return f"{round(fraction * 100, 1) + 0.0:{sign}.1f}"
 
 
-def write_test_report(figures: dict, predictions: torch.Tensor, data: CifarData, out_dir: Path) -> None:
-    """Draw the test figures (per class, confusion, misclassified; the corruption benchmark's when it ran) in `out_dir`
-    and print the per-class table (and the benchmark's)."""
+def write_report(figures: dict, predictions: torch.Tensor, data: CifarData, model: nn.Module, device: torch.device,
+                 settings: dict, environment: dict, out_dir: Path, **run) -> dict:
+    """A model's test report in `out_dir`: figures (per class, confusion, misclassified, corruptions), the tables, and
+    metrics.json: the test figures, what `run` adds (training's, or the checkpoint an evaluation read), the network's
+    size, device, classes, recorded settings and environment (versions, commit, hardware); returns the metrics."""
     per_class, accuracy = figures["per_class_accuracy"], figures["test_accuracy"]
     corruptions = figures.get("corruptions")
     plot_per_class(per_class, out_dir / "per_class.png",
                    f"Accuracy per class on the {len(predictions):,} test images ({accuracy:.2%} overall)")
     plot_confusion(torch.tensor(figures["confusion_matrix"]), data.classes, out_dir / "confusion.png")
     plot_misclassified(data.test_images, data.test_labels, predictions, data.classes, out_dir / "misclassified.png")
-    first = first_test_images(len(predictions))
+    first = min(FIRST_TEST_IMAGES, len(predictions))
     print(f"\n{'class':<12}{'accuracy':>9}")
     for name, acc in per_class.items():
         print(f"{name:<12}{acc:>9.2%}")
@@ -349,15 +311,6 @@ def write_test_report(figures: dict, predictions: torch.Tensor, data: CifarData,
         rows = corruption_examples(data.test_images[0], corruptions["seed"])
         plot_corruption_examples(rows, out_dir / "corruption_examples.png", "First test image under each corruption")
         print_corruptions(corruptions)
-
-
-def write_report(figures: dict, predictions: torch.Tensor, data: CifarData, model: nn.Module, device: torch.device,
-                 settings: dict, environment: dict, out_dir: Path, **run) -> dict:
-    """A model's test report in `out_dir`: the figures and table (write_test_report) and metrics.json, which holds
-    the test figures, then what `run` adds (training's epochs and speed, or the checkpoint an evaluation read), the
-    network's size, where it ran, its classes, its recorded settings and the environment (versions, commit,
-    hardware); returns the metrics."""
-    write_test_report(figures, predictions, data, out_dir)
     metrics = {**figures, **run, "params": sum(p.numel() for p in model.parameters()), "device": str(device),
                "classes": list(data.classes), "settings": settings, **environment}
     save_json(metrics, out_dir / "metrics.json")
@@ -380,15 +333,14 @@ def duration(seconds: float) -> str:
 
 
 def how_long(plan, estimate: Estimate, images_per_s: float) -> str:
-    """The line that says how long a run of epochs takes at `images_per_s` under its `plan` (train.Plan): its steps
-    left, a validation pass after each epoch, the test and the corruption benchmark (a forward pass: about a third
-    of a step); over an hour, it names --time-budget."""
+    """The line that says how long a run takes at `images_per_s` under its `plan`: steps left, validation, the test
+    and corruption benchmark (a forward pass: about a third of a step); over an hour, it names --time-budget."""
     step_s = plan.batch_size / images_per_s
     forward_s = step_s / plan.batch_size / 3  # an image's
     train_s = estimate.steps_left * step_s
     val_s = -(-estimate.steps_left // plan.steps_per_epoch) * estimate.val_images * forward_s
     test_images, corruptions = estimate.test_images, estimate.corruptions
-    corrupted = first_test_images(test_images) if corruptions is None else min(corruptions, test_images)
+    corrupted = min(FIRST_TEST_IMAGES, test_images) if corruptions is None else min(corruptions, test_images)
     corruption_s = CORRUPTION_PASSES * corrupted * forward_s
     test_s = test_images * forward_s + (min(corruption_s, CORRUPTION_SHARE * train_s) if corruptions is None
                                         else corruption_s)

@@ -1,6 +1,5 @@
-"""The run folder's files and the errors a user reads: files written whole or not at all (JSON, checkpoints, saved
-and loaded), the folder checked and locked, train.log (the console copied into it) and the environment a run
-records (versions, commit, hardware)."""
+"""The run folder's files and the errors a user reads: files written whole or not at all (JSON, checkpoints), the
+folder checked and locked, train.log (the console copied into it) and the environment a run records."""
 from __future__ import annotations
 
 import contextlib
@@ -45,23 +44,15 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
-def current_umask() -> int:
-    """The process's umask: os.umask reads it only by setting it, so set a strict one and put it back at once."""
-    umask = os.umask(0o077)
-    os.umask(umask)
-    return umask
-
-
 def atomic_write(path: Path, write: Callable) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    The file gets the mode of any newly created file (0666 less the umask), not mkstemp's private 0600.
-    """
+    """Write through `write(file)` to a temporary file, fsync it, rename it over `path` (mode 0666 less the umask)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, 0o666 & ~current_umask())
+            umask = os.umask(0o077)  # os.umask reads the umask only by setting one: put it back at once
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -126,8 +117,7 @@ def load_checkpoint(path: Path, script: str) -> dict:
 
 def load_weights(model: torch.nn.Module, state: object, source: str,
                  network: str = "the network its settings describe") -> None:
-    """Load the state dict `state` (from the file `source`) into `model`, or a UsageError saying that it does not fit
-    `network`."""
+    """Load the state dict `state` (of the file `source`) into `model`, or a UsageError: it does not fit `network`."""
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError):
@@ -141,10 +131,8 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 def checkpoint_state(script: str, settings: dict, training, history: list[dict], best, plan=None,
                      fingerprint: str | None = None, classes: Sequence[str] | None = None) -> dict:
-    """What last.pt holds after an epoch (best.pt: the same without TRAINING_STATE): the script, its settings, the
-    network, optimizer and scaler of `training` (train.Training), the history, the `best` epoch (train.BestEpoch),
-    the plan (train.Plan); `fingerprint` is data_fingerprint of the splits the run trains on (None outside a run).
-    The learning rate needs no state of its own: it is a function of the step and the plan."""
+    """What last.pt holds after an epoch (best.pt: without TRAINING_STATE): the script, settings, `training`'s state,
+    history, `best` epoch, plan and the splits' data fingerprint (the learning rate follows from step and plan)."""
     return {"kind": script, "settings": settings, "model": training.model.state_dict(),
             "optimizer": training.optimizer.state_dict(), "scaler": training.scaler.state_dict(),
             "plan": None if plan is None else plan._asdict(), "epoch": len(history), "history": history,
@@ -164,9 +152,8 @@ def write_checkpoints(held: dict, out_dir: Path) -> None:
 
 @contextlib.contextmanager
 def tee_console(path: Path, enabled: bool = True):
-    """Append what the block prints to stdout and stderr to `path` as well, after a line naming the command and the
-    time, and, when an exception ends the block, a line saying it; progress-bar redraws (lines that begin with a
-    carriage return) stay on the console. Yields the log file, for what goes to it alone (None when not `enabled`)."""
+    """Append what the block prints to `path` too, between a line with the command and time and one with the exception
+    that ends it, if any, but progress-bar redraws (\r); yields the log file (None when not `enabled`)."""
     if not enabled:
         yield None
         return
@@ -213,8 +200,7 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 @contextlib.contextmanager
 def run_folder(out_dir: Path, main: bool = True):
-    """Make `out_dir` for a run (see prepare_out_dir); when the block fails before it saved a checkpoint there and
-    the folder is new (made by the `main` process), remove it: a failed start leaves nothing behind."""
+    """Make `out_dir`; if `main` made it and the block fails before any checkpoint, remove it (nothing left behind)."""
     created = main and not out_dir.exists()
     prepare_out_dir(out_dir)
     try:
@@ -227,9 +213,8 @@ def run_folder(out_dir: Path, main: bool = True):
 
 @contextlib.contextmanager
 def run_dir_lock(out_dir: Path):
-    """Hold an exclusive lock on out_dir/.lock (with this process's id in it) while the block runs: a second run into
-    the same folder is refused at once. The file goes at the end; the system drops the lock when the process ends,
-    however it ends."""
+    """Hold an exclusive lock on out_dir/.lock (holding this process's id) while the block runs: a second run into the
+    folder is refused at once. The file goes at the end; the lock goes with the process, however it ends."""
     import fcntl  # POSIX only: imported here so that the module loads everywhere
     with open(out_dir / ".lock", "a+", encoding="utf-8") as lock:
         try:
@@ -290,10 +275,8 @@ class Stopped(KeyboardInterrupt):
 
 
 def stop_on_signals(stack: contextlib.ExitStack) -> dict:
-    """From now until `stack` closes, SIGINT (Ctrl-C) and SIGTERM (docker stop, Slurm, a closed terminal) set
-    stop["signal"] instead of interrupting: the training loop then saves the run at the step it reached and stops. A
-    second one stops at once (the files it was writing stay whole: each is written to a temporary file, then renamed).
-    """
+    """Until `stack` closes, SIGINT (Ctrl-C) and SIGTERM set stop["signal"] instead of interrupting: the training loop
+    saves the run at the step it reached and stops. A second one stops at once (atomic_write keeps files whole)."""
     stop = {"signal": None}
 
     def asked(signum, frame):

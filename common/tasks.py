@@ -43,9 +43,8 @@ def open_checkpoint(script: str, checkpoint_path: Path, build_model, ctx: TrainC
 
 def eval_only(script: str, checkpoint_path: Path, out_dir: Path, data_dir: str, download: bool, tta: bool,
               corruption_images: int | None, build_model, runtime_keys: set[str], ctx: TrainContext) -> dict:
-    """Rebuild the model of a checkpoint, evaluate it on the test set in `data_dir` (the corruption benchmark on
-    `corruption_images` of the first test images, by default the first 1,000), write metrics.json and the test
-    figures in `out_dir`; metrics.json records the checkpoint's settings without the `runtime_keys`."""
+    """Evaluate a checkpoint's model on the test set in `data_dir` (the corruption benchmark on `corruption_images`
+    of the first test images, by default 1,000); its report in `out_dir`, with the settings but `runtime_keys`."""
     checkpoint, model = open_checkpoint(script, checkpoint_path, build_model, ctx)
     prepare_out_dir(out_dir)
     saved = checkpoint["settings"]
@@ -67,16 +66,12 @@ PROBABILITY_SUM_TOLERANCE = 1e-4  # an exported model whose probabilities sum fu
 
 def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str | None, data_dir: str, download: bool,
                  build_model) -> int:
-    """--export: write the checkpoint's network as an ONNX picture classifier at `path` (int8 with `quantize`), then
-    check it: ONNX Runtime against PyTorch on the test set, or on one random batch where no test set is at hand.
-    Returns the exit code: 1 when an fp32 export gives other classes than PyTorch, or any export probabilities that do
-    not sum to 1 (the file is then removed), else 0."""
+    """--export: the checkpoint's network as an ONNX classifier at `path` (int8 with `quantize`), then checked."""
     export_packages()  # missing packages are said before any work
     cpu = TrainContext(torch.device("cpu"), torch.float32)
     checkpoint, model = open_checkpoint(script, checkpoint_path, build_model, cpu)
     prepare_out_dir(path.parent)
     saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
-    model.eval()
     try:
         data = load_cifar10(data_dir, download=download)
     except UsageError as e:
@@ -106,25 +101,26 @@ def export_model(script: str, checkpoint_path: Path, path: Path, quantize: str |
 
 
 def check_export(model: nn.Module, path: Path, mean: list, std: list, data, quantized: bool, cpu: TrainContext) -> int:
-    """The exported model at `path` against PyTorch's `model`: on the test set of `data`, or on one random batch
-    without it. Returns 1 (the file removed) when an fp32 export gives other classes or any export probabilities
-    that do not sum to 1, else 0."""
-    if data is None:
-        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        labels = None
-    else:
-        images, labels = data.test_images, data.test_labels
+    """The exported model at `path` against PyTorch's `model` on the test set of `data` (else one random batch).
+    Returns 1 (the file removed) when an fp32 export gives other classes or probabilities that do not sum to 1."""
+    images = data.test_images if data is not None else \
+        torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     expected = predict(model, images, mean, std, cpu).softmax(1)
-    got = onnx_probabilities(path, nhwc(images))
+    _, ort = export_packages()  # ONNX Runtime's probabilities
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    outputs = [session.run(["probabilities"], {"images": batch.numpy()})[0] for batch in nhwc(images).split(EVAL_BATCH)]
+    got = torch.from_numpy(np.concatenate(outputs)) if outputs else torch.zeros(0, 10)
     same = (expected.argmax(1) == got.argmax(1)).sum().item()
     largest = (expected - got).abs().max().item() if len(images) else 0.0
     off_one = (got.sum(1) - 1).abs().max().item() if len(images) else 0.0  # how far probabilities sum from 1
-    if labels is None:
+    if data is None:
         print(f"check on one random batch of {len(images)} images: the same class for {same}/{len(images)}, largest "
               f"difference in probability {largest:.1e}; the accuracy check was skipped (no test set at hand)")
     else:
-        onnx_accuracy = (got.argmax(1) == labels).float().mean().item()
-        torch_accuracy = (expected.argmax(1) == labels).float().mean().item()
+        onnx_accuracy = (got.argmax(1) == data.test_labels).float().mean().item()
+        torch_accuracy = (expected.argmax(1) == data.test_labels).float().mean().item()
         print(f"check on the {len(images)} test images: ONNX Runtime ({'int8' if quantized else 'fp32'}) "
               f"{onnx_accuracy:.2%}, PyTorch {torch_accuracy:.2%}; the same class for {same}/{len(images)} "
               f"({same / len(images):.2%}); largest difference in probability {largest:.1e}"
@@ -149,9 +145,7 @@ PREVIEW_COUNT = 64  # inputs drawn in predictions.png
 def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ctx: TrainContext,
                    checkpoint_path: Path, out_dir: Path) -> int:
     """Predict the class of every image file in `paths` (files and folders) with a checkpoint: print a table, write
-    predictions.json, .csv and .png in `out_dir`. Returns the exit code: 1 when a file was skipped as unreadable,
-    else 0.
-    """
+    predictions.json, .csv and .png in `out_dir`. Returns the exit code: 1 when a file was skipped as unreadable."""
     files = image_files(paths)  # a missing path or an empty folder is refused before the model loads
     checkpoint, model = open_checkpoint(script, checkpoint_path, build_model, ctx)
     saved, classes = checkpoint["settings"], list(checkpoint.get("classes", CLASSES))
@@ -185,7 +179,11 @@ def predict_images(script: str, paths: Sequence[str], tta: bool, build_model, ct
         print(f"error: none of the {len(files)} file(s) could be read as an image; nothing written to {out_dir}",
               file=sys.stderr)
         return 1
-    print_predictions(rows)
+    width = min(60, max([len("file"), *(len(row["path"]) for row in rows)])) + 2  # a line per image
+    print(f"{'file':<{width}}{'class':<12}{'prob':>7}   next two")
+    for row in rows:
+        others = ", ".join(f"{top['label']} {top['probability']:.1%}" for top in row["top3"][1:])
+        print(f"{row['path']:<{width}}{row['label']:<12}{row['probability']:>7.1%}   {others}")
     prepare_out_dir(out_dir)
     save_predictions(rows, out_dir)
     shown = f"The first {len(previews)} pictures read" if len(previews) < len(rows) else "Each picture"
@@ -209,15 +207,6 @@ def save_predictions(rows: list[dict], out_dir: Path) -> None:
         writer.writerow([row["path"], row["label"], row["probability"],
                          *(value for top in row["top3"][1:] for value in (top["label"], top["probability"]))])
     atomic_write(out_dir / "predictions.csv", lambda f: f.write(text.getvalue().encode()))
-
-
-def print_predictions(rows: list[dict]) -> None:
-    """One line per image: file, predicted class and probability, the next two classes."""
-    width = min(60, max([len("file"), *(len(row["path"]) for row in rows)])) + 2
-    print(f"{'file':<{width}}{'class':<12}{'prob':>7}   next two")
-    for row in rows:
-        others = ", ".join(f"{top['label']} {top['probability']:.1%}" for top in row["top3"][1:])
-        print(f"{row['path']:<{width}}{row['label']:<12}{row['probability']:>7.1%}   {others}")
 
 
 EXPORT_PACKAGES = "onnx onnxscript onnxruntime"  # the optional packages --export needs
@@ -252,8 +241,7 @@ def export_packages():
 
 
 def export_onnx(classifier: PicturesToProbabilities, path: Path, metadata: dict[str, str]) -> None:
-    """Write `classifier` as an ONNX model (input `images`, output `probabilities`, batch dimension dynamic) with
-    `metadata` in its metadata_props, whole or not at all."""
+    """Write `classifier` as an ONNX model (any batch size) with `metadata` in its metadata_props, whole or not."""
     onnx, _ = export_packages()
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
@@ -272,9 +260,8 @@ def export_onnx(classifier: PicturesToProbabilities, path: Path, metadata: dict[
 
 
 def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> None:
-    """Write a statically quantised (int8 weights and activations, QDQ format) copy of the ONNX model at `fp32_path`,
-    its activation ranges calibrated on the uint8 images (N, 32, 32, 3) `calibration`; the final Softmax stays in fp32,
-    so that the probabilities sum to 1 (quantised, they come in steps of 1/255)."""
+    """Write a statically quantised (int8, QDQ) copy of the ONNX model at `fp32_path`, calibrated on the uint8 images
+    (N, 32, 32, 3) `calibration`; the final Softmax stays fp32, so that the probabilities sum to 1."""
     onnx, _ = export_packages()
     from onnxruntime import quantization
 
@@ -303,16 +290,6 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> Non
     model.metadata_props.extend(source.metadata_props)  # the quantiser keeps none of them
     model.metadata_props.add(key="quantization", value=f"int8 static, calibrated on {len(calibration)} training images")
     atomic_write(path, lambda f: f.write(model.SerializeToString()))
-
-
-def onnx_probabilities(path: Path, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """Class probabilities ONNX Runtime computes for uint8 images (N, 32, 32, 3) with the model at `path`."""
-    _, ort = export_packages()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    outputs = [session.run(["probabilities"], {"images": batch.numpy()})[0] for batch in images.split(batch_size)]
-    return torch.from_numpy(np.concatenate(outputs)) if outputs else torch.zeros(0, 10)
 
 
 def nhwc(images: torch.Tensor) -> torch.Tensor:

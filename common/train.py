@@ -1,7 +1,6 @@
 """The training run in the order it happens (train_run): the run folder, the data, the plan (steps, learning rate; a
-time budget's from its first timed steps, with the settings it chooses), the network and its optimizer, then epoch
-after epoch train_one_epoch (shuffle, augment, forward, loss, backward, learning rate; a pause to save every minute or
-on a signal), validate, keep the best, save; at the end the test of the best epoch and the reports."""
+time budget's from its first timed steps), the network and optimizer, then epoch after epoch train_one_epoch (shuffle,
+augment, forward, loss, backward; a pause to save every minute or on a signal), validate, save; the test and reports."""
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import files
-from .board import log_end, log_epoch, log_step, open_board, trained_steps
+from .board import log_end, log_epoch, open_board, trained_steps
 from .data import (
     augment_batch,
     augmentation,
@@ -105,8 +104,7 @@ def lr_factor(step: int, plan: Plan) -> float:
 
 def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: float, steps_done: int,
                      steps_per_epoch: int, epochs_validated: int = 0) -> int:
-    """The most steps a time budget holds: those done, then more at `step_s` each, with a validation pass of `val_s`
-    for every epoch they reach beyond the `epochs_validated`."""
+    """The most steps a budget holds: those done, then `step_s` each, plus `val_s` per epoch past `epochs_validated`."""
     left = budget_s - elapsed_s
 
     def cost(total: int) -> float:
@@ -120,9 +118,8 @@ def plan_total_steps(budget_s: float, elapsed_s: float, step_s: float, val_s: fl
 
 
 def choose_settings(scaling: dict | None, epochs: float) -> dict:
-    """The settings for a run of `epochs` epochs from a recipe's budget_scaling {"epochs": [few, many], key: [value at
-    few, value at many], ...}: each value interpolated on the logarithm of the epochs, held at the ends; crop_pad
-    rounded. No scaling (or only its epochs): nothing."""
+    """The settings for `epochs` epochs from a recipe's budget_scaling {"epochs": [few, many], key: [value at few, at
+    many], ...}: interpolated on log(epochs), held at the ends, crop_pad rounded; none without a key besides epochs."""
     if not scaling or len(scaling) < 2:
         return {}
     few, many = scaling["epochs"]
@@ -133,9 +130,8 @@ def choose_settings(scaling: dict | None, epochs: float) -> dict:
 
 def budget_plan(plan: Plan, step_s: float, spent_s: float, val_images: int, scaling: dict | None,
                 ctx: TrainContext) -> Plan:
-    """The plan a time budget makes from its timed steps (`step_s` each, `spent_s` in all, rank 0's shared): the
-    total steps it holds with a validation pass after every epoch, and the settings the recipe's `scaling` gives for
-    that many epochs; both said."""
+    """A time budget's plan, said, from its timed steps (`step_s` each, `spent_s` in all; rank 0's): the total steps
+    it holds with a validation pass after every epoch, and the settings `scaling` gives for that many epochs."""
     budget_s = plan.budget_minutes * 60
     step_s = share_from_rank0(step_s, ctx)
     val_s = step_s * ctx.world * val_images / plan.batch_size / 3  # a forward pass: about a third of a step
@@ -155,10 +151,8 @@ def budget_plan(plan: Plan, step_s: float, spent_s: float, val_images: int, scal
 
 def replan(plan: Plan, elapsed_s: float, steps_done: int, step_s: float, epoch_extra_s: float,
            ctx: TrainContext) -> Plan:
-    """At the end of an epoch under a time budget: the plan with its total steps set anew from the time used so far,
-    the last epoch's seconds per step and the seconds it spent besides its steps (validation, checkpoints), so that a
-    machine that slows down or speeds up still ends on time; the schedule follows the new total. Its chosen
-    settings stay."""
+    """After an epoch under a time budget: the total steps set anew from the time used and the last epoch's speed and
+    extra seconds (validation, saving), so that the run ends on time; the schedule follows, the chosen settings stay."""
     total = share_from_rank0(plan_total_steps(
         plan.budget_minutes * 60, elapsed_s, step_s, epoch_extra_s, steps_done, plan.steps_per_epoch,
         epochs_validated=steps_done // plan.steps_per_epoch), ctx)
@@ -169,8 +163,7 @@ def replan(plan: Plan, elapsed_s: float, steps_done: int, step_s: float, epoch_e
 
 
 def settings_for_plan(settings: Settings, plan: Plan) -> Settings:
-    """The settings every epoch of the run trains with and records: with the values a time budget's plan chose
-    (crop off where its padding became 0)."""
+    """The settings the run trains with and records: with its plan's choices (crop off where its padding is 0)."""
     if not plan.chosen:
         return settings
     crop_pad = plan.chosen.get("crop_pad", settings.crop_pad)
@@ -182,10 +175,9 @@ def settings_for_plan(settings: Settings, plan: Plan) -> Settings:
 
 def train_run(script: str, settings: Settings, flags_given: dict, build_model, out_dir: Path, ctx: TrainContext,
               plan: Plan | None = None) -> dict | None:
-    """Train in `out_dir`: a new run, or the unfinished one it holds continued from its last.pt (--resume; with
-    --epochs beyond a finished run's, that run extended), or none when it holds a finished run. Under a time budget
-    `plan` is another run's (a sweep's first) to train as it is, else the first steps make one. Returns the run's
-    metrics (empty on the other processes of torchrun, None when there was nothing to train)."""
+    """Train in `out_dir`: a new run, or continue the unfinished one from its last.pt (--resume; with more --epochs,
+    a finished one). Under a time budget `plan` is a sweep's first run's, else the first steps make one. Returns the
+    metrics (empty on torchrun's other processes, None when there was nothing to train)."""
     # The run folder: what it holds decides between a new run and a resumed one.
     finished, unfinished = (out_dir / "metrics.json").exists(), (out_dir / "last.pt").exists()
     if finished and unfinished and "epochs" in flags_given:  # --resume --epochs N extends a finished run
@@ -210,10 +202,10 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
             for stale in out_dir.glob(".*.tmp"):  # temporary files of atomic_write left by a run killed while saving
                 stale.unlink(missing_ok=True)
         data, splits = load_training_data(settings, ctx)
-        board = stack.enter_context(open_board(
-            out_dir, resume_from and trained_steps(resume_from["history"]) + resume_from.get("in_epoch", {}).get(
-                "step", 0), f"python {shlex.join(sys.argv)}", settings.recorded())) \
-            if ctx.is_main and settings.tensorboard else None
+        in_epoch = (resume_from or {}).get("in_epoch")  # last.pt saved inside an epoch
+        resumed_steps = resume_from and trained_steps(resume_from["history"]) + (in_epoch or {}).get("step", 0)
+        board = stack.enter_context(open_board(out_dir, resumed_steps, f"python {shlex.join(sys.argv)}",
+                                               settings.recorded())) if ctx.is_main and settings.tensorboard else None
         log = stack.enter_context(files.tee_console(out_dir / "train.log", enabled=ctx.is_main))
         stack.enter_context(files.what_a_stop_keeps(out_dir))
         environment = files.environment_info(ctx.device)  # the commit that trains, even if the tree moves on meanwhile
@@ -244,15 +236,13 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         training = set_up_training(settings, build_model, ctx, resume_from, out_dir / "last.pt")
         if log is not None:  # the network and every setting in train.log; on the console what this run is
             print(f"{training.model}\nsettings: {json.dumps(settings.recorded())}", file=log)
-            given = [f"--{key.replace('_', '-')} {value}" for key, value in flags_given.items()
-                     if key not in settings.runtime_keys() and key not in ("recipe", "epochs", "time_budget")]
-            print(f"{script}: recipe {settings.recipe}, " + (
-                f"{plan.epochs} epoch{'s' * (plan.epochs != 1)}" if plan.budget_minutes is None
-                else f"time budget {plan.budget_minutes:g} min") +
-                f", {parameter_counts(training.model)}, {ctx.device}, "
-                f"{precision_name(ctx.dtype)}" + (f", {ctx.world} processes" if ctx.world > 1 else "") +
-                ("; given: " + " ".join(given) if given else "") + f"; the network and settings in {log.name}")
-        in_epoch = (resume_from or {}).get("in_epoch")
+            given = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in flags_given.items()
+                             if key not in settings.runtime_keys() and key not in ("recipe", "epochs", "time_budget"))
+            length = f"{plan.epochs} epoch{'s' * (plan.epochs != 1)}" if plan.budget_minutes is None \
+                else f"time budget {plan.budget_minutes:g} min"
+            print(f"{script}: recipe {settings.recipe}, {length}, {parameter_counts(training.model)}, {ctx.device}, "
+                  f"{precision_name(ctx.dtype)}" + (f", {ctx.world} processes" if ctx.world > 1 else "")
+                  + (f"; given: {given}" if given else "") + f"; the network and settings in {log.name}")
         if in_epoch and len(in_epoch["ranks"]) != ctx.world:
             raise UsageError(f"{out_dir / 'last.pt'} was saved inside epoch {in_epoch['epoch']} by "
                              f"{len(in_epoch['ranks'])} processes: resume it with as many (torchrun --nproc_per_node)")
@@ -261,8 +251,7 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         if resume_from is None:
             history, best = [], BestEpoch()
             if ctx.is_main:
-                plot_filters(model, out_dir / "filters_before.png",
-                             "first-layer filters before training")
+                plot_filters(model, out_dir / "filters_before.png", "first-layer filters before training")
         else:
             history, best = resume_from["history"], BestEpoch(resume_from["best_epoch"],
                                                               resume_from["best_val_accuracy"])
@@ -284,6 +273,7 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
         held = {}  # checkpoints not written yet: at most every SAVE_EVERY_S, so that a fast GPU waits for no disk
         written_at = -math.inf  # the first epoch is written at once: a run can be resumed from early on
         pause_at, save_s = clock + IN_EPOCH_SAVE_S, 0.0  # the next in-epoch save, and what the last one cost
+        kept = f"{out_dir / 'last.pt'} holds it; resume with: python {files.resume_command(True)}"  # after a stop
         epoch = len(history)
         try:
             while epoch < plan.epochs:  # a re-plan may move the last epoch
@@ -292,8 +282,7 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                     say(ctx, f"early stop: no better validation accuracy for {settings.patience} epochs")
                     break
                 epoch_start = time.perf_counter() - (progress["seconds"] if progress else 0.0)
-                row = {"epoch": epoch,
-                       "lr": training.peak_lrs[0] * lr_factor((epoch - 1) * plan.steps_per_epoch, plan)}
+                row = {"epoch": epoch, "lr": training.peak_lrs[0] * lr_factor((epoch - 1) * plan.steps_per_epoch, plan)}
                 epoch_save_s = 0.0  # the epoch's in-epoch saves
                 while True:  # the epoch, in pieces between the in-epoch saves
                     result = train_one_epoch(training, images, labels, settings, plan, epoch, ctx, board,
@@ -319,12 +308,10 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                     pause_at = time.perf_counter() + max(IN_EPOCH_SAVE_S, save_s * (1 - SAVE_SHARE) / SAVE_SHARE)
                     if stop["signal"] is not None:
                         raise files.Stopped(stop["signal"], f"stopped at epoch {epoch}, step {progress['step']} of "
-                                                            f"{plan.epoch_steps(epoch)}: {out_dir / 'last.pt'} holds "
-                                                            f"it; resume with: python {files.resume_command(True)}")
+                                                            f"{plan.epoch_steps(epoch)}: {kept}")
                 row.update(result)
                 row["val_loss"], row["val_accuracy"] = validate(model, splits, settings.mean, settings.std, ctx)
-                row["precision"] = precision_name(ctx.dtype)
-                row["elapsed_s"] = earlier_s + time.perf_counter() - clock
+                row.update(precision=precision_name(ctx.dtype), elapsed_s=earlier_s + time.perf_counter() - clock)
                 history.append({k: row[k] for k in HISTORY_KEYS})
                 improved = row["val_accuracy"] > best.val_accuracy
                 best = BestEpoch(epoch, row["val_accuracy"]) if improved else best
@@ -354,8 +341,7 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
                                   row["seconds"] / row["steps"], time.perf_counter() - epoch_start - row["seconds"],
                                   ctx)
                 if stop["signal"] is not None and epoch < plan.epochs:  # a signal during validation or saving
-                    raise files.Stopped(stop["signal"], f"stopped after epoch {epoch}: {out_dir / 'last.pt'} holds "
-                                                        f"it; resume with: python {files.resume_command(True)}")
+                    raise files.Stopped(stop["signal"], f"stopped after epoch {epoch}: {kept}")
         finally:  # the end, an early stop, Ctrl-C, an error: what is held is written
             flush_start = time.perf_counter()
             files.write_checkpoints(held, out_dir)
@@ -367,15 +353,13 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
 
         # The test: the last epoch's model, then the best epoch's (from best.pt), and the reports.
         last_is_best = best.epoch == len(history)  # then best.pt holds these very weights
-        test_images, test_labels = data.test_images, data.test_labels
         last_accuracy = None if last_is_best else \
-            evaluate(model, test_images, test_labels, settings.mean, settings.std, ctx)["accuracy"]
+            evaluate(model, data.test_images, data.test_labels, settings.mean, settings.std, ctx)["accuracy"]
         model.load_state_dict(files.load_checkpoint(out_dir / "best.pt", script)["model"])
-        figures, predictions = test_results(model, test_images, test_labels, data.classes, settings.mean,
+        figures, predictions = test_results(model, data.test_images, data.test_labels, data.classes, settings.mean,
                                             settings.std, ctx, settings.tta, settings.corruptions,
                                             sum(row["seconds"] for row in history))
-        plot_filters(model, out_dir / "filters_after.png",
-                     f"first-layer filters after training (epoch {best.epoch})")
+        plot_filters(model, out_dir / "filters_after.png", f"first-layer filters after training (epoch {best.epoch})")
         plot_history(history, best.epoch, out_dir / "history.png", len(splits.train_images), len(splits.val_images))
         files.save_json(history, out_dir / "history.json")  # with the last epoch's seconds of saving
         trained = history[resumed_epochs:]  # the epochs this call trained
@@ -412,13 +396,10 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
                     epoch: int, ctx: TrainContext, board=None, estimate: Estimate | None = None,
                     steps: int | None = None, progress: dict | None = None, pause_at: float = math.inf,
                     stop: dict | None = None) -> dict:
-    """One pass over the shuffled training set on the device (the last epoch of a plan may stop short; `steps`, when
-    given, stops it there); returns loss, accuracy, steps, seconds and images/s. It pauses after a step when the
-    clock passes `pause_at` or a signal set stop["signal"], and then returns {"progress": ...}: the step reached, the
-    random streams' states and the running sums, from which a call with that `progress` goes on as if unbroken (also
-    after a resume from last.pt). The progress bar counts every step; every LOG_EVERY steps it reads the device's sums,
-    and the steps' figures go to TensorBoard's `board`. With an `estimate`, once, a line says how long the run takes,
-    at the speed of the steps after the first (a warm-up) over ESTIMATE_AFTER_S seconds or 50 steps."""
+    """One pass over the shuffled training set (a plan's last epoch, or `steps`, may stop short); returns loss,
+    accuracy, steps, seconds and images/s. Past `pause_at` or on stop["signal"] it returns {"progress": ...} (step,
+    random streams, sums) instead, from which a call goes on as if unbroken. Every LOG_EVERY steps it reads the sums
+    for the bar and `board`; with an `estimate`, once, says how long the run takes (after ESTIMATE_AFTER_S or 50)."""
     training.train_model.train()
     augment = torch.Generator(ctx.device)
     if progress is None:  # dropout's stream is torch's own; the data order a function of the epoch
@@ -483,10 +464,10 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
             images_per_s = (seen - logged[1]) * ctx.world / max(now - logged[2], 1e-9)
             bar.set_postfix(loss=f"{loss_so_far / seen:.3f}", acc=f"{hits / seen:.1%}",
                             img_s=f"{seen * ctx.world / (now - start):.0f}", refresh=False)
-            if board is not None and seen > logged[1]:
-                log_step(board, first + step, {"batch_loss": (loss_so_far - logged[0]) / (seen - logged[1]),
-                                               "lr": training.optimizer.param_groups[0]["lr"],
-                                               "images_per_s": images_per_s})
+            if board is not None and seen > logged[1]:  # the steps' figures since the last reading
+                board.add_scalar("train/batch_loss", (loss_so_far - logged[0]) / (seen - logged[1]), first + step)
+                board.add_scalar("train/lr", training.optimizer.param_groups[0]["lr"], first + step)
+                board.add_scalar("train/images_per_s", images_per_s, first + step)
             if estimate_due:
                 say(ctx, how_long(plan, estimate, (seen - warm[0]) * ctx.world / (now - warm[1])))
                 estimate = None
@@ -508,8 +489,7 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
 
 
 def pause_wanted(step: int, pause_at: float, stop: dict | None, ctx: TrainContext) -> bool:
-    """Whether train_one_epoch pauses after `step`: when the clock passed `pause_at` or a signal asked to stop; under
-    torchrun every process decides the same, at the steps where it reads the device anyway (every LOG_EVERY)."""
+    """Whether to pause after `step` (past `pause_at`, or a signal); under torchrun all alike, every LOG_EVERY."""
     wanted = time.perf_counter() >= pause_at or bool(stop and stop["signal"])
     if ctx.world == 1:
         return wanted
@@ -522,9 +502,8 @@ def pause_wanted(step: int, pause_at: float, stop: dict | None, ctx: TrainContex
 
 def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: torch.Tensor, plan: Plan,
                ctx: TrainContext) -> tuple[float, float]:
-    """A time budget's first steps, on a network of its own that is then dropped (the run's network is built with
-    the settings the plan chooses): PLAN_WARMUP steps, then PLAN_STEPS timed ones (fewer when an epoch is short: one
-    warm-up step at least, the epoch's others timed). Returns (seconds per timed step, seconds in all)."""
+    """A time budget's first steps, on a network then dropped: PLAN_WARMUP steps, then PLAN_STEPS timed ones (in a
+    short epoch one warm-up step, the others timed). Returns (seconds per timed step, seconds in all)."""
     start = time.perf_counter()
     training = set_up_training(settings, build_model, ctx, initial_weights=False)
     warm_up = min(PLAN_WARMUP, max(1, plan.steps_per_epoch - 1))
@@ -537,12 +516,11 @@ def time_steps(settings: Settings, build_model, images: torch.Tensor, labels: to
 
 def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_from: dict | None = None,
                     resume_path: Path | None = None, initial_weights: bool = True) -> Training:
-    """The network, optimizer and gradient scaler: new (a script's initial weights where it has them and
-    `initial_weights` asks), or as the checkpoint `resume_from` read from `resume_path` left them (its scaler's state
-    only where both runs scale: fp16); the network wrapped for several processes and compiled if asked."""
+    """The network, optimizer and gradient scaler: new, or as the checkpoint `resume_from` (`resume_path`) left them
+    (its scaler's state where both are fp16); the network wrapped for several processes and compiled if asked."""
     torch.manual_seed(settings.seed)
-    model = build_model(settings, initial_weights=resume_from is None and initial_weights).to(ctx.device)
-    model = model.to(memory_format=torch.channels_last)
+    model = build_model(settings, initial_weights=resume_from is None and initial_weights)
+    model = model.to(ctx.device, memory_format=torch.channels_last)
     groups = parameter_groups(model, settings.lr, settings.norm_bias_lr)
     optimizer = make_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -571,8 +549,7 @@ def parameter_counts(model: nn.Module) -> str:
 
 
 def parameter_groups(model: nn.Module, lr: float, norm_bias_lr: float = 1.0) -> list[dict]:
-    """The trainable parameters as optimizer groups at `lr`, except the BatchNorm biases, which learn at
-    `norm_bias_lr` times `lr` in a second group where that differs."""
+    """The trainable parameters as optimizer groups at `lr`, and the BatchNorm biases' at `norm_bias_lr` times it."""
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                    and m.bias is not None} if norm_bias_lr != 1.0 else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -598,15 +575,13 @@ class BestEpoch(NamedTuple):
 
 
 def differing_settings(asked: Mapping, saved: Mapping) -> list[tuple[str, object, object]]:
-    """(name, saved value, asked value) of each setting in `asked` whose value differs from the one in `saved`
-    (--augment's text parsed first)."""
+    """(name, saved value, asked value) of each setting in `asked` that differs in `saved` (--augment parsed)."""
     return [(key, saved.get(key), value) for key, value in asked.items()
             if (parse_augment(value) if key == "augment" else value) != saved.get(key)]
 
 
 def resumed_settings(settings: Settings, flags_given: dict, saved: dict) -> Settings:
-    """The saved run's settings with the runtime flags, --epochs and --patience of this call on top; refuses any
-    other flag given with another value than the run's."""
+    """The saved run's settings with this call's runtime flags, --epochs and --patience; other flags must agree."""
     if "epochs" in flags_given and saved.get("time_budget") is not None:
         raise UsageError(f"--epochs: the run being resumed trains for --time-budget {saved['time_budget']:g} minutes, "
                          f"and --resume continues its plan")

@@ -138,7 +138,7 @@ def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mo
 
     def fake_run_experiment(args, script, recipes, settings_type, build_model, default_out_dir):
         given = common.cli.explicit_flags(args)
-        recipe = common.cli.choose_recipe(recipes, given.get("recipe", "default"))
+        recipe = recipes[given.get("recipe", "default")]
         seen.update(settings=common.cli.resolve_settings(given, recipe, settings_type), out=default_out_dir)
         return 0
 

@@ -55,7 +55,7 @@ def test_the_test_figures_say_what_they_show_on_which_images_with_units(figures,
                 "per_class_accuracy": common.evaluation.per_class_accuracy(labels, predictions, common.data.CLASSES),
                 "confusion_matrix": common.evaluation.confusion_matrix(labels, predictions).tolist()}
     data = common.data.CifarData(IMAGES, labels, IMAGES, labels, tuple(common.data.CLASSES))
-    common.evaluation.write_test_report(report, predictions, data, tmp_path)
+    common.evaluation.write_report(report, predictions, data, torch.nn.Linear(1, 1), torch.device("cpu"), {}, {}, tmp_path)
     per_class, confusion, misclassified, corruptions, examples = map(texts, figures)
     for text in (per_class, confusion, misclassified, corruptions):
         assert "4 test images" in text

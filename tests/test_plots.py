@@ -55,7 +55,8 @@ def test_the_test_figures_say_what_they_show_on_which_images_with_units(figures,
                 "per_class_accuracy": common.evaluation.per_class_accuracy(labels, predictions, common.data.CLASSES),
                 "confusion_matrix": common.evaluation.confusion_matrix(labels, predictions).tolist()}
     data = common.data.CifarData(IMAGES, labels, IMAGES, labels, tuple(common.data.CLASSES))
-    common.evaluation.write_report(report, predictions, data, torch.nn.Linear(1, 1), torch.device("cpu"), {}, {}, tmp_path)
+    common.evaluation.write_report(report, predictions, data, torch.nn.Linear(1, 1), torch.device("cpu"), {}, {},
+                                   tmp_path)
     per_class, confusion, misclassified, corruptions, examples = map(texts, figures)
     for text in (per_class, confusion, misclassified, corruptions):
         assert "4 test images" in text
@@ -76,5 +77,5 @@ def test_predictions_name_each_file_on_a_grid_fitted_to_five(figures, tmp_path, 
                                              "--out-dir", tmp_path / "predict", "--device", "cpu"], capsys)
     assert code == 0, err
     (fig,) = figures
-    assert len(fig.axes) == 5 and "pictures" in fig.get_suptitle()
+    assert len(fig.axes) == 5 and "picture" in fig.get_suptitle()
     assert [ax.get_title().split("\n")[0] for ax in fig.axes] == [f"photo{i}.png" for i in range(5)]

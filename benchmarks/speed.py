@@ -1,12 +1,8 @@
-"""Training speed of Exercise 1's ConvNet on one device, measured in one run on the same images: (1) the training
-loop without augmentation (common.train.train_one_epoch, --augment none), (2) the same loop as ex1's default recipe
-runs it, augmentation included, (3) the original pipeline: PIL images through torchvision transforms in a DataLoader
-with one worker per core, fp32, NCHW, Adam (ex1's original recipe), and (4) augmentation alone: batched
-(common.data.augment_batch) against PIL per image, with the original recipe's ops.
-
-With --inference CHECKPOINT it measures inference on the CPU instead: the checkpoint's network in PyTorch (eager,
-fp32) and its --export in ONNX Runtime (fp32 and int8), at batch 1 and 256, from uint8 test pictures to
-probabilities, with each model file's size (needs the optional packages of --export).
+"""Training speed of Exercise 1's ConvNet on one device, on the same images: (1) common.train.train_one_epoch without
+augmentation, (2) the same loop with ex1's default recipe, (3) the original pipeline (PIL transforms in DataLoader
+workers, fp32, NCHW, Adam) and (4) augmentation alone, batched (common.data.augment_batch) against PIL per image.
+--inference CHECKPOINT measures inference on the CPU instead: PyTorch eager fp32 and the --export in ONNX Runtime
+(fp32, int8), batch 1 and 256, uint8 pictures to probabilities, with each model file's size.
 
     python benchmarks/speed.py --data-dir data [--device cuda] [--json speed.json]
     python benchmarks/speed.py --data-dir data --inference runs/ex1/best.pt
@@ -107,10 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add = parser.add_argument
     add("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (never downloaded; default: data)")
     add("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-        help="precision of measurements 1 and 2 (auto: as the training scripts choose); 3: fp32")
-    add("--batch-size", type=int,
-        help="batch size of measurements 1 and 2 (default: the ex1 default recipe's, 256); 3 uses the original's (200)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="of 1 and 2 (3: fp32)")
+    add("--batch-size", type=int, help="of 1 and 2 (default: the default recipe's, 256; 3: the original's, 200)")
     add("--images", type=int, help="training images each of measurements 1-3 uses, rounded down to whole batches "
                                    "(default: 49,000 on CUDA, 4,096 elsewhere)")
     add("--aug-images", type=int, help="images measurement 4 augments (default: --images, at most 10,000)")

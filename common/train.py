@@ -234,20 +234,23 @@ def train_run(script: str, settings: Settings, flags_given: dict, build_model, o
 
         # The network, its optimizer and gradient scaler: new, or as last.pt left them (inside an epoch: `progress`).
         training = set_up_training(settings, build_model, ctx, resume_from, out_dir / "last.pt")
+        model = training.model
         if log is not None:  # the network and every setting in train.log; on the console what this run is
-            print(f"{training.model}\nsettings: {json.dumps(settings.recorded())}", file=log)
+            print(f"{model}\nsettings: {json.dumps(settings.recorded())}", file=log)
             given = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in flags_given.items()
                              if key not in settings.runtime_keys() and key not in ("recipe", "epochs", "time_budget"))
             length = f"{plan.epochs} epoch{'s' * (plan.epochs != 1)}" if plan.budget_minutes is None \
                 else f"time budget {plan.budget_minutes:g} min"
-            print(f"{script}: recipe {settings.recipe}, {length}, {parameter_counts(training.model)}, {ctx.device}, "
+            total = sum(p.numel() for p in model.parameters())
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            size = f"{total:,} parameters" + (f" ({trainable:,} trainable)" if trainable < total else "")
+            print(f"{script}: recipe {settings.recipe}, {length}, {size}, {ctx.device}, "
                   f"{precision_name(ctx.dtype)}" + (f", {ctx.world} processes" if ctx.world > 1 else "")
                   + (f"; given: {given}" if given else "") + f"; the network and settings in {log.name}")
         if in_epoch and len(in_epoch["ranks"]) != ctx.world:
             raise UsageError(f"{out_dir / 'last.pt'} was saved inside epoch {in_epoch['epoch']} by "
                              f"{len(in_epoch['ranks'])} processes: resume it with as many (torchrun --nproc_per_node)")
         progress = in_epoch and in_epoch["ranks"][ctx.rank]
-        model = training.model
         if resume_from is None:
             history, best = [], BestEpoch()
             if ctx.is_main:
@@ -539,13 +542,6 @@ def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_f
     if settings.compile:
         train_model = torch.compile(train_model)
     return Training(model, train_model, optimizer, scaler, peak_lrs)
-
-
-def parameter_counts(model: nn.Module) -> str:
-    """'7,682,826 parameters', and how many of them train where that is fewer."""
-    total, trainable = (sum(p.numel() for p in model.parameters() if wanted(p)) for wanted in
-                        (lambda p: True, lambda p: p.requires_grad))
-    return f"{total:,} parameters" + (f" ({trainable:,} trainable)" if trainable < total else "")
 
 
 def parameter_groups(model: nn.Module, lr: float, norm_bias_lr: float = 1.0) -> list[dict]:

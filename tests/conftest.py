@@ -1,5 +1,7 @@
-"""Shared fixtures and helpers: a small CIFAR-10 copy in the official file layout, running the scripts, reading
-what they write."""
+"""Shared fixtures and helpers: a small CIFAR-10 copy in the official file layout, the session's ex1 run, running the
+scripts, reading what they write."""
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -15,6 +17,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import ex1_convnet  # noqa: E402
 import ex2_transfer  # noqa: E402
 
 # One well-separated colour per class, so that a few epochs learn the task.
@@ -31,29 +34,25 @@ def make_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]
     return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072), [int(v) for v in labels]
 
 
-def write_cifar(root: Path, per_batch: int = 64, n_test: int = 120, bytes_keys: bool = False, seed: int = 0) -> Path:
-    """Write data_batch_1..5, test_batch and batches.meta under root/cifar-10-batches-py; return root.
-
-    bytes_keys=True writes bytes keys and strings, as the official Python 2 pickles load with encoding='bytes'.
-    """
+def write_cifar(root: Path, per_batch: int = 64, n_test: int = 120, seed: int = 0) -> Path:
+    """Write data_batch_1..5, test_batch and batches.meta under root/cifar-10-batches-py; return root. (The official
+    files' own form, Python 2 pickles: tests/test_data.py.)"""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
-    key = (lambda s: s.encode()) if bytes_keys else (lambda s: s)
 
     def dump(name, record):
         with open(folder / name, "wb") as f:
-            pickle.dump({key(k): v for k, v in record.items()}, f, protocol=4)
+            pickle.dump(record, f, protocol=4)
 
     for i in range(1, 6):
         data, labels = make_images(per_batch, rng)
-        dump(f"data_batch_{i}", {"batch_label": key(f"training batch {i} of 5"), "labels": labels, "data": data,
-                                 "filenames": [key(f"img_{i}_{j}.png") for j in range(per_batch)]})
+        dump(f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": labels, "data": data,
+                                 "filenames": [f"img_{i}_{j}.png" for j in range(per_batch)]})
     data, labels = make_images(n_test, rng)
-    dump("test_batch", {"batch_label": key("testing batch 1 of 1"), "labels": labels, "data": data,
-                        "filenames": [key(f"test_{j}.png") for j in range(n_test)]})
-    dump("batches.meta", {"label_names": [key(n) for n in CLASS_NAMES], "num_cases_per_batch": per_batch,
-                          "num_vis": 3072})
+    dump("test_batch", {"batch_label": "testing batch 1 of 1", "labels": labels, "data": data,
+                        "filenames": [f"test_{j}.png" for j in range(n_test)]})
+    dump("batches.meta", {"label_names": CLASS_NAMES, "num_cases_per_batch": per_batch, "num_vis": 3072})
     return root
 
 
@@ -69,9 +68,30 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 
 # Flags that keep an end-to-end run small: tiny batches, validation of 64, fp32 on the CPU, no corruption benchmark
-# (tests/test_ex1.py's main run has one).
+# (the session's ex1 run has one).
 QUICK = ["--no-download", "--device", "cpu", "--precision", "fp32", "--val-size", "64", "--batch-size", "32",
          "--corruptions", "0"]
+# The session's ex1 run: three epochs on 96 images in batches of 8 learn the fixture's colours (about 0.9 test
+# accuracy). Its final test adds --tta and the corruption benchmark on the first 20 test images, runtime flags that
+# change no setting: a run with EX1_TRAIN alone trains the same model (tests/test_robustness.py's interrupted runs).
+EX1_TRAIN = [*QUICK, "--batch-size", "8", "--limit-train", "96", "--epochs", "3", "--lr", "0.02"]
+EX1_RUN = [*EX1_TRAIN, "--tta", "--corruptions", "20"]
+
+
+def files_of(folder: Path) -> dict:
+    """Every file under `folder`: its size and modification time."""
+    return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def ex1_run(cifar_dir, tmp_path_factory) -> Path:
+    """The folder of one ex1 training run (EX1_RUN), shared by the whole session. Read it; a test that writes copies
+    it first (shutil.copytree) or writes to its own --out-dir: the session ends with an error if it changed."""
+    out_dir = tmp_path_factory.mktemp("ex1-run") / "run"
+    assert in_process(ex1_convnet.main, *EX1_RUN, "--data-dir", cifar_dir, "--out-dir", out_dir, filters=True)[0] == 0
+    written = files_of(out_dir)
+    yield out_dir
+    assert files_of(out_dir) == written, "a test changed the shared ex1 run"
 
 
 def run_script(script: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -80,11 +100,14 @@ def run_script(script: str, *args: str, timeout: float = 600, env: dict | None =
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def run_ok(*args, env: dict | None = None) -> str:
-    """Run ex1_convnet.py, require exit code 0, return its stdout."""
-    result = run_script("ex1_convnet.py", *args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+def in_process(main, *argv, filters: bool = False) -> tuple[int, str]:
+    """A script's main() in this process where no capsys is at hand (a fixture): (exit code, stdout). The 128-panel
+    filter figures (seconds each on a CPU; the session's run draws them) only with `filters`."""
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.MonkeyPatch.context() as patch:
+        if not filters:
+            patch.setattr(common.train, "plot_filters", lambda *args, **kwargs: None)
+        code = main([str(a) for a in argv])
+    return code, out.getvalue()
 
 
 def call(main, argv, capsys) -> tuple[int, str, str]:
@@ -177,6 +200,14 @@ def ex2_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def fake_runs(monkeypatch) -> list:
+    """The scripts train through fake_training (which loads no data): the settings of each run, in order."""
+    calls = []
+    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
+    return calls
+
+
+@pytest.fixture
 def no_filter_plots(monkeypatch):
-    """In-process runs skip the 128-panel filter figures (seconds each on a CPU; the report tests cover them)."""
+    """In-process runs skip the 128-panel filter figures (as in_process does)."""
     monkeypatch.setattr(common.train, "plot_filters", lambda *args, **kwargs: None)

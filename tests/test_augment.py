@@ -27,96 +27,63 @@ def distinct(outputs: torch.Tensor) -> int:
     return len({tuple(o.flatten().tolist()) for o in outputs})
 
 
-def test_flip_mirrors_exactly_some_images():
-    """Each output is its input or the input's exact left-right mirror, and both happen in one batch."""
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel luma (N, H, W) of RGB images, with the weights of batch_grayscale."""
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+def test_flip_mirrors_exactly_some_images_and_grayscale_makes_luma():
+    """Each output is its input or the input's exact left-right mirror, and both happen in one batch; p 0 and 1 flip
+    none and all. Grayscale p 1 gives three equal channels of luma."""
     x = images()
     out = common.data.batch_flip_lr(x, 0.5, gen())
     same = [torch.equal(o, i) for o, i in zip(out, x, strict=False)]
     mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=False)]
-    assert all(s or m for s, m in zip(same, mirrored, strict=False))
-    assert any(same) and any(mirrored)
-
-
-def test_flip_probability_zero_and_one():
-    x = images(8)
-    assert torch.equal(common.data.batch_flip_lr(x, 0.0, gen()), x)
+    assert all(s or m for s, m in zip(same, mirrored, strict=False)) and any(same) and any(mirrored)
     assert torch.equal(common.data.batch_flip_lr(x, 1.0, gen()), x.flip(-1))
+    gray = common.data.batch_grayscale(x, 1.0, gen())
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    assert torch.allclose(gray[:, 0], luma(x), atol=1e-5)
+    flips = torch.arange(len(x)) % 3 == 0  # flip_where: exactly the images it is told to
+    out = common.data.flip_where(x, flips)
+    expected = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    assert torch.equal(out, expected) and not torch.equal(out, x)
 
 
-def test_crop_is_a_window_of_the_zero_padded_image():
-    """Each output equals one 32x32 window of its zero-padded input, at offsets that vary across the batch."""
+@pytest.mark.parametrize("fill", common.data.FILLS)
+def test_crop_is_a_window_of_the_padded_image(fill):
+    """Each output equals one 32x32 window of its input padded with zeros, or by mirroring (no zeros come in), at
+    offsets that vary across the batch."""
     x = images()
-    out = common.data.batch_crop(x, 4, gen())
-    padded = F.pad(x, (4, 4, 4, 4))
+    out = common.data.batch_crop(x, 4, gen(), fill=fill)
+    padded = F.pad(x, (4, 4, 4, 4), mode="constant" if fill == "zeros" else fill)
     offsets = []
     for o, p in zip(out, padded, strict=False):
         found = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(o, p[:, dy:dy + 32, dx:dx + 32])]
-        assert len(found) == 1
+        assert len(found) == 1 or fill == "reflect" and found
         offsets += found
-    assert len(set(offsets)) > 1
+    assert len(set(offsets)) > 1 and (out.min() > 0) == (fill == "reflect")  # random images hold no exact zero
 
 
-def test_crop_with_reflect_fill_is_a_window_of_the_mirrored_border():
-    """--crop-fill reflect: each output is one window of its input padded by mirroring, so no zeros come in."""
-    x = images()
-    out = common.data.batch_crop(x, 4, gen(), fill="reflect")
-    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    for o, p in zip(out, padded, strict=False):
-        assert any(torch.equal(o, p[:, dy:dy + 32, dx:dx + 32]) for dy in range(9) for dx in range(9))
-    assert out.min() > 0  # random images hold no exact zero, a zero-padded window would
-
-
-def test_rotate_and_shift_with_reflect_fill_bring_in_no_zeros():
-    """Where zeros fill darkens the corners a turn and shift uncover, reflect fill keeps a white image white."""
+def test_rotate_and_crop_with_reflect_fill_bring_in_no_zeros():
+    """Where zeros fill darkens the corners a turn and shift uncover, reflect fill keeps a white image white, also
+    as augment_batch hands the fill on."""
     x = torch.ones(8, 3, 32, 32)
-    zeros = common.data.batch_rotate(x, 45.0, gen(), pad=4)
-    reflect = common.data.batch_rotate(x, 45.0, gen(), pad=4, fill="reflect")
-    assert zeros.min() < 0.5
-    assert torch.allclose(reflect, x, atol=1e-5)
-
-
-def test_augment_batch_passes_the_fill_to_crop_and_rotate():
-    x = (torch.ones(8, 3, 32, 32) * 255).to(torch.uint8)
+    assert common.data.batch_rotate(x, 45.0, gen(), pad=4).min() < 0.5
+    assert torch.allclose(common.data.batch_rotate(x, 45.0, gen(), pad=4, fill="reflect"), x, atol=1e-5)
     for ops in ({"crop": 4}, {"rotate": 30.0, "crop": 4}):
-        assert common.data.augment_batch(x, ops, gen()).min() < 0.5
-        assert common.data.augment_batch(x, ops, gen(), fill="reflect").min() > 0.99
+        assert common.data.augment_batch((x * 255).to(torch.uint8), ops, gen()).min() < 0.5
+        assert common.data.augment_batch((x * 255).to(torch.uint8), ops, gen(), fill="reflect").min() > 0.99
 
 
-def test_rotate_by_zero_degrees_is_identity():
+def test_each_op_of_strength_zero_is_identity_and_draws_its_parameters_per_image():
+    """(A turn about the centre and zeros in the corners: test_rotation_angle_stays_within_the_chosen_degrees and
+    test_rotate_and_crop_with_reflect_fill_bring_in_no_zeros.) Identical inputs come out different."""
     x = images(8)
-    assert torch.allclose(common.data.batch_rotate(x, 0.0, gen()), x, atol=1e-5)
-
-
-def test_rotate_keeps_the_centre_and_fills_corners_with_zeros():
-    """A rotation turns about the centre: the middle stays, and 45 degree turns bring zeros into the corners."""
-    x = torch.ones(8, 3, 32, 32)
-    out = common.data.batch_rotate(x, 45.0, gen())
-    assert torch.allclose(out[:, :, 14:18, 14:18], torch.ones(8, 3, 4, 4), atol=1e-5)
-    assert (out[:, :, 0, 0] < 1).any()
-    assert out.min() >= 0 and out.max() <= 1 + 1e-6
-
-
-def test_jitter_of_strength_zero_is_identity():
-    x = images(8)
-    assert torch.allclose(common.data.batch_color_jitter(x, 0.0, gen()), x, atol=1e-5)
-
-
-def test_jitter_stays_in_range():
-    out = common.data.batch_color_jitter(images(), 0.5, gen())
-    assert out.min() >= 0 and out.max() <= 1
-
-
-def test_grayscale_p1_gives_equal_channels_p0_leaves_images():
-    x = images(8)
-    gray = common.data.batch_grayscale(x, 1.0, gen())
-    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
-    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    assert torch.allclose(gray[:, 0], luma, atol=1e-5)
+    assert torch.equal(common.data.batch_flip_lr(x, 0.0, gen()), x)
     assert torch.equal(common.data.batch_grayscale(x, 0.0, gen()), x)
-
-
-def test_parameters_differ_between_images_of_one_batch():
-    """Identical inputs come out different: every op draws its own parameters per image."""
+    assert torch.allclose(common.data.batch_rotate(x, 0.0, gen()), x, atol=1e-5)
+    assert torch.allclose(common.data.batch_color_jitter(x, 0.0, gen()), x, atol=1e-5)
     x = copies()
     assert distinct(common.data.batch_flip_lr(x, 0.5, gen())) == 2
     assert distinct(common.data.batch_crop(x, 4, gen())) > 1
@@ -125,19 +92,17 @@ def test_parameters_differ_between_images_of_one_batch():
     assert distinct(common.data.batch_grayscale(x, 0.5, gen())) == 2
 
 
-def test_augment_batch_returns_float32_in_unit_range():
+def test_augment_batch_returns_float32_in_unit_range_reproducibly():
+    """Every op: float32 in [0, 1], the input untouched, the same seed the same result, another seed another; no op:
+    only rescaled."""
     x = (images() * 255).to(torch.uint8)
     original = x.clone()
-    out = common.data.augment_batch(x, ALL_OPS, gen())
-    assert out.dtype == torch.float32 and out.shape == x.shape
-    assert out.min() >= 0 and out.max() <= 1
+    out = common.data.augment_batch(x, ALL_OPS, gen(7))
+    assert out.dtype == torch.float32 and out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert torch.equal(x, original)
-
-
-def test_augment_batch_without_ops_only_rescales():
-    x = (images() * 255).to(torch.uint8)
-    out = common.data.augment_batch(x, {}, gen())
-    assert torch.equal(out, x.float() / 255)
+    assert torch.equal(out, common.data.augment_batch(x, ALL_OPS, gen(7)))
+    assert not torch.equal(out, common.data.augment_batch(x, ALL_OPS, gen(8)))
+    assert torch.equal(common.data.augment_batch(x, {}, gen()), x.float() / 255)
 
 
 def test_augment_batch_keeps_each_image_in_its_place():
@@ -147,13 +112,6 @@ def test_augment_batch_keeps_each_image_in_its_place():
     x = colours[:, :, None, None].expand(-1, -1, 32, 32).to(torch.uint8)
     out = common.data.augment_batch(x, {op: ALL_OPS[op] for op in ("flip", "crop", "rotate")}, gen())
     assert torch.allclose(out[:, :, 16, 16], colours.float() / 255, atol=1e-4)
-
-
-def test_same_seed_same_result_other_seed_other_result():
-    x = (images() * 255).to(torch.uint8)
-    first = common.data.augment_batch(x, ALL_OPS, gen(7))
-    assert torch.equal(first, common.data.augment_batch(x, ALL_OPS, gen(7)))
-    assert not torch.equal(first, common.data.augment_batch(x, ALL_OPS, gen(8)))
 
 
 def test_rotate_folds_in_an_exact_mirror_and_a_crop_window():
@@ -169,18 +127,6 @@ def test_rotate_folds_in_an_exact_mirror_and_a_crop_window():
         assert match, f"image {i} is no window of the padded image"
         offsets.add(match[0])
     assert len(offsets) > 1
-
-
-def luma(x: torch.Tensor) -> torch.Tensor:
-    """Per-pixel luma (N, H, W) of RGB images, with the weights of batch_grayscale."""
-    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-
-
-def test_jitter_keeps_grey_images_grey():
-    """Hue and saturation act on colour only: a grey image (equal channels, varying pixels) stays grey."""
-    level = 0.3 + 0.4 * torch.rand(32, 1, 32, 32, generator=gen(1))
-    out = common.data.batch_color_jitter(level.expand(-1, 3, -1, -1), 0.5, gen())
-    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
 
 
 def test_jitter_brightness_scales_and_contrast_stretches_about_the_mean():
@@ -219,6 +165,10 @@ def test_jitter_hue_and_saturation_change_colour_but_not_luma():
     scale = (y_out - y_out.mean((1, 2), keepdim=True)).norm(dim=(1, 2)) / (y_in - mean).norm(dim=(1, 2))
     unchanged = torch.isclose(chroma_out, chroma_in * scale[:, None, None, None], atol=1e-3).flatten(1).all(1)
     assert not unchanged.any()
+    # hue and saturation act on colour only: a grey image (equal channels, varying pixels) stays grey
+    level = 0.3 + 0.4 * torch.rand(32, 1, 32, 32, generator=gen(1))
+    out = common.data.batch_color_jitter(level.expand(-1, 3, -1, -1), 0.5, gen())
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
 
 
 def test_rotation_angle_stays_within_the_chosen_degrees():
@@ -235,14 +185,6 @@ def test_rotation_angle_stays_within_the_chosen_degrees():
     assert torch.allclose(torch.hypot(dx, dy), torch.full((n,), 11.0), atol=0.3)
     assert angle.abs().max() <= max_degrees + 0.5
     assert angle.max() > max_degrees / 2 and angle.min() < -max_degrees / 2
-
-
-def test_flip_where_mirrors_exactly_the_images_it_is_told_to():
-    x = images()
-    flips = torch.arange(len(x)) % 3 == 0
-    out = common.data.flip_where(x, flips)
-    expected = torch.where(flips[:, None, None, None], x.flip(-1), x)
-    assert torch.equal(out, expected) and not torch.equal(out, x)
 
 
 @pytest.mark.parametrize("fill", common.data.FILLS)

@@ -28,14 +28,10 @@ def test_speed_refuses_too_few_images(cifar_dir):
     assert "must hold at least one batch" in result.stderr
 
 
-def test_inference_smoke(cifar_dir, tmp_path):
+def test_inference_smoke(ex1_run, cifar_dir, tmp_path):
     pytest.importorskip("onnxruntime", reason="the optional export packages are not installed")
-    run = tmp_path / "run"
-    result = run_script("ex1_convnet.py", "--data-dir", cifar_dir, "--out-dir", run, "--no-download", "--device", "cpu",
-                        "--precision", "fp32", "--val-size", "64", "--batch-size", "32", "--epochs", "1")
-    assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "inference.json"
-    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--inference", run / "best.pt",
+    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--inference", ex1_run / "best.pt",
                         "--images", "20", "--json", out, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["inference"]

@@ -1,24 +1,18 @@
 """TensorBoard: each run's event files hold its history.json, its test figures and pictures and its settings as
 hparams; --resume purges what an interrupted call logged after its last save, --overwrite starts clean, --eval-only
-and --no-tensorboard write nothing; TensorBoard serves them on localhost.
+and --no-tensorboard write nothing.
 
 The event files are read every record as written (LegacyEventFileLoader) and as TensorBoard shows them
 (EventAccumulator, which drops the points a resume purged)."""
 import collections
-import contextlib
-import json
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import call, interrupt_validation, metrics, QUICK, read_json
+from conftest import call, in_process, interrupt_validation, metrics, QUICK, read_json
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
@@ -77,11 +71,10 @@ def resumed(cifar_dir, tmp_path_factory) -> dict:
     out_dir = tmp_path_factory.mktemp("board") / "tb-run"
     argv = [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common.train, "plot_filters", lambda *args, **kwargs: None)  # as no_filter_plots
         interrupt_validation(patch, call=3)
-        assert ex1_convnet.main(list(map(str, argv))) == 130
+        assert in_process(ex1_convnet.main, *argv)[0] == 130
         interrupted = points(out_dir)
-        assert ex1_convnet.main(list(map(str, [*argv, "--resume"]))) == 0
+        assert in_process(ex1_convnet.main, *argv, "--resume")[0] == 0
     return {"dir": out_dir, "interrupted": interrupted}
 
 
@@ -167,8 +160,8 @@ def test_a_new_run_removes_an_earlier_runs_event_files_only_once_it_has_saved_an
 
 
 @pytest.mark.slow
-def test_seeds_and_the_dropout_sweep_write_hparams_with_the_final_metrics_into_each_run(tmp_path, cifar_dir, capsys,
-                                                                                       no_filter_plots):
+def test_seeds_and_the_dropout_sweep_write_hparams_into_each_run_and_no_tensorboard_writes_nothing(
+        tmp_path, cifar_dir, capsys, no_filter_plots):
     argv = [*QUICK, "--data-dir", cifar_dir, "--epochs", "1", "--limit-train", "32"]  # one step a run
     assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "seeds", "--seeds", "2"], capsys)[0] == 0
     assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "dropout", "--dropout", "0.1", "0.5"], capsys)[0] == 0
@@ -181,68 +174,6 @@ def test_seeds_and_the_dropout_sweep_write_hparams_with_the_final_metrics_into_e
             assert scalars(events, tag) == [(2, as_logged(metrics(run_dir)[key]))]
         assert not [path for path in run_dir.iterdir() if path.is_dir()]
     assert not list((tmp_path / "seeds").glob("events.out.tfevents.*"))  # the sweep's folder holds only its runs
-
-
-@pytest.mark.slow
-def test_no_tensorboard_writes_no_event_files(tmp_path, cifar_dir, capsys, no_filter_plots):
-    argv = [*QUICK, "--data-dir", cifar_dir, "--epochs", "1", "--limit-train", "32", "--out-dir", tmp_path,
-            "--no-tensorboard"]
-    assert call(ex1_convnet.main, argv, capsys)[0] == 0
-    assert (tmp_path / "metrics.json").exists() and not list(tmp_path.rglob("events.out.tfevents.*"))
-    assert "tensorboard" not in metrics(tmp_path)["settings"]  # how a run is watched is not what it computes
-
-
-# ----------------------------------------------------------------------------- TensorBoard itself
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-@contextlib.contextmanager
-def tensorboard(logdir: Path, log: Path, run: str, timeout: float = 180):
-    """`python -m tensorboard.main` serving `logdir` on 127.0.0.1 at a free port, once it lists `run`; its URL."""
-    url = f"http://127.0.0.1:{free_port()}"
-    with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host",
-                                    "127.0.0.1", "--port", url.rsplit(":", 1)[1]],
-                                   stdout=output, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert process.poll() is None, f"tensorboard exited ({process.returncode}):\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(OSError, ValueError):
-                if run in get_json(f"{url}/data/runs"):
-                    break
-            assert time.monotonic() < deadline, (f"tensorboard did not list {run} in {timeout}s:\n"
-                                                 f"{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@pytest.mark.slow
-def test_tensorboard_serves_the_runs_curves_on_localhost(resumed, tmp_path):
-    run_dir, history = resumed["dir"], read_json(resumed["dir"] / "history.json")
-    with tensorboard(run_dir.parent, tmp_path / "tensorboard.log", run_dir.name) as url:
-        deadline, served = time.monotonic() + 60, []
-        while len(served) < len(history) and time.monotonic() < deadline:  # listed, the run's points may lag
-            time.sleep(0.5)
-            with contextlib.suppress(OSError):
-                served = get_json(f"{url}/data/plugin/scalars/scalars?run={run_dir.name}&tag=val/accuracy")
-        tags = get_json(f"{url}/data/plugin/scalars/tags")[run_dir.name]
-    assert {"train/batch_loss", "train/loss", "val/accuracy", "test/accuracy"} <= set(tags)
-    assert [(step, value) for _, step, value in served] == [(2 * r["epoch"], as_logged(r["val_accuracy"]))
-                                                            for r in history]
+    assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "none", "--no-tensorboard"], capsys)[0] == 0
+    assert (tmp_path / "none" / "metrics.json").exists() and not list((tmp_path / "none").rglob("events.out.*"))
+    assert "tensorboard" not in metrics(tmp_path / "none")["settings"]  # how a run is watched is not what it computes

@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
-from conftest import assert_png
+from conftest import call
 
-import common
+import ex1_convnet
 from common import evaluation as corruptions
 from common.evaluation import corrupt, corruption_accuracies, CORRUPTIONS
 
@@ -44,15 +44,12 @@ def test_corrupt_is_deterministic_keeps_type_and_shape_and_holds_for_a_prefix(na
     assert not torch.equal(out, IMAGES)
 
 
-def test_noise_depends_on_the_seed_and_holds_for_a_prefix_of_any_image_size():
+def test_noise_depends_on_the_seed_holds_for_a_prefix_of_any_image_size_and_has_its_sigma_in_pixel_units():
     assert not torch.equal(corrupt(IMAGES, "gaussian_noise", 8, seed=0), corrupt(IMAGES, "gaussian_noise", 8, seed=1))
     odd = textured_images(9, side=5)  # 75 values an image: not a multiple of torch's 16 normal values at a time
     whole = corruptions.gaussian_noise(odd, 8, torch.Generator().manual_seed(0))
     for k in (1, 4, 8):
         assert torch.equal(whole[:k], corruptions.gaussian_noise(odd[:k], 8, torch.Generator().manual_seed(0)))
-
-
-def test_noise_has_the_sigma_it_is_given_in_pixel_units():
     grey = torch.full((20, 3, 32, 32), 128, dtype=torch.uint8)
     difference = corruptions.gaussian_noise(grey, 8, torch.Generator().manual_seed(0)).float() - 128
     assert abs(difference.mean().item()) < 0.1 and difference.std().item() == pytest.approx(8, rel=0.02)
@@ -60,14 +57,22 @@ def test_noise_has_the_sigma_it_is_given_in_pixel_units():
     assert difference.std().item() == pytest.approx(2, rel=0.03)  # rounded, not truncated towards 0
 
 
-def test_zero_strengths_leave_the_images_as_they_are():
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(corruptions.gaussian_noise(IMAGES, 0, g), IMAGES)
+def test_zero_strengths_leave_the_images_as_they_are_and_the_others_compute_exact_pixels():
+    """Shift moves right and down and mirrors the border in; brightness and contrast round to the nearest level."""
+    assert torch.equal(corruptions.gaussian_noise(IMAGES, 0, torch.Generator().manual_seed(0)), IMAGES)
     assert torch.equal(corruptions.shift(IMAGES, 0), IMAGES)
     assert torch.equal(corruptions.contrast(IMAGES, 1.0), IMAGES)
     assert torch.equal(corruptions.brightness(IMAGES, 1.0), IMAGES)
     assert torch.equal(corruptions.downscale(IMAGES, 32), IMAGES)
     assert mean_abs_diff(corruptions.jpeg(IMAGES, 100), IMAGES) < 1.5  # JPEG halves colour resolution at any quality
+    reflected = corruptions.shift(IMAGES, 2)
+    assert torch.equal(reflected[..., 2:, 2:], IMAGES[..., :-2, :-2])
+    assert torch.equal(reflected[..., 2:, 0], IMAGES[..., :-2, 2])  # column -2 mirrors column 2 across column 0
+    image = torch.full((1, 3, 4, 4), 102, dtype=torch.uint8)
+    assert corruptions.brightness(image, 1.3).unique().tolist() == [133]  # 132.6; torchvision's uint8 path truncates
+    assert corruptions.brightness(image, 3.0).unique().tolist() == [255]
+    image[..., :2, :] = 202  # mean grey 152 (151.98)
+    assert corruptions.contrast(image, 0.5).unique().tolist() == [127, 177]  # 126.99 and 176.99
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
@@ -76,21 +81,11 @@ def test_damage_grows_with_the_severity(name):
     assert 0 < damage[0] and all(a < b for a, b in zip(damage, damage[1:], strict=False)), damage
 
 
-def test_shift_moves_right_and_down_and_fills_the_border():
-    reflected = corruptions.shift(IMAGES, 2)
-    assert torch.equal(reflected[..., 2:, 2:], IMAGES[..., :-2, :-2])
-    assert torch.equal(reflected[..., 2:, 0], IMAGES[..., :-2, 2])  # column -2 mirrors column 2 across column 0
-
-
-def test_brightness_and_contrast_round_to_the_nearest_level():
-    image = torch.full((1, 3, 4, 4), 102, dtype=torch.uint8)
-    assert corruptions.brightness(image, 1.3).unique().tolist() == [133]  # 132.6; torchvision's uint8 path truncates
-    assert corruptions.brightness(image, 3.0).unique().tolist() == [255]
-    image[..., :2, :] = 202  # mean grey 152 (151.98)
-    assert corruptions.contrast(image, 0.5).unique().tolist() == [127, 177]  # 126.99 and 176.99
-
-
-def test_corrupt_refuses_unknown_names_severities_and_other_images():
+def test_corrupt_refuses_unknown_names_severities_and_other_images_and_accuracies_check_the_classifier(capsys):
+    code, _, err = call(ex1_convnet.main, ["--corruptions", "-1"], capsys)
+    assert code == 2 and "--corruptions: must be 0 or more (got -1)" in err
+    with pytest.raises(ValueError, match="shape"):
+        corruption_accuracies(lambda batch: torch.zeros(3, dtype=torch.long), IMAGES[:4], torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="unknown corruption 'fog'"):
         corrupt(IMAGES, "fog", 1, seed=0)
     with pytest.raises(ValueError, match="jpeg has no severity 10"):
@@ -127,36 +122,8 @@ def test_accuracies_and_drops_come_from_the_same_images():
     assert json.loads(json.dumps(record)) == record
 
 
-def test_accuracies_check_the_classifier_and_corrupt_checks_its_name_and_severity():
-    images, labels = IMAGES[:4], torch.tensor([0, 1, 2, 3])
-    with pytest.raises(ValueError, match="shape"):
-        corruption_accuracies(lambda batch: labels[:3], images, labels)
-    with pytest.raises(ValueError, match="unknown corruption"):
-        corrupt(images, "fog", 1, seed=0)
-    with pytest.raises(ValueError, match="no severity"):
-        corrupt(images, "jpeg", 30, seed=0)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_corrupt_gives_the_same_on_the_gpu():
     for name, severity in EVERY:
         out = corrupt(IMAGES.cuda(), name, severity, seed=0)
         assert out.device.type == "cuda" and torch.equal(out.cpu(), corrupt(IMAGES, name, severity, seed=0))
-
-
-def test_plots_write_pngs(tmp_path):
-    images, labels = IMAGES[:4], torch.tensor([0, 1, 2, 3])
-    record = corruption_accuracies(lambda batch: torch.where(batch[:, 0, 0, 0] > 128, labels, 0), images, labels)
-    common.plots.plot_corruptions(record, tmp_path / "corruptions.png", common.evaluation.STRENGTHS)
-    assert_png(tmp_path / "corruptions.png")
-    common.plots.plot_corruption_examples(common.evaluation.corruption_examples(IMAGES[0], seed=0),
-                                          tmp_path / "examples.png", "a title")
-    assert_png(tmp_path / "examples.png")
-
-
-def test_a_negative_image_count_is_refused(capsys):
-    from conftest import call
-
-    import ex1_convnet
-    code, _, err = call(ex1_convnet.main, ["--corruptions", "-1"], capsys)
-    assert code == 2 and "--corruptions: must be 0 or more (got -1)" in err

@@ -1,15 +1,18 @@
-"""Loading CIFAR-10: both folder levels, both key styles, refused and broken files, the train/validation split."""
+"""Loading CIFAR-10: both folder levels, both key styles, refused and broken files (also through the scripts, fresh and
+under --resume), the train/validation split."""
 import io
 import os
 import pickle
 import pickletools
+import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, make_images, QUICK, run_script, write_cifar
+from conftest import call, CLASS_NAMES, error_line, make_images, QUICK, write_cifar
 
 import common
 import ex1_convnet
@@ -42,18 +45,14 @@ class CreatesFile:
         return open, (self.path, "w")
 
 
-def test_loads_from_parent_folder_and_from_batches_folder(cifar_dir):
+def test_loads_from_parent_folder_and_from_batches_folder_the_files_rows_as_they_are(cifar_dir):
     """--data-dir may name the folder holding cifar-10-batches-py/ or that folder itself; both give the same data."""
     outer = common.data.load_cifar10(cifar_dir, download=False)
     inner = common.data.load_cifar10(cifar_dir / BATCHES, download=False)
     for a, b in zip(outer[:4], inner[:4], strict=False):
         assert torch.equal(a, b)
     assert outer.classes == inner.classes == tuple(CLASS_NAMES)
-
-
-def test_shapes_dtypes_and_content(cifar_dir):
-    """Images are (N, 3, 32, 32) uint8 in batch order 1..5, labels int64 in 0..9, matching the files' rows."""
-    data = common.data.load_cifar10(cifar_dir, download=False)
+    data = outer  # images (N, 3, 32, 32) uint8 in batch order 1..5, labels int64 in 0..9, matching the files' rows
     assert data.train_images.shape == (320, 3, 32, 32) and data.train_images.dtype == torch.uint8
     assert data.test_images.shape == (120, 3, 32, 32) and data.test_images.dtype == torch.uint8
     assert data.train_labels.shape == (320,) and data.train_labels.dtype == torch.int64
@@ -65,16 +64,6 @@ def test_shapes_dtypes_and_content(cifar_dir):
     test = raw_batch(cifar_dir, "test_batch")
     assert np.array_equal(data.test_images.numpy(), test["data"].reshape(120, 3, 32, 32))
     assert data.test_labels.tolist() == test["labels"]
-
-
-def test_bytes_keys_load_like_str_keys(cifar_dir, tmp_path):
-    """The official Python 2 pickles load with bytes keys and names; they give the same data as str keys."""
-    as_bytes = common.data.load_cifar10(write_cifar(tmp_path, bytes_keys=True), download=False)
-    as_str = common.data.load_cifar10(cifar_dir, download=False)
-    assert isinstance(next(iter(raw_batch(tmp_path, "data_batch_1"))), bytes)
-    for a, b in zip(as_bytes[:4], as_str[:4], strict=False):
-        assert torch.equal(a, b)
-    assert as_bytes.classes == tuple(CLASS_NAMES)
 
 
 def python2_pickle(obj) -> bytes:
@@ -161,71 +150,73 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert str(path) in str(error.value) and "open" in str(error.value)
 
 
+def bad_data(root: Path) -> dict:
+    """name -> (a data folder with one fault, what the message must say)."""
+    faults = {"missing": (lambda f: (f / "data_batch_5").unlink(), "CIFAR-10 not found"),
+              "truncated": (lambda f: (f / "data_batch_3").write_bytes((f / "data_batch_3").read_bytes()[:5000]),
+                            "data_batch_3: not a CIFAR-10 batch file (pickle data was truncated)"),
+              "corrupt": (lambda f: (f / "test_batch").write_bytes(random.Random(0).randbytes(20000)),
+                          "test_batch: not a CIFAR-10 batch"),
+              "wrong shape": (lambda f: (f / "data_batch_2").write_bytes(pickle.dumps(
+                  {"data": np.zeros((64, 100), "uint8"), "labels": [0] * 64})),
+                  "expected uint8 data of shape (N, 3072)"),
+              "malicious": (lambda f: (f / "data_batch_1").write_bytes(
+                  pickle.dumps({"data": CreatesFile(root / "PWNED")})), "refusing to load global")}
+    cases = {}
+    for name, (damage, expected) in faults.items():
+        folder = write_cifar(root / name)
+        damage(folder / BATCHES)
+        cases[name] = (folder, expected)
+    return cases
+
+
 @pytest.mark.slow
-def test_missing_data_with_no_download_exits_2_naming_the_folder(tmp_path):
-    """No data and --no-download: exit code 2, one message that names the folder, no traceback."""
-    missing = tmp_path / "no-cifar-here"
-    result = run_script("ex1_convnet.py", *QUICK, "--data-dir", missing, "--out-dir", tmp_path / "out")
-    assert result.returncode == 2
-    assert str(missing) in result.stderr
-    assert "Traceback" not in result.stderr
+def test_data_errors_exit_2_with_one_line_naming_the_folder_fresh_and_under_resume(ex1_run, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"  # the session run's last.pt alone: a run to resume
+    unfinished.mkdir()
+    shutil.copy(ex1_run / "last.pt", unfinished / "last.pt")
+    before = (unfinished / "last.pt").read_bytes()
+    for name, (data_dir, expected) in bad_data(tmp_path).items():
+        fresh = call(ex1_convnet.main, [*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path / "fresh" / name], capsys)
+        resumed = call(ex1_convnet.main, ["--resume", "--out-dir", unfinished, "--data-dir", data_dir, "--no-download"],
+                       capsys)
+        for label, (code, _, err) in (("fresh", fresh), ("resume", resumed)):
+            assert code == 2, f"{name} ({label}): exit {code}\n{err[-2000:]}"
+            assert expected in error_line(err) and str(data_dir) in error_line(err), f"{name} ({label}): {err[-2000:]}"
+            assert "Traceback" not in err
+        assert error_line(fresh[2]) == error_line(resumed[2])
+    assert not (tmp_path / "PWNED").exists()
+    assert (unfinished / "last.pt").read_bytes() == before and not (unfinished / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "html", "absurd-length"])
-def test_corrupt_file_is_named(tmp_path, damage):
-    """A truncated file, an HTML page saved in its place, or a corrupt length field gives a UsageError naming the
-    file."""
-    root = write_cifar(tmp_path / "data", per_batch=10, n_test=10)
-    path = root / BATCHES / "data_batch_3"
-    content = path.read_bytes()
-    path.write_bytes({"truncated": content[:len(content) // 2],
-                      "html": b"<html><body>404 Not Found</body></html>",
-                      "absurd-length": b"\x80\x04\x8e" + (2 ** 63 + 5).to_bytes(8, "little")}[damage])
-    with pytest.raises(common.files.UsageError, match=re.escape(str(path))):
-        common.data.load_cifar10(root, download=False)
-
-
-def test_corrupt_file_on_the_command_line_exits_2(tmp_path, capsys):
-    """The script reports a truncated file as an error naming it, with exit code 2 (no exception escapes)."""
-    root = write_cifar(tmp_path / "data", per_batch=10, n_test=10)
-    path = root / BATCHES / "test_batch"
-    path.write_bytes(path.read_bytes()[:1000])
-    code = ex1_convnet.main([*QUICK, "--data-dir", str(root), "--out-dir", str(tmp_path / "out")])
-    assert code == 2
-    assert str(path) in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("changes", [
-    {"labels": [10] + [0] * 9},
-    {"labels": [-1] + [0] * 9},
-    {"labels": [0] * 9},
-    {"data": np.zeros((10, 3071), np.uint8)},
-    {"data": np.zeros((10, 3072), np.float32)},
-], ids=["label-10", "label-minus-1", "too-few-labels", "wrong-shape", "wrong-dtype"])
-def test_bad_contents_are_refused(tmp_path, changes):
-    """Labels outside 0..9, a label count that does not match, or data not uint8 (N, 3072) are refused, naming the
-    file."""
+@pytest.mark.parametrize("damage", [
+    lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]),
+    lambda path: path.write_bytes(b"<html><body>404 Not Found</body></html>"),
+    lambda path: path.write_bytes(b"\x80\x04\x8e" + (2 ** 63 + 5).to_bytes(8, "little")),
+    lambda path: rewrite_batch(path.parent.parent, path.name, labels=[10] + [0] * 9),
+    lambda path: rewrite_batch(path.parent.parent, path.name, labels=[-1] + [0] * 9),
+    lambda path: rewrite_batch(path.parent.parent, path.name, labels=[0] * 9),
+    lambda path: rewrite_batch(path.parent.parent, path.name, data=np.zeros((10, 3071), np.uint8)),
+    lambda path: rewrite_batch(path.parent.parent, path.name, data=np.zeros((10, 3072), np.float32)),
+], ids=["truncated", "html", "absurd-length", "label-10", "label-minus-1", "too-few-labels", "wrong-shape",
+        "wrong-dtype"])
+def test_a_corrupt_file_or_bad_contents_are_refused_naming_the_file(tmp_path, damage):
+    """A truncated file, an HTML page saved in its place, a corrupt length field; labels outside 0..9, a label count
+    that does not match, or data not uint8 (N, 3072)."""
     root = write_cifar(tmp_path, per_batch=10, n_test=10)
-    path = rewrite_batch(root, "data_batch_2", **changes)
-    with pytest.raises(common.files.UsageError, match=re.escape(str(path))):
+    damage(root / BATCHES / "data_batch_2")
+    with pytest.raises(common.files.UsageError, match=re.escape(str(root / BATCHES / "data_batch_2"))):
         common.data.load_cifar10(root, download=False)
 
 
-def test_split_takes_validation_from_the_end(cifar_dir):
-    """Training = the first N - val_size images, validation = the last val_size."""
+def test_split_takes_validation_from_the_end_and_limit_train_the_first_images(cifar_dir):
+    """Training = the first N - val_size images, validation = the last val_size; --limit-train N keeps the first N
+    training images, never reaching into the validation images."""
     data = common.data.load_cifar10(cifar_dir, download=False)
-    train_x, train_y, val_x, val_y = common.data.split_train_val(data, 64, None)
-    assert torch.equal(train_x, data.train_images[:256]) and torch.equal(train_y, data.train_labels[:256])
-    assert torch.equal(val_x, data.train_images[256:]) and torch.equal(val_y, data.train_labels[256:])
-
-
-@pytest.mark.parametrize("limit, kept", [(100, 100), (1000, 256)])
-def test_limit_train_keeps_the_first_images(cifar_dir, limit, kept):
-    """--limit-train N keeps the first N training images, never reaching into the validation images."""
-    data = common.data.load_cifar10(cifar_dir, download=False)
-    train_x, train_y, val_x, _ = common.data.split_train_val(data, 64, limit)
-    assert torch.equal(train_x, data.train_images[:kept]) and torch.equal(train_y, data.train_labels[:kept])
-    assert torch.equal(val_x, data.train_images[256:])
+    for limit, kept in ((None, 256), (100, 100), (1000, 256)):
+        train_x, train_y, val_x, val_y = common.data.split_train_val(data, 64, limit)
+        assert torch.equal(train_x, data.train_images[:kept]) and torch.equal(train_y, data.train_labels[:kept])
+        assert torch.equal(val_x, data.train_images[256:]) and torch.equal(val_y, data.train_labels[256:])
 
 
 @pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"), reason="set CIFAR10_DIR to a real CIFAR-10 copy")

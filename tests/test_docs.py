@@ -2,7 +2,7 @@
 argument parser today (parse only: nothing trains), every flag a command gives is in the script's --help, a flag
 named outside a command exists (or, on a page that names the commit, existed at the commit REMOVED_FLAGS gives for
 it), every script a command runs exists, every `make` target exists, and every relative link (and #anchor) resolves.
-No network; one --help per script, run side by side."""
+No network; each script's --help read in this process."""
 import contextlib
 import importlib.util
 import io
@@ -83,23 +83,6 @@ def commands(page: Path) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.fixture(scope="module")
-def help_flags() -> dict[str, set[str]]:
-    """Each script's flags, read from its --help (the four run side by side)."""
-    processes = {script: subprocess.Popen([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in SCRIPTS}
-    flags = {}
-    for script, process in processes.items():
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, f"{script} --help failed: {err[-2000:]}"
-        flags[script] = set(FLAG.findall(out))
-    return flags
-
-
-def test_the_pages_are_found():
-    assert (ROOT / "README.md") in PAGES and len(PAGES) > 1, PAGES
-
-
 def test_the_parser_finds_commands_in_code_blocks_and_inline_code(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("Run `python ex1_convnet.py --epochs 3` or `ex2_transfer.py --scratch`.\n\n"
@@ -135,18 +118,6 @@ def unknown_named_flags(page: Path, help_flags: dict[str, set[str]]) -> list[str
     return sorted(flag for flag in set(FLAG.findall(code)) - known if not removed_here(flag, text))
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_flag_of_a_command_is_in_that_scripts_help(page, help_flags):
-    unknown = unknown_command_flags(page, help_flags)
-    assert not unknown, f"{page.name}: flags that --help does not list: {unknown}"
-
-
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_flag_the_page_names_exists(page, help_flags):
-    unknown = unknown_named_flags(page, help_flags)
-    assert not unknown, f"{page.name}: flags no script has: {unknown}"
-
-
 def test_a_removed_flag_is_named_only_on_a_page_that_names_its_commit_and_never_in_a_command(tmp_path):
     help_flags = {script: {"--epochs"} for script in SCRIPTS}
     page = tmp_path / "page.md"
@@ -174,6 +145,18 @@ def load_script(script: str):
 def parsers() -> dict:
     """Each script's parse_args."""
     return {script: load_script(script).parse_args for script in SCRIPTS}
+
+
+@pytest.fixture(scope="module")
+def help_flags(parsers) -> dict[str, set[str]]:
+    """Each script's flags, read from its --help."""
+    flags = {}
+    for script, parse_args in parsers.items():
+        with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit) as done:
+            parse_args(["--help"])
+        assert done.value.code == 0, script
+        flags[script] = set(FLAG.findall(out.getvalue()))
+    return flags
 
 
 def parse_error(parse_args, tail: str) -> str | None:
@@ -223,23 +206,15 @@ def test_the_parse_check_finds_bad_commands(parsers, tmp_path):
     assert "cannot be combined" in errors[0] and "invalid choice" in errors[1], errors
 
 
-def test_the_file_check_finds_scripts_that_are_gone(tmp_path):
+def test_the_file_and_make_checks_find_scripts_that_are_gone_and_unknown_targets(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("`python benchmarks/tta.py --views 6` and `python ex1_convnet.py`, `benchmarks/tta.py` in prose\n\n"
                     "```bash\nbash benchmarks/gpu_check.sh BUNDLE OUT\npython3 -u tools/gone.py  # gone\n```\n")
     assert missing_run_files(page) == ["benchmarks/tta.py", "tools/gone.py"]
-
-
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_command_parses_with_todays_scripts(page, parsers):
-    errors = unparsed_commands(page, parsers)
-    assert not errors, f"{page.name}: commands that today's scripts refuse: {errors}"
-
-
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_script_a_command_runs_exists(page):
-    missing = missing_run_files(page)
-    assert not missing, f"{page.name}: commands run files that are not in the repository: {missing}"
+    page = tmp_path / "page.md"
+    page.write_text("`make train`, `make PYTHON=python3.12 test`, `make board LOGDIR=runs/x`, `make trian`\n")
+    assert unknown_make_targets(page, make_targets()) == ["trian"]
+    assert {"train", "transfer", "test", "test-fast", "venv", "board"} <= make_targets()
 
 
 MAKE = re.compile(r"(?<![\w./-])make((?:\s+[A-Z_]+=\S*)*)((?:\s+[a-z][\w-]*)*)")
@@ -259,27 +234,11 @@ def unknown_make_targets(page: Path, targets: set[str]) -> list[str]:
                    if target not in targets})
 
 
-def test_the_make_check_finds_unknown_targets(tmp_path):
-    page = tmp_path / "page.md"
-    page.write_text("`make train`, `make PYTHON=python3.12 test`, `make board LOGDIR=runs/x`, `make trian`\n")
-    assert unknown_make_targets(page, make_targets()) == ["trian"]
-    assert {"train", "transfer", "test", "test-fast", "venv", "board"} <= make_targets()
-
-
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_make_target_exists(page):
-    unknown = unknown_make_targets(page, make_targets())
-    assert not unknown, f"{page.name}: make targets the Makefile does not define: {unknown}"
-
-
-def test_the_removed_flags_are_gone(help_flags):
-    """The allowance lists only flags that no script has any more."""
+def test_the_removed_flags_are_gone_and_existed_at_their_commit(help_flags):
+    """The allowance lists only flags that no script has any more, each an argument in the scripts' source at the
+    commit REMOVED_FLAGS gives (a --no-X as the negative of an argparse.BooleanOptionalAction --X); that part is
+    skipped without git or that commit."""
     assert not set(REMOVED_FLAGS) & set().union(*help_flags.values())
-
-
-def test_the_removed_flags_existed_at_their_commit():
-    """Each removed flag is an argument in the scripts' source at the commit REMOVED_FLAGS gives (a --no-X as the
-    negative of an argparse.BooleanOptionalAction --X). Skipped without git or that commit."""
     sources = {}
     for commit in set(REMOVED_FLAGS.values()):
         try:
@@ -322,8 +281,8 @@ def test_slugs_follow_githubs_rule():
     assert slug("gpu_check.sh") == "gpu_checksh"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_relative_link_resolves(page):
+def broken_links(page: Path) -> list[str]:
+    """The relative links (and #anchors) of the page that resolve to nothing in the repository."""
     prose, _ = split_markdown(page.read_text())
     prose = INLINE_CODE.sub(lambda m: " " * len(m.group(0)), prose)
     broken = []
@@ -338,15 +297,25 @@ def test_every_relative_link_resolves(page):
             broken.append(f"{target}: outside the repository")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
             broken.append(f"{target}: no heading #{anchor} in {linked.name}")
-    assert not broken, f"{page.name}: {broken}"
+    return broken
 
 
-def test_the_readme_is_short():
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_flag_script_make_target_and_link_of_the_page_is_right(page, help_flags, parsers):
+    problems = {"flags that --help does not list": unknown_command_flags(page, help_flags),
+                "flags no script has": unknown_named_flags(page, help_flags),
+                "commands that today's scripts refuse": unparsed_commands(page, parsers),
+                "commands run files that are not in the repository": missing_run_files(page),
+                "make targets the Makefile does not define": unknown_make_targets(page, make_targets()),
+                "broken links": broken_links(page)}
+    assert not {what: found for what, found in problems.items() if found}, page.name
+
+
+def test_the_pages_are_found_the_readme_and_the_guide_are_short_and_the_readme_links_the_guide_early():
+    assert (ROOT / "README.md") in PAGES and len(PAGES) > 1, PAGES
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; the rest belongs in docs/"
-
-
-def test_the_guide_is_short_and_the_readme_links_it_early():
     lines = len((ROOT / "docs" / "guide.md").read_text().splitlines())
     assert lines <= GUIDE_MAX_LINES, f"docs/guide.md has {lines} lines; the rest belongs in the other docs/ pages"
     first = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])

@@ -1,5 +1,5 @@
-"""--export: the ONNX model of a small trained run against PyTorch (classes, probabilities, uint8 NHWC input with a
-dynamic batch, metadata), the int8 model, the check without a test set, and the refusals."""
+"""--export: the ONNX model of the session's run (conftest.ex1_run) against PyTorch (classes, probabilities, uint8
+NHWC input with a dynamic batch, metadata), the int8 model, the check without a test set, and the refusals."""
 import builtins
 import json
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import call, CLASS_NAMES, error_line, metrics, QUICK, ROOT, run_ok
+from conftest import call, CLASS_NAMES, error_line, in_process, metrics, ROOT
 from PIL import Image
 
 import common
@@ -21,16 +21,21 @@ ort = pytest.importorskip("onnxruntime", reason="the optional export packages ar
 CPU = ["--no-download", "--device", "cpu", "--precision", "fp32"]
 
 
+def export(*argv) -> str:
+    """ex1_convnet.py with these flags, in-process; exit code 0; its stdout."""
+    code, out = in_process(ex1_convnet.main, *argv, *CPU)
+    assert code == 0, out[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
-def exported(cifar_dir, tmp_path_factory) -> dict:
-    """A 3-epoch run on the fixture data, exported in fp32 and in int8: the folders and the exports' stdout."""
+def exported(ex1_run, cifar_dir, tmp_path_factory) -> dict:
+    """The session's run exported in fp32 and in int8: the folders and the exports' stdout."""
     base = tmp_path_factory.mktemp("export")
-    run_dir = base / "run"
-    run_ok(*QUICK, "--data-dir", cifar_dir, "--out-dir", run_dir, "--epochs", "3")
-    fp32 = run_ok("--export", base / "model.onnx", "--out-dir", run_dir, "--data-dir", cifar_dir, *CPU)
-    int8 = run_ok("--export", base / "model-int8.onnx", "--quantize", "int8", "--out-dir", run_dir,
-                  "--data-dir", cifar_dir, *CPU)
-    return {"run": run_dir, "fp32": base / "model.onnx", "int8": base / "model-int8.onnx", "fp32_out": fp32,
+    fp32 = export("--export", base / "model.onnx", "--out-dir", ex1_run, "--data-dir", cifar_dir)
+    int8 = export("--export", base / "model-int8.onnx", "--quantize", "int8", "--out-dir", ex1_run, "--data-dir",
+                  cifar_dir)
+    return {"run": ex1_run, "fp32": base / "model.onnx", "int8": base / "model-int8.onnx", "fp32_out": fp32,
             "int8_out": int8}
 
 
@@ -75,18 +80,8 @@ def test_the_input_is_uint8_pictures_with_a_dynamic_batch(exported):
 
 
 @pytest.mark.slow
-def test_the_metadata_names_the_classes_the_script_and_the_checkpoint(exported):
-    props = {p.key: p.value for p in onnx.load(str(exported["fp32"])).metadata_props}
-    assert json.loads(props["classes"]) == CLASS_NAMES
-    assert props["script"] == "ex1_convnet.py"
-    best = common.files.load_checkpoint(exported["run"] / "best.pt", "ex1_convnet.py")
-    assert props["checkpoint_epoch"] == str(best["epoch"])
-    assert props["test_accuracy"] == str(metrics(exported["run"])["test_accuracy"])
-    assert props["git_commit"] == str(metrics(exported["run"])["git_commit"])
-
-
-@pytest.mark.slow
-def test_the_int8_model_is_smaller_runs_and_says_its_accuracy(exported, cifar_dir):
+def test_the_int8_model_is_smaller_runs_and_says_its_accuracy_and_the_metadata_names_the_checkpoint(exported,
+                                                                                                       cifar_dir):
     assert exported["int8"].stat().st_size < exported["fp32"].stat().st_size / 2
     data = common.data.load_cifar10(cifar_dir, download=False)
     out = session(exported["int8"]).run(None, {"images": data.test_images.permute(0, 2, 3, 1).numpy()})[0]
@@ -100,6 +95,14 @@ def test_the_int8_model_is_smaller_runs_and_says_its_accuracy(exported, cifar_di
     assert json.loads(props["classes"]) == CLASS_NAMES
     # the fixture's 320, not test images
     assert props["quantization"] == "int8 static, calibrated on 320 training images"
+    # the fp32 model's metadata names the classes, the script and the checkpoint
+    props = {p.key: p.value for p in onnx.load(str(exported["fp32"])).metadata_props}
+    assert json.loads(props["classes"]) == CLASS_NAMES
+    assert props["script"] == "ex1_convnet.py"
+    best = common.files.load_checkpoint(exported["run"] / "best.pt", "ex1_convnet.py")
+    assert props["checkpoint_epoch"] == str(best["epoch"])
+    assert props["test_accuracy"] == str(metrics(exported["run"])["test_accuracy"])
+    assert props["git_commit"] == str(metrics(exported["run"])["git_commit"])
 
 
 @pytest.mark.slow
@@ -133,31 +136,24 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def test_quantize_without_export_is_refused(tmp_path, capsys):
-    code, _, err = call(ex1_convnet.main, [*CPU, "--quantize", "int8", "--out-dir", tmp_path / "run"], capsys)
-    assert code == 2 and "--quantize int8 goes with --export" in error_line(err)
-
-
 @pytest.mark.slow
-def test_bad_exports_are_refused_and_leave_nothing_behind(exported, ex2_checkpoint, tmp_path, capsys):
-    best = exported["run"] / "best.pt"
-    not_a_checkpoint = tmp_path / "notes.pt"
-    not_a_checkpoint.write_text("not a checkpoint")
+def test_bad_exports_are_refused_and_leave_nothing_behind(ex1_run, ex2_checkpoint, tmp_path, capsys):
+    """An output folder it cannot make, and a checkpoint not of this script (the other refusals of a checkpoint are
+    --eval-only's, tests/test_robustness.py: the same function reads it)."""
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     out = tmp_path / "out"
-    cases = [(["--export", a_file / "model.onnx", "--checkpoint", best], "cannot write to output folder"),
-             (["--export", out / "model.onnx", "--checkpoint", ex2_checkpoint], "a checkpoint of ex2_transfer.py"),
-             (["--export", out / "model.onnx", "--checkpoint", not_a_checkpoint], "not a readable checkpoint"),
-             (["--export", out / "model.onnx", "--checkpoint", tmp_path / "missing.pt"], "does not exist")]
+    cases = [(["--export", a_file / "model.onnx", "--checkpoint", ex1_run / "best.pt"],
+              "cannot write to output folder"),
+             (["--export", out / "model.onnx", "--checkpoint", ex2_checkpoint], "a checkpoint of ex2_transfer.py")]
     for flags, words in cases:
         code, _, err = call(ex1_convnet.main, [*CPU, "--data-dir", tmp_path / "no-data", *flags], capsys)
         assert code == 2 and words in error_line(err), (flags, err[-2000:])
         assert "Traceback" not in err
-    assert leftovers(out) == [] and leftovers(tmp_path) == ["a-file", "notes.pt"]
+    assert leftovers(out) == [] and leftovers(tmp_path) == ["a-file"]
 
 
-def test_a_missing_export_package_names_the_pip_command(tmp_path, capsys, monkeypatch):
+def test_a_missing_export_package_names_the_pip_command_and_quantize_needs_export(tmp_path, capsys, monkeypatch):
     real_import = builtins.__import__
 
     def without_onnxruntime(name, *args, **kwargs):
@@ -171,3 +167,5 @@ def test_a_missing_export_package_names_the_pip_command(tmp_path, capsys, monkey
     assert code == 2
     assert "onnxruntime is missing" in error_line(err) and "pip install onnx onnxscript onnxruntime" in error_line(err)
     assert leftovers(tmp_path) == []
+    code, _, err = call(ex1_convnet.main, [*CPU, "--quantize", "int8", "--out-dir", tmp_path / "run"], capsys)
+    assert code == 2 and "--quantize int8 goes with --export" in error_line(err)

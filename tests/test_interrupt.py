@@ -9,14 +9,15 @@ import sys
 
 import pytest
 import torch
-from conftest import call, QUICK, read_json, ROOT
+from conftest import call, EX1_TRAIN, QUICK, read_json, ROOT
 
 import common
 import ex1_convnet
 
 pytestmark = pytest.mark.slow  # each test trains end to end
 
-ARGS = [*QUICK, "--limit-train", "256", "--batch-size", "16", "--epochs", "2", "--no-tensorboard"]  # 16 steps an epoch
+# The session's run (conftest.ex1_run) is the unbroken run: 12 steps an epoch.
+ARGS = [*EX1_TRAIN, "--no-tensorboard"]
 COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps")
 FIGURES = ("test_accuracy", "test_accuracy_first1000", "test_loss", "best_epoch", "best_val_accuracy", "epochs_run")
 # A run in a process of its own whose in-epoch saves come after every step (no minute between them, at any cost) and
@@ -54,13 +55,6 @@ def figures_of(run_dir) -> dict:
     return {k: pytest.approx(metrics[k], rel=1e-4) if "loss" in k else metrics[k] for k in FIGURES}
 
 
-@pytest.fixture(scope="module")
-def unbroken(cifar_dir, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("unbroken")
-    assert ex1_convnet.main([str(a) for a in [*ARGS, "--data-dir", cifar_dir, "--out-dir", out_dir]]) == 0
-    return out_dir
-
-
 def signal_at_step(monkeypatch, signum: int, step: int) -> None:
     """The training loss, as train_one_epoch computes it, sends `signum` to this process at its `step`-th call, as
     Ctrl-C or `kill` would (the handler the run installs receives it)."""
@@ -76,23 +70,23 @@ def signal_at_step(monkeypatch, signum: int, step: int) -> None:
 
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_inside_an_epoch_saves_that_step_and_the_resume_ends_as_if_unbroken(
-        signum, exit_code, unbroken, cifar_dir, tmp_path, monkeypatch, capsys):
+        signum, exit_code, ex1_run, cifar_dir, tmp_path, monkeypatch, capsys):
     argv = [*ARGS, "--data-dir", cifar_dir, "--out-dir", tmp_path]
     with monkeypatch.context() as patches:
         signal_at_step(patches, signum, 5)
         code, _, err = call(ex1_convnet.main, argv, capsys)
     assert code == exit_code, err[-3000:]
-    assert "stopped at epoch 1, step 5 of 16" in err and "resume with: python" in err
+    assert "stopped at epoch 1, step 5 of 12" in err and "resume with: python" in err
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["in_epoch"]["step"] == 5 and saved["history"] == []  # no epoch had finished
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gave the signals back
     code, out, err = call(ex1_convnet.main, [*argv, "--resume"], capsys)
     assert code == 0, err[-3000:]
-    assert "resuming at epoch 1 of 2, step 5 of 16" in out
-    assert history_of(tmp_path) == history_of(unbroken) and figures_of(tmp_path) == figures_of(unbroken)
+    assert "resuming at epoch 1 of 3, step 5 of 12" in out
+    assert history_of(tmp_path) == history_of(ex1_run) and figures_of(tmp_path) == figures_of(ex1_run)
 
 
-def test_a_kill_while_the_in_epoch_state_is_written_resumes_from_the_one_before(unbroken, cifar_dir, tmp_path, capsys):
+def test_a_kill_while_the_in_epoch_state_is_written_resumes_from_the_one_before(ex1_run, cifar_dir, tmp_path, capsys):
     argv = [str(a) for a in [*ARGS, "--data-dir", cifar_dir, "--out-dir", tmp_path]]
     killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, *argv], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
@@ -101,8 +95,8 @@ def test_a_kill_while_the_in_epoch_state_is_written_resumes_from_the_one_before(
     assert torch.load(tmp_path / "last.pt", weights_only=True)["in_epoch"]["step"] == 1
     code, out, err = call(ex1_convnet.main, [*argv, "--resume"], capsys)
     assert code == 0, err[-3000:]
-    assert "resuming at epoch 1 of 2, step 1 of 16" in out
-    assert history_of(tmp_path) == history_of(unbroken) and figures_of(tmp_path) == figures_of(unbroken)
+    assert "resuming at epoch 1 of 3, step 1 of 12" in out
+    assert history_of(tmp_path) == history_of(ex1_run) and figures_of(tmp_path) == figures_of(ex1_run)
 
 
 def test_a_time_budget_stopped_inside_an_epoch_keeps_its_plan_and_its_clock(cifar_dir, tmp_path, monkeypatch, capsys):

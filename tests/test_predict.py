@@ -1,4 +1,5 @@
-"""--predict on image files of every kind, and test-time augmentation (--tta), on the small fixture data set."""
+"""--predict on image files of every kind, and test-time augmentation (--tta), with the session's run (conftest.ex1_run,
+trained with --tta)."""
 import csv
 import json
 import shutil
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import call, CLASS_NAMES, error_line, QUICK, run_script
+from conftest import call, CLASS_NAMES, error_line
 from PIL import Image
 
 import common
@@ -19,8 +20,6 @@ import ex2_transfer
 
 KIND = "ex1_convnet.py"
 CPU = ["--device", "cpu", "--precision", "fp32"]
-# Two epochs of a small model, its final test with --tta: the checkpoint every prediction below uses.
-TRAIN = [*QUICK, "--batch-size", "16", "--limit-train", "64", "--epochs", "2", "--lr", "0.01", "--tta"]
 
 
 def cifar_test_images(cifar_dir: Path) -> torch.Tensor:
@@ -46,15 +45,6 @@ def write_blank_png(path: Path, width: int, height: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(cifar_dir, tmp_path_factory) -> Path:
-    """The out-dir of one small training run made with --tta."""
-    out = tmp_path_factory.mktemp("ex1-tta")
-    result = run_script("ex1_convnet.py", *TRAIN, "--data-dir", cifar_dir, "--out-dir", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
 def bombs(tmp_path_factory) -> dict[str, Path]:
     """PNG files over Pillow's decompression-bomb limits: one it refuses (> 2 * MAX_IMAGE_PIXELS), one it only
     warns about (> MAX_IMAGE_PIXELS), which --predict refuses too."""
@@ -75,7 +65,7 @@ def model_of(checkpoint_path: Path) -> tuple[nn.Module, dict]:
 
 # ----------------------------------------------------------------------------- test-time augmentation views
 
-def test_tta_views_mirror_along_the_width_and_translate_with_zero_fill():
+def test_tta_views_mirror_along_the_width_translate_with_zero_fill_and_predict_averages_their_softmax():
     x = torch.rand(2, 3, 8, 10)  # not square and random: a vertical mirror or a transpose cannot pass
     views = common.evaluation.tta_views(x)
     assert len(views) == 6 and all(v.shape == x.shape for v in views)
@@ -87,10 +77,7 @@ def test_tta_views_mirror_along_the_width_and_translate_with_zero_fill():
     for plain, view in ((x, views[2]), (x.flip(-1), views[5])):  # shifted by (-2, -2)
         assert torch.equal(view[..., :-2, :-2], plain[..., 2:, 2:])
         assert not view[..., -2:, :].any() and not view[..., :, -2:].any()
-
-
-def test_predict_with_tta_averages_the_softmax_of_the_views():
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # predict with tta averages the softmax of the views
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     settings = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
@@ -112,14 +99,8 @@ def test_tta_and_predict_are_runtime_flags_that_resume_accepts():
 
 # ----------------------------------------------------------------------------- reading image files
 
-def test_a_32x32_image_reaches_the_network_exactly_as_in_the_test_set(cifar_dir, tmp_path):
-    images = cifar_test_images(cifar_dir)[:10]
-    for i, image in enumerate(images):
-        to_pil(image).save(tmp_path / f"{i}.png")
-        assert torch.equal(common.data.load_image(tmp_path / f"{i}.png"), image)
-
-
-def test_the_shorter_side_is_resized_to_32_and_the_centre_cropped(tmp_path):
+def test_the_shorter_side_is_resized_to_32_with_lanczos_and_the_centre_cropped(tmp_path):
+    """A 64x64 noise image comes out as Pillow's Lanczos makes it, not as bilinear or bicubic would."""
     wide = np.zeros((40, 120, 3), np.uint8)  # three 40x40 squares: red, green, blue
     wide[:, :40, 0] = wide[:, 40:80, 1] = wide[:, 80:, 2] = 255
     Image.fromarray(wide).save(tmp_path / "wide.png")
@@ -130,10 +111,6 @@ def test_the_shorter_side_is_resized_to_32_and_the_centre_cropped(tmp_path):
     tall = np.random.default_rng(0).integers(0, 256, (100, 32, 3), dtype=np.uint8)  # shorter side 32: cropped only
     Image.fromarray(tall).save(tmp_path / "tall.png")
     assert torch.equal(common.data.load_image(tmp_path / "tall.png"), torch.from_numpy(tall[34:66]).permute(2, 0, 1))
-
-
-def test_the_resize_is_lanczos(tmp_path):
-    """A 64x64 noise image comes out as Pillow's Lanczos makes it, not as bilinear or bicubic would."""
     noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     noise.save(tmp_path / "noise.png")
     got = common.data.load_image(tmp_path / "noise.png").permute(1, 2, 0).numpy().astype(float)
@@ -147,55 +124,64 @@ def test_the_resize_is_lanczos(tmp_path):
         assert distance(other) > lanczos + 2, other
 
 
-def test_every_lossless_image_kind_decodes_to_the_pixels_it_was_made_from(tmp_path):
-    """32x32 images (no resampling) in each mode and format: the RGB pixels come back exactly; a grey image's
-    grey in all three channels; a transparent palette entry as white; lossy formats within a small error."""
-    rng = np.random.default_rng(2)
-    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+def image_kinds(folder: Path) -> dict[Path, tuple | None]:
+    """A picture in every format and mode --predict reads, written into `folder`: path -> (the pixels (32, 32, 3) it
+    must decode to, the largest mean absolute error), or None where reading it is all. RGB pixels come back exactly;
+    a grey image's grey in all three channels; a transparent palette entry as white; lossy formats and an image
+    upscaled 8 times within a small error; a 1x1 image as a solid square."""
+    rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     base = Image.fromarray(rgb)
-    grey = np.asarray(base.convert("L"))
+    grey = np.repeat(np.asarray(base.convert("L"))[..., None], 3, 2)
     palette = base.convert("P")  # an adaptive palette: its own pixels are what it shows
     shown = np.asarray(palette.convert("RGB")).copy()
     transparent = palette.getpixel((0, 0))
     shown_on_white = shown.copy()
     shown_on_white[np.asarray(palette) == transparent] = 255
+    assert (shown_on_white == 255).all(axis=2).any()  # the transparent entry is in use
     ramp = np.linspace(0, 255, 32)  # lossy codecs keep a smooth image close, not noise
     smooth = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
                        np.add.outer(255 - ramp, ramp) / 2], 2).astype(np.uint8)
-    smooth_image = Image.fromarray(smooth)
-    cases = {  # name: (writer, expected pixels (32, 32, 3), largest mean absolute error)
+    photo = Image.fromarray(smooth)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {  # name: (writer, expected pixels or None, largest mean absolute error)
         "rgb.png": (lambda p: base.save(p), rgb, 0), "bitmap.bmp": (lambda p: base.save(p), rgb, 0),
-        "scan.tif": (lambda p: base.save(p), rgb, 0), "lossless.webp": (lambda p: base.save(p, lossless=True), rgb, 0),
+        "scan.tif": (lambda p: base.save(p), rgb, 0), "scan.tiff": (lambda p: base.save(p), rgb, 0),
+        "lossless.webp": (lambda p: base.save(p, lossless=True), rgb, 0),
         "cmyk.tif": (lambda p: base.convert("CMYK").save(p), rgb, 0),
-        "grey.png": (lambda p: base.convert("L").save(p), np.repeat(grey[..., None], 3, 2), 0),
-        "grey16.png": (lambda p: Image.fromarray(grey.astype(np.uint16) * 257).save(p),
-                       np.repeat(grey[..., None], 3, 2), 0),
+        "rgba.png": (lambda p: base.convert("RGBA").save(p), rgb, 0),
+        "grey.png": (lambda p: base.convert("L").save(p), grey, 0),
+        "la.png": (lambda p: base.convert("LA").save(p), grey, 0),
+        "grey16.png": (lambda p: Image.fromarray(grey[..., 0].astype(np.uint16) * 257).save(p), grey, 0),
         "palette.png": (lambda p: palette.save(p), shown, 0),
         "palette_transparent.png": (lambda p: palette.save(p, transparency=transparent), shown_on_white, 0),
-        "rgba.png": (lambda p: Image.fromarray(np.dstack([rgb, np.full((32, 32), 255, np.uint8)])).save(p), rgb, 0),
-        "photo.webp": (lambda p: smooth_image.save(p, quality=95), smooth, 4),
-        "cmyk.jpg": (lambda p: smooth_image.convert("CMYK").save(p, quality=95), smooth, 4),
+        "photo.webp": (lambda p: photo.save(p, quality=95), smooth, 4),
+        "photo.jpg": (lambda p: photo.save(p, quality=95), smooth, 4),
+        "upper.JPEG": (lambda p: photo.save(p, "JPEG", quality=95), smooth, 4),
+        "cmyk.jpg": (lambda p: photo.convert("CMYK").save(p, quality=95), smooth, 4),
+        "upscaled.png": (lambda p: photo.resize((256, 256), Image.Resampling.NEAREST).save(p), smooth, 4),
+        "dot.png": (lambda p: Image.new("RGB", (1, 1), (10, 200, 30)).save(p), np.full((32, 32, 3), (10, 200, 30)), 0),
+        "anim.gif": (lambda p: photo.save(p, save_all=True, append_images=[photo.rotate(90)]), None, 0),
+        "exif_rotated.jpg": (lambda p: photo.save(p, exif=exif), None, 0),
+        "wide.png": (lambda p: base.resize((90, 30)).save(p), None, 0),
     }
-    for name, (write, expected, tolerance) in cases.items():
-        write(tmp_path / name)
-        got = common.data.load_image(tmp_path / name).permute(1, 2, 0).numpy()
-        error = np.abs(got.astype(float) - expected).mean()
-        assert error <= tolerance, (name, error)
-    assert (shown_on_white == 255).all(axis=2).any()  # the transparent entry was in use
+    kinds = {}
+    for name, (write, pixels, tolerance) in cases.items():
+        write(folder / name)
+        kinds[folder / name] = None if pixels is None else (pixels, tolerance)
+    return kinds
 
 
-def test_an_upscaled_256x256_image_and_a_1x1_image(cifar_dir, tmp_path):
-    image = cifar_test_images(cifar_dir)[0]
-    to_pil(image).resize((256, 256), Image.Resampling.NEAREST).save(tmp_path / "big.png")
-    restored = common.data.load_image(tmp_path / "big.png")
-    assert restored.shape == (3, 32, 32)
-    assert (restored.float() - image.float()).abs().mean() < 8  # Lanczos rings a little on the fixture's noise
-    Image.new("RGB", (1, 1), (10, 200, 30)).save(tmp_path / "dot.png")
-    assert torch.equal(common.data.load_image(tmp_path / "dot.png"),
-                       torch.tensor([10, 200, 30], dtype=torch.uint8)[:, None, None].expand(3, 32, 32))
+def test_every_image_kind_decodes_to_the_pixels_it_was_made_from(tmp_path):
+    for path, expected in image_kinds(tmp_path).items():
+        got = common.data.load_image(path)
+        assert got.shape == (3, 32, 32) and got.dtype == torch.uint8, path.name
+        if expected is not None:
+            error = np.abs(got.permute(1, 2, 0).numpy().astype(float) - expected[0]).mean()
+            assert error <= expected[1], (path.name, error)
 
 
-def test_transparency_is_composited_on_white(tmp_path):
+def test_transparency_on_white_exif_orientation_16_bits_and_a_gifs_first_frame(tmp_path):
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[:, :16] = (255, 0, 0, 255)  # opaque red on the left
     rgba[:, 16:24] = (0, 0, 255, 0)  # fully transparent blue
@@ -207,12 +193,6 @@ def test_transparency_is_composited_on_white(tmp_path):
     assert ((image[:, :, 24:].int() - 127).abs() <= 1).all()
     Image.fromarray(rgba, "RGBA").convert("LA").save(tmp_path / "la.png")
     assert (common.data.load_image(tmp_path / "la.png")[:, :, 16:24] == 255).all()
-    palette = Image.fromarray(rgba[..., :3]).convert("P")  # the transparent index: the colour of the left half
-    palette.save(tmp_path / "p.png", transparency=palette.getpixel((0, 0)))
-    assert (common.data.load_image(tmp_path / "p.png")[:, :, :16] == 255).all()
-
-
-def test_exif_orientation_is_applied(tmp_path):
     stored = np.zeros((32, 64, 3), np.uint8)
     stored[:, :32] = (255, 0, 0)  # red on the left as stored; orientation 6 turns it 90 degrees clockwise: red on top
     exif = Image.Exif()
@@ -220,9 +200,6 @@ def test_exif_orientation_is_applied(tmp_path):
     Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
     image = common.data.load_image(tmp_path / "rotated.png")
     assert (image[0, :12] > 200).all() and (image[0, -12:] < 50).all()
-
-
-def test_16_bit_grey_is_scaled_to_8_bits(tmp_path):
     pixels = np.full((32, 32), 128 * 257, np.uint16)
     pixels[0, :3] = (0, 65535, 257)
     Image.fromarray(pixels).save(tmp_path / "16bit.png")
@@ -232,28 +209,12 @@ def test_16_bit_grey_is_scaled_to_8_bits(tmp_path):
     assert image[:, 0, :3].tolist() == [[0, 255, 1]] * 3 and (image[:, 1:] == 128).all()
     Image.fromarray(pixels.astype(np.int32)).save(tmp_path / "32bit.tif")  # mode I
     assert torch.equal(common.data.load_image(tmp_path / "32bit.tif"), image)
-
-
-def test_a_gif_gives_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     assert (common.data.load_image(tmp_path / "anim.gif") == torch.tensor([255, 0, 0])[:, None, None]).all()
 
 
-def test_unreadable_files_raise_with_the_reason(tmp_path, cifar_dir, bombs):
-    (tmp_path / "notes.png").write_text("not an image")
-    to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "whole.png")
-    (tmp_path / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:-300])
-    cases = {"notes.png": "cannot identify image file", "truncated.png": "truncated"}
-    for name, reason in cases.items():
-        with pytest.raises(common.files.UnreadableImage, match=reason):
-            common.data.load_image(tmp_path / name)
-    for reason, path in bombs.items():
-        with pytest.raises(common.files.UnreadableImage, match=f"{reason}: Image size"):
-            common.data.load_image(path)
-
-
-def test_image_files_lists_folders_sorted_by_suffix_and_refuses_missing_paths(tmp_path):
+def test_image_files_lists_a_folders_images_sorted_and_a_named_file_as_it_is(tmp_path):
     for name in ("b.PNG", "a.jpg", "c.webp", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
@@ -261,25 +222,9 @@ def test_image_files_lists_folders_sorted_by_suffix_and_refuses_missing_paths(tm
     explicit = tmp_path / "notes.txt"
     assert common.data.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG",
                                                              tmp_path / "c.webp", explicit]
-    with pytest.raises(common.files.UsageError, match="missing.png: no such file or folder"):
-        common.data.image_files([tmp_path / "a.jpg", tmp_path / "missing.png"])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(common.files.UsageError, match="empty: a folder with no image file"):
-        common.data.image_files([tmp_path / "empty"])
 
 
 # ----------------------------------------------------------------------------- the command line
-
-def test_a_missing_path_or_an_empty_folder_is_exit_2_before_the_model_loads(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    absent_checkpoint = tmp_path / "no-such-checkpoint.pt"
-    for path, reason in ((tmp_path / "missing.jpg", "no such file or folder"),
-                         (tmp_path / "empty", "a folder with no image file")):
-        code, _, err = call(ex1_convnet.main, ["--predict", path, "--checkpoint", absent_checkpoint, *CPU], capsys)
-        assert code == 2 and f"{path}: {reason}" in error_line(err), err
-        assert str(absent_checkpoint) not in err
-
 
 def test_a_checkpoint_of_the_other_script_is_refused_as_eval_only_refuses_it(tmp_path, cifar_dir, capsys):
     to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
@@ -295,31 +240,28 @@ def test_a_checkpoint_of_the_other_script_is_refused_as_eval_only_refuses_it(tmp
     assert not (tmp_path / "predict").exists()
 
 
-def test_the_default_checkpoint_is_the_default_run_folders_best_pt(tmp_path, cifar_dir, capsys, monkeypatch):
+def test_the_default_checkpoint_is_best_pt_of_the_out_dir_or_of_the_default_run_folder(tmp_path, cifar_dir, capsys,
+                                                                                      monkeypatch):
+    """--predict and --eval-only read best.pt of --out-dir by one rule; without it, that of the script's run folder."""
     monkeypatch.chdir(tmp_path)
     to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
+    for task in (["--predict", "cat.png"], ["--eval-only", "--data-dir", cifar_dir, "--no-download"]):
+        code, _, err = call(ex1_convnet.main, [*task, "--out-dir", "my-run", *CPU], capsys)
+        assert code == 2 and "checkpoint my-run/best.pt does not exist" in error_line(err), err
     for main, flags, expected in ((ex1_convnet.main, [], "runs/ex1/best.pt"),
                                   (ex2_transfer.main, [], "runs/ex2-pretrained/best.pt"),
                                   (ex2_transfer.main, ["--scratch"], "runs/ex2-scratch/best.pt")):
         code, _, err = call(main, ["--predict", "cat.png", *flags, *CPU], capsys)
         assert code == 2 and f"checkpoint {expected} does not exist" in error_line(err), err
-
-
-def test_predict_and_eval_only_read_best_pt_of_the_out_dir_by_one_rule(tmp_path, cifar_dir, capsys):
-    to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
-    run = tmp_path / "my-run"
-    for task in (["--predict", tmp_path / "cat.png"], ["--eval-only", "--data-dir", cifar_dir, "--no-download"]):
-        code, _, err = call(ex1_convnet.main, [*task, "--out-dir", run, *CPU], capsys)
-        assert code == 2 and f"checkpoint {run / 'best.pt'} does not exist" in error_line(err), err
-
-
-def test_help_explains_predict_and_the_tta_views(capsys):
-    for parse_args in (ex1_convnet.parse_args, ex2_transfer.parse_args):
-        with pytest.raises(SystemExit):
-            parse_args(["--help"])
-        text = " ".join(capsys.readouterr().out.split())
-        assert "--predict PATH [PATH ...]" in text and "--tta" in text
-        assert "6 views" in text and "left-right mirror" in text and "2 pixels" in text
+    # a missing path or an empty folder: exit 2 before the model loads
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    absent_checkpoint = tmp_path / "no-such-checkpoint.pt"
+    for path, reason in ((tmp_path / "missing.jpg", "no such file or folder"),
+                         (tmp_path / "empty", "a folder with no image file")):
+        code, _, err = call(ex1_convnet.main, ["--predict", path, "--checkpoint", absent_checkpoint, *CPU], capsys)
+        assert code == 2 and f"{path}: {reason}" in error_line(err), err
+        assert str(absent_checkpoint) not in err
 
 
 # ----------------------------------------------------------------------------- with a trained model
@@ -353,42 +295,35 @@ def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tm
 
 
 @pytest.mark.slow
-def test_a_training_run_with_tta_reports_both_accuracies(trained, cifar_dir):
-    metrics = json.loads((trained / "metrics.json").read_text())
-    for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
-        assert 0 <= metrics[key] <= 1, key
-    assert metrics["test_images"] == 120 and metrics["test_accuracy_first1000_tta"] == metrics["test_accuracy_tta"]
-    assert common.files.load_checkpoint(trained / "best.pt", KIND)["classes"] == CLASS_NAMES
-    model, settings = model_of(trained / "best.pt")  # the final test ran the views, not the plain images
-    data = common.data.load_cifar10(cifar_dir, download=False)
-    ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    predicted = common.evaluation.predict(model, data.test_images, settings["mean"], settings["std"], ctx,
-                                          tta=True).argmax(1)
-    assert metrics["test_accuracy_tta"] == (predicted == data.test_labels).sum().item() / 120
-
-
-@pytest.mark.slow
-def test_eval_only_with_tta_reports_the_same_accuracies(trained, cifar_dir, tmp_path, capsys):
-    code, out, err = call(ex1_convnet.main, ["--eval-only", "--tta", "--checkpoint", trained / "best.pt", "--data-dir",
-                                             cifar_dir, "--no-download", "--out-dir", tmp_path, *CPU], capsys)
+def test_a_run_and_eval_only_with_tta_report_both_accuracies_alike(ex1_run, cifar_dir, tmp_path, capsys):
+    """The session's run trained with --tta: its metrics hold the plain and the --tta accuracies (what they measure:
+    test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000), and --eval-only --tta of its best.pt
+    reports the same."""
+    reference = json.loads((ex1_run / "metrics.json").read_text())
+    assert reference["test_images"] == 120
+    assert reference["test_accuracy_first1000_tta"] == reference["test_accuracy_tta"]
+    assert common.files.load_checkpoint(ex1_run / "best.pt", KIND)["classes"] == CLASS_NAMES
+    code, out, err = call(ex1_convnet.main, ["--eval-only", "--tta", "--checkpoint", ex1_run / "best.pt", "--data-dir",
+                                             cifar_dir, "--no-download", "--out-dir", tmp_path, "--corruptions", "0",
+                                             *CPU], capsys)
     assert code == 0, err[-3000:]
-    evaluated, reference = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path, trained))
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
-        assert evaluated[key] == reference[key], key
+        assert 0 <= reference[key] <= 1 and evaluated[key] == reference[key], key
     assert "all, --tta" in out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tta", [False, True])
-def test_png_files_predict_what_the_evaluation_path_predicts(trained, cifar_dir, tmp_path, capsys, tta):
-    images = cifar_test_images(cifar_dir)
+def test_png_files_predict_what_the_evaluation_path_predicts(ex1_run, cifar_dir, tmp_path, capsys, tta):
+    images = cifar_test_images(cifar_dir)[:30]
     for i, image in enumerate(images):
         to_pil(image).save(tmp_path / f"test_{i:03d}.png")
     out = tmp_path / "out"
-    code, stdout, err = call(ex1_convnet.main, ["--predict", tmp_path, "--checkpoint", trained / "best.pt",
+    code, stdout, err = call(ex1_convnet.main, ["--predict", tmp_path, "--checkpoint", ex1_run / "best.pt",
                                                 "--out-dir", out, *CPU, *(["--tta"] if tta else [])], capsys)
     assert code == 0, err[-3000:]
-    model, settings = model_of(trained / "best.pt")
+    model, settings = model_of(ex1_run / "best.pt")
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     expected = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=tta).softmax(1)
     rows = json.loads((out / "predictions.json").read_text())
@@ -400,39 +335,30 @@ def test_png_files_predict_what_the_evaluation_path_predicts(trained, cifar_dir,
     assert "test_000.png" in stdout and f"{len(images)} predicted, 0 skipped" in stdout
 
 
-def image_kinds(base: Image.Image, folder: Path) -> list[Path]:
-    """`base` written in every format and mode --predict reads; returns the paths."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    palette = base.convert("P")
-    animation = [base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
-    writers = {
-        "rgb.png": lambda p: base.save(p), "photo.jpg": lambda p: base.save(p, quality=95),
-        "upper.JPEG": lambda p: base.save(p, "JPEG"), "bitmap.bmp": lambda p: base.save(p),
-        "anim.gif": lambda p: animation[0].save(p, save_all=True, append_images=animation[1:]),
-        "web.webp": lambda p: base.save(p), "scan.tif": lambda p: base.save(p), "scan.tiff": lambda p: base.save(p),
-        "grey.png": lambda p: base.convert("L").save(p), "palette.png": lambda p: palette.save(p),
-        "palette_transparent.png": lambda p: palette.save(p, transparency=palette.getpixel((0, 0))),
-        "rgba.png": lambda p: base.convert("RGBA").save(p), "la.png": lambda p: base.convert("LA").save(p),
-        "cmyk.jpg": lambda p: base.convert("CMYK").save(p), "cmyk.tif": lambda p: base.convert("CMYK").save(p),
-        "grey16.png": lambda p: Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257).save(p),
-        "exif_rotated.jpg": lambda p: base.save(p, exif=exif),
-        "upscaled.png": lambda p: base.resize((256, 256), Image.Resampling.NEAREST).save(p),
-        "wide.png": lambda p: base.resize((90, 30)).save(p), "dot.png": lambda p: base.resize((1, 1)).save(p),
-    }
-    for name, write in writers.items():
-        write(folder / name)
-    return sorted(folder / name for name in writers)
-
-
 @pytest.mark.slow
-def test_every_image_kind_is_predicted(trained, cifar_dir, tmp_path, capsys):
+def test_every_image_kind_is_predicted_and_unreadable_files_are_skipped_with_exit_1(ex1_run, tmp_path, bombs, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
-    paths = image_kinds(to_pil(cifar_test_images(cifar_dir)[3]).resize((48, 40)), folder)
-    code, stdout, err = call(ex1_convnet.main, ["--predict", folder, "--checkpoint", trained / "best.pt", *CPU], capsys)
-    assert code == 0, err[-3000:]
-    out = trained / "predict"  # the default: beside the checkpoint
+    paths = sorted(image_kinds(folder))
+    (folder / "fake.jpg").write_text("not an image")
+    (folder / "truncated.png").write_bytes((folder / "rgb.png").read_bytes()[:-300])
+    for path in bombs.values():
+        shutil.copy(path, folder / path.name)
+    (tmp_path / "notes.txt").write_text("named on the command line: tried, then skipped")
+    shutil.copy(ex1_run / "best.pt", tmp_path / "best.pt")
+    code, stdout, stderr = call(ex1_convnet.main, ["--predict", folder, tmp_path / "notes.txt", "--checkpoint",
+                                                   tmp_path / "best.pt", *CPU], capsys)
+    assert code == 1, stderr[-3000:]
+    skipped = {line.split(": ", 1)[0].removeprefix("skipped "): line.split(": ", 1)[1]
+               for line in stderr.splitlines() if line.startswith("skipped ")}
+    assert skipped.keys() == {str(folder / "fake.jpg"), str(folder / "truncated.png"), str(folder / "bomb.png"),
+                              str(folder / "big.png"), str(tmp_path / "notes.txt")}
+    assert "cannot identify image file" in skipped[str(folder / "fake.jpg")]
+    assert "truncated" in skipped[str(folder / "truncated.png")]
+    assert skipped[str(folder / "bomb.png")].startswith("DecompressionBombError")
+    assert skipped[str(folder / "big.png")].startswith("DecompressionBombWarning")
+    assert f"{len(paths)} predicted, 5 skipped" in stdout
+    out = tmp_path / "predict"  # the default: beside the checkpoint
     rows = json.loads((out / "predictions.json").read_text())
     assert [row["path"] for row in rows] == [str(p) for p in paths]
     for row in rows:
@@ -445,30 +371,3 @@ def test_every_image_kind_is_predicted(trained, cifar_dir, tmp_path, capsys):
            [(r["path"], r["label"], r["probability"], r["top3"][2]["label"]) for r in rows]
     with Image.open(out / "predictions.png") as preview:
         assert preview.format == "PNG" and min(preview.size) > 100
-
-
-@pytest.mark.slow
-def test_unreadable_files_are_skipped_with_exit_1_and_the_others_predicted(trained, cifar_dir, tmp_path, bombs):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    to_pil(cifar_test_images(cifar_dir)[0]).save(folder / "good.png")
-    (folder / "fake.jpg").write_text("not an image")
-    (folder / "truncated.png").write_bytes((folder / "good.png").read_bytes()[:-300])
-    for path in bombs.values():
-        shutil.copy(path, folder / path.name)
-    (tmp_path / "notes.txt").write_text("named on the command line: tried, then skipped")
-    out = tmp_path / "out"
-    result = run_script("ex1_convnet.py", "--predict", folder, tmp_path / "notes.txt", "--checkpoint",
-                        trained / "best.pt", "--out-dir", out, *CPU)
-    assert result.returncode == 1, result.stderr[-3000:]
-    skipped = {line.split(": ", 1)[0].removeprefix("skipped "): line.split(": ", 1)[1]
-               for line in result.stderr.splitlines() if line.startswith("skipped ")}
-    assert skipped.keys() == {str(folder / "fake.jpg"), str(folder / "truncated.png"), str(folder / "bomb.png"),
-                              str(folder / "big.png"), str(tmp_path / "notes.txt")}
-    assert "cannot identify image file" in skipped[str(folder / "fake.jpg")]
-    assert "truncated" in skipped[str(folder / "truncated.png")]
-    assert skipped[str(folder / "bomb.png")].startswith("DecompressionBombError")
-    assert skipped[str(folder / "big.png")].startswith("DecompressionBombWarning")
-    rows = json.loads((out / "predictions.json").read_text())
-    assert [row["path"] for row in rows] == [str(folder / "good.png")]
-    assert "1 predicted, 5 skipped" in result.stdout

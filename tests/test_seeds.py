@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import assert_png, call, error_line, fake_training, metrics, QUICK, read_json, run_ok
+from conftest import assert_png, call, error_line, fake_training, in_process, metrics, QUICK, read_json
 
 import common
 import ex1_convnet
@@ -19,7 +19,9 @@ SPREAD_KEYS = ("test_accuracy", "test_accuracy_first1000", "best_val_accuracy")
 def two_seeds(cifar_dir, tmp_path_factory) -> dict:
     """`ex1_convnet.py --seeds 2 --seed 3` on the fixture data: its out-dir and stdout."""
     out_dir = tmp_path_factory.mktemp("seeds") / "run"
-    stdout = run_ok(*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir, "--seeds", "2", "--seed", "3")
+    code, stdout = in_process(ex1_convnet.main, *RUN, "--data-dir", cifar_dir, "--out-dir", out_dir, "--seeds", "2",
+                              "--seed", "3")
+    assert code == 0, stdout[-3000:]
     return {"out_dir": out_dir, "stdout": stdout}
 
 
@@ -79,17 +81,15 @@ def test_compare_takes_a_seeds_folder_as_its_mean(two_seeds, tmp_path, capsys):
     assert "mean of 2 seeds" in out
 
 
-def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
+def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, fake_runs, capsys):
     argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--epochs", "1",
             "--dropout", "0.1", "0.5", "--seeds", "3"]
     code, out, _ = call(ex1_convnet.main, argv, capsys)
     assert code == 0
     grid = [tmp_path / f"p{p}" / f"seed{s}" for p in ("0.1", "0.5") for s in (0, 1, 2)]
-    assert [c["run_dir"] for c in calls] == grid
-    assert [(c["dropout"], c["seed"]) for c in calls] == [(p, s) for p in (0.1, 0.5) for s in (0, 1, 2)]
-    assert all(c["augment"] == [] for c in calls)  # the dropout sweep's rule holds in every cell
+    assert [c["run_dir"] for c in fake_runs] == grid
+    assert [(c["dropout"], c["seed"]) for c in fake_runs] == [(p, s) for p in (0.1, 0.5) for s in (0, 1, 2)]
+    assert all(c["augment"] == [] for c in fake_runs)  # the dropout sweep's rule holds in every cell
     tests = [0.45, 0.46, 0.47]  # the fake's test accuracy of seeds 0, 1, 2
     for p in ("0.1", "0.5"):
         assert read_json(tmp_path / f"p{p}" / "seeds.json")["test_accuracy"]["values"] == pytest.approx(tests)
@@ -108,28 +108,20 @@ def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, 
     assert "over 3 seeds" in out
 
     code, _, _ = call(ex1_convnet.main, argv, capsys)
-    assert code == 0 and len(calls) == 6  # every cell reused
+    assert code == 0 and len(fake_runs) == 6  # every cell reused
 
 
-def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
+def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, fake_runs, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, _, _ = call(ex2_transfer.main, [*QUICK, "--scratch", "--epochs", "1", "--seeds", "2"], capsys)
     assert code == 0
-    assert [c["run_dir"] for c in calls] == [Path("runs/ex2-scratch/seed0"), Path("runs/ex2-scratch/seed1")]
+    assert [c["run_dir"] for c in fake_runs] == [Path("runs/ex2-scratch/seed0"), Path("runs/ex2-scratch/seed1")]
     assert read_json(tmp_path / "runs/ex2-scratch/seeds.json")["seeds"] == [0, 1]
 
 
-@pytest.mark.parametrize("flags, words", [(["--seeds", "0"], "--seeds must be at least 1"),
-                                          (["--seeds", "2", "--eval-only"],
-                                           "--eval-only and --seeds are separate tasks")])
-def test_bad_seeds_are_refused(flags, words, tmp_path, capsys):
-    code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path, *flags], capsys)
-    assert code == 2 and words in error_line(err)
-
-
-def test_spread_is_the_sample_standard_deviation():
+def test_spread_is_the_sample_standard_deviation_and_zero_seeds_are_refused(tmp_path, capsys):
+    code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path, "--seeds", "0"], capsys)
+    assert code == 2 and "--seeds must be at least 1" in error_line(err)
     result = common.plots.spread([0.80, 0.84, 0.85])
     assert result["mean"] == pytest.approx(0.83) and result["std"] == pytest.approx(0.026457513)
     assert (result["min"], result["max"]) == (0.80, 0.85)
@@ -138,36 +130,28 @@ def test_spread_is_the_sample_standard_deviation():
         and common.plots.format_spread(common.plots.spread([0.5])) == "50.0%"
 
 
-def test_a_finished_member_trained_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
+def test_a_finished_member_with_other_settings_is_refused_and_seeds_json_records_each_commit(tmp_path, fake_runs,
+                                                                                             capsys):
     argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "2"]
-    assert call(ex1_convnet.main, [*argv, "--epochs", "1"], capsys)[0] == 0 and len(calls) == 2
+    assert call(ex1_convnet.main, [*argv, "--epochs", "1"], capsys)[0] == 0 and len(fake_runs) == 2
     before = read_json(tmp_path / "seeds.json")
 
     code, out, err = call(ex1_convnet.main, [*argv, "--epochs", "30", "--no-bn"], capsys)
-    assert code == 2 and len(calls) == 2
+    assert code == 2 and len(fake_runs) == 2
     message = error_line(err)
     assert str(tmp_path / "seed0") in message and "trained with other settings" in message
     assert "epochs: 1 -> 30" in message and "batch_norm: True -> False" in message and "--overwrite" in message
     assert "using its results" not in out and read_json(tmp_path / "seeds.json") == before
 
     code, out, _ = call(ex1_convnet.main, [*argv, "--epochs", "1"], capsys)  # the same settings: reused
-    assert code == 0 and len(calls) == 2 and f"{tmp_path / 'seed1'} is finished; using its results" in out
+    assert code == 0 and len(fake_runs) == 2 and f"{tmp_path / 'seed1'} is finished; using its results" in out
     code, _, _ = call(ex1_convnet.main, [*argv, "--epochs", "3", "--overwrite"], capsys)
-    assert code == 0 and [c["epochs"] for c in calls[2:]] == [3, 3]
-
-
-def test_seeds_json_records_each_runs_commit_and_says_when_they_differ(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(common.cli, "train_run", fake_training(calls))
-    argv = [*QUICK, "--data-dir", tmp_path / "unused", "--out-dir", tmp_path, "--seeds", "2", "--epochs", "1"]
-    assert call(ex1_convnet.main, argv, capsys)[0] == 0
-    for seed, commit in ((0, "a" * 40), (1, "b" * 40)):
-        run = metrics(tmp_path / f"seed{seed}")
-        common.files.save_json({**run, "git_commit": commit}, tmp_path / f"seed{seed}" / "metrics.json")
-    code, out, _ = call(ex1_convnet.main, argv, capsys)
-    assert code == 0
+    assert code == 0 and [c["epochs"] for c in fake_runs[2:]] == [3, 3]
+    for seed, commit in ((0, "a" * 40), (1, "b" * 40)):  # seeds.json records each run's commit, says they differ
+        common.files.save_json({**metrics(tmp_path / f"seed{seed}"), "git_commit": commit},
+                               tmp_path / f"seed{seed}" / "metrics.json")
+    code, out, _ = call(ex1_convnet.main, [*argv, "--epochs", "3"], capsys)
+    assert code == 0 and len(fake_runs) == 4
     assert read_json(tmp_path / "seeds.json")["git_commits"] == ["a" * 40, "b" * 40]
     assert "trained by 2 different commits of the project (aaaaaaa, bbbbbbb)" in out
 

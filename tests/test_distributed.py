@@ -117,7 +117,7 @@ def test_two_process_run_writes_what_one_process_writes(runs, request):
     assert sum(map(sum, m_two["confusion_matrix"])) == N_TEST
     assert m_two["settings"]["batch_size"] == 32  # the global batch
     # rank 0 alone prints and logs
-    assert two.stdout.count("reports in") == 1 and two.stdout.count("processes: 2") == 1
+    assert two.stdout.count("reports in") == 1 and two.stdout.count(", 2 processes") == 1
     assert (two_dir / "train.log").read_text().count("epoch   1/1") == 1
     for name in ("last.pt", "best.pt"):  # the checkpoints hold the plain model
         keys = list(model_state(two_dir / name))

@@ -97,6 +97,8 @@ def report_dropout_sweep(ps: list[float], run_dirs: list[Path], out_dir: Path) -
         ax_curves.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=f"p={r['p']}")
     common.plots.style_axes(ax_p, "dropout p", "accuracy", integer_x=False)
     common.plots.style_axes(ax_curves, "epoch", "validation accuracy")
+    fig.suptitle(f"Dropout: the accuracy of {len(rows)} runs against p (left, on their training and validation images) "
+                 "and their validation curves")
     common.plots.save_figure(fig, out_dir / "dropout_sweep.png")
     common.files.save_json({"runs": rows}, out_dir / "dropout_sweep.json")
     print(f"{'p':>5}{'train':>9}{'val':>9}{'test':>9}"

@@ -259,6 +259,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> dict:
         ax_acc.plot(epochs, [r["val_accuracy"] for r in run["history"]], label=label)
     style_axes(ax_loss, "epoch", "validation loss")
     style_axes(ax_acc, "epoch", "validation accuracy")
+    fig.suptitle(f"Validation loss and accuracy per epoch of {len(runs)} runs, each on its own validation images")
     save_figure(fig, out_dir / "compare.png")
     summary = {"runs": []}
     for r in runs:

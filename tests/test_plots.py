@@ -79,3 +79,17 @@ def test_predictions_name_each_file_on_a_grid_fitted_to_five(figures, tmp_path, 
     (fig,) = figures
     assert len(fig.axes) == 5 and "picture" in fig.get_suptitle()
     assert [ax.get_title().split("\n")[0] for ax in fig.axes] == [f"photo{i}.png" for i in range(5)]
+
+
+def test_the_study_figures_have_titles(figures, tmp_path, capsys):
+    """compare.png and dropout_sweep.png say what they show."""
+    row = {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.4}
+    for name in ("p0.1", "p0.5"):
+        (tmp_path / name).mkdir()
+        common.files.save_json([row], tmp_path / name / "history.json")
+        common.files.save_json({"test_accuracy": 0.4, "test_accuracy_first1000": 0.4, "best_val_accuracy": 0.4,
+                                "best_epoch": 1, "epochs_run": 1}, tmp_path / name / "metrics.json")
+    common.plots.compare_runs([tmp_path / "p0.1", tmp_path / "p0.5"], tmp_path / "compare")
+    ex1_convnet.report_dropout_sweep([0.1, 0.5], [tmp_path / "p0.1", tmp_path / "p0.5"], tmp_path)
+    assert "Validation loss and accuracy per epoch of 2 runs" in figures[0].get_suptitle()
+    assert "Dropout" in figures[1].get_suptitle() and in_percent(figures[1].axes[0])

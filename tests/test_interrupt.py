@@ -72,6 +72,7 @@ def signal_at_step(monkeypatch, signum: int, step: int) -> None:
 def test_a_signal_inside_an_epoch_saves_that_step_and_the_resume_ends_as_if_unbroken(
         signum, exit_code, ex1_run, cifar_dir, tmp_path, monkeypatch, capsys):
     argv = [*ARGS, "--data-dir", cifar_dir, "--out-dir", tmp_path]
+    handler = signal.getsignal(signal.SIGINT)  # Python's default_int_handler; ignored in a shell's background job
     with monkeypatch.context() as patches:
         signal_at_step(patches, signum, 5)
         code, _, err = call(ex1_convnet.main, argv, capsys)
@@ -79,7 +80,7 @@ def test_a_signal_inside_an_epoch_saves_that_step_and_the_resume_ends_as_if_unbr
     assert "stopped at epoch 1, step 5 of 12" in err and "resume with: python" in err
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["in_epoch"]["step"] == 5 and saved["history"] == []  # no epoch had finished
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gave the signals back
+    assert signal.getsignal(signal.SIGINT) is handler  # the run gave the signals back
     code, out, err = call(ex1_convnet.main, [*argv, "--resume"], capsys)
     assert code == 0, err[-3000:]
     assert "resuming at epoch 1 of 3, step 5 of 12" in out

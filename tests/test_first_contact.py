@@ -43,7 +43,7 @@ def test_the_console_shows_what_the_run_is_and_train_log_the_network(tmp_path, c
     summary = next(line for line in out.splitlines() if line.startswith("ex1_convnet.py: "))
     assert summary.startswith("ex1_convnet.py: recipe default, 1 epoch, 7,682,826 parameters, cpu, float32; given: ")
     assert "--lr 0.01" in summary and "--limit-train 192" in summary and "--device" not in summary
-    assert counts[:6] == [1, 2, 3, 4, 5, 6]  # batches of 32 from 192 - 64 images: 4 steps; every one counted
+    assert counts[:6] == [1, 2, 3, 4, 5, 6]  # 192 images in batches of 32: 6 steps, every one counted
     estimate = [steps for line, steps in lines if line.startswith("how long")]
     assert estimate == [2], lines
     assert "acc 0." not in out and "%  val loss" in out  # accuracies in percent

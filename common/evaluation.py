@@ -192,7 +192,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
 
 def validate(model: nn.Module, splits: Splits, mean: list[float], std: list[float], ctx: TrainContext
              ) -> tuple[float, float]:
-    """(loss, accuracy) on the validation images: the main process's, shared as Python numbers (MPS has no float64)."""
+    """(loss, accuracy) on the validation images: the main process's, shared with the others as Python numbers."""
     result = evaluate(model, splits.val_images, splits.val_labels, mean, std, ctx) if ctx.is_main else {}
     return share_from_rank0((result.get("loss"), result.get("accuracy")), ctx)
 

@@ -31,7 +31,7 @@ class Float64Watcher(TorchDispatchMode):
 
 @pytest.mark.slow
 def test_a_run_its_test_tta_corruption_benchmark_and_predict_make_no_float64_tensor(cifar_dir, tmp_path, monkeypatch,
-                                                                                   capsys, no_filter_plots):
+                                                                                   capsys, no_filter_plots, narrow_ex1):
     watcher = Float64Watcher()
     mean_std = common.train.channel_mean_std
 
@@ -66,8 +66,9 @@ def test_fp16_on_a_cpu_is_refused_naming_bf16_and_fp32(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_an_fp16_run_resumed_on_a_cpu_trains_in_what_auto_picks_and_says_so(cifar_dir, tmp_path, monkeypatch, capsys,
-                                                                            no_filter_plots):
-    """A run whose epochs trained in fp16 (on a GPU: its last.pt says so) resumed on a CPU without native bf16."""
+                                                                            no_filter_plots, narrow_ex1):
+    """A run whose epochs trained in fp16 (on a GPU: its last.pt says so) resumed on a CPU without native bf16; then
+    extended with a --precision, which wins."""
     monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: False)
     run = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "2", "--limit-train", "128",
            "--no-tensorboard"]
@@ -84,9 +85,12 @@ def test_an_fp16_run_resumed_on_a_cpu_trains_in_what_auto_picks_and_says_so(cifa
     resume = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--resume", "--limit-train", "128"]
     code, out, _ = call(ex1_convnet.main, resume, capsys)
     assert code == 0 and "holds a finished run (metrics.json); nothing to resume" in out
-    code, _, err = call(ex1_convnet.main, [*resume, "--epochs", "4"], capsys)  # --epochs beyond it extends it
+    code, out, err = call(ex1_convnet.main, [*resume, "--epochs", "3", "--precision", "bf16"], capsys)  # extended
     assert code == 0, err[-3000:]
-    assert len(read_json(tmp_path / "history.json")) == read_json(tmp_path / "metrics.json")["epochs_run"] == 4
+    assert "note: epochs 1-2 trained in float32; --precision makes the rest bfloat16" in out  # what is given wins
+    assert [row["precision"] for row in read_json(tmp_path / "history.json")] == ["float16", "float32", "bfloat16"]
+    assert read_json(tmp_path / "metrics.json")["precision"] == "float16+float32+bfloat16"
+    assert read_json(tmp_path / "metrics.json")["epochs_run"] == 3
 
 
 def test_an_fp16_run_resumed_in_fp16_keeps_its_scale(cifar_dir):
@@ -188,7 +192,7 @@ def test_a_budget_sweep_under_torchrun_ends_with_its_seeds_json(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_faster_than_the_save_interval_writes_its_checkpoints_once_and_records_the_seconds(
-        cifar_dir, tmp_path, monkeypatch, capsys, no_filter_plots):
+        cifar_dir, tmp_path, monkeypatch, capsys, no_filter_plots, narrow_ex1):
     writes, save = [], common.files.save_checkpoint
 
     def counted(obj, path):
@@ -225,7 +229,7 @@ def test_a_long_run_says_how_long_it_takes_and_names_the_time_budget():
 
 
 @pytest.mark.slow
-def test_a_run_of_epochs_says_how_long_after_its_first_steps(cifar_dir, tmp_path, capsys, no_filter_plots):
+def test_a_run_of_epochs_says_how_long_after_its_first_steps(cifar_dir, tmp_path, capsys, no_filter_plots, narrow_ex1):
     run = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "8", "--batch-size", "8",
            "--limit-train", "64", "--no-tensorboard"]  # 8 epochs of 8 steps: told after 50 steps, in epoch 7
     code, out, err = call(ex1_convnet.main, run, capsys)

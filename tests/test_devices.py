@@ -3,8 +3,7 @@ resuming into another precision, what each device computes natively, torchrun's 
 fast GPU does not wait for, and the line that says how long a run takes."""
 import pytest
 import torch
-from conftest import call, error_line, interrupt_validation, QUICK, read_json, write_cifar
-from test_distributed import check, run_torchrun
+from conftest import call, error_line, interrupt_validation, QUICK, read_json
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -175,19 +174,6 @@ def test_torchrun_refuses_a_numbered_gpu_and_more_processes_than_gpus(device, lo
     code, _, err = call(ex1_convnet.main, ["--device", device, "--out-dir", tmp_path / "run", "--no-download"], capsys)
     assert code == 2 and expected in err and "Traceback" not in err
     assert backends == [] and not (tmp_path / "run").exists()  # before any work
-
-
-@pytest.mark.slow
-def test_a_budget_sweep_under_torchrun_ends_with_its_seeds_json(tmp_path):
-    data = write_cifar(tmp_path / "data", per_batch=120)  # 600 training images
-    result = check(run_torchrun("ex1_convnet.py", "--device", "cpu", "--seeds", "2", "--time-budget", "0.2",
-                                "--limit-train", "500", "--data-dir", data, "--no-download", "--val-size", "64",
-                                "--batch-size", "32", "--corruptions", "0", "--no-tensorboard",
-                                "--out-dir", tmp_path / "runs"))
-    seeds = read_json(tmp_path / "runs/seeds.json")
-    assert seeds["seeds"] == [0, 1] and "Traceback" not in result.stderr
-    first, second = (read_json(tmp_path / f"runs/seed{s}/metrics.json") for s in (0, 1))
-    assert second["plan"]["total_steps"] == first["plan"]["total_steps"] and second["plan"]["fixed"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """Multi-process training under torchrun on the CPU (gloo): the same training as one process, rank 0 alone
-writing, checkpoints without DDP's `module.` prefix, --eval-only and --resume across process counts.
+writing, checkpoints without DDP's `module.` prefix, --eval-only and --resume across process counts, a time budget's
+sweep, a signal to one process.
 
-Each run is tiny (64 training images, global batch 32, one epoch); the runs are shared through module fixtures.
+Each run is tiny (64 training images, global batch 32, one epoch; ex1's network narrow, as conftest's narrow_ex1
+makes it, through NARROW_EX1); the runs are shared through module fixtures.
 """
 import json
 import os
@@ -22,6 +24,23 @@ TINY = [*QUICK, "--epochs", "1", "--limit-train", "64"]
 # whose step is linear in the gradient (Adam's first step is its sign, which float noise can flip).
 SAME_UPDATE = ["--no-bn", "--dropout", "0", "--augment", "none", "--optimizer", "sgd", "--lr", "0.1"]
 ENV = {"OMP_NUM_THREADS": "1"}
+# ex1_convnet.py with its network narrow (conftest.narrow_ex1), run as a script; {patch} is more of the test's own.
+NARROW_EX1 = """
+import sys
+sys.path.insert(0, {root!r})
+import ex1_convnet
+ex1_convnet.WIDTHS = (8,) * 5
+{patch}
+sys.exit(ex1_convnet.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def narrow_script(tmp_path_factory):
+    """A script that runs ex1_convnet.py with its network narrow."""
+    path = tmp_path_factory.mktemp("narrow") / "narrow_ex1.py"
+    path.write_text(NARROW_EX1.format(root=str(ROOT), patch=""))
+    return path
 
 
 def run_torchrun(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -49,12 +68,13 @@ def files(run_dir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ex1_runs(cifar_dir, tmp_path_factory):
-    """ex1 trained once by one process and once by two under torchrun, same flags: (one_dir, two_dir, two_result)."""
+def ex1_runs(cifar_dir, tmp_path_factory, narrow_script):
+    """ex1 (narrow) trained once by one process and once by two under torchrun, same flags: (one_dir, two_dir,
+    two_result)."""
     base = tmp_path_factory.mktemp("ex1")
     flags = [*TINY, *SAME_UPDATE, "--data-dir", cifar_dir]
-    check(run_script("ex1_convnet.py", *flags, "--out-dir", base / "one", env=ENV))
-    two = check(run_torchrun("ex1_convnet.py", *flags, "--out-dir", base / "two"))
+    check(run_script(narrow_script, *flags, "--out-dir", base / "one", env=ENV))
+    two = check(run_torchrun(narrow_script, *flags, "--out-dir", base / "two"))
     return base / "one", base / "two", two
 
 
@@ -88,7 +108,7 @@ def test_ranks_take_disjoint_shards_of_the_same_global_batches():
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_weights_as_one(ex1_runs):
+def test_two_processes_train_the_same_weights_as_one(ex1_runs, narrow_ex1):
     one_dir, two_dir, _ = ex1_runs
     one, two = model_state(one_dir / "last.pt"), model_state(two_dir / "last.pt")
     assert list(two) == list(one)
@@ -126,7 +146,7 @@ def test_two_process_run_writes_what_one_process_writes(runs, request):
 
 
 @pytest.mark.slow
-def test_eval_only_of_a_two_process_checkpoint_single_process(ex1_runs, cifar_dir, tmp_path, capsys):
+def test_eval_only_of_a_two_process_checkpoint_single_process(ex1_runs, cifar_dir, tmp_path, capsys, narrow_ex1):
     _, two_dir, _ = ex1_runs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the runs' processes compute (ENV): no argmax tie falls another way
@@ -157,14 +177,14 @@ def test_eval_only_under_torchrun_writes_once(ex2_runs, cifar_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_under_torchrun(ex1_runs, cifar_dir, tmp_path):
+def test_resume_under_torchrun(ex1_runs, cifar_dir, tmp_path, narrow_script):
     """A single-process run's last.pt, continued for a second epoch by two processes."""
     one_dir, _, _ = ex1_runs
     run_dir = tmp_path / "run"
     shutil.copytree(one_dir, run_dir)
     (run_dir / "metrics.json").unlink()  # as if the run had stopped after its first epoch
     first = json.loads((run_dir / "history.json").read_text())[0]
-    result = check(run_torchrun("ex1_convnet.py", "--resume", "--epochs", "2", "--out-dir", run_dir,
+    result = check(run_torchrun(narrow_script, "--resume", "--epochs", "2", "--out-dir", run_dir,
                                 "--data-dir", cifar_dir, *QUICK))
     assert result.stdout.count("resuming after epoch 1 of 2") == 1
     history = json.loads((run_dir / "history.json").read_text())
@@ -179,20 +199,23 @@ def test_resume_under_torchrun(ex1_runs, cifar_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_time_budget_under_torchrun_plans_once_and_every_process_follows_it(cifar_dir, tmp_path):
-    """Rank 0 times the steps and shares the total: both processes stop at the same step (no hang), one plan printed."""
-    result = check(run_torchrun("ex1_convnet.py", *QUICK, "--limit-train", "64", "--time-budget", "0.3",
+def test_a_time_budget_sweep_under_torchrun_plans_once_and_every_process_follows_it(cifar_dir, tmp_path,
+                                                                                    narrow_script):
+    """Rank 0 times the steps and shares the total: both processes stop at the same step (no hang), one plan printed,
+    which the second seed trains as it is; seeds.json sums them up."""
+    result = check(run_torchrun(narrow_script, *QUICK, "--limit-train", "64", "--time-budget", "0.1", "--seeds", "2",
                                 "--data-dir", cifar_dir, "--out-dir", tmp_path))
-    m = metrics(tmp_path)
-    assert m["processes"] == 2 and m["time_budget_minutes"] == 0.3
-    assert m["planned_steps"] == m["run_steps"] >= 2
-    assert result.stdout.count("plan: 0.3 min") == 1
+    first, second = (metrics(tmp_path / f"seed{seed}") for seed in (0, 1))
+    assert first["processes"] == 2 and first["time_budget_minutes"] == 0.1
+    assert first["planned_steps"] == first["run_steps"] >= 2
+    assert second["plan"]["total_steps"] == first["plan"]["total_steps"] and second["plan"]["fixed"]
+    assert result.stdout.count("plan: 0.1 min") == 1
+    assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 1]
 
 
 STOPPED_RANK_1 = """
-import os, signal, sys, itertools
-sys.path.insert(0, {root!r})
-import torch, common, ex1_convnet
+import os, signal, itertools
+import torch, common
 if os.environ["RANK"] == "1":  # only this process gets the signal, at its 3rd step
     real, calls = torch.nn.functional.cross_entropy, itertools.count(1)
     def loss(*args, **kwargs):
@@ -200,16 +223,16 @@ if os.environ["RANK"] == "1":  # only this process gets the signal, at its 3rd s
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
     common.train.F.cross_entropy = loss
-sys.exit(ex1_convnet.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_one_state(cifar_dir, tmp_path):
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_one_state(cifar_dir, tmp_path,
+                                                                                   narrow_script):
     """SIGTERM to rank 1 inside epoch 1: both processes stop at the next step where they read the device (25), rank
     0 writes last.pt with both processes' streams and sums, and torchrun's --resume ends the run."""
     driver = tmp_path / "driver.py"
-    driver.write_text(STOPPED_RANK_1.format(root=str(ROOT)))
+    driver.write_text(NARROW_EX1.format(root=str(ROOT), patch=STOPPED_RANK_1))
     flags = [*QUICK, "--epochs", "1", "--limit-train", "256", "--batch-size", "8", "--no-tensorboard",
              "--data-dir", cifar_dir, "--out-dir", tmp_path / "run"]  # 32 steps of 4 images a process
     stopped = run_torchrun(str(driver), *flags)
@@ -217,6 +240,6 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_one_s
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["in_epoch"]
     assert state["step"] == 25 and [rank["step"] for rank in state["ranks"]] == [25, 25]
     assert not torch.equal(state["ranks"][0]["augment_rng"], state["ranks"][1]["augment_rng"])  # each its own
-    resumed = check(run_torchrun("ex1_convnet.py", *flags, "--resume"))
+    resumed = check(run_torchrun(narrow_script, *flags, "--resume"))
     assert "resuming at epoch 1 of 1, step 25 of 32" in resumed.stdout
     assert [row["steps"] for row in json.loads((tmp_path / "run" / "history.json").read_text())] == [32]

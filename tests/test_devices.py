@@ -30,7 +30,7 @@ class Float64Watcher(TorchDispatchMode):
 
 @pytest.mark.slow
 def test_a_run_its_test_tta_corruption_benchmark_and_predict_make_no_float64_tensor(cifar_dir, tmp_path, monkeypatch,
-                                                                                   capsys, no_filter_plots, narrow_ex1):
+                                                                                   capsys, narrow_ex1):
     watcher = Float64Watcher()
     mean_std = common.train.channel_mean_std
 
@@ -65,7 +65,7 @@ def test_fp16_on_a_cpu_is_refused_naming_bf16_and_fp32(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_an_fp16_run_resumed_on_a_cpu_trains_in_what_auto_picks_and_says_so(cifar_dir, tmp_path, monkeypatch, capsys,
-                                                                            no_filter_plots, narrow_ex1):
+                                                                            narrow_ex1):
     """A run whose epochs trained in fp16 (on a GPU: its last.pt says so) resumed on a CPU without native bf16; then
     extended with a --precision, which wins."""
     monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: False)
@@ -178,7 +178,7 @@ def test_torchrun_refuses_a_numbered_gpu_and_more_processes_than_gpus(device, lo
 
 @pytest.mark.slow
 def test_a_run_faster_than_the_save_interval_writes_its_checkpoints_once_and_records_the_seconds(
-        cifar_dir, tmp_path, monkeypatch, capsys, no_filter_plots, narrow_ex1):
+        cifar_dir, tmp_path, monkeypatch, capsys, narrow_ex1):
     writes, save = [], common.files.save_checkpoint
 
     def counted(obj, path):
@@ -215,7 +215,7 @@ def test_a_long_run_says_how_long_it_takes_and_names_the_time_budget():
 
 
 @pytest.mark.slow
-def test_a_run_of_epochs_says_how_long_after_its_first_steps(cifar_dir, tmp_path, capsys, no_filter_plots, narrow_ex1):
+def test_a_run_of_epochs_says_how_long_after_its_first_steps(cifar_dir, tmp_path, capsys, narrow_ex1):
     run = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--epochs", "8", "--batch-size", "8",
            "--limit-train", "64", "--no-tensorboard"]  # 8 epochs of 8 steps: told after 50 steps, in epoch 7
     code, out, err = call(ex1_convnet.main, run, capsys)

@@ -1,5 +1,5 @@
 """Interrupt anywhere: SIGINT or SIGTERM inside an epoch saves the run at that step and --resume goes on from it; a
-kill loses at most the steps since the last in-epoch save, also a kill while that state is written; the resumed
+SIGKILL loses at most the steps since the last in-epoch save, also one while that state is written; the resumed
 runs end with the history and test figures of the unbroken run."""
 import itertools
 import os
@@ -94,10 +94,12 @@ def test_a_kill_while_the_in_epoch_state_is_written_resumes_from_the_one_before(
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert [p.name for p in tmp_path.glob(".last.pt.*.tmp")]  # the write the kill cut short
     assert torch.load(tmp_path / "last.pt", weights_only=True)["in_epoch"]["step"] == 1
-    code, out, err = call(ex1_convnet.main, [*argv, "--resume"], capsys)
+    # the settings and the data folder from last.pt
+    code, out, err = call(ex1_convnet.main, ["--resume", "--out-dir", tmp_path], capsys)
     assert code == 0, err[-3000:]
     assert "resuming at epoch 1 of 3, step 1 of 12" in out
     assert history_of(tmp_path) == history_of(ex1_run) and figures_of(tmp_path) == figures_of(ex1_run)
+    assert not list(tmp_path.glob(".*.tmp"))  # the resumed run cleared what the kill left
 
 
 def test_a_time_budget_stopped_inside_an_epoch_keeps_its_plan_and_its_clock(cifar_dir, tmp_path, monkeypatch, capsys,

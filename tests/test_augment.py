@@ -17,30 +17,21 @@ def images(n: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, 32, 32, generator=gen(seed))
 
 
-def copies(n: int = 16) -> torch.Tensor:
-    """n copies of one image, so that any difference between outputs comes from per-image parameters."""
-    return images(1).expand(n, -1, -1, -1).contiguous()
-
-
-def distinct(outputs: torch.Tensor) -> int:
-    """How many different images a batch holds."""
-    return len({tuple(o.flatten().tolist()) for o in outputs})
-
-
 def luma(x: torch.Tensor) -> torch.Tensor:
     """Per-pixel luma (N, H, W) of RGB images, with the weights of batch_grayscale."""
     return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
 
 
 def test_flip_mirrors_exactly_some_images_and_grayscale_makes_luma():
-    """Each output is its input or the input's exact left-right mirror, and both happen in one batch; p 0 and 1 flip
-    none and all. Grayscale p 1 gives three equal channels of luma."""
+    """Each output is its input or the input's exact left-right mirror, and both happen in one batch; p 1 flips all,
+    as does the mirror batch_rotate folds in. Grayscale p 1 gives three equal channels of luma."""
     x = images()
     out = common.data.batch_flip_lr(x, 0.5, gen())
     same = [torch.equal(o, i) for o, i in zip(out, x, strict=False)]
     mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=False)]
     assert all(s or m for s, m in zip(same, mirrored, strict=False)) and any(same) and any(mirrored)
     assert torch.equal(common.data.batch_flip_lr(x, 1.0, gen()), x.flip(-1))
+    assert torch.equal(common.data.batch_rotate(x, 1e-9, gen(), flip_p=1.0), x.flip(-1))  # the mirror rotate folds in
     gray = common.data.batch_grayscale(x, 1.0, gen())
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
     assert torch.allclose(gray[:, 0], luma(x), atol=1e-5)
@@ -50,16 +41,20 @@ def test_flip_mirrors_exactly_some_images_and_grayscale_makes_luma():
     assert torch.equal(out, expected) and not torch.equal(out, x)
 
 
-@pytest.mark.parametrize("fill", common.data.FILLS)
-def test_crop_is_a_window_of_the_padded_image(fill):
+@pytest.mark.parametrize("fill, shifted", [
+    ("zeros", lambda x: common.data.batch_crop(x, 4, gen())),
+    ("reflect", lambda x: common.data.batch_crop(x, 4, gen(), fill="reflect")),
+    ("zeros", lambda x: common.data.batch_rotate(x, 1e-9, gen(), pad=4))], ids=["crop", "crop-reflect", "rotate"])
+def test_crop_and_the_shift_a_rotation_folds_in_give_a_window_of_the_padded_image(fill, shifted):
     """Each output equals one 32x32 window of its input padded with zeros, or by mirroring (no zeros come in), at
     offsets that vary across the batch."""
     x = images()
-    out = common.data.batch_crop(x, 4, gen(), fill=fill)
+    out = shifted(x)
     padded = F.pad(x, (4, 4, 4, 4), mode="constant" if fill == "zeros" else fill)
     offsets = []
     for o, p in zip(out, padded, strict=False):
-        found = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(o, p[:, dy:dy + 32, dx:dx + 32])]
+        found = [(dy, dx) for dy in range(9) for dx in range(9)
+                 if torch.allclose(o, p[:, dy:dy + 32, dx:dx + 32], atol=1e-5)]
         assert len(found) == 1 or fill == "reflect" and found
         offsets += found
     assert len(set(offsets)) > 1 and (out.min() > 0) == (fill == "reflect")  # random images hold no exact zero
@@ -76,20 +71,15 @@ def test_rotate_and_crop_with_reflect_fill_bring_in_no_zeros():
         assert common.data.augment_batch((x * 255).to(torch.uint8), ops, gen(), fill="reflect").min() > 0.99
 
 
-def test_each_op_of_strength_zero_is_identity_and_draws_its_parameters_per_image():
-    """(A turn about the centre and zeros in the corners: test_rotation_angle_stays_within_the_chosen_degrees and
-    test_rotate_and_crop_with_reflect_fill_bring_in_no_zeros.) Identical inputs come out different."""
-    x = images(8)
+def test_each_op_of_strength_zero_is_identity_and_grayscale_draws_per_image():
+    """(The other ops' parameters vary across a batch: the flip, window, angle and jitter tests.)"""
+    x = images()
     assert torch.equal(common.data.batch_flip_lr(x, 0.0, gen()), x)
     assert torch.equal(common.data.batch_grayscale(x, 0.0, gen()), x)
     assert torch.allclose(common.data.batch_rotate(x, 0.0, gen()), x, atol=1e-5)
     assert torch.allclose(common.data.batch_color_jitter(x, 0.0, gen()), x, atol=1e-5)
-    x = copies()
-    assert distinct(common.data.batch_flip_lr(x, 0.5, gen())) == 2
-    assert distinct(common.data.batch_crop(x, 4, gen())) > 1
-    assert distinct(common.data.batch_rotate(x, 15.0, gen())) > 1
-    assert distinct(common.data.batch_color_jitter(x, 0.3, gen())) > 1
-    assert distinct(common.data.batch_grayscale(x, 0.5, gen())) == 2
+    grey = [torch.equal(o[0], o[1]) for o in common.data.batch_grayscale(x, 0.5, gen())]
+    assert any(grey) and not all(grey)
 
 
 def test_augment_batch_returns_float32_in_unit_range_reproducibly():
@@ -114,25 +104,9 @@ def test_augment_batch_keeps_each_image_in_its_place():
     assert torch.allclose(out[:, :, 16, 16], colours.float() / 255, atol=1e-4)
 
 
-def test_rotate_folds_in_an_exact_mirror_and_a_crop_window():
-    """With a negligible angle, the mirror batch_rotate folds in is exact and its shift is a padded-crop window."""
-    x = images(16)
-    assert torch.equal(common.data.batch_rotate(x, 1e-9, gen(), flip_p=1.0), x.flip(-1))
-    out = common.data.batch_rotate(x, 1e-9, gen(1), pad=3)
-    padded = F.pad(x, (3, 3, 3, 3))
-    offsets = set()
-    for i in range(len(x)):
-        match = [(a, b) for a in range(7) for b in range(7)
-                 if torch.allclose(out[i], padded[i, :, a:a + 32, b:b + 32], atol=1e-5)]
-        assert match, f"image {i} is no window of the padded image"
-        offsets.add(match[0])
-    assert len(offsets) > 1
-
-
 def test_jitter_brightness_scales_and_contrast_stretches_about_the_mean():
-    """The parameters are drawn per image, whatever the images hold, so the same seed on different grey images
-    exposes them. A flat grey image (no contrast to change) is multiplied by the brightness b; an image with
-    detail gets b * (c * (x - mean) + mean): the contrast c stretches or shrinks it about its mean luma."""
+    """The same seed draws the same factors whatever the images: a flat grey image is multiplied by the brightness b,
+    one with detail becomes b * (c * (x - mean) + mean), the contrast c stretching it about its mean luma."""
     n, s = 64, 0.3
     flat = torch.full((n, 3, 32, 32), 0.5)
     brightness = common.data.batch_color_jitter(flat, s, gen(3))[:, 0].mean((1, 2)) / 0.5
@@ -143,7 +117,6 @@ def test_jitter_brightness_scales_and_contrast_stretches_about_the_mean():
     out = common.data.batch_color_jitter(detail, s, gen(3))[:, 0]
     x = detail[:, 0]
     mean = x.mean((1, 2), keepdim=True)
-    assert torch.allclose(out.mean((1, 2)), brightness * mean.flatten(), atol=1e-5)  # contrast keeps the mean
     contrast = ((out - out.mean((1, 2), keepdim=True)) / (x - mean)).median(-1).values.median(-1).values / brightness
     assert ((1 - s - 1e-4 <= contrast) & (contrast <= 1 + s + 1e-4)).all()
     assert (contrast < 0.95).any() and (contrast > 1.05).any()

@@ -10,27 +10,21 @@ import common
 CUDA = torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("capability, gpu, expected", [
-    ((6, 1), "P40", torch.float16), ((7, 5), "T4", torch.float16), ((8, 0), "A100", torch.bfloat16),
-    ((9, 0), "H100", torch.bfloat16)])
-def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, gpu, expected):
-    """torch says bf16 is supported on a T4 or V100 too (emulated, slow): auto must still choose fp16 there."""
+def test_precision_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """torch says bf16 is supported on a T4 or V100 too (emulated, slow): auto chooses fp16 there and an explicit bf16
+    is refused, naming the GPU and fp16 instead; an explicit choice the GPU computes natively is kept."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert common.device.resolve_precision("auto", CUDA) == expected, gpu
-
-
-def test_explicit_precision_is_kept(monkeypatch):
-    """An explicit --precision is what the run gets, where the GPU computes it natively; bf16 on an older GPU (it
-    would only emulate it) is refused with a message naming the GPU and fp16 instead."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert common.device.resolve_precision("bf16", CUDA) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    assert common.device.resolve_precision("fp32", CUDA) == torch.float32
-    assert common.device.resolve_precision("fp16", CUDA) == torch.float16
-    with pytest.raises(common.files.UsageError, match=r"Tesla T4, compute capability 7\.5.*--precision fp16"):
-        common.device.resolve_precision("bf16", CUDA)
+    for precision, capability, expected in [
+            ("auto", (6, 1), torch.float16), ("auto", (7, 5), torch.float16), ("auto", (8, 0), torch.bfloat16),
+            ("auto", (9, 0), torch.bfloat16), ("bf16", (8, 0), torch.bfloat16), ("fp32", (7, 5), torch.float32),
+            ("fp16", (7, 5), torch.float16), ("bf16", (7, 5), None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, answer=capability: answer)
+        if expected is None:
+            with pytest.raises(common.files.UsageError, match=r"Tesla T4, compute capability 7\.5.*--precision fp16"):
+                common.device.resolve_precision(precision, CUDA)
+        else:
+            assert common.device.resolve_precision(precision, CUDA) == expected, (precision, capability)
 
 
 def scheduled_lrs(plan: common.train.Plan, peak_lrs: list[float]) -> list[list[float]]:
@@ -56,10 +50,9 @@ def scheduled_lrs(plan: common.train.Plan, peak_lrs: list[float]) -> list[list[f
     return seen
 
 
-def test_the_optimizer_sees_the_one_cycle_schedule():
-    """Through train_one_epoch as training uses it: every group's peak times the one-cycle factor
-    of the run's step: a tenth at the first step, rising over the first 20% of the steps (the warm-up,
-    common.train.WARMUP) to the peak, then falling to zero: half-way down, at the last step (10 epochs of 10 steps)."""
+def test_the_optimizer_sees_the_one_cycle_schedule_or_the_exponential_decay_once_per_epoch():
+    """One-cycle: every group's peak times a tenth at the first step, rising over the first WARMUP of the steps to the
+    peak, then falling to zero: half-way down, at the last step (10 epochs of 10 steps)."""
     seen = scheduled_lrs(common.train.Plan(batch_size=1, steps_per_epoch=10, total_steps=100), [2e-3, 1.6e-2])
     assert len(seen) == 100 and common.train.WARMUP == 0.2
     assert seen[0] == pytest.approx([2e-4, 1.6e-3])
@@ -67,9 +60,6 @@ def test_the_optimizer_sees_the_one_cycle_schedule():
     assert seen[20] == pytest.approx([2e-3, 1.6e-2]) and max(lrs[0] for lrs in seen) == seen[20][0]
     assert seen[60] == pytest.approx([1e-3, 8e-3])  # half-way down, in the seventh epoch
     assert seen[99] == pytest.approx([2e-3 / 80, 1.6e-2 / 80])  # the last (the factor reaches 0 after it: test_budget)
-
-
-def test_the_optimizer_sees_the_exponential_decay_once_per_epoch():
     plan = common.train.Plan(batch_size=1, steps_per_epoch=10, total_steps=30, lr_decay=0.95)
     seen = [lrs[0] for lrs in scheduled_lrs(plan, [2e-3])]
     assert len(seen) == 30
@@ -96,17 +86,14 @@ def test_each_optimizer_applies_its_weight_decay():
     assert one_step("sgd") == pytest.approx([1 - 0.1 * 0.95, 4 - 0.1 * 3.8])
 
 
-LABELS = torch.tensor([0, 0, 0, 1, 1, 2])
-PREDICTIONS = torch.tensor([0, 1, 1, 1, 2, 2])
-
-
 def test_per_class_accuracy_and_the_confusion_matrix_by_hand():
     """Class a: 1 of 3 right, b: 1 of 2, c: 1 of 1. Row = true class, column = predicted: two a's taken for b sit in
     row a, column b."""
-    accuracy = common.evaluation.per_class_accuracy(LABELS, PREDICTIONS, ("a", "b", "c"))
+    labels, predictions = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 2, 2])
+    accuracy = common.evaluation.per_class_accuracy(labels, predictions, ("a", "b", "c"))
     assert list(accuracy) == ["a", "b", "c"]
     assert accuracy == pytest.approx({"a": 1 / 3, "b": 1 / 2, "c": 1.0})
-    assert common.evaluation.confusion_matrix(LABELS, PREDICTIONS, 3).tolist() == [[1, 2, 0], [0, 1, 1], [0, 0, 1]]
+    assert common.evaluation.confusion_matrix(labels, predictions, 3).tolist() == [[1, 2, 0], [0, 1, 1], [0, 0, 1]]
 
 
 def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):

@@ -71,43 +71,30 @@ def commands(pieces: list[str]) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def parsers() -> dict:
-    """Each script's parse_args, which parses a command line without running anything."""
+def scripts() -> dict[str, tuple]:
+    """Each script's parse_args (it parses a command line without running anything) and the flags its --help lists."""
     found = {}
     for script in SCRIPTS:
         spec = importlib.util.spec_from_file_location(f"docs_check_{Path(script).stem}", ROOT / script)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
-        found[script] = module.parse_args
-    return found
-
-
-@pytest.fixture(scope="module")
-def help_flags(parsers) -> dict[str, set[str]]:
-    """Each script's flags, read from its --help."""
-    flags = {}
-    for script, parse_args in parsers.items():
         with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit) as done:
-            parse_args(["--help"])
+            module.parse_args(["--help"])
         assert done.value.code == 0, script
-        flags[script] = set(FLAG.findall(out.getvalue()))
-    return flags
+        found[script] = module.parse_args, set(FLAG.findall(out.getvalue()))
+    return found
 
 
 def parse_error(parse_args, tail: str) -> str | None:
     """None when the command's arguments parse (--help, which exits 0, counts); else what the parser said."""
-    try:
-        argv = [word for word in shlex.split(tail) if word not in PLACEHOLDERS]
-    except ValueError as e:
-        return f"cannot split {tail!r}: {e}"
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
-            parse_args(argv)
+            parse_args([word for word in shlex.split(tail) if word not in PLACEHOLDERS])
     except SystemExit as e:
         if e.code:
-            return said.getvalue().strip().splitlines()[-1] if said.getvalue().strip() else f"exit code {e.code}"
+            return said.getvalue().strip() or f"exit code {e.code}"
     return None
 
 
@@ -147,20 +134,20 @@ def broken_links(page: Path) -> list[str]:
     return broken
 
 
-def problems(page: Path, parsers: dict, help_flags: dict[str, set[str]]) -> dict[str, list[str]]:
+def problems(page: Path, scripts: dict[str, tuple]) -> dict[str, list[str]]:
     """What is wrong with the page, by kind; only the kinds found."""
     text = page.read_text()
     pieces = code_pieces(text)
-    known = set().union(*help_flags.values()) | OTHER_TOOLS_FLAGS
+    known = set().union(*(flags for _, flags in scripts.values())) | OTHER_TOOLS_FLAGS
     if re.search(rf"(?<![0-9a-f]){REMOVED_AT}(?![0-9a-f])", text):
         known |= REMOVED_FLAGS
     targets = set(re.findall(r"^([A-Za-z][\w-]*)\s*:(?!=)", (ROOT / "Makefile").read_text(), re.MULTILINE))
     run = commands(pieces)
     found = {
         "flags that --help does not list": [f"{script}: {flag}" for script, tail in run
-                                            for flag in FLAG.findall(tail) if flag not in help_flags[script]],
+                                            for flag in FLAG.findall(tail) if flag not in scripts[script][1]],
         "commands that today's scripts refuse": [f"{script} {tail.strip()}: {error}" for script, tail in run
-                                                 if (error := parse_error(parsers[script], tail))],
+                                                 if (error := parse_error(scripts[script][0], tail))],
         "flags no script has": sorted(set(FLAG.findall(" ".join(pieces))) - known),
         "files that commands run and the repository lacks": sorted(
             {path for piece in pieces for path in RUNS_FILE.findall(piece) if not (ROOT / path).is_file()}),
@@ -171,7 +158,7 @@ def problems(page: Path, parsers: dict, help_flags: dict[str, set[str]]) -> dict
     return {what: items for what, items in found.items() if items}
 
 
-def test_the_checks_find_each_kind_of_mistake(tmp_path, parsers, help_flags):
+def test_the_checks_find_each_kind_of_mistake(tmp_path, scripts):
     page = tmp_path / "page.md"
     page.write_text(
         "Run `python ex1_convnet.py --epochs 2` or `python ex1_convnet.py ...`, `ex2_transfer.py --scratch --weights\n"
@@ -181,7 +168,7 @@ def test_the_checks_find_each_kind_of_mistake(tmp_path, parsers, help_flags):
         "torchrun --standalone ex2_transfer.py --resume; python benchmarks/speed.py --images 2048 --no-such-flag\n"
         "bash benchmarks/gpu_check.sh BUNDLE OUT && python3 -u tools/gone.py\n```\n\n"
         "```python\nprint('python ex1_convnet.py --ignored')\n```\n")
-    found = problems(page, parsers, help_flags)
+    found = problems(page, scripts)
     refused = found.pop("commands that today's scripts refuse")
     assert [error.split(":")[0] for error in refused] == [
         "ex2_transfer.py --scratch --weights w.pth", "ex1_convnet.py --seeds 3    --precision fp64",
@@ -194,7 +181,7 @@ def test_the_checks_find_each_kind_of_mistake(tmp_path, parsers, help_flags):
         "make targets the Makefile does not define": ["trian"],
         "broken links": ["gone.md: no such file"]}
     page.write_text(f"Whitened (`--whiten`, up to commit {REMOVED_AT}): `python ex1_convnet.py --whiten`\n")
-    found = problems(page, parsers, help_flags)
+    found = problems(page, scripts)
     assert found.keys() == {"flags that --help does not list", "commands that today's scripts refuse"}, found
     assert found["flags that --help does not list"] == ["ex1_convnet.py: --whiten"]
     assert slug("How long `make train` takes") == "how-long-make-train-takes"
@@ -202,9 +189,9 @@ def test_the_checks_find_each_kind_of_mistake(tmp_path, parsers, help_flags):
     assert slug("The budget's rule, gpu_check.sh") == "the-budgets-rule-gpu_checksh"
 
 
-def test_the_removed_flags_are_gone_and_were_arguments_at_their_commit(help_flags):
+def test_the_removed_flags_are_gone_and_were_arguments_at_their_commit(scripts):
     """A --no-X may have been the negative of an argparse.BooleanOptionalAction --X; skipped without that commit."""
-    assert not REMOVED_FLAGS & set().union(*help_flags.values())
+    assert not REMOVED_FLAGS & set().union(*(flags for _, flags in scripts.values()))
     try:
         shown = [subprocess.run(["git", "show", f"{REMOVED_AT}:{path}"], cwd=ROOT, capture_output=True, text=True)
                  for path in ("common/settings.py", "ex1_convnet.py", "ex2_transfer.py")]
@@ -220,8 +207,8 @@ def test_the_removed_flags_are_gone_and_were_arguments_at_their_commit(help_flag
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_command_flag_script_make_target_and_link_of_the_page_is_right(page, parsers, help_flags):
-    assert not problems(page, parsers, help_flags), page.name
+def test_every_command_flag_script_make_target_and_link_of_the_page_is_right(page, scripts):
+    assert not problems(page, scripts), page.name
 
 
 def test_the_pages_are_found_the_readme_and_the_guide_are_short_and_the_readme_links_the_guide_early():

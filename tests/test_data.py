@@ -40,7 +40,7 @@ class CreatesFile:
         return open, (self.path, "w")
 
 
-def test_loads_from_parent_folder_and_from_batches_folder_the_files_rows_as_they_are(cifar_dir):
+def test_loads_from_either_folder_the_files_rows_as_they_are_and_splits_off_validation_from_the_end(cifar_dir):
     """--data-dir may name the folder holding cifar-10-batches-py/ or that folder itself; both give the same data."""
     outer = common.data.load_cifar10(cifar_dir, download=False)
     inner = common.data.load_cifar10(cifar_dir / BATCHES, download=False)
@@ -58,6 +58,11 @@ def test_loads_from_parent_folder_and_from_batches_folder_the_files_rows_as_they
     test = raw_batch(cifar_dir / BATCHES / "test_batch")
     assert np.array_equal(data.test_images.numpy(), test["data"].reshape(120, 3, 32, 32))
     assert data.test_labels.tolist() == test["labels"]
+    # training = the first N - val_size images, validation = the last val_size; --limit-train N keeps the first N
+    for limit, kept in ((None, 256), (100, 100), (1000, 256)):
+        train_x, train_y, val_x, val_y = common.data.split_train_val(data, 64, limit)
+        assert torch.equal(train_x, data.train_images[:kept]) and torch.equal(train_y, data.train_labels[:kept])
+        assert torch.equal(val_x, data.train_images[256:]) and torch.equal(val_y, data.train_labels[256:])
 
 
 def python2_pickle(obj) -> bytes:
@@ -87,27 +92,20 @@ def python2_pickle(obj) -> bytes:
     return b"\x80\x02" + dump(obj) + b"."
 
 
-def write_official_cifar(root: Path, per_batch: int = 20, n_test: int = 10) -> dict:
-    """A CIFAR-10 copy in the official files' exact form under root; returns name -> the record written."""
+def test_reads_the_official_python2_pickles(tmp_path):
+    """Protocol 2, byte-string keys and values, numpy.core names: the form of the files users download."""
     rng = np.random.default_rng(7)
-    folder = root / BATCHES
-    folder.mkdir(parents=True)
+    (tmp_path / BATCHES).mkdir()
     records = {}
-    for name, n, label in [(f"data_batch_{i}", per_batch, f"training batch {i} of 5") for i in range(1, 6)] \
-            + [("test_batch", n_test, "testing batch 1 of 1")]:
+    for name, n, label in [(f"data_batch_{i}", 20, f"training batch {i} of 5") for i in range(1, 6)] \
+            + [("test_batch", 10, "testing batch 1 of 1")]:
         data, labels = make_images(n, rng)
         records[name] = {b"batch_label": label.encode(), b"labels": labels, b"data": data,
                          b"filenames": [f"{name}_{j}.png".encode() for j in range(n)]}
-    records["batches.meta"] = {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CLASS_NAMES],
+    records["batches.meta"] = {b"num_cases_per_batch": 20, b"label_names": [c.encode() for c in CLASS_NAMES],
                                b"num_vis": 3072}
     for name, record in records.items():
-        (folder / name).write_bytes(python2_pickle(record))
-    return records
-
-
-def test_reads_the_official_python2_pickles(tmp_path):
-    """Protocol 2, byte-string keys and values, numpy.core names: the form of the files users download."""
-    records = write_official_cifar(tmp_path)
+        (tmp_path / BATCHES / name).write_bytes(python2_pickle(record))
     stream = (tmp_path / BATCHES / "data_batch_1").read_bytes()
     ops = [(op.name, arg) for op, arg, _ in pickletools.genops(stream)]
     assert ops[0] == ("PROTO", 2)
@@ -124,28 +122,20 @@ def test_reads_the_official_python2_pickles(tmp_path):
     assert data.classes == tuple(CLASS_NAMES)
 
 
-def bad_data(root: Path) -> dict:
-    """name -> (a data folder with one fault, what the message must say)."""
+@pytest.mark.slow
+def test_data_errors_exit_2_with_one_line_naming_the_folder_fresh_and_under_resume(ex1_run, tmp_path, capsys):
     faults = {"missing": (lambda f: (f / "data_batch_5").unlink(), "CIFAR-10 not found"),
               "truncated": (lambda f: (f / "data_batch_3").write_bytes((f / "data_batch_3").read_bytes()[:5000]),
                             "data_batch_3: not a CIFAR-10 batch file (pickle data was truncated)"),
               "malicious": (lambda f: (f / "data_batch_1").write_bytes(
-                  pickle.dumps({"data": CreatesFile(root / "PWNED")})), "refusing to load global")}
-    cases = {}
-    for name, (damage, expected) in faults.items():
-        folder = write_cifar(root / name)
-        damage(folder / BATCHES)
-        cases[name] = (folder, expected)
-    return cases
-
-
-@pytest.mark.slow
-def test_data_errors_exit_2_with_one_line_naming_the_folder_fresh_and_under_resume(ex1_run, tmp_path, capsys):
+                  pickle.dumps({"data": CreatesFile(tmp_path / "PWNED")})), "refusing to load global")}
     unfinished = tmp_path / "unfinished"  # the session run's last.pt alone: a run to resume
     unfinished.mkdir()
     shutil.copy(ex1_run / "last.pt", unfinished / "last.pt")
     before = (unfinished / "last.pt").read_bytes()
-    for name, (data_dir, expected) in bad_data(tmp_path).items():
+    for name, (damage, expected) in faults.items():
+        data_dir = write_cifar(tmp_path / name)
+        damage(data_dir / BATCHES)
         fresh = call(ex1_convnet.main, [*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path / "fresh" / name], capsys)
         resumed = call(ex1_convnet.main, ["--resume", "--out-dir", unfinished, "--data-dir", data_dir, "--no-download"],
                        capsys)
@@ -181,16 +171,6 @@ def test_a_corrupt_malicious_or_wrong_file_is_refused_naming_the_file(tmp_path, 
         common.data.load_cifar10(root, download=False)
     assert str(error.value).startswith(f"{root / BATCHES / 'data_batch_2'}: ") and expected in str(error.value)
     assert not (root / BATCHES / "PWNED").exists()
-
-
-def test_split_takes_validation_from_the_end_and_limit_train_the_first_images(cifar_dir):
-    """Training = the first N - val_size images, validation = the last val_size; --limit-train N keeps the first N
-    training images, never reaching into the validation images."""
-    data = common.data.load_cifar10(cifar_dir, download=False)
-    for limit, kept in ((None, 256), (100, 100), (1000, 256)):
-        train_x, train_y, val_x, val_y = common.data.split_train_val(data, 64, limit)
-        assert torch.equal(train_x, data.train_images[:kept]) and torch.equal(train_y, data.train_labels[:kept])
-        assert torch.equal(val_x, data.train_images[256:]) and torch.equal(val_y, data.train_labels[256:])
 
 
 @pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"), reason="set CIFAR10_DIR to a real CIFAR-10 copy")

@@ -33,13 +33,8 @@ def scheduled_lrs(plan: common.train.Plan, peak_lrs: list[float]) -> list[list[f
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     optimizer = torch.optim.SGD([{"params": [model[1].weight], "lr": peak_lrs[0]},
                                  {"params": [model[1].bias], "lr": peak_lrs[-1]}][:len(peak_lrs)], lr=peak_lrs[0])
-    seen, step = [], optimizer.step
-
-    def recording_step(*args, **kwargs):
-        seen.append([group["lr"] for group in optimizer.param_groups])
-        return step(*args, **kwargs)
-
-    optimizer.step = recording_step
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append([group["lr"] for group in opt.param_groups]))
     training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), peak_lrs)
     images = torch.zeros(plan.batch_size * plan.steps_per_epoch, 3, 32, 32, dtype=torch.uint8)
     settings = common.cli.Settings(augment=[], mean=[0.0] * 3, std=[1.0] * 3)
@@ -68,22 +63,16 @@ def test_the_optimizer_sees_the_one_cycle_schedule_or_the_exponential_decay_once
     assert seen[29] == pytest.approx(2e-3 * 0.95 ** 2)
 
 
-def one_step(name: str, lr: float = 0.1, weight_decay: float = 0.5) -> list[float]:
-    """Weights [1, 4] after one step of make_optimizer's `name` with a zero gradient: only weight decay moves them."""
-    param = nn.Parameter(torch.tensor([1.0, 4.0]))
-    optimizer = common.train.make_optimizer([param], name, lr, weight_decay)
-    param.grad = torch.zeros(2)
-    optimizer.step()
-    return param.detach().tolist()
-
-
 def test_each_optimizer_applies_its_weight_decay():
-    """Adam with L2: the gradient becomes 0.5 * w, and Adam's first step moves each weight by lr against its sign.
-    AdamW: w * (1 - lr * wd) and no gradient step at all, as the gradient is zero. SGD: gradient 0.5 * w, Nesterov
-    step lr * (g + 0.9 * g)."""
-    assert one_step("adam") == pytest.approx([0.9, 3.9])
-    assert one_step("adamw") == pytest.approx([0.95, 3.8])
-    assert one_step("sgd") == pytest.approx([1 - 0.1 * 0.95, 4 - 0.1 * 3.8])
+    """Weights [1, 4] after one step (lr 0.1, weight decay 0.5) with a zero gradient: only weight decay moves them.
+    Adam with L2: the gradient becomes 0.5 * w, and Adam's first step moves each weight by lr against its sign.
+    AdamW: w * (1 - lr * wd) and no gradient step at all. SGD: gradient 0.5 * w, Nesterov step lr * (g + 0.9 * g)."""
+    for name, expected in (("adam", [0.9, 3.9]), ("adamw", [0.95, 3.8]), ("sgd", [1 - 0.1 * 0.95, 4 - 0.1 * 3.8])):
+        param = nn.Parameter(torch.tensor([1.0, 4.0]))
+        optimizer = common.train.make_optimizer([param], name, 0.1, 0.5)
+        param.grad = torch.zeros(2)
+        optimizer.step()
+        assert param.detach().tolist() == pytest.approx(expected), name
 
 
 def test_per_class_accuracy_and_the_confusion_matrix_by_hand():

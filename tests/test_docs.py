@@ -38,7 +38,8 @@ REMOVED_FLAGS = {"--whiten", "--no-whiten", "--whiten-eps", "--whiten-directions
 
 
 def split_markdown(text: str) -> tuple[str, list[str]]:
-    """The page's prose, and the lines of its fenced code blocks but Python's (a line continued by \\ joined)."""
+    """The page's prose, and its pieces of code: the inline code spans (which may run over a line break) and the lines
+    of its fenced code blocks but Python's (a line continued by \\ joined)."""
     prose, code, fence = [], [], None
     for line in text.splitlines():
         stripped = line.strip()
@@ -50,13 +51,8 @@ def split_markdown(text: str) -> tuple[str, list[str]]:
             fence = None
         elif not python:
             code.append(line)
-    return "\n".join(prose), "\n".join(code).replace("\\\n", " ").splitlines()
-
-
-def code_pieces(text: str) -> list[str]:
-    """The page's inline code spans (which may run over a line break) and the lines of its code blocks."""
-    prose, code = split_markdown(text)
-    return [span.replace("\n", " ") for span in INLINE_CODE.findall(prose)] + code
+    spans = [span.replace("\n", " ") for span in INLINE_CODE.findall("\n".join(prose))]
+    return "\n".join(prose), spans + "\n".join(code).replace("\\\n", " ").splitlines()
 
 
 def commands(pieces: list[str]) -> list[tuple[str, str]]:
@@ -137,7 +133,7 @@ def broken_links(page: Path) -> list[str]:
 def problems(page: Path, scripts: dict[str, tuple]) -> dict[str, list[str]]:
     """What is wrong with the page, by kind; only the kinds found."""
     text = page.read_text()
-    pieces = code_pieces(text)
+    pieces = split_markdown(text)[1]
     known = set().union(*(flags for _, flags in scripts.values())) | OTHER_TOOLS_FLAGS
     if re.search(rf"(?<![0-9a-f]){REMOVED_AT}(?![0-9a-f])", text):
         known |= REMOVED_FLAGS

@@ -79,9 +79,10 @@ def test_each_op_of_strength_zero_is_identity_and_grayscale_draws_per_image():
     assert any(grey) and not all(grey)
 
 
-def test_augment_batch_returns_float32_in_unit_range_reproducibly():
+def test_augment_batch_returns_float32_in_unit_range_reproducibly_each_image_in_its_place():
     """Every op: float32 in [0, 1], the input untouched, the same seed the same result, another seed another; no op:
-    only rescaled."""
+    only rescaled. Images stay in batch order, so their labels still match: flip, crop and rotate keep each image's
+    colour at the centre."""
     x = (images() * 255).to(torch.uint8)
     original = x.clone()
     out = common.data.augment_batch(x, ALL_OPS, gen(7))
@@ -90,11 +91,6 @@ def test_augment_batch_returns_float32_in_unit_range_reproducibly():
     assert torch.equal(out, common.data.augment_batch(x, ALL_OPS, gen(7)))
     assert not torch.equal(out, common.data.augment_batch(x, ALL_OPS, gen(8)))
     assert torch.equal(common.data.augment_batch(x, {}, gen()), x.float() / 255)
-
-
-def test_augment_batch_keeps_each_image_in_its_place():
-    """Images stay in batch order, so their labels still match: flip, crop and rotate keep each image's colour at the
-    centre."""
     colours = torch.randint(0, 256, (32, 3), generator=gen())
     x = colours[:, :, None, None].expand(-1, -1, 32, 32).to(torch.uint8)
     out = common.data.augment_batch(x, {op: ALL_OPS[op] for op in ("flip", "crop", "rotate")}, gen())

@@ -124,8 +124,7 @@ def test_jitter_scales_brightness_stretches_contrast_and_changes_colour_but_not_
 
 
 def test_rotation_angle_stays_within_the_chosen_degrees():
-    """A marker 11 pixels right of the centre ends up at the same distance, turned by at most max_degrees,
-    to both sides across a batch."""
+    """A marker 11 px right of the centre stays 11 px away, turned by at most max_degrees, to both sides in a batch."""
     n, max_degrees = 64, 15.0
     x = torch.zeros(n, 1, 32, 32)
     x[:, :, 15:17, 26:28] = 1.0  # centred at (15.5, 26.5): the image centre is (15.5, 15.5)

@@ -28,8 +28,7 @@ def test_precision_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatc
 
 
 def scheduled_lrs(plan: common.train.Plan, peak_lrs: list[float]) -> list[list[float]]:
-    """Every optimizer group's learning rate at each step of train_one_epoch over all of the plan's epochs, as the
-    optimizer sees it when it steps; a linear model with one group per peak learning rate."""
+    """Each group's learning rate at each step train_one_epoch takes over the plan (linear model, a group per peak)."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     optimizer = torch.optim.SGD([{"params": [model[1].weight], "lr": peak_lrs[0]},
                                  {"params": [model[1].bias], "lr": peak_lrs[-1]}][:len(peak_lrs)], lr=peak_lrs[0])
@@ -94,10 +93,8 @@ def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
     assert fingerprint(write_cifar(tmp_path / "moved" / "b", per_batch=16, n_test=10)) == original
     assert fingerprint(write_cifar(tmp_path / "c", per_batch=16, n_test=10, seed=1)) != original
     assert fingerprint(tmp_path / "a", val_size=32) != original
-    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
-    labels = torch.tensor([0, 1, 2, 3])
-    other_labels = torch.tensor([0, 1, 2, 4])
-    assert common.data.data_fingerprint([images, labels]) != common.data.data_fingerprint([images, other_labels])
+    images, labels = torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
+    assert common.data.data_fingerprint([images, labels]) != common.data.data_fingerprint([images, labels + 1])
 
 
 def test_parameter_groups_speed_up_the_norm_biases_only_when_asked():

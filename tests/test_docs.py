@@ -82,14 +82,14 @@ def scripts() -> dict[str, tuple]:
 
 
 def parse_error(parse_args, tail: str) -> str | None:
-    """None when the command's arguments parse (--help, which exits 0, counts); else what the parser said."""
+    """None when the command's arguments parse (--help, which exits 0, counts); else the parser's error."""
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
             parse_args([word for word in shlex.split(tail) if word not in PLACEHOLDERS])
     except SystemExit as e:
         if e.code:
-            return said.getvalue().strip() or f"exit code {e.code}"
+            return (said.getvalue().strip().splitlines() or [f"exit code {e.code}"])[-1]  # the parser's error line
     return None
 
 

@@ -10,42 +10,30 @@ import common
 CUDA = torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("capability, gpu, expected", [
-    ((6, 1), "P40", torch.float16), ((7, 5), "T4", torch.float16), ((8, 0), "A100", torch.bfloat16),
-    ((9, 0), "H100", torch.bfloat16)])
-def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, gpu, expected):
-    """torch says bf16 is supported on a T4 or V100 too (emulated, slow): auto must still choose fp16 there."""
+def test_precision_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """torch says bf16 is supported on a T4 or V100 too (emulated, slow): auto chooses fp16 there and an explicit bf16
+    is refused, naming the GPU and fp16 instead; an explicit choice the GPU computes natively is kept."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert common.device.resolve_precision("auto", CUDA) == expected, gpu
-
-
-def test_explicit_precision_is_kept(monkeypatch):
-    """An explicit --precision is what the run gets, where the GPU computes it natively; bf16 on an older GPU (it
-    would only emulate it) is refused with a message naming the GPU and fp16 instead."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert common.device.resolve_precision("bf16", CUDA) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    assert common.device.resolve_precision("fp32", CUDA) == torch.float32
-    assert common.device.resolve_precision("fp16", CUDA) == torch.float16
-    with pytest.raises(common.files.UsageError, match=r"Tesla T4, compute capability 7\.5.*--precision fp16"):
-        common.device.resolve_precision("bf16", CUDA)
+    for precision, capability, expected in [
+            ("auto", (6, 1), torch.float16), ("auto", (7, 5), torch.float16), ("auto", (8, 0), torch.bfloat16),
+            ("auto", (9, 0), torch.bfloat16), ("bf16", (8, 0), torch.bfloat16), ("fp32", (7, 5), torch.float32),
+            ("fp16", (7, 5), torch.float16), ("bf16", (7, 5), None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, answer=capability: answer)
+        if expected is None:
+            with pytest.raises(common.files.UsageError, match=r"Tesla T4, compute capability 7\.5.*--precision fp16"):
+                common.device.resolve_precision(precision, CUDA)
+        else:
+            assert common.device.resolve_precision(precision, CUDA) == expected, (precision, capability)
 
 
 def scheduled_lrs(plan: common.train.Plan, peak_lrs: list[float]) -> list[list[float]]:
-    """Every optimizer group's learning rate at each step of train_one_epoch over all of the plan's epochs, as the
-    optimizer sees it when it steps; a linear model with one group per peak learning rate."""
+    """Each group's learning rate at each step train_one_epoch takes over the plan (linear model, a group per peak)."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     optimizer = torch.optim.SGD([{"params": [model[1].weight], "lr": peak_lrs[0]},
                                  {"params": [model[1].bias], "lr": peak_lrs[-1]}][:len(peak_lrs)], lr=peak_lrs[0])
-    seen, step = [], optimizer.step
-
-    def recording_step(*args, **kwargs):
-        seen.append([group["lr"] for group in optimizer.param_groups])
-        return step(*args, **kwargs)
-
-    optimizer.step = recording_step
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append([group["lr"] for group in opt.param_groups]))
     training = common.train.Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), peak_lrs)
     images = torch.zeros(plan.batch_size * plan.steps_per_epoch, 3, 32, 32, dtype=torch.uint8)
     settings = common.cli.Settings(augment=[], mean=[0.0] * 3, std=[1.0] * 3)
@@ -56,10 +44,9 @@ def scheduled_lrs(plan: common.train.Plan, peak_lrs: list[float]) -> list[list[f
     return seen
 
 
-def test_the_optimizer_sees_the_one_cycle_schedule():
-    """Through train_one_epoch as training uses it: every group's peak times the one-cycle factor
-    of the run's step: a tenth at the first step, rising over the first 20% of the steps (the warm-up,
-    common.train.WARMUP) to the peak, then falling to zero: half-way down, at the last step (10 epochs of 10 steps)."""
+def test_the_optimizer_sees_the_one_cycle_schedule_or_the_exponential_decay_once_per_epoch():
+    """One-cycle: every group's peak times a tenth at the first step, rising over the first WARMUP of the steps to the
+    peak, then falling to zero: half-way down, at the last step (10 epochs of 10 steps)."""
     seen = scheduled_lrs(common.train.Plan(batch_size=1, steps_per_epoch=10, total_steps=100), [2e-3, 1.6e-2])
     assert len(seen) == 100 and common.train.WARMUP == 0.2
     assert seen[0] == pytest.approx([2e-4, 1.6e-3])
@@ -67,9 +54,6 @@ def test_the_optimizer_sees_the_one_cycle_schedule():
     assert seen[20] == pytest.approx([2e-3, 1.6e-2]) and max(lrs[0] for lrs in seen) == seen[20][0]
     assert seen[60] == pytest.approx([1e-3, 8e-3])  # half-way down, in the seventh epoch
     assert seen[99] == pytest.approx([2e-3 / 80, 1.6e-2 / 80])  # the last (the factor reaches 0 after it: test_budget)
-
-
-def test_the_optimizer_sees_the_exponential_decay_once_per_epoch():
     plan = common.train.Plan(batch_size=1, steps_per_epoch=10, total_steps=30, lr_decay=0.95)
     seen = [lrs[0] for lrs in scheduled_lrs(plan, [2e-3])]
     assert len(seen) == 30
@@ -78,35 +62,25 @@ def test_the_optimizer_sees_the_exponential_decay_once_per_epoch():
     assert seen[29] == pytest.approx(2e-3 * 0.95 ** 2)
 
 
-def one_step(name: str, lr: float = 0.1, weight_decay: float = 0.5) -> list[float]:
-    """Weights [1, 4] after one step of make_optimizer's `name` with a zero gradient: only weight decay moves them."""
-    param = nn.Parameter(torch.tensor([1.0, 4.0]))
-    optimizer = common.train.make_optimizer([param], name, lr, weight_decay)
-    param.grad = torch.zeros(2)
-    optimizer.step()
-    return param.detach().tolist()
-
-
 def test_each_optimizer_applies_its_weight_decay():
-    """Adam with L2: the gradient becomes 0.5 * w, and Adam's first step moves each weight by lr against its sign.
-    AdamW: w * (1 - lr * wd) and no gradient step at all, as the gradient is zero. SGD: gradient 0.5 * w, Nesterov
-    step lr * (g + 0.9 * g)."""
-    assert one_step("adam") == pytest.approx([0.9, 3.9])
-    assert one_step("adamw") == pytest.approx([0.95, 3.8])
-    assert one_step("sgd") == pytest.approx([1 - 0.1 * 0.95, 4 - 0.1 * 3.8])
-
-
-LABELS = torch.tensor([0, 0, 0, 1, 1, 2])
-PREDICTIONS = torch.tensor([0, 1, 1, 1, 2, 2])
+    """Weights [1, 4] after one step (lr 0.1, weight decay 0.5) with a zero gradient. Adam with L2: gradient 0.5 * w,
+    Adam's first step lr against its sign; AdamW: w * (1 - lr * wd); SGD: gradient 0.5 * w, Nesterov lr * 1.9 * g."""
+    for name, expected in (("adam", [0.9, 3.9]), ("adamw", [0.95, 3.8]), ("sgd", [1 - 0.1 * 0.95, 4 - 0.1 * 3.8])):
+        param = nn.Parameter(torch.tensor([1.0, 4.0]))
+        optimizer = common.train.make_optimizer([param], name, 0.1, 0.5)
+        param.grad = torch.zeros(2)
+        optimizer.step()
+        assert param.detach().tolist() == pytest.approx(expected), name
 
 
 def test_per_class_accuracy_and_the_confusion_matrix_by_hand():
     """Class a: 1 of 3 right, b: 1 of 2, c: 1 of 1. Row = true class, column = predicted: two a's taken for b sit in
     row a, column b."""
-    accuracy = common.evaluation.per_class_accuracy(LABELS, PREDICTIONS, ("a", "b", "c"))
+    labels, predictions = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 2, 2])
+    accuracy = common.evaluation.per_class_accuracy(labels, predictions, ("a", "b", "c"))
     assert list(accuracy) == ["a", "b", "c"]
     assert accuracy == pytest.approx({"a": 1 / 3, "b": 1 / 2, "c": 1.0})
-    assert common.evaluation.confusion_matrix(LABELS, PREDICTIONS, 3).tolist() == [[1, 2, 0], [0, 1, 1], [0, 0, 1]]
+    assert common.evaluation.confusion_matrix(labels, predictions, 3).tolist() == [[1, 2, 0], [0, 1, 1], [0, 0, 1]]
 
 
 def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
@@ -119,10 +93,8 @@ def test_data_fingerprint_follows_the_content_not_the_folder(tmp_path):
     assert fingerprint(write_cifar(tmp_path / "moved" / "b", per_batch=16, n_test=10)) == original
     assert fingerprint(write_cifar(tmp_path / "c", per_batch=16, n_test=10, seed=1)) != original
     assert fingerprint(tmp_path / "a", val_size=32) != original
-    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
-    labels = torch.tensor([0, 1, 2, 3])
-    other_labels = torch.tensor([0, 1, 2, 4])
-    assert common.data.data_fingerprint([images, labels]) != common.data.data_fingerprint([images, other_labels])
+    images, labels = torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
+    assert common.data.data_fingerprint([images, labels]) != common.data.data_fingerprint([images, labels + 1])
 
 
 def test_parameter_groups_speed_up_the_norm_biases_only_when_asked():
@@ -137,7 +109,6 @@ def test_parameter_groups_speed_up_the_norm_biases_only_when_asked():
     assert ids == [{id(conv.weight), id(conv.bias), id(norm.weight), id(linear.weight), id(linear.bias)},
                    {id(norm.bias)}]
     assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.8])
-    assert all("weight_decay" not in g for g in groups)
     optimizer = common.train.make_optimizer(groups, "adamw", 0.1, 0.05)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.05]
     no_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())

@@ -35,16 +35,7 @@ from .data import (
     normalize,
     parse_augment,
 )
-from .device import (
-    autocast,
-    make_scaler,
-    precision_name,
-    resumed_precision,
-    say,
-    share_from_rank0,
-    synchronize,
-    TrainContext,
-)
+from .device import autocast, precision_name, resumed_precision, say, share_from_rank0, synchronize, TrainContext
 from .evaluation import Estimate, evaluate, how_long, test_results, validate, write_report
 from .files import UsageError
 from .plots import plot_filters, plot_history
@@ -527,7 +518,7 @@ def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_f
     groups = parameter_groups(model, settings.lr, settings.norm_bias_lr)
     optimizer = make_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
-    scaler = make_scaler(ctx)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)  # active in fp16 only
     if resume_from is not None:
         files.load_weights(model, resume_from["model"], resume_path)
         optimizer.load_state_dict(resume_from["optimizer"])

@@ -311,8 +311,7 @@ def train_context(settings: Settings) -> TrainContext:
     """Where this process trains: its device and precision, and its place among torchrun's processes."""
     rank, world, local_rank = init_distributed(settings.device)
     device = resolve_device(settings.device, local_rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     return TrainContext(device, resolve_precision(settings.precision, device), rank, world)
 
 

@@ -216,8 +216,7 @@ CORRUPTION_PASSES = 1 + sum(len(severities) for severities in CORRUPTIONS.values
 
 def corruption_images(asked: int | None, train_s: float, test_s: float, test_images: int) -> int:
     """How many of the first test images the corruption benchmark takes: `asked` (--corruptions N), else as many of
-    1,000 as CORRUPTION_SHARE of `train_s` affords at the test's speed (`test_s` for `test_images`), in steps of
-    CORRUPTION_STEP; said when not all."""
+    1,000 as CORRUPTION_SHARE of `train_s` affords at the test's speed (`test_s` for `test_images`)."""
     if asked is not None:
         return asked
     affordable = int(CORRUPTION_SHARE * train_s / (CORRUPTION_PASSES * test_s / max(1, test_images)))

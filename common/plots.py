@@ -1,6 +1,5 @@
 """The pictures: a run's history, first-layer filters, per-class accuracy, confusion matrix, image grids and the
-corruption benchmark's; and finished runs side by side: --compare (compare.json and .png) and --seeds (seeds.json and
-.png)."""
+corruption benchmark's; and finished runs side by side: --compare and --seeds (their .json and .png)."""
 from __future__ import annotations
 
 import json

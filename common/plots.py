@@ -14,9 +14,8 @@ from .files import atomic_write, save_json, UsageError
 
 
 def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def pyplot():

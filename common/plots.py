@@ -173,8 +173,7 @@ def plot_corruption_examples(rows: list[tuple[str, list[tuple[str, torch.Tensor]
     ax.set_yticks([row * (h + gap) + gap + h / 2 for row in range(len(rows))],
                   [name.replace("_", " ") for name, _ in rows])
     ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    ax.spines[:].set_visible(False)
     ax.set_title(title)
     save_figure(fig, path)
 

@@ -58,8 +58,7 @@ def imagenet_state_dict(path: str | None) -> dict:
             raise common.files.UsageError(
                 f"could not get the ImageNet weights ({common.files.describe_error(e)}). Without network, fetch "
                 f"{WEIGHTS.url} elsewhere and pass it with --weights PATH, or place it in "
-                f"{Path(torch.hub.get_dir()) / 'checkpoints'}; "
-                f"or train from random weights with --scratch") from None
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}; or train from random weights with --scratch") from None
     path = Path(path)
     if not path.is_file():
         raise common.files.UsageError(f"--weights {path}: no such file")

@@ -28,11 +28,9 @@ from torchvision.models import VGG11_BN_Weights
 import common
 
 WEIGHTS = VGG11_BN_Weights.IMAGENET1K_V1
-IMAGENET_MEAN = list(WEIGHTS.transforms().mean)
-IMAGENET_STD = list(WEIGHTS.transforms().std)
 
-# Ours (common.cli.Settings' defaults) for each mode, with ImageNet's mean and std.
-IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+# Ours (common.cli.Settings' defaults) for each mode, with ImageNet's mean and std (those the weights carry).
+IMAGENET = dict(mean=list(WEIGHTS.transforms().mean), std=list(WEIGHTS.transforms().std))
 RECIPES = {
     "pretrained": dict(IMAGENET, epochs=20, lr=1e-3),
     "scratch": IMAGENET,
@@ -60,8 +58,7 @@ def imagenet_state_dict(path: str | None) -> dict:
             raise common.files.UsageError(
                 f"could not get the ImageNet weights ({common.files.describe_error(e)}). Without network, fetch "
                 f"{WEIGHTS.url} elsewhere and pass it with --weights PATH, or place it in "
-                f"{Path(torch.hub.get_dir()) / 'checkpoints'}; "
-                f"or train from random weights with --scratch") from None
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}; or train from random weights with --scratch") from None
     path = Path(path)
     if not path.is_file():
         raise common.files.UsageError(f"--weights {path}: no such file")

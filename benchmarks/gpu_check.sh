@@ -23,8 +23,7 @@ TOOL=$(absolute "$TOOL")
 mkdir -p "$2" || exit 2
 OUT=$(cd "$2" && pwd) SMOKE=${3:-}
 cd "$(dirname "$0")/.." || exit 2
-if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
 DATA=$WORK/data LOG=$OUT/gpu_check.log
 mkdir -p "$WORK/steps" "$WORK/speed" || exit 2
@@ -129,9 +128,8 @@ for line in (work / "steps.tsv").read_text().splitlines():
     cells = [name, fmt(s["exit_code"]), f"{s['seconds']:.0f}", *(fmt(s[k], spec) for k, spec in columns.items())]
     rows.append("| " + " | ".join([*cells, problem or note]) + " |")
 
-device = "no CUDA GPU"
-if torch.cuda.is_available():
-    device = f"{torch.cuda.get_device_name(0)}, compute capability " + "%d.%d" % torch.cuda.get_device_capability(0)
+device = (f"{torch.cuda.get_device_name(0)}, compute capability " + "%d.%d" % torch.cuda.get_device_capability(0)
+          if torch.cuda.is_available() else "no CUDA GPU")
 failed = [s["name"] for s in steps if not s["ok"]]
 lines = [f"# GPU check ({mode}): {device}, torch {torch.__version__}", "",
          "| step | exit | seconds | epochs | test acc | first 1000 | train s | precision | peak MiB | note |",

@@ -311,8 +311,7 @@ def train_context(settings: Settings) -> TrainContext:
     """Where this process trains: its device and precision, and its place among torchrun's processes."""
     rank, world, local_rank = init_distributed(settings.device)
     device = resolve_device(settings.device, local_rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     return TrainContext(device, resolve_precision(settings.precision, device), rank, world)
 
 
@@ -336,8 +335,9 @@ def run_sweeps(sweeps: Sequence[Sweep], script: str, settings: Settings, flags_g
             resume = settings.resume and (run_dir / "last.pt").exists()
             train_run(script, dataclasses.replace(run_settings, resume=resume), flags_given, build_model, run_dir, ctx,
                       plan=plan)
-        if settings.time_budget is not None and plan is None and not inner:
-            plan = finished_plan(run_dir, ctx)
+        if settings.time_budget is not None and plan is None and not inner:  # the next runs train to this one's plan
+            saved = load_run(run_dir)["metrics"]["plan"] if ctx.is_main else None
+            plan = Plan(**share_from_rank0(saved, ctx))._replace(fixed=True)
         run_dirs.append(run_dir)
     if ctx.is_main:
         sweep.report(sweep.values, run_dirs, out_dir)
@@ -359,12 +359,6 @@ def reusable_run(run_dir: Path, settings: Settings) -> bool:
         raise UsageError(f"{run_dir} holds a finished run trained with other settings ({named}); "
                          "pass --overwrite to train it again with these, or choose another --out-dir")
     return True
-
-
-def finished_plan(run_dir: Path, ctx: TrainContext) -> Plan:
-    """The time budget's plan of the finished run in `run_dir`, for a sweep's next runs to train as it is."""
-    return Plan(**share_from_rank0(load_run(run_dir)["metrics"]["plan"] if ctx.is_main else None, ctx))._replace(
-        fixed=True)
 
 
 def interrupted_outside_training(flags_given: dict, sweep: bool, out_dir: Path) -> str:

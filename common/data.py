@@ -97,15 +97,13 @@ def find_batches_dir(data_dir: str | Path) -> Path:
 
 def load_cifar10(data_dir: str | Path, download: bool) -> CifarData:
     """Read CIFAR-10 from `data_dir`, downloading it there first if missing and allowed."""
-    folder = find_batches_dir(data_dir)
-    missing = [name for name in TRAIN_FILES + [TEST_FILE] if not (folder / name).exists()]
-    if missing and download:
+    if download and not all((find_batches_dir(data_dir) / name).exists() for name in TRAIN_FILES + [TEST_FILE]):
         try:
             download_and_extract_archive(CIFAR_URL, download_root=str(data_dir), md5=CIFAR_MD5)
         except Exception as e:  # any network or archive failure ends in the same advice
             print(f"download failed: {type(e).__name__}: {e}", file=sys.stderr)
-        folder = find_batches_dir(data_dir)
-        missing = [name for name in TRAIN_FILES + [TEST_FILE] if not (folder / name).exists()]
+    folder = find_batches_dir(data_dir)
+    missing = [name for name in TRAIN_FILES + [TEST_FILE] if not (folder / name).exists()]
     if missing:
         raise UsageError(
             f"CIFAR-10 not found in {folder} (missing {', '.join(missing)}). Download and unpack "

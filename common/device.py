@@ -83,11 +83,6 @@ def precision_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def make_scaler(ctx: TrainContext) -> torch.amp.GradScaler:
-    """The gradient scaler a training step goes through: active in fp16 only."""
-    return torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-
-
 def autocast(ctx: TrainContext):
     return torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32)
 

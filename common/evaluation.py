@@ -124,9 +124,7 @@ def _correct(classify: Callable, images: torch.Tensor, labels: torch.Tensor) -> 
 def corruption_accuracies(classify: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                           labels: torch.Tensor, seed: int = 0) -> dict:
     """Accuracy of `classify` (uint8 batch (N, 3, H, W) -> predicted classes (N,)) on the clean images and under each
-    corruption and severity, as fractions (each drop exact, from counts): {"images": N, "seed": seed, "clean_accuracy":
-    a, "results": [{"corruption": name, "severity": value, "level": 1.., "accuracy": x, "drop": a - x}, ...],
-    "mean_accuracy", "mean_drop": a - mean_accuracy, "worst": the largest drop's result (the first of equals)}."""
+    corruption and severity, as fractions (drops exact, from counts); "worst": the largest drop (first of equals)."""
     labels = torch.as_tensor(labels).cpu()
     n = len(images)
     if n == 0 or labels.shape != (n,):
@@ -218,8 +216,7 @@ CORRUPTION_PASSES = 1 + sum(len(severities) for severities in CORRUPTIONS.values
 
 def corruption_images(asked: int | None, train_s: float, test_s: float, test_images: int) -> int:
     """How many of the first test images the corruption benchmark takes: `asked` (--corruptions N), else as many of
-    1,000 as CORRUPTION_SHARE of `train_s` affords at the test's speed (`test_s` for `test_images`), in steps of
-    CORRUPTION_STEP; said when not all."""
+    1,000 as CORRUPTION_SHARE of `train_s` affords at the test's speed (`test_s` for `test_images`)."""
     if asked is not None:
         return asked
     affordable = int(CORRUPTION_SHARE * train_s / (CORRUPTION_PASSES * test_s / max(1, test_images)))
@@ -233,9 +230,8 @@ def corruption_images(asked: int | None, train_s: float, test_s: float, test_ima
 def test_results(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
                  mean: Sequence[float], std: Sequence[float], ctx: TrainContext, tta: bool = False,
                  corruptions: int | None = 0, train_s: float = 0.0) -> tuple[dict, torch.Tensor]:
-    """(the test figures as metrics.json names them, the predictions): accuracy, loss, the first 1,000's accuracy, per
-    class and confusion (`tta`: its accuracies too), and the corruption benchmark on `corruptions` of the first test
-    images (None: see corruption_images)."""
+    """(the test figures as metrics.json names them, the predictions), with the corruption benchmark on `corruptions`
+    of the first test images (None: see corruption_images)."""
     start = time.perf_counter()
     result = evaluate(model, images, labels, mean, std, ctx)
     corrupted = corruption_images(corruptions, train_s, time.perf_counter() - start, len(labels))
@@ -288,9 +284,8 @@ def points(fraction: float, sign: str = "") -> str:
 
 def write_report(figures: dict, predictions: torch.Tensor, data: CifarData, model: nn.Module, device: torch.device,
                  settings: dict, environment: dict, out_dir: Path, **run) -> dict:
-    """A model's test report in `out_dir`: figures (per class, confusion, misclassified, corruptions), the tables, and
-    metrics.json: the test figures, what `run` adds (training's, or the checkpoint an evaluation read), the network's
-    size, device, classes, recorded settings and environment (versions, commit, hardware); returns the metrics."""
+    """A model's test report in `out_dir`: figures, tables and metrics.json (the test figures, what `run` adds:
+    training's, or the checkpoint an evaluation read; the network's size, device, classes, settings, environment)."""
     per_class, accuracy = figures["per_class_accuracy"], figures["test_accuracy"]
     corruptions = figures.get("corruptions")
     plot_per_class(per_class, out_dir / "per_class.png",

@@ -259,8 +259,7 @@ def environment_info(device: torch.device) -> dict:
     """Versions, the git commit of the code that runs, and hardware, for metrics.json."""
     hardware = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
     if device.type == "cuda":
-        hardware["gpu"] = torch.cuda.get_device_name(device)
-        hardware["gpu_count"] = torch.cuda.device_count()
+        hardware.update(gpu=torch.cuda.get_device_name(device), gpu_count=torch.cuda.device_count())
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__},
             "git_commit": LOADED_COMMIT, "hardware": hardware}

@@ -1,6 +1,5 @@
 """The pictures: a run's history, first-layer filters, per-class accuracy, confusion matrix, image grids and the
-corruption benchmark's; and finished runs side by side: --compare (compare.json and .png) and --seeds (seeds.json and
-.png)."""
+corruption benchmark's; and finished runs side by side: --compare and --seeds (their .json and .png)."""
 from __future__ import annotations
 
 import json
@@ -15,9 +14,8 @@ from .files import atomic_write, save_json, UsageError
 
 
 def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def pyplot():
@@ -33,8 +31,7 @@ def style_axes(ax, xlabel: str, ylabel: str, integer_x: bool = True) -> None:
         ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
     if "accuracy" in ylabel:
         ax.yaxis.set_major_formatter(lambda y, _: f"{y * 100:g}%")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
@@ -59,8 +56,7 @@ def plot_history(history: list[dict], best_epoch: int | None, path: Path, train_
 
 
 def plot_filters(model: torch.nn.Module, path: Path, title: str) -> None:
-    """The filters (out, 3, k, k) of the model's first convolution as colour images on one grid, each scaled to its
-    own range."""
+    """The first convolution's filters (out, 3, k, k) as colour images on one grid, each scaled to its own range."""
     plt = pyplot()
     w = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).weight.detach().float().cpu()
     low = w.amin((1, 2, 3), keepdim=True)
@@ -103,8 +99,7 @@ def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> 
                     color="white" if m[i, j] > m.max() / 2 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     ax.set_title(f"Confusion matrix of the {m.sum():,} test images\nrows: the true class, columns: the predicted one")
     fig.colorbar(image, ax=ax)
     save_figure(fig, path)
@@ -149,8 +144,7 @@ def plot_corruptions(record: dict, path: Path, strengths: Mapping[str, str]) -> 
         bars = ax.bar(x, [r["accuracy"] for _, r in rows], width, color=colors[level - 1], label=f"severity {level}")
         ax.bar_label(bars, [strengths[r["corruption"]].format(r["severity"]) for _, r in rows], fontsize=7, padding=2,
                      rotation=90, bbox={"color": "white", "pad": 0.5})
-    ax.axhline(record["clean_accuracy"], color="black", linestyle="--",
-               label=f"clean ({record['clean_accuracy']:.1%})")
+    ax.axhline(record["clean_accuracy"], color="black", linestyle="--", label=f"clean ({record['clean_accuracy']:.1%})")
     ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=20, ha="right")
     ax.set_ylim(0, max(record["clean_accuracy"], *(r["accuracy"] for r in record["results"])) * 1.3)
     ax.set_title(f"Accuracy under corruption, the first {record['images']:,} test images: mean "
@@ -179,8 +173,7 @@ def plot_corruption_examples(rows: list[tuple[str, list[tuple[str, torch.Tensor]
     ax.set_yticks([row * (h + gap) + gap + h / 2 for row in range(len(rows))],
                   [name.replace("_", " ") for name, _ in rows])
     ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    ax.spines[:].set_visible(False)
     ax.set_title(title)
     save_figure(fig, path)
 
@@ -203,8 +196,7 @@ def format_spread(values: dict) -> str:
 
 
 def mean_history(histories: Sequence[list[dict]]) -> list[dict]:
-    """Epoch by epoch mean of histories that may differ in length (early stopping): each epoch over the runs that
-    reached it."""
+    """Epoch by epoch mean of histories, each epoch over the runs that reached it (early stopping ends some sooner)."""
     longest = max(histories, key=len)
     return [{key: float(np.mean([h[i][key] for h in histories if len(h) > i])) if key != "epoch" else row["epoch"]
              for key in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")}
@@ -231,14 +223,12 @@ def _load_seeds(run_dir: Path) -> dict:
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
-    """history.json and metrics.json of finished runs (a --seeds folder gives its mean), with a message for a folder
-    that holds neither."""
+    """history.json and metrics.json of finished runs (a --seeds folder: its mean), or load_run's UsageError."""
     return [_load_seeds(d) if (d / "seeds.json").exists() else load_run(d) for d in map(Path, run_dirs)]
 
 
 def run_values(run: dict) -> dict[str, list[float]]:
-    """The final training and validation accuracies and SEED_METRICS of a loaded run: one value each, or one per
-    seed of a --seeds folder."""
+    """A loaded run's final train and val accuracies and SEED_METRICS: one value each, or one per --seeds member."""
     members = run.get("members", [run])
     return {"final_train_accuracy": [m["history"][-1]["train_accuracy"] for m in members],
             "final_val_accuracy": [m["history"][-1]["val_accuracy"] for m in members],
@@ -263,11 +253,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> dict:
     save_figure(fig, out_dir / "compare.png")
     summary = {"runs": []}
     for r in runs:
-        row = {"run": r["run"], "test_accuracy": r["metrics"]["test_accuracy"],
-               "test_accuracy_first1000": r["metrics"]["test_accuracy_first1000"],
-               "best_val_accuracy": r["metrics"]["best_val_accuracy"], "best_epoch": r["metrics"]["best_epoch"],
-               "epochs_run": r["metrics"]["epochs_run"], "val_accuracy": [h["val_accuracy"] for h in r["history"]],
-               "val_loss": [h["val_loss"] for h in r["history"]]}
+        row = {"run": r["run"], **{key: r["metrics"][key] for key in (*SEED_METRICS, "best_epoch", "epochs_run")},
+               **{key: [h[key] for h in r["history"]] for key in ("val_accuracy", "val_loss")}}
         if "members" in r:
             row.update(seeds=r["seeds"]["seeds"], test_accuracy_std=r["seeds"]["test_accuracy"]["std"])
         summary["runs"].append(row)

@@ -249,9 +249,8 @@ def export_onnx(classifier: PicturesToProbabilities, path: Path, metadata: dict[
         raw = Path(folder) / "model.onnx"
         with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
             torch.onnx.export(classifier.eval(), (example,), raw, input_names=["images"],
-                              output_names=["probabilities"],
-                              dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False,
-                              dynamo=True)
+                              output_names=["probabilities"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                              external_data=False, dynamo=True)
         model = onnx.load(str(raw))
     for key, value in metadata.items():
         entry = model.metadata_props.add()

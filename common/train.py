@@ -35,16 +35,7 @@ from .data import (
     normalize,
     parse_augment,
 )
-from .device import (
-    autocast,
-    make_scaler,
-    precision_name,
-    resumed_precision,
-    say,
-    share_from_rank0,
-    synchronize,
-    TrainContext,
-)
+from .device import autocast, precision_name, resumed_precision, say, share_from_rank0, synchronize, TrainContext
 from .evaluation import Estimate, evaluate, how_long, test_results, validate, write_report
 from .files import UsageError
 from .plots import plot_filters, plot_history
@@ -399,10 +390,9 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
                     epoch: int, ctx: TrainContext, board=None, estimate: Estimate | None = None,
                     steps: int | None = None, progress: dict | None = None, pause_at: float = math.inf,
                     stop: dict | None = None) -> dict:
-    """One pass over the shuffled training set (a plan's last epoch, or `steps`, may stop short); returns loss,
-    accuracy, steps, seconds and images/s. Past `pause_at` or on stop["signal"] it returns {"progress": ...} (step,
-    random streams, sums) instead, from which a call goes on as if unbroken. Every LOG_EVERY steps it reads the sums
-    for the bar and `board`; with an `estimate`, once, says how long the run takes (after ESTIMATE_AFTER_S or 50)."""
+    """One pass over the shuffled training set (a plan's last epoch, or `steps`, may stop short), or past `pause_at`
+    or on stop["signal"] {"progress": ...}, from which a call goes on as if unbroken. Every LOG_EVERY steps it reads
+    the sums for the bar and `board`; with an `estimate`, once, says how long the run takes."""
     training.train_model.train()
     augment = torch.Generator(ctx.device)
     if progress is None:  # dropout's stream is torch's own; the data order a function of the epoch
@@ -527,7 +517,7 @@ def set_up_training(settings: Settings, build_model, ctx: TrainContext, resume_f
     groups = parameter_groups(model, settings.lr, settings.norm_bias_lr)
     optimizer = make_optimizer(groups, settings.optimizer, settings.lr, settings.weight_decay)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
-    scaler = make_scaler(ctx)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)  # active in fp16 only
     if resume_from is not None:
         files.load_weights(model, resume_from["model"], resume_path)
         optimizer.load_state_dict(resume_from["optimizer"])

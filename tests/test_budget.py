@@ -9,30 +9,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import interrupt_validation, NARROW_PARAMETERS, QUICK, read_json
+from conftest import call, interrupt_validation, NARROW_PARAMETERS, QUICK, read_json
 
 import common
 import ex1_convnet
 
 STEPS_PER_EPOCH = 8  # the fixture's 320 training images, less 64 for validation, in batches of 32
 CPU = common.device.TrainContext(torch.device("cpu"), torch.float32)
+pytestmark = pytest.mark.usefixtures("narrow_ex1")  # the plan and the schedule are the point here, not the network
 
 
 def fake_clock(monkeypatch, readings) -> None:
     """The training clock (time.perf_counter() as common.train reads it) returns `readings` one after the other."""
     clock = SimpleNamespace(perf_counter=functools.partial(next, iter(readings)))
     monkeypatch.setattr(common.train, "time", clock)
-
-
-def run_ex1(argv, capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    code = ex1_convnet.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-@pytest.fixture(autouse=True)
-def narrow(narrow_ex1):
-    """Every run here trains ex1's network narrow: the plan and the schedule are the point, not the network."""
 
 
 def test_plan_fills_the_time_left_after_the_validation_passes_and_a_re_plan_counts_only_those_ahead():
@@ -153,9 +143,7 @@ def budget_run(cifar_dir, out_dir, minutes: str = "0.1") -> list:
 def test_a_budget_run_trains_the_planned_steps_the_last_epoch_what_is_left(cifar_dir, tmp_path, capsys, monkeypatch,
                                                                         no_filter_plots):
     fake_clock(monkeypatch, itertools.count(0.0, 0.1))  # every reading a tenth of a second later
-    capsys.readouterr()
-    code = ex1_convnet.main([str(a) for a in budget_run(cifar_dir, tmp_path, "0.2")])
-    out, err = capsys.readouterr()
+    code, out, err = call(ex1_convnet.main, budget_run(cifar_dir, tmp_path, "0.2"), capsys)
     assert code == 0, err[-3000:]
     assert NARROW_PARAMETERS in out  # the narrow network took effect
     assert not list(tmp_path.glob("filters_*.png"))  # no_filter_plots took effect
@@ -178,7 +166,7 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
                                                                                          monkeypatch, no_filter_plots):
     fake_clock(monkeypatch, itertools.count(0.0, 0.1))
     interrupt_validation(monkeypatch, call=2)  # in epoch 2
-    code, err = run_ex1(budget_run(cifar_dir, tmp_path), capsys)
+    code, _, err = call(ex1_convnet.main, budget_run(cifar_dir, tmp_path), capsys)
     assert code == 130, err[-3000:]
     saved = common.files.load_checkpoint(tmp_path / "last.pt", "ex1_convnet.py")
     assert saved["epoch"] == 1 and saved["plan"]["total_steps"] > 2 * STEPS_PER_EPOCH
@@ -186,15 +174,13 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
     assert 0 < used < 6
 
     resume = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path, "--resume"]
-    code, err = run_ex1([*resume, "--epochs", "5"], capsys)
+    code, _, err = call(ex1_convnet.main, [*resume, "--epochs", "5"], capsys)
     assert code == 2 and "--resume continues its plan" in err
 
     # (interrupt_validation passes every later call on to evaluate) every reading 5 s later: epoch 2 ends past the
     # 6-second budget, which the re-plan sees
     fake_clock(monkeypatch, itertools.count(0.0, 5.0))
-    capsys.readouterr()
-    code = ex1_convnet.main([str(a) for a in resume])
-    out, err = capsys.readouterr()
+    code, out, err = call(ex1_convnet.main, resume, capsys)
     assert code == 0, err[-3000:]
     assert "\nplan: " not in out and not out.startswith("plan: ")  # the saved plan, not a new timing
     assert "re-plan: 2.0 epochs (16 steps)" in out
@@ -210,7 +196,8 @@ def test_resume_continues_the_plan_without_timing_again_and_counts_the_time_used
     (["--time-budget", "5", "--epochs", "3"], "--time-budget and --epochs both say how long to train")])
 def test_a_budget_that_is_not_a_positive_number_or_comes_with_epochs_is_refused_before_any_work(flags, words, cifar_dir,
                                                                                                tmp_path, capsys):
-    code, err = run_ex1([*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *flags], capsys)
+    argv = [*QUICK, "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", *flags]
+    code, _, err = call(ex1_convnet.main, argv, capsys)
     assert code == 2 and words in err and not (tmp_path / "run").exists()
 
 
@@ -222,7 +209,7 @@ def test_a_budget_too_short_for_one_step_exits_2_and_overwrite_keeps_the_previou
                 "history.json": b"[]"}
     for name, content in previous.items():
         (tmp_path / name).write_bytes(content)
-    code, err = run_ex1([*budget_run(cifar_dir, tmp_path, "0.00001"), "--overwrite"], capsys)
+    code, _, err = call(ex1_convnet.main, [*budget_run(cifar_dir, tmp_path, "0.00001"), "--overwrite"], capsys)
     assert code == 2 and "too short for the 25 steps that time it" in err
     assert {name: (tmp_path / name).read_bytes() for name in previous} == previous
 
@@ -231,7 +218,8 @@ def test_a_budget_too_short_for_one_step_exits_2_and_overwrite_keeps_the_previou
                                            (["--time-budget", "60", "--recipe", "default"], "default"),
                                            ([], "default")])
 def test_a_budget_trains_the_short_recipe_unless_another_is_named(flags, recipe, tmp_path, fake_runs, capsys):
-    code, err = run_ex1([*QUICK, "--out-dir", tmp_path, *flags], capsys)  # the real driver up to the training
+    # the real driver up to the training
+    code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path, *flags], capsys)
     assert code == 0, err[-3000:]
     seen = fake_runs[0]
     assert seen["recipe"] == recipe  # the name metrics.json records

@@ -3,7 +3,7 @@ resuming into another precision, what each device computes natively, torchrun's 
 fast GPU does not wait for, and the line that says how long a run takes."""
 import pytest
 import torch
-from conftest import call, error_line, interrupt_validation, QUICK, read_json
+from conftest import call, interrupt_validation, QUICK, read_json
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -54,13 +54,6 @@ def test_a_run_its_test_tta_corruption_benchmark_and_predict_make_no_float64_ten
         assert code == 0, err[-3000:]
     assert read_json(tmp_path / "run/metrics.json")["corruptions"]["images"] == 20  # the benchmark ran, watched
     assert watcher.found == []
-
-
-def test_fp16_on_a_cpu_is_refused_naming_bf16_and_fp32(tmp_path, capsys):
-    code, _, err = call(ex1_convnet.main, ["--device", "cpu", "--precision", "fp16", "--out-dir", tmp_path / "run",
-                                           "--data-dir", tmp_path / "no-data", "--no-download"], capsys)
-    assert code == 2 and "Traceback" not in err and not (tmp_path / "run").exists()
-    assert "--precision fp16: a CPU computes fp16 hundreds of times slower than bf16 or fp32" in error_line(err)
 
 
 @pytest.mark.slow
@@ -115,15 +108,6 @@ def fake_gpu(monkeypatch, capability: tuple[int, int]) -> torch.device:
     device = common.device.resolve_device("cuda")
     assert device == torch.device("cuda", 0)  # the patches took effect: this machine has no CUDA
     return device
-
-
-def test_bf16_on_a_gpu_below_8_0_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
-    fake_gpu(monkeypatch, (7, 5))
-    code, _, err = call(ex1_convnet.main, ["--device", "cuda", "--precision", "bf16", "--out-dir", tmp_path / "run",
-                                           "--data-dir", tmp_path / "no-data", "--no-download"], capsys)
-    assert code == 2 and "Traceback" not in err
-    assert "--precision bf16: this GPU (a GPU of 7.5, compute capability 7.5) has no native bf16" in err
-    assert "--precision fp16" in err and not (tmp_path / "run").exists()  # (--help says so: tests/test_ex1.py)
 
 
 @pytest.mark.parametrize("fast_bf16", [False, True])

@@ -528,6 +528,8 @@ REFUSED = {
                     "--device cuda", False),
     "device tpu": (["--device", "tpu"], "--device tpu: unknown device", False),
     "device xla": (["--device", "xla"], "--device xla: unsupported device", False),
+    "fp16 on a cpu": (["--precision", "fp16"], "--precision fp16: a CPU computes fp16 hundreds of times slower than "
+                                               "bf16 or fp32", False),
 }
 
 

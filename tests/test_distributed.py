@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import call, metrics, QUICK, ROOT, run_script
 
-import common
 import ex1_convnet
 
 N_TEST = 120  # test images of the conftest fixture
@@ -88,27 +87,9 @@ def ex2_runs(cifar_dir, tmp_path_factory):
     return base / "one", base / "two", two
 
 
-def test_plain_run_sets_up_no_process_group(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    assert common.device.init_distributed("auto") == (0, 1, 0)
-    assert not torch.distributed.is_initialized()
-
-
-def test_ranks_take_disjoint_shards_of_the_same_global_batches():
-    single = list(common.data.epoch_batches(100, 32, torch.Generator().manual_seed(5)))
-    shards = [list(common.data.epoch_batches(100, 32, torch.Generator().manual_seed(5), rank, 4)) for rank in range(4)]
-    assert all(len(s) == len(single) == 3 for s in shards)
-    for step, batch in enumerate(single):
-        parts = [shards[rank][step] for rank in range(4)]
-        assert all(len(p) == 8 for p in parts)
-        together = torch.cat(parts)
-        assert len(set(together.tolist())) == 32  # disjoint
-        assert sorted(together.tolist()) == sorted(batch.tolist())  # and together the single-process batch
-
-
 @pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one(ex1_runs, narrow_ex1):
+    """Each process takes its share of every global batch: together, the batch one process takes."""
     one_dir, two_dir, _ = ex1_runs
     one, two = model_state(one_dir / "last.pt"), model_state(two_dir / "last.pt")
     assert list(two) == list(one)

@@ -234,57 +234,39 @@ def test_resume_refuses_other_data_and_flags_that_change_the_run_and_extends_it_
         assert common.files.load_checkpoint(run_dir / name, "ex1_convnet.py")["data_fingerprint"] == expected, name
 
 
-def fill_the_disk_at(out_dir: Path, monkeypatch, epoch: int) -> None:
-    """torch.save fails with 'No space left on device' from the given epoch's first save on."""
-    save = torch.save
+@pytest.mark.slow
+@pytest.mark.parametrize("disk", ["simulated", "tmpfs"])
+def test_a_full_disk_ends_with_one_line_naming_the_file_what_is_kept_and_how_to_resume(disk, tmp_path, cifar_dir,
+                                                                                       capsys, monkeypatch,
+                                                                                       no_filter_plots):
+    """torch.save failing from epoch 2's first save on; or (root on Linux) a real 150 MB tmpfs, which holds epoch 1's
+    best.pt (31 MB) and last.pt (92 MB) and no room for epoch 2's."""
+    monkeypatch.setattr(common.train, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
+    save, out_dir = torch.save, tmp_path / "run"
 
     def save_until_full(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("epoch", 0) >= epoch:
+        if isinstance(obj, dict) and obj.get("epoch", 0) >= 2:
             raise OSError(28, "No space left on device")
         return save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", save_until_full)
-    monkeypatch.setattr(common.train, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
-
-
-def assert_a_full_disk_is_reported(code: int, err: str, out_dir: Path) -> None:
-    assert code == 4, err[-3000:]
-    assert "Traceback" not in err
-    line = error_line(err)
-    assert line.startswith(f"error: could not write {out_dir / 'best.pt'}") or \
-        line.startswith(f"error: could not write {out_dir / 'last.pt'}"), line
-    assert "No space left on device" in line and "last.pt and best.pt" in line and "resume with: python " in line
-    assert "--resume" in line.split("resume with: ")[1]
-    assert temp_files(out_dir) == []
-    assert common.files.load_checkpoint(out_dir / "last.pt", "ex1_convnet.py")["epoch"] == 1  # the epoch saved whole
-    assert not (out_dir / "metrics.json").exists()
-
-
-@pytest.mark.slow
-def test_a_full_disk_ends_with_one_line_naming_the_file_what_is_kept_and_how_to_resume(tmp_path, cifar_dir, capsys,
-                                                                                       monkeypatch, narrow_ex1):
-    out_dir = tmp_path / "run"
-    fill_the_disk_at(out_dir, monkeypatch, epoch=2)
-    code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir], capsys)
-    assert_a_full_disk_is_reported(code, err, out_dir)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"),
-                    reason="mounting a tmpfs needs root on Linux")
-def test_a_really_full_file_system_is_reported_the_same_way(tmp_path, cifar_dir, capsys, monkeypatch, no_filter_plots):
-    """A 150 MB tmpfs holds epoch 1's best.pt (31 MB) and last.pt (92 MB), and no room for epoch 2's."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("this machine does not let a test mount a tmpfs")
+    if disk == "simulated":
+        monkeypatch.setattr(torch, "save", save_until_full)
+    elif os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(tmp_path)],
+                                             capture_output=True).returncode:
+        pytest.skip("this machine does not let a test mount a tmpfs (root on Linux)")
     try:
-        out_dir = disk / "run"
-        monkeypatch.setattr(common.train, "SAVE_EVERY_S", 0.0)  # write every epoch, as a run on a CPU does
         code, _, err = call(ex1_convnet.main, [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir], capsys)
-        assert_a_full_disk_is_reported(code, err, out_dir)
+        assert code == 4 and "Traceback" not in err, err[-3000:]
+        line = error_line(err)
+        assert line.startswith(f"error: could not write {out_dir / 'best.pt'}") or \
+            line.startswith(f"error: could not write {out_dir / 'last.pt'}"), line
+        assert "No space left on device" in line and "last.pt and best.pt" in line
+        assert "--resume" in line.split("resume with: python ")[1]
+        assert temp_files(out_dir) == [] and not (out_dir / "metrics.json").exists()
+        assert common.files.load_checkpoint(out_dir / "last.pt", "ex1_convnet.py")["epoch"] == 1  # saved whole
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        if disk == "tmpfs":
+            subprocess.run(["umount", str(tmp_path)], check=True)
 
 
 @pytest.mark.slow

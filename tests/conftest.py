@@ -73,7 +73,8 @@ QUICK = ["--no-download", "--device", "cpu", "--precision", "fp32", "--val-size"
          "--corruptions", "0"]
 # The session's ex1 run: three epochs on 96 images in batches of 8 learn the fixture's colours (about 0.9 test
 # accuracy). Its final test adds --tta and the corruption benchmark on the first 20 test images, runtime flags that
-# change no setting: a run with EX1_TRAIN alone trains the same model (tests/test_robustness.py's interrupted runs).
+# change no setting: a run with EX1_TRAIN alone trains the same model (the interrupted runs of tests/test_interrupt.py
+# and test_robustness.py).
 EX1_TRAIN = [*QUICK, "--batch-size", "8", "--limit-train", "96", "--epochs", "3", "--lr", "0.02"]
 EX1_RUN = [*EX1_TRAIN, "--tta", "--corruptions", "20"]
 

@@ -366,83 +366,50 @@ class _Payload:
         return (os.system, ("touch PAYLOAD_RAN",))
 
 
-def _bad_checkpoints(folder: Path, run_dir: Path, ex2_checkpoint: Path) -> dict:
-    """name -> (path, what the message must say)."""
-    state_dict = folder / "state_dict.pt"
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_eval_only_and_resume_refuse_what_is_not_their_checkpoint(tmp_path, ex1_run, ex2_checkpoint, cifar_dir,
+                                                                   capsys, monkeypatch):
+    """Each message names the file and says what it is (unreadable files as one sentence for every task:
+    tests/test_first_contact.py); the pickled code in a file never runs."""
+    folder = tmp_path / "files"
+    folder.mkdir()
     torch.save(ex1_convnet.build_model({"dropout": 0.1, "batch_norm": True, "linear_init_std": None}).state_dict(),
-               state_dict)
-    random_bytes = folder / "random.pt"
-    random_bytes.write_bytes(os.urandom(4096))
-    truncated = folder / "truncated.pt"
-    data = (run_dir / "best.pt").read_bytes()
-    truncated.write_bytes(data[:len(data) // 2])
-    cut_end = folder / "cut_end.pt"
-    cut_end.write_bytes(data[:-100])
-    empty = folder / "empty.pt"
-    empty.write_bytes(b"")
-    code = folder / "code.pt"
-    torch.save({"kind": "ex1_convnet.py", "model": _Payload()}, code)
-    tensor = folder / "tensor.pt"
-    torch.save(torch.zeros(3), tensor)
-    return {
-        "ex2 checkpoint": (ex2_checkpoint, "a checkpoint of ex2_transfer.py, not of ex1_convnet.py"),
-        "bare state dict": (state_dict, "not a checkpoint of this project (a bare state dict"),
-        "random bytes": (random_bytes, "not a readable checkpoint file: not a PyTorch checkpoint file"),
-        "truncated checkpoint": (truncated, "not a readable checkpoint file: a truncated or corrupt checkpoint"),
-        "checkpoint without its last 100 bytes": (cut_end,
-                                                  "not a readable checkpoint file: a truncated or corrupt checkpoint"),
-        "empty file": (empty, "not a readable checkpoint file: an empty file"),
-        "pickled code": (code, "not a readable checkpoint"),  # torch's own wording varies between versions
-        "a tensor": (tensor, "not a checkpoint of this project"),
-        "missing file": (folder / "missing.pt", "does not exist"),
-        "a folder": (folder, "is not a file"),
-    }
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_eval_only_refuses_what_is_not_its_checkpoint(tmp_path, ex1_run, ex2_checkpoint, cifar_dir, capsys,
-                                                      monkeypatch):
-    cases = _bad_checkpoints(tmp_path, ex1_run, ex2_checkpoint)
-    control = tmp_path / "control"
-    control.mkdir()
-    monkeypatch.chdir(control)
-    torch.load(cases["pickled code"][0], weights_only=False)
-    assert (control / "PAYLOAD_RAN").exists(), "the payload must be live for this test to mean anything"
+               folder / "state_dict.pt")
+    data = (ex1_run / "best.pt").read_bytes()
+    (folder / "truncated.pt").write_bytes(data[:len(data) // 2])
+    (folder / "empty.pt").write_bytes(b"")
+    torch.save({"kind": "ex1_convnet.py", "model": _Payload()}, folder / "code.pt")
+    torch.save(torch.zeros(3), folder / "tensor.pt")
+    cases = {ex2_checkpoint: "a checkpoint of ex2_transfer.py, not of ex1_convnet.py",
+             folder / "state_dict.pt": "not a checkpoint of this project (a bare state dict",
+             folder / "truncated.pt": "not a readable checkpoint file: a truncated or corrupt checkpoint",
+             folder / "empty.pt": "not a readable checkpoint file: an empty file",
+             folder / "code.pt": "not a readable checkpoint",  # torch's own wording varies between versions
+             folder / "tensor.pt": "not a checkpoint of this project",
+             folder / "missing.pt": "does not exist",
+             folder: "is not a file"}
+    monkeypatch.chdir(folder)
+    torch.load(folder / "code.pt", weights_only=False)
+    assert (folder / "PAYLOAD_RAN").exists(), "the payload must be live for this test to mean anything"
     monkeypatch.chdir(tmp_path)  # where the payload would leave its mark
-    for name, (path, expected) in cases.items():
-        code, _, err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", path, "--data-dir", cifar_dir,
-                                               "--no-download", "--device", "cpu", "--out-dir", tmp_path / "eval"],
-                            capsys)
-        assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
-        assert expected in error_line(err) and str(path) in error_line(err), f"{name}: {error_line(err)}"
-        assert "Traceback" not in err
-    assert not (tmp_path / "PAYLOAD_RAN").exists()
-    assert not (tmp_path / "eval" / "metrics.json").exists()
-
-    # and the other way round: ex1's checkpoint given to ex2 (a genuine one evaluates: tests/test_ex1.py)
-    code, _, err = call(ex2_transfer.main, ["--eval-only", "--checkpoint", ex1_run / "best.pt",
-                                            "--data-dir", cifar_dir, "--no-download", "--device", "cpu",
-                                            "--out-dir", tmp_path / "eval2"], capsys)
-    assert code == 2 and "a checkpoint of ex1_convnet.py, not of ex2_transfer.py" in error_line(err)
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_resume_refuses_a_last_pt_that_is_not_a_checkpoint(tmp_path, ex1_run, ex2_checkpoint, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for name, (path, expected) in _bad_checkpoints(tmp_path, ex1_run, ex2_checkpoint).items():
-        if not path.is_file():
-            continue
-        run_dir = tmp_path / "runs" / name.replace(" ", "_")
-        run_dir.mkdir(parents=True)
-        shutil.copy(path, run_dir / "last.pt")
-        code, _, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir], capsys)
-        assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
-        assert expected in error_line(err) and str(run_dir / "last.pt") in error_line(err), f"{name}: {error_line(err)}"
-    assert not (tmp_path / "PAYLOAD_RAN").exists()
+    cpu = ["--data-dir", cifar_dir, "--no-download", "--device", "cpu"]
+    for path, expected in cases.items():
+        code, _, err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", path, *cpu, "--out-dir", "eval"], capsys)
+        assert code == 2 and "Traceback" not in err, f"{path}: exit {code}\n{err[-2000:]}"
+        assert expected in error_line(err) and str(path) in error_line(err), error_line(err)
+        if path.is_file():  # the same file as a run's last.pt
+            run_dir = tmp_path / "runs" / path.name
+            run_dir.mkdir(parents=True)
+            shutil.copy(path, run_dir / "last.pt")
+            code, _, err = call(ex1_convnet.main, ["--resume", "--out-dir", run_dir], capsys)
+            assert code == 2 and expected in error_line(err) and str(run_dir / "last.pt") in error_line(err), err
+    assert not (tmp_path / "PAYLOAD_RAN").exists() and not (tmp_path / "eval" / "metrics.json").exists()
     code, _, err = call(ex1_convnet.main, ["--resume", "--out-dir", tmp_path / "empty_run"], capsys)
     assert code == 2 and "nothing to resume" in error_line(err)
+    # and the other way round: ex1's checkpoint given to ex2 (a genuine one evaluates: tests/test_ex1.py)
+    code, _, err = call(ex2_transfer.main, ["--eval-only", "--checkpoint", ex1_run / "best.pt", *cpu], capsys)
+    assert code == 2 and "a checkpoint of ex1_convnet.py, not of ex2_transfer.py" in error_line(err)
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def one_sentence(err: str, path) -> bool:
     """The error names the file, has no library detail (error types, pickle opcodes, keys) and ends whole."""
     line = error_line(err)
     return (str(path) in line and "Error" not in line and "Unsupported" not in line and "Traceback" not in err
-            and line.rstrip().endswith((")", "shape", "file", "checkpoint file")))
+            and line.rstrip().endswith((")", "shape", "file", "weights")))
 
 
 def test_a_broken_checkpoint_is_one_sentence_for_every_task(tmp_path, checkpoint, cifar_dir, capsys):
@@ -111,18 +111,23 @@ def test_a_broken_checkpoint_is_one_sentence_for_every_task(tmp_path, checkpoint
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("content", [b"not weights\n", "truncated", "ex1 weights"])
-def test_weights_that_are_not_vgg11_bn_are_one_sentence(tmp_path, cifar_dir, checkpoint, capsys, content):
+@pytest.mark.parametrize("content, words", [
+    (b"not weights\n", "not a PyTorch weights file"), ("truncated", "a truncated or corrupt weights file"),
+    ("ex1 weights", "its weights do not fit VGG-11-bn"), ("ex1 best.pt", "a training checkpoint of ex1_convnet.py"),
+    ("missing", "no such file")])
+def test_weights_that_are_not_vgg11_bn_are_one_sentence(tmp_path, cifar_dir, checkpoint, capsys, content, words):
     weights = tmp_path / "vgg.pth"
     if content == "truncated":
         content = checkpoint.read_bytes()[:5000]
+    elif content == "ex1 best.pt":
+        content = checkpoint.read_bytes()
     elif content == "ex1 weights":
         torch.save(torch.load(checkpoint, weights_only=True)["model"], weights)
     if isinstance(content, bytes):
         weights.write_bytes(content)
     code, _, err = call(ex2_transfer.main, ["--weights", weights, "--epochs", "1", "--data-dir", cifar_dir,
                                             "--out-dir", tmp_path / "run", *QUICK], capsys)
-    assert code == 2 and one_sentence(err, weights), err[-800:]
+    assert code == 2 and one_sentence(err, weights) and words in error_line(err), err[-800:]
     assert not (tmp_path / "run").exists()
 
 

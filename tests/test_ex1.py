@@ -94,7 +94,7 @@ def test_run_writes_every_report_and_its_metrics(ex1_run):
     assert list(m["per_class_accuracy"]) == CLASS_NAMES
     assert all(0 <= v <= 1 for v in m["per_class_accuracy"].values())
     assert m["test_accuracy"] > 0.5, "the fixture is learnable: a few epochs reach about 0.9"
-    assert m["test_accuracy_first1000"] == m["test_accuracy"]  # the fixture has only 120 test images
+    assert m["test_images"] == 120 and m["test_accuracy_first1000"] == m["test_accuracy"]  # only 120 test images
     assert m["params"] == PARAMS_BN and m["epochs_run"] == 3 and 1 <= m["best_epoch"] <= 3
     assert m["train_seconds"] > 0 and m["train_images_per_s"] > 0
     assert m["device"] == "cpu"
@@ -133,7 +133,7 @@ def test_history_checkpoints_and_train_log(ex1_run):
     assert m["best_val_accuracy"] == max(row["val_accuracy"] for row in history)
     assert history[m["best_epoch"] - 1]["val_accuracy"] == m["best_val_accuracy"]
     best, last = (common.files.load_checkpoint(ex1_run / name, KIND) for name in ("best.pt", "last.pt"))
-    assert best["epoch"] == m["best_epoch"] and last["epoch"] == 3
+    assert best["epoch"] == m["best_epoch"] and last["epoch"] == 3 and best["classes"] == CLASS_NAMES
     assert not set(common.files.TRAINING_STATE) & best.keys() and set(common.files.TRAINING_STATE) <= last.keys()
     log = (ex1_run / "train.log").read_text()
     for epoch in (1, 2, 3):
@@ -144,17 +144,21 @@ def test_history_checkpoints_and_train_log(ex1_run):
 
 @pytest.mark.slow
 def test_eval_only_reproduces_the_runs_test_and_benchmark_into_out_dir(ex1_run, cifar_dir, tmp_path):
-    """The one --eval-only through a real process: the test accuracy and the corruption record (the same first 20
-    images, the same seed) that the run measured, the test figures in --out-dir, nothing beside the checkpoint."""
+    """The one --eval-only through a real process: the plain and --tta test accuracies and the corruption record (the
+    same first 20 images, the same seed) that the run measured, the test figures in --out-dir, nothing beside the
+    checkpoint. (What the --tta figures measure: tests/test_predict.py.)"""
     out = tmp_path / "evaluated"
-    result = run_script("ex1_convnet.py", *QUICK, "--data-dir", cifar_dir, "--eval-only", "--checkpoint",
+    result = run_script("ex1_convnet.py", *QUICK, "--data-dir", cifar_dir, "--eval-only", "--tta", "--checkpoint",
                         ex1_run / "best.pt", "--out-dir", out, "--corruptions", "20")
     assert result.returncode == 0, result.stderr[-3000:]
     m, trained = read_json(out / "metrics.json"), read_json(ex1_run / "metrics.json")
-    assert m["params"] == PARAMS_BN and m["test_accuracy"] == trained["test_accuracy"]
-    assert m["corruptions"] == trained["corruptions"]
+    assert m["params"] == PARAMS_BN and m["corruptions"] == trained["corruptions"]
+    for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
+        assert 0 <= trained[key] <= 1 and m[key] == trained[key], key
+    assert trained["test_accuracy_first1000_tta"] == trained["test_accuracy_tta"]  # 120 test images
     for name in [*TEST_FIGURES, "corruptions.png"]:
         assert_png(out / name)
+    assert "all, --tta" in result.stdout
     assert not (ex1_run / "eval").exists() and "epoch   1/" not in result.stdout
 
 

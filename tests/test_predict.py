@@ -238,6 +238,7 @@ def test_predict_and_eval_only_refuse_the_same_checkpoints_and_default_to_best_p
                                   (ex2_transfer.main, ["--scratch"], "runs/ex2-scratch/best.pt")):
         code, _, err = call(main, ["--predict", "cat.png", *flags, *CPU], capsys)
         assert code == 2 and f"checkpoint {expected} does not exist" in error_line(err), err
+    assert "train a run first (python ex2_transfer.py), or name a checkpoint with --checkpoint PATH" in error_line(err)
     # a missing path or an empty folder: exit 2 before the model loads
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")

@@ -1,8 +1,5 @@
 """Exercise 2 (VGG-11-bn transfer learning): the network, --weights, --scratch, --freeze, the runs and --compare.
-
-No test uses the network: ImageNet weights always come from a random vgg11_bn checkpoint written here in
-torchvision's exact key layout (passed with --weights or placed in an empty TORCH_HOME's cache), or --scratch.
-"""
+No network: ImageNet weights are a random vgg11_bn file in torchvision's layout (--weights, or in the cache)."""
 import json
 import os
 import urllib.error
@@ -139,38 +136,27 @@ def test_scratch_with_freeze_or_weights_is_refused(capsys, flags):
 
 # ----------------------------------------------------------------------------- weights
 
-def test_without_network_or_cache_the_message_says_how_to_provide_weights(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    attempts = []
+def test_weights_come_from_the_cache_without_network_and_a_missing_or_corrupt_one_says_how_to_provide_them(
+        monkeypatch, tmp_path, vgg_weights, vgg_features):
+    attempts, cache = [], tmp_path / "hub" / "checkpoints"
 
     def no_network(url, *args, **kwargs):
         attempts.append(url)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(common.files.UsageError) as error:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(common.files.UsageError) as error:  # no cache
         ex2_transfer.imagenet_state_dict(None)
     assert attempts == [VGG11_BN_Weights.IMAGENET1K_V1.url]  # the download torchvision's weights API asks for
-    message = str(error.value)
-    assert "--weights" in message and "--scratch" in message and VGG11_BN_Weights.IMAGENET1K_V1.url in message
-
-
-def test_cached_weights_load_through_the_weights_api_without_network(monkeypatch, tmp_path, vgg_weights, vgg_features):
-    """And a corrupt file in the cache gives a message that names --weights."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "corrupt"))
-    (tmp_path / "corrupt" / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "corrupt" / "hub" / "checkpoints" / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name).write_bytes(b"no")
+    for words in ("--weights", "--scratch", VGG11_BN_Weights.IMAGENET1K_V1.url):
+        assert words in str(error.value)
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name).write_bytes(b"no")  # a corrupt cache
     with pytest.raises(common.files.UsageError, match="--weights"):
         ex2_transfer.imagenet_state_dict(None)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
+    (cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name).unlink()
     os.symlink(vgg_weights, cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name)
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("downloaded although the weights are cached")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     real_load, loads = torch.load, []
 
     def recording_load(*args, **kwargs):
@@ -179,7 +165,7 @@ def test_cached_weights_load_through_the_weights_api_without_network(monkeypatch
 
     monkeypatch.setattr(torch, "load", recording_load)
     model = ex2_transfer.build_model({"mode": "pretrained", "weights": None})
-    assert loads == [True]  # weights_only=True
+    assert loads == [True] and len(attempts) == 1  # weights_only=True, and no download
     assert torch.equal(model.state_dict()["features.0.weight"], vgg_features["features.0.weight"])
 
 
@@ -246,19 +232,13 @@ def test_frozen_run_keeps_the_backbone_bit_identical(run_frozen, vgg_features):
 
 @pytest.mark.slow
 def test_compare_draws_and_summarises_two_runs(run_pretrained, run_frozen, tmp_path, capsys):
+    """ex2_transfer.py --compare as ex1_convnet.py's (what its figure, json and table hold: tests/test_studies.py)."""
     dirs = [finished(run_pretrained)["out_dir"], finished(run_frozen)["out_dir"]]
-    out_dir = tmp_path / "compare"
-    code, out, err = call(ex2_transfer.main, ["--compare", *dirs, "--out-dir", out_dir], capsys)
+    code, out, err = call(ex2_transfer.main, ["--compare", *dirs, "--out-dir", tmp_path], capsys)
     assert code == 0, err[-2000:]
-    assert_png(out_dir / "compare.png")
-    summary = json.loads((out_dir / "compare.json").read_text())
-    assert [Path(r["run"]) for r in summary["runs"]] == dirs
-    lines = out.splitlines()
-    assert any("test" in line and "first 1000" in line for line in lines)
-    for run_dir, row in zip(dirs, summary["runs"], strict=False):
+    assert_png(tmp_path / "compare.png")
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    for run_dir, row in zip(dirs, summary["runs"], strict=True):
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert row["test_accuracy"] == metrics["test_accuracy"]
-        assert row["test_accuracy_first1000"] == metrics["test_accuracy_first1000"]
-        table_row = next(line for line in lines if line.startswith(str(run_dir)))
-        assert f"{metrics['test_accuracy']:.2%}" in table_row
-        assert f"{metrics['test_accuracy_first1000']:.2%}" in table_row
+        assert Path(row["run"]) == run_dir and row["test_accuracy"] == metrics["test_accuracy"]
+        assert f"{metrics['test_accuracy']:.2%}" in next(line for line in out.splitlines() if str(run_dir) in line)

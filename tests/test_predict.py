@@ -56,13 +56,6 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
             "DecompressionBombWarning": write_blank_png(folder / "big.png", side_warning, side_warning)}
 
 
-def model_of(checkpoint_path: Path) -> tuple[nn.Module, dict]:
-    checkpoint = common.files.load_checkpoint(checkpoint_path, KIND)
-    model = ex1_convnet.build_model(checkpoint["settings"])
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint["settings"]
-
-
 # ----------------------------------------------------------------------------- test-time augmentation views
 
 def test_tta_views_mirror_along_the_width_translate_with_zero_fill_and_predict_averages_their_softmax():
@@ -205,16 +198,6 @@ def test_transparency_on_white_and_exif_orientation(tmp_path):
     assert (image[0, :12] > 200).all() and (image[0, -12:] < 50).all()
 
 
-def test_image_files_lists_a_folders_images_sorted_and_a_named_file_as_it_is(tmp_path):
-    for name in ("b.PNG", "a.jpg", "c.webp", "notes.txt"):
-        (tmp_path / name).write_bytes(b"")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "inner.png").write_bytes(b"")
-    explicit = tmp_path / "notes.txt"
-    assert common.data.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG",
-                                                             tmp_path / "c.webp", explicit]
-
-
 # ----------------------------------------------------------------------------- the command line
 
 def test_predict_and_eval_only_refuse_the_same_checkpoints_and_default_to_best_pt(tmp_path, cifar_dir, capsys,
@@ -252,7 +235,7 @@ def test_predict_and_eval_only_refuse_the_same_checkpoints_and_default_to_best_p
 
 # ----------------------------------------------------------------------------- with a trained model
 
-def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tmp_path):
+def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000():
     """On 1,010 test images, with a network whose views disagree: test_accuracy_tta and test_accuracy_first1000_tta
     are the averaged views' accuracies on all and on the first 1,000, not the plain ones."""
     torch.manual_seed(0)
@@ -260,22 +243,16 @@ def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tm
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (1010, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (1010,), generator=generator)
-    data = common.data.CifarData(images[:0], labels[:0], images, labels, tuple(CLASS_NAMES))
-    settings = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    mean, std = [0.5] * 3, [0.25] * 3
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    metrics, _ = common.evaluation.test_results(model, images, labels, data.classes, settings["mean"], settings["std"],
-                                                ctx, tta=True)  # the figures metrics.json holds, by its names
-    plain = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx).argmax(1)
-    tta = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
+    metrics, _ = common.evaluation.test_results(model, images, labels, tuple(CLASS_NAMES), mean, std, ctx,
+                                                tta=True)  # the figures metrics.json holds, by its names
+    plain = common.evaluation.predict(model, images, mean, std, ctx).argmax(1)
+    tta = common.evaluation.predict(model, images, mean, std, ctx, tta=True).argmax(1)
     assert (plain != tta).sum() > 100  # the views change many predictions
-
-    def accuracy(predicted):
-        return (predicted == labels[:len(predicted)]).float().mean().item()
-
-    assert metrics["test_accuracy"] == pytest.approx(accuracy(plain))
-    assert metrics["test_accuracy_first1000"] == pytest.approx(accuracy(plain[:1000]))
-    assert metrics["test_accuracy_tta"] == pytest.approx(accuracy(tta))
-    assert metrics["test_accuracy_first1000_tta"] == pytest.approx(accuracy(tta[:1000]))
+    for key, predicted in (("test_accuracy", plain), ("test_accuracy_first1000", plain[:1000]),
+                           ("test_accuracy_tta", tta), ("test_accuracy_first1000_tta", tta[:1000])):
+        assert metrics[key] == pytest.approx((predicted == labels[:len(predicted)]).float().mean().item()), key
     assert len({metrics["test_accuracy_tta"], metrics["test_accuracy_first1000_tta"], metrics["test_accuracy"],
                 metrics["test_accuracy_first1000"]}) == 4  # four different figures, so no key can stand for another
 
@@ -290,7 +267,9 @@ def test_png_files_predict_what_the_evaluation_path_predicts(ex1_run, cifar_dir,
     code, stdout, err = call(ex1_convnet.main, ["--predict", tmp_path, "--checkpoint", ex1_run / "best.pt",
                                                 "--out-dir", out, *CPU, *(["--tta"] if tta else [])], capsys)
     assert code == 0, err[-3000:]
-    model, settings = model_of(ex1_run / "best.pt")
+    checkpoint = common.files.load_checkpoint(ex1_run / "best.pt", KIND)
+    model, settings = ex1_convnet.build_model(checkpoint["settings"]), checkpoint["settings"]
+    model.load_state_dict(checkpoint["model"])
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     expected = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=tta).softmax(1)
     rows = json.loads((out / "predictions.json").read_text())
@@ -308,6 +287,9 @@ def test_every_image_kind_is_predicted_and_unreadable_files_are_skipped_with_exi
     folder.mkdir()
     paths = sorted(image_kinds(folder))
     (folder / "fake.jpg").write_text("not an image")
+    (folder / "notes.md").write_text("not an image file name: left out")
+    (folder / "sub").mkdir()
+    shutil.copy(folder / "rgb.png", folder / "sub" / "inner.png")  # a subfolder: left out
     (folder / "truncated.png").write_bytes((folder / "rgb.png").read_bytes()[:-300])
     for path in bombs.values():
         shutil.copy(path, folder / path.name)

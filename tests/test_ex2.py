@@ -107,21 +107,13 @@ def test_network_is_vgg11_bn_features_and_the_new_head():
                                          (["--scratch"], "scratch"), (["--freeze"], "frozen"),
                                          (["--freeze", "--weights", "w.pth"], "frozen"),
                                          (["--scratch", "--recipe", "original"], "scratch")])
-def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mode):
-    seen = {}
-
-    def fake_run_experiment(args, script, recipes, settings_type, build_model, default_out_dir):
-        given = common.cli.explicit_flags(args)
-        recipe = recipes[given.get("recipe", "default")]
-        seen.update(settings=common.cli.resolve_settings(given, recipe, settings_type), out=default_out_dir)
-        return 0
-
-    monkeypatch.setattr(common.cli, "run_experiment", fake_run_experiment)
-    assert ex2_transfer.main(flags) == 0
-    assert seen["out"] == f"runs/ex2-{mode}"
-    assert seen["settings"]["mode"] == mode
-    assert seen["settings"]["weights"] == ("w.pth" if "--weights" in flags else None)
-    assert seen["settings"]["mean"] == IMAGENET_MEAN and seen["settings"]["std"] == IMAGENET_STD
+def test_modes_default_out_dir_and_imagenet_normalisation(tmp_path, monkeypatch, fake_runs, flags, mode):
+    monkeypatch.chdir(tmp_path)
+    assert ex2_transfer.main([*flags, "--device", "cpu"]) == 0  # the real driver up to the training
+    (run,) = fake_runs
+    assert run["run_dir"] == Path(f"runs/ex2-{mode}") and run["mode"] == mode
+    assert run["weights"] == ("w.pth" if "--weights" in flags else None)
+    assert run["mean"] == IMAGENET_MEAN and run["std"] == IMAGENET_STD
 
 
 @pytest.mark.parametrize("flags", [["--scratch", "--freeze"], ["--freeze", "--scratch"],

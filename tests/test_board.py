@@ -1,9 +1,6 @@
-"""TensorBoard: each run's event files hold its history.json, its test figures and pictures and its settings as
-hparams; --resume purges what an interrupted call logged after its last save, --overwrite starts clean, --eval-only
-and --no-tensorboard write nothing.
-
-The event files are read every record as written (LegacyEventFileLoader) and as TensorBoard shows them
-(EventAccumulator, which drops the points a resume purged)."""
+"""TensorBoard: each run's event files hold its history.json, test figures, pictures and settings (hparams); --resume
+purges what an interrupted call logged after its last save, --overwrite starts clean, --eval-only writes nothing
+(--no-tensorboard: tests/test_studies.py). Read as written (LegacyEventFileLoader) and as TensorBoard shows them."""
 import collections
 import shlex
 import shutil
@@ -34,8 +31,7 @@ def points(run_dir: Path) -> list[tuple[str, int]]:
 
 
 def duplicates(run_dir: Path) -> list[tuple[str, int]]:
-    """(tag, step) of the scalars TensorBoard shows twice (through EventAccumulator, which applies a resumed run's
-    purge of the steps after the one it resumed from)."""
+    """(tag, step) of the scalars TensorBoard shows twice (after a resume's purge)."""
     events = accumulated(run_dir)
     return [(tag, step) for tag in events.Tags()["scalars"]
             for step, count in collections.Counter(event.step for event in events.Scalars(tag)).items() if count > 1]

@@ -2,11 +2,12 @@
 import json
 
 import pytest
-from conftest import run_script
+from conftest import call, run_script
 
-pytestmark = pytest.mark.slow  # each test runs the benchmark script in a subprocess
+from benchmarks import speed
 
 
+@pytest.mark.slow
 def test_speed_smoke(cifar_dir, tmp_path):
     out = tmp_path / "speed.json"
     result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--device", "cpu", "--precision", "fp32",
@@ -22,20 +23,20 @@ def test_speed_smoke(cifar_dir, tmp_path):
     assert "2/3 loop vs original pipeline" in result.stdout
 
 
-def test_speed_refuses_too_few_images(cifar_dir):
-    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--device", "cpu", "--images", "100")
-    assert result.returncode == 2
-    assert "must hold at least one batch" in result.stderr
+def test_speed_refuses_too_few_images(cifar_dir, capsys):
+    code, _, err = call(speed.main, ["--data-dir", cifar_dir, "--device", "cpu", "--images", "100"], capsys)
+    assert code == 2 and "must hold at least one batch" in err
 
 
-def test_inference_smoke(ex1_run, cifar_dir, tmp_path):
+@pytest.mark.slow
+def test_inference_smoke(ex1_run, cifar_dir, tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="the optional export packages are not installed")
     out = tmp_path / "inference.json"
-    result = run_script("benchmarks/speed.py", "--data-dir", cifar_dir, "--inference", ex1_run / "best.pt",
-                        "--images", "20", "--json", out, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, stdout, err = call(speed.main, ["--data-dir", cifar_dir, "--inference", ex1_run / "best.pt", "--images",
+                                          "20", "--json", out], capsys)
+    assert code == 0, err[-2000:]
     rows = json.loads(out.read_text())["inference"]
     assert [r["engine"] for r in rows] == ["PyTorch eager fp32", "ONNX Runtime fp32", "ONNX Runtime int8"]
     assert all(r["batch1_img_s"] > 0 and r["batch256_img_s"] > 0 for r in rows)
     assert rows[2]["file_mb"] < rows[1]["file_mb"] / 2
-    assert "ONNX Runtime int8" in result.stdout
+    assert "ONNX Runtime int8" in stdout

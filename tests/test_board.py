@@ -1,9 +1,6 @@
-"""TensorBoard: each run's event files hold its history.json, its test figures and pictures and its settings as
-hparams; --resume purges what an interrupted call logged after its last save, --overwrite starts clean, --eval-only
-and --no-tensorboard write nothing.
-
-The event files are read every record as written (LegacyEventFileLoader) and as TensorBoard shows them
-(EventAccumulator, which drops the points a resume purged)."""
+"""TensorBoard: each run's event files hold its history.json, test figures, pictures and settings (hparams); --resume
+purges what an interrupted call logged after its last save, --overwrite starts clean, --eval-only writes nothing
+(--no-tensorboard: tests/test_studies.py). Read as written (LegacyEventFileLoader) and as TensorBoard shows them."""
 import collections
 import shlex
 import shutil
@@ -12,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import call, in_process, interrupt_validation, metrics, QUICK, read_json
+from conftest import assert_png, call, in_process, interrupt_validation, metrics, QUICK, read_json
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
@@ -34,8 +31,7 @@ def points(run_dir: Path) -> list[tuple[str, int]]:
 
 
 def duplicates(run_dir: Path) -> list[tuple[str, int]]:
-    """(tag, step) of the scalars TensorBoard shows twice (through EventAccumulator, which applies a resumed run's
-    purge of the steps after the one it resumed from)."""
+    """(tag, step) of the scalars TensorBoard shows twice (after a resume's purge)."""
     events = accumulated(run_dir)
     return [(tag, step) for tag in events.Tags()["scalars"]
             for step, count in collections.Counter(event.step for event in events.Scalars(tag)).items() if count > 1]
@@ -144,27 +140,14 @@ def test_a_resume_drops_the_points_after_its_step_and_a_record_a_kill_left_half_
         == [(step, as_logged(step / 10)) for step in range(1, 5)] + [(5, as_logged(0.55))]
 
 
-def test_a_new_run_removes_an_earlier_runs_event_files_only_once_it_has_saved_an_epoch(tmp_path):
-    with SummaryWriter(str(tmp_path)) as writer:
-        writer.add_scalar("val/accuracy", 0.5, 2)
-    earlier = {path.name for path in tmp_path.glob("events.out.tfevents.*")}
-    row = dict.fromkeys(EPOCH_COLUMNS, 0.25) | {"epoch": 1, "steps": 2}
-    with pytest.raises(KeyboardInterrupt), common.board.open_board(tmp_path, None, "python ex1_convnet.py", {}):
-        raise KeyboardInterrupt  # stopped before its first epoch was saved: the folder is as it was
-    assert {path.name for path in tmp_path.glob("events.out.tfevents.*")} == earlier
-    with common.board.open_board(tmp_path, None, "python ex1_convnet.py", {}) as writer:
-        common.board.log_epoch(writer, [row])
-    assert not earlier & {path.name for path in tmp_path.glob("events.out.tfevents.*")}
-    assert ("val/accuracy", 2) in points(tmp_path) and ("epoch/number", 2) in points(tmp_path)
-    assert [event.value for event in accumulated(tmp_path).Scalars("val/accuracy")] == [0.25]
-
-
 @pytest.mark.slow
-def test_seeds_and_the_dropout_sweep_write_hparams_into_each_run_and_no_tensorboard_writes_nothing(
+def test_seeds_and_the_dropout_sweep_write_hparams_into_each_run_and_the_sweep_sums_its_runs_up(
         tmp_path, cifar_dir, capsys, no_filter_plots):
     argv = [*QUICK, "--data-dir", cifar_dir, "--epochs", "1", "--limit-train", "32"]  # one step a run
     assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "seeds", "--seeds", "2"], capsys)[0] == 0
-    assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "dropout", "--dropout", "0.1", "0.5"], capsys)[0] == 0
+    code, out, err = call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "dropout", "--dropout", "0.1", "0.5"],
+                          capsys)
+    assert code == 0, err[-3000:]
     runs = {tmp_path / "seeds" / f"seed{s}": {"seed": s} for s in (0, 1)}
     runs |= {tmp_path / "dropout" / f"p{p}": {"dropout": p} for p in (0.1, 0.5)}
     for run_dir, varied in runs.items():
@@ -174,6 +157,18 @@ def test_seeds_and_the_dropout_sweep_write_hparams_into_each_run_and_no_tensorbo
             assert scalars(events, tag) == [(2, as_logged(metrics(run_dir)[key]))]
         assert not [path for path in run_dir.iterdir() if path.is_dir()]
     assert not list((tmp_path / "seeds").glob("events.out.tfevents.*"))  # the sweep's folder holds only its runs
-    assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "none", "--no-tensorboard"], capsys)[0] == 0
-    assert (tmp_path / "none" / "metrics.json").exists() and not list((tmp_path / "none").rglob("events.out.*"))
-    assert "tensorboard" not in metrics(tmp_path / "none")["settings"]  # how a run is watched is not what it computes
+    # the dropout sweep (tests/test_studies.py): augmentation off unless --augment is given, a summary of its runs
+    assert not (tmp_path / "dropout" / "metrics.json").exists()
+    assert f"wrote {tmp_path / 'dropout' / 'dropout_sweep.png'}" in out
+    assert_png(tmp_path / "dropout" / "dropout_sweep.png", min_side=100)
+    summary = read_json(tmp_path / "dropout" / "dropout_sweep.json")["runs"]
+    assert [(r["p"], Path(r["run"])) for r in summary] == [(p, tmp_path / "dropout" / f"p{p}") for p in (0.1, 0.5)]
+    for row in summary:
+        run_dir, history = Path(row["run"]), read_json(Path(row["run"]) / "history.json")
+        assert metrics(run_dir)["settings"]["augment"] == [] and metrics(run_dir)["epochs_run"] == 1
+        assert f"Dropout(p={row['p']}," in (run_dir / "train.log").read_text()  # the model really had this p
+        assert [row[key] for key in ("test_accuracy", "best_val_accuracy")] == \
+            [metrics(run_dir)[key] for key in ("test_accuracy", "best_val_accuracy")]
+        assert row["val_accuracy"] == [h["val_accuracy"] for h in history]
+        assert (row["final_train_accuracy"], row["final_val_accuracy"]) == \
+            (history[-1]["train_accuracy"], history[-1]["val_accuracy"])

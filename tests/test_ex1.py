@@ -79,22 +79,18 @@ def test_help_lists_every_flag_and_explains_predict_the_tta_views_the_global_bat
 # ----------------------------------------------------------------------------- the session's run
 
 @pytest.mark.slow
-def test_run_writes_every_report_and_its_metrics(ex1_run):
+def test_run_writes_every_report_its_metrics_history_checkpoints_and_train_log(ex1_run):
     for name in RUN_FILES:
         assert (ex1_run / name).is_file(), name
         if name.endswith(".png"):
             assert_png(ex1_run / name)
     m = read_json(ex1_run / "metrics.json")
-    for key in ["test_accuracy", "test_accuracy_first1000", "test_accuracy_last", "per_class_accuracy", "best_epoch",
-                "best_val_accuracy", "params", "epochs_run", "train_seconds", "train_images_per_s", "device",
-                "settings", "versions", "git_commit", "hardware"]:
-        assert key in m, key
     for key in ["test_accuracy", "test_accuracy_first1000", "test_accuracy_last", "best_val_accuracy"]:
         assert 0 <= m[key] <= 1, key
     assert list(m["per_class_accuracy"]) == CLASS_NAMES
     assert all(0 <= v <= 1 for v in m["per_class_accuracy"].values())
     assert m["test_accuracy"] > 0.5, "the fixture is learnable: a few epochs reach about 0.9"
-    assert m["test_accuracy_first1000"] == m["test_accuracy"]  # the fixture has only 120 test images
+    assert m["test_images"] == 120 and m["test_accuracy_first1000"] == m["test_accuracy"]  # only 120 test images
     assert m["params"] == PARAMS_BN and m["epochs_run"] == 3 and 1 <= m["best_epoch"] <= 3
     assert m["train_seconds"] > 0 and m["train_images_per_s"] > 0
     assert m["device"] == "cpu"
@@ -105,6 +101,21 @@ def test_run_writes_every_report_and_its_metrics(ex1_run):
     assert m["versions"]["torchvision"] == torchvision.__version__
     assert m["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", m["git_commit"])
     assert isinstance(m["hardware"], dict) and m["hardware"]
+    # one history row per epoch over the --limit-train images; best.pt holds the best epoch's weights, last.pt the
+    # last epoch with the optimizer state that --resume needs; train.log records every epoch
+    history = read_json(ex1_run / "history.json")
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    for row in history:
+        assert all(0 <= row[k] <= 1 for k in ("train_accuracy", "val_accuracy"))
+        assert round(row["images_per_s"] * row["seconds"]) == 96
+    assert m["best_val_accuracy"] == max(row["val_accuracy"] for row in history)
+    assert history[m["best_epoch"] - 1]["val_accuracy"] == m["best_val_accuracy"]
+    best, last = (common.files.load_checkpoint(ex1_run / name, KIND) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == m["best_epoch"] and last["epoch"] == 3 and best["classes"] == CLASS_NAMES
+    assert not set(common.files.TRAINING_STATE) & best.keys() and set(common.files.TRAINING_STATE) <= last.keys()
+    log = (ex1_run / "train.log").read_text()
+    for epoch in (1, 2, 3):
+        assert f"epoch   {epoch}/3" in log
 
 
 @pytest.mark.slow
@@ -120,41 +131,25 @@ def test_the_report_holds_every_corruption_measured_on_the_same_images(ex1_run):
     assert record["clean_accuracy"] > 0.5  # a trained model, on the first 20 of the 120 test images
 
 
-@pytest.mark.slow
-def test_history_checkpoints_and_train_log(ex1_run):
-    """history.json has one row per epoch over the --limit-train images; best.pt holds the best epoch's weights,
-    last.pt the last epoch with the optimizer state that --resume needs; train.log records every epoch."""
-    history = read_json(ex1_run / "history.json")
-    m = read_json(ex1_run / "metrics.json")
-    assert [row["epoch"] for row in history] == [1, 2, 3]
-    for row in history:
-        assert all(0 <= row[k] <= 1 for k in ("train_accuracy", "val_accuracy"))
-        assert round(row["images_per_s"] * row["seconds"]) == 96
-    assert m["best_val_accuracy"] == max(row["val_accuracy"] for row in history)
-    assert history[m["best_epoch"] - 1]["val_accuracy"] == m["best_val_accuracy"]
-    best, last = (common.files.load_checkpoint(ex1_run / name, KIND) for name in ("best.pt", "last.pt"))
-    assert best["epoch"] == m["best_epoch"] and last["epoch"] == 3
-    assert not set(common.files.TRAINING_STATE) & best.keys() and set(common.files.TRAINING_STATE) <= last.keys()
-    log = (ex1_run / "train.log").read_text()
-    for epoch in (1, 2, 3):
-        assert f"epoch   {epoch}/3" in log
-
-
 # ----------------------------------------------------------------------------- --eval-only
 
 @pytest.mark.slow
 def test_eval_only_reproduces_the_runs_test_and_benchmark_into_out_dir(ex1_run, cifar_dir, tmp_path):
-    """The one --eval-only through a real process: the test accuracy and the corruption record (the same first 20
-    images, the same seed) that the run measured, the test figures in --out-dir, nothing beside the checkpoint."""
+    """The one --eval-only through a real process: the plain and --tta test accuracies and the corruption record (the
+    same first 20 images, the same seed) that the run measured, the test figures in --out-dir, nothing beside the
+    checkpoint. (What the --tta figures measure: tests/test_predict.py.)"""
     out = tmp_path / "evaluated"
-    result = run_script("ex1_convnet.py", *QUICK, "--data-dir", cifar_dir, "--eval-only", "--checkpoint",
+    result = run_script("ex1_convnet.py", *QUICK, "--data-dir", cifar_dir, "--eval-only", "--tta", "--checkpoint",
                         ex1_run / "best.pt", "--out-dir", out, "--corruptions", "20")
     assert result.returncode == 0, result.stderr[-3000:]
     m, trained = read_json(out / "metrics.json"), read_json(ex1_run / "metrics.json")
-    assert m["params"] == PARAMS_BN and m["test_accuracy"] == trained["test_accuracy"]
-    assert m["corruptions"] == trained["corruptions"]
+    assert m["params"] == PARAMS_BN and m["corruptions"] == trained["corruptions"]
+    for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
+        assert 0 <= trained[key] <= 1 and m[key] == trained[key], key
+    assert trained["test_accuracy_first1000_tta"] == trained["test_accuracy_tta"]  # 120 test images
     for name in [*TEST_FIGURES, "corruptions.png"]:
         assert_png(out / name)
+    assert "all, --tta" in result.stdout
     assert not (ex1_run / "eval").exists() and "epoch   1/" not in result.stdout
 
 

@@ -1,8 +1,5 @@
 """Exercise 2 (VGG-11-bn transfer learning): the network, --weights, --scratch, --freeze, the runs and --compare.
-
-No test uses the network: ImageNet weights always come from a random vgg11_bn checkpoint written here in
-torchvision's exact key layout (passed with --weights or placed in an empty TORCH_HOME's cache), or --scratch.
-"""
+No network: ImageNet weights are a random vgg11_bn file in torchvision's layout (--weights, or in the cache)."""
 import json
 import os
 import urllib.error
@@ -12,11 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import assert_png, call, error_line, in_process, QUICK, save_untrained_checkpoint
+from conftest import assert_png, call, in_process, QUICK
 from torchvision.models import VGG11_BN_Weights
 
 import common
-import ex1_convnet
 import ex2_transfer
 
 IMAGENET_MEAN = list(VGG11_BN_Weights.IMAGENET1K_V1.transforms().mean)
@@ -57,20 +53,6 @@ def vgg_features(vgg_weights) -> dict:
     return features_of(torch.load(vgg_weights, map_location="cpu", weights_only=True))
 
 
-@pytest.fixture(scope="module")
-def wrong_files(tmp_path_factory, vgg_weights) -> dict:
-    """Files --weights must refuse: an ex1 best.pt, an ex1 model state dict, a truncated vgg11_bn file."""
-    folder = tmp_path_factory.mktemp("wrong")
-    settings = common.cli.resolve_settings({}, ex1_convnet.RECIPES["default"], ex1_convnet.Settings)
-    model = ex1_convnet.build_model(settings)
-    save_untrained_checkpoint("ex1_convnet.py", settings, model, folder / "best.pt")
-    torch.save(model.state_dict(), folder / "convnet_state.pt")
-    with open(vgg_weights, "rb") as f:
-        (folder / "truncated.pth").write_bytes(f.read(4 << 20))
-    return {"ex1 best.pt": folder / "best.pt", "ex1 state dict": folder / "convnet_state.pt",
-            "truncated": folder / "truncated.pth"}
-
-
 # ----------------------------------------------------------------------------- runs (shared by several tests)
 
 def _train(mode_flags: list, cifar_dir: Path, tmp_path_factory, name: str) -> dict:
@@ -88,11 +70,6 @@ def _train(mode_flags: list, cifar_dir: Path, tmp_path_factory, name: str) -> di
 @pytest.fixture(scope="module")
 def run_pretrained(cifar_dir, vgg_weights, tmp_path_factory):
     return _train(["--weights", vgg_weights], cifar_dir, tmp_path_factory, "pretrained")
-
-
-@pytest.fixture(scope="module")
-def run_scratch(cifar_dir, tmp_path_factory):
-    return _train(["--scratch"], cifar_dir, tmp_path_factory, "scratch")
 
 
 @pytest.fixture(scope="module")
@@ -130,21 +107,13 @@ def test_network_is_vgg11_bn_features_and_the_new_head():
                                          (["--scratch"], "scratch"), (["--freeze"], "frozen"),
                                          (["--freeze", "--weights", "w.pth"], "frozen"),
                                          (["--scratch", "--recipe", "original"], "scratch")])
-def test_modes_default_out_dir_and_imagenet_normalisation(monkeypatch, flags, mode):
-    seen = {}
-
-    def fake_run_experiment(args, script, recipes, settings_type, build_model, default_out_dir):
-        given = common.cli.explicit_flags(args)
-        recipe = recipes[given.get("recipe", "default")]
-        seen.update(settings=common.cli.resolve_settings(given, recipe, settings_type), out=default_out_dir)
-        return 0
-
-    monkeypatch.setattr(common.cli, "run_experiment", fake_run_experiment)
-    assert ex2_transfer.main(flags) == 0
-    assert seen["out"] == f"runs/ex2-{mode}"
-    assert seen["settings"]["mode"] == mode
-    assert seen["settings"]["weights"] == ("w.pth" if "--weights" in flags else None)
-    assert seen["settings"]["mean"] == IMAGENET_MEAN and seen["settings"]["std"] == IMAGENET_STD
+def test_modes_default_out_dir_and_imagenet_normalisation(tmp_path, monkeypatch, fake_runs, flags, mode):
+    monkeypatch.chdir(tmp_path)
+    assert ex2_transfer.main([*flags, "--device", "cpu"]) == 0  # the real driver up to the training
+    (run,) = fake_runs
+    assert run["run_dir"] == Path(f"runs/ex2-{mode}") and run["mode"] == mode
+    assert run["weights"] == ("w.pth" if "--weights" in flags else None)
+    assert run["mean"] == IMAGENET_MEAN and run["std"] == IMAGENET_STD
 
 
 @pytest.mark.parametrize("flags", [["--scratch", "--freeze"], ["--freeze", "--scratch"],
@@ -159,51 +128,27 @@ def test_scratch_with_freeze_or_weights_is_refused(capsys, flags):
 
 # ----------------------------------------------------------------------------- weights
 
-def test_wrong_weights_file_is_refused_with_a_message(wrong_files, cifar_dir, tmp_path, capsys):
-    """(The backbone gets exactly the tensors of a right one: test_frozen_run_keeps_the_backbone_bit_identical.)"""
-    for case, words in [("ex1 best.pt", "checkpoint of ex1_convnet.py"), ("ex1 state dict",
-                                                                                         "do not fit VGG-11-bn"),
-                        ("truncated", "not a readable weights file"), ("missing", "no such file")]:
-        path = wrong_files.get(case, tmp_path / "nope.pth")
-        code, _, err = call(ex2_transfer.main, ["--weights", path, *QUICK, "--data-dir", cifar_dir, "--out-dir",
-                                                tmp_path / "run", "--epochs", 1], capsys)
-        assert code == 2 and str(path) in error_line(err) and words in error_line(err), (case, err[-2000:])
-        assert "Traceback" not in err
-        assert not (tmp_path / "run" / "best.pt").exists()
-
-
-def test_without_network_or_cache_the_message_says_how_to_provide_weights(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    attempts = []
+def test_weights_come_from_the_cache_without_network_and_a_missing_or_corrupt_one_says_how_to_provide_them(
+        monkeypatch, tmp_path, vgg_weights, vgg_features):
+    attempts, cache = [], tmp_path / "hub" / "checkpoints"
 
     def no_network(url, *args, **kwargs):
         attempts.append(url)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(common.files.UsageError) as error:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(common.files.UsageError) as error:  # no cache
         ex2_transfer.imagenet_state_dict(None)
     assert attempts == [VGG11_BN_Weights.IMAGENET1K_V1.url]  # the download torchvision's weights API asks for
-    message = str(error.value)
-    assert "--weights" in message and "--scratch" in message and VGG11_BN_Weights.IMAGENET1K_V1.url in message
-
-
-def test_cached_weights_load_through_the_weights_api_without_network(monkeypatch, tmp_path, vgg_weights, vgg_features):
-    """And a corrupt file in the cache gives a message that names --weights."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "corrupt"))
-    (tmp_path / "corrupt" / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "corrupt" / "hub" / "checkpoints" / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name).write_bytes(b"no")
+    for words in ("--weights", "--scratch", VGG11_BN_Weights.IMAGENET1K_V1.url):
+        assert words in str(error.value)
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name).write_bytes(b"no")  # a corrupt cache
     with pytest.raises(common.files.UsageError, match="--weights"):
         ex2_transfer.imagenet_state_dict(None)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
+    (cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name).unlink()
     os.symlink(vgg_weights, cache / Path(VGG11_BN_Weights.IMAGENET1K_V1.url).name)
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("downloaded although the weights are cached")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     real_load, loads = torch.load, []
 
     def recording_load(*args, **kwargs):
@@ -212,7 +157,7 @@ def test_cached_weights_load_through_the_weights_api_without_network(monkeypatch
 
     monkeypatch.setattr(torch, "load", recording_load)
     model = ex2_transfer.build_model({"mode": "pretrained", "weights": None})
-    assert loads == [True]  # weights_only=True
+    assert loads == [True] and len(attempts) == 1  # weights_only=True, and no download
     assert torch.equal(model.state_dict()["features.0.weight"], vgg_features["features.0.weight"])
 
 
@@ -231,39 +176,34 @@ def test_scratch_never_reads_weights(monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["pretrained", "scratch", "frozen"])
+@pytest.mark.parametrize("mode", ["pretrained", "frozen"])
 def test_end_to_end_run_writes_every_report(request, mode, vgg_weights):
+    """(--scratch end to end: tests/test_distributed.py; it reads no weights: test_scratch_never_reads_weights.)"""
     run = finished(request.getfixturevalue(f"run_{mode}"))
     out_dir = run["out_dir"]
     for name in REPORTS:
         assert (out_dir / name).is_file(), f"{mode}: {name} missing"
-    for name in REPORTS:
         if name.endswith(".png"):
             assert_png(out_dir / name)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     history = json.loads((out_dir / "history.json").read_text())
     assert len(history) == EPOCHS and metrics["epochs_run"] == EPOCHS
     assert metrics["test_images"] == 120 and 0 <= metrics["test_accuracy"] <= 1
-    assert metrics["settings"]["mode"] == mode
-    assert metrics["settings"]["weights"] == (None if mode == "scratch" else str(vgg_weights))
+    assert metrics["settings"]["mode"] == mode and metrics["settings"]["weights"] == str(vgg_weights)
     assert metrics["settings"]["mean"] == IMAGENET_MEAN and metrics["settings"]["std"] == IMAGENET_STD
-    assert not run["torch_home"].exists(), "looked in the torch hub cache although weights were given or not needed"
+    assert not run["torch_home"].exists(), "looked in the torch hub cache although weights were given"
 
 
 @pytest.mark.slow
-def test_pretrained_run_fine_tunes_the_whole_network(run_pretrained, vgg_features):
-    checkpoint = torch.load(finished(run_pretrained)["out_dir"] / "last.pt", map_location="cpu", weights_only=True)
+def test_pretrained_fine_tunes_the_whole_network_and_frozen_keeps_the_backbone_bit_identical(run_pretrained,
+                                                                                              run_frozen, vgg_features):
     with torch.device("meta"):
-        n_params = sum(1 for _ in ex2_transfer.build_model({"mode": "scratch", "weights": None}).parameters())
-    assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == n_params
+        model = ex2_transfer.build_model({"mode": "scratch", "weights": None})
+    checkpoint = torch.load(finished(run_pretrained)["out_dir"] / "last.pt", map_location="cpu", weights_only=True)
+    assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == len(list(model.parameters()))
     assert not torch.equal(checkpoint["model"]["features.0.weight"], vgg_features["features.0.weight"])
-
-
-@pytest.mark.slow
-def test_frozen_run_keeps_the_backbone_bit_identical(run_frozen, vgg_features):
-    out_dir = finished(run_frozen)["out_dir"]
     for name in ("last.pt", "best.pt"):
-        checkpoint = torch.load(out_dir / name, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(finished(run_frozen)["out_dir"] / name, map_location="cpu", weights_only=True)
         features = features_of(checkpoint["model"])
         assert features.keys() == vgg_features.keys()
         for key, value in vgg_features.items():
@@ -273,26 +213,18 @@ def test_frozen_run_keeps_the_backbone_bit_identical(run_frozen, vgg_features):
             assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == HEAD_PARAMS
             assert [float(state["step"]) > 0 for state in checkpoint["optimizer"]["state"].values()] == \
                 [True] * HEAD_PARAMS
-    with torch.device("meta"):
-        head = ex2_transfer.build_model({"mode": "scratch", "weights": None}).head
-    assert f"({sum(p.numel() for p in head.parameters()):,} trainable)" in run_frozen["stdout"]
+    assert f"({sum(p.numel() for p in model.head.parameters()):,} trainable)" in run_frozen["stdout"]
 
 
 @pytest.mark.slow
-def test_compare_draws_and_summarises_two_runs(run_pretrained, run_scratch, tmp_path, capsys):
-    dirs = [finished(run_pretrained)["out_dir"], finished(run_scratch)["out_dir"]]
-    out_dir = tmp_path / "compare"
-    code, out, err = call(ex2_transfer.main, ["--compare", *dirs, "--out-dir", out_dir], capsys)
+def test_compare_draws_and_summarises_two_runs(run_pretrained, run_frozen, tmp_path, capsys):
+    """ex2_transfer.py --compare as ex1_convnet.py's (what its figure, json and table hold: tests/test_studies.py)."""
+    dirs = [finished(run_pretrained)["out_dir"], finished(run_frozen)["out_dir"]]
+    code, out, err = call(ex2_transfer.main, ["--compare", *dirs, "--out-dir", tmp_path], capsys)
     assert code == 0, err[-2000:]
-    assert_png(out_dir / "compare.png")
-    summary = json.loads((out_dir / "compare.json").read_text())
-    assert [Path(r["run"]) for r in summary["runs"]] == dirs
-    lines = out.splitlines()
-    assert any("test" in line and "first 1000" in line for line in lines)
-    for run_dir, row in zip(dirs, summary["runs"], strict=False):
+    assert_png(tmp_path / "compare.png")
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    for run_dir, row in zip(dirs, summary["runs"], strict=True):
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert row["test_accuracy"] == metrics["test_accuracy"]
-        assert row["test_accuracy_first1000"] == metrics["test_accuracy_first1000"]
-        table_row = next(line for line in lines if line.startswith(str(run_dir)))
-        assert f"{metrics['test_accuracy']:.2%}" in table_row
-        assert f"{metrics['test_accuracy_first1000']:.2%}" in table_row
+        assert Path(row["run"]) == run_dir and row["test_accuracy"] == metrics["test_accuracy"]
+        assert f"{metrics['test_accuracy']:.2%}" in next(line for line in out.splitlines() if str(run_dir) in line)

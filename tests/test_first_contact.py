@@ -34,16 +34,17 @@ def test_the_console_shows_what_the_run_is_and_train_log_the_network(tmp_path, c
                         setattr(bar, "n", bar.n + n))
     say = common.train.say
     monkeypatch.setattr(common.train, "say", lambda ctx, line: lines.append((line, len(counts))) or say(ctx, line))
-    code, out, err = call(ex1_convnet.main, ["--epochs", "1", "--limit-train", "192", "--data-dir", cifar_dir,
-                                             "--out-dir", tmp_path / "run", "--lr", "0.01", *QUICK], capsys)
+    code, out, err = call(ex1_convnet.main, [*QUICK, "--epochs", "1", "--limit-train", "48", "--batch-size", "8",
+                                             "--data-dir", cifar_dir, "--out-dir", tmp_path / "run", "--lr", "0.01"],
+                          capsys)
     assert code == 0, err[-2000:]
     assert "Conv2d(" not in out and "settings: {" not in out
     log = (tmp_path / "run" / "train.log").read_text()
     assert "Conv2d(3, 128" in log and '"lr": 0.01' in log
     summary = next(line for line in out.splitlines() if line.startswith("ex1_convnet.py: "))
     assert summary.startswith("ex1_convnet.py: recipe default, 1 epoch, 7,682,826 parameters, cpu, float32; given: ")
-    assert "--lr 0.01" in summary and "--limit-train 192" in summary and "--device" not in summary
-    assert counts[:6] == [1, 2, 3, 4, 5, 6]  # 192 images in batches of 32: 6 steps, every one counted
+    assert "--lr 0.01" in summary and "--limit-train 48" in summary and "--device" not in summary
+    assert counts[:6] == [1, 2, 3, 4, 5, 6]  # 48 images in batches of 8: 6 steps, every one counted
     estimate = [steps for line, steps in lines if line.startswith("how long")]
     assert estimate == [2], lines
     assert "acc 0." not in out and "%  val loss" in out  # accuracies in percent
@@ -65,14 +66,6 @@ def test_predict_without_a_readable_image_keeps_the_earlier_result(tmp_path, che
     assert code == 1 and not (tmp_path / "new").exists()
 
 
-def test_predict_without_a_checkpoint_says_how_to_get_one(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "cat.png").write_bytes(b"")
-    code, _, err = call(ex1_convnet.main, ["--predict", "cat.png", "--device", "cpu"], capsys)
-    assert code == 2 and "train a run first (python ex1_convnet.py)" in error_line(err)
-    assert "--checkpoint PATH" in error_line(err)
-
-
 def broken_files(folder, checkpoint) -> dict:
     """name -> a file that is no usable ex1 checkpoint."""
     good = checkpoint.read_bytes()
@@ -90,7 +83,7 @@ def one_sentence(err: str, path) -> bool:
     """The error names the file, has no library detail (error types, pickle opcodes, keys) and ends whole."""
     line = error_line(err)
     return (str(path) in line and "Error" not in line and "Unsupported" not in line and "Traceback" not in err
-            and line.rstrip().endswith((")", "shape", "file", "checkpoint file")))
+            and line.rstrip().endswith((")", "shape", "file", "weights")))
 
 
 def test_a_broken_checkpoint_is_one_sentence_for_every_task(tmp_path, checkpoint, cifar_dir, capsys):
@@ -111,18 +104,23 @@ def test_a_broken_checkpoint_is_one_sentence_for_every_task(tmp_path, checkpoint
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("content", [b"not weights\n", "truncated", "ex1 weights"])
-def test_weights_that_are_not_vgg11_bn_are_one_sentence(tmp_path, cifar_dir, checkpoint, capsys, content):
+@pytest.mark.parametrize("content, words", [
+    (b"not weights\n", "not a PyTorch weights file"), ("truncated", "a truncated or corrupt weights file"),
+    ("ex1 weights", "its weights do not fit VGG-11-bn"), ("ex1 best.pt", "a training checkpoint of ex1_convnet.py"),
+    ("missing", "no such file")])
+def test_weights_that_are_not_vgg11_bn_are_one_sentence(tmp_path, cifar_dir, checkpoint, capsys, content, words):
     weights = tmp_path / "vgg.pth"
     if content == "truncated":
         content = checkpoint.read_bytes()[:5000]
+    elif content == "ex1 best.pt":
+        content = checkpoint.read_bytes()
     elif content == "ex1 weights":
         torch.save(torch.load(checkpoint, weights_only=True)["model"], weights)
     if isinstance(content, bytes):
         weights.write_bytes(content)
     code, _, err = call(ex2_transfer.main, ["--weights", weights, "--epochs", "1", "--data-dir", cifar_dir,
                                             "--out-dir", tmp_path / "run", *QUICK], capsys)
-    assert code == 2 and one_sentence(err, weights), err[-800:]
+    assert code == 2 and one_sentence(err, weights) and words in error_line(err), err[-800:]
     assert not (tmp_path / "run").exists()
 
 

@@ -56,13 +56,6 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
             "DecompressionBombWarning": write_blank_png(folder / "big.png", side_warning, side_warning)}
 
 
-def model_of(checkpoint_path: Path) -> tuple[nn.Module, dict]:
-    checkpoint = common.files.load_checkpoint(checkpoint_path, KIND)
-    model = ex1_convnet.build_model(checkpoint["settings"])
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint["settings"]
-
-
 # ----------------------------------------------------------------------------- test-time augmentation views
 
 def test_tta_views_mirror_along_the_width_translate_with_zero_fill_and_predict_averages_their_softmax():
@@ -128,7 +121,7 @@ def image_kinds(folder: Path) -> dict[Path, tuple | None]:
     """A picture in every format and mode --predict reads, written into `folder`: path -> (the pixels (32, 32, 3) it
     must decode to, the largest mean absolute error), or None where reading it is all. RGB pixels come back exactly;
     a grey image's grey in all three channels; a transparent palette entry as white; lossy formats and an image
-    upscaled 8 times within a small error; a 1x1 image as a solid square."""
+    upscaled 8 times within a small error; a 1x1 image as a solid square; an animated GIF as its first frame."""
     rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     base = Image.fromarray(rgb)
     grey = np.repeat(np.asarray(base.convert("L"))[..., None], 3, 2)
@@ -142,6 +135,7 @@ def image_kinds(folder: Path) -> dict[Path, tuple | None]:
     smooth = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
                        np.add.outer(255 - ramp, ramp) / 2], 2).astype(np.uint8)
     photo = Image.fromarray(smooth)
+    red = Image.new("RGB", (40, 40), "red")
     exif = Image.Exif()
     exif[0x0112] = 6
     cases = {  # name: (writer, expected pixels or None, largest mean absolute error)
@@ -152,7 +146,8 @@ def image_kinds(folder: Path) -> dict[Path, tuple | None]:
         "rgba.png": (lambda p: base.convert("RGBA").save(p), rgb, 0),
         "grey.png": (lambda p: base.convert("L").save(p), grey, 0),
         "la.png": (lambda p: base.convert("LA").save(p), grey, 0),
-        "grey16.png": (lambda p: Image.fromarray(grey[..., 0].astype(np.uint16) * 257).save(p), grey, 0),
+        "grey16.png": (lambda p: Image.fromarray(grey[..., 0].astype(np.uint16) * 257).save(p), grey, 0),  # I;16
+        "grey32.tif": (lambda p: Image.fromarray(grey[..., 0].astype(np.int32) * 257).save(p), grey, 0),  # mode I
         "palette.png": (lambda p: palette.save(p), shown, 0),
         "palette_transparent.png": (lambda p: palette.save(p, transparency=transparent), shown_on_white, 0),
         "photo.webp": (lambda p: photo.save(p, quality=95), smooth, 4),
@@ -161,7 +156,8 @@ def image_kinds(folder: Path) -> dict[Path, tuple | None]:
         "cmyk.jpg": (lambda p: photo.convert("CMYK").save(p, quality=95), smooth, 4),
         "upscaled.png": (lambda p: photo.resize((256, 256), Image.Resampling.NEAREST).save(p), smooth, 4),
         "dot.png": (lambda p: Image.new("RGB", (1, 1), (10, 200, 30)).save(p), np.full((32, 32, 3), (10, 200, 30)), 0),
-        "anim.gif": (lambda p: photo.save(p, save_all=True, append_images=[photo.rotate(90)]), None, 0),
+        "anim.gif": (lambda p: red.save(p, save_all=True, append_images=[Image.new("RGB", (40, 40), "blue")]),
+                     np.full((32, 32, 3), (255, 0, 0)), 0),  # the first frame
         "exif_rotated.jpg": (lambda p: photo.save(p, exif=exif), None, 0),
         "wide.png": (lambda p: base.resize((90, 30)).save(p), None, 0),
     }
@@ -181,7 +177,7 @@ def test_every_image_kind_decodes_to_the_pixels_it_was_made_from(tmp_path):
             assert error <= expected[1], (path.name, error)
 
 
-def test_transparency_on_white_exif_orientation_16_bits_and_a_gifs_first_frame(tmp_path):
+def test_transparency_on_white_and_exif_orientation(tmp_path):
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[:, :16] = (255, 0, 0, 255)  # opaque red on the left
     rgba[:, 16:24] = (0, 0, 255, 0)  # fully transparent blue
@@ -200,59 +196,32 @@ def test_transparency_on_white_exif_orientation_16_bits_and_a_gifs_first_frame(t
     Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
     image = common.data.load_image(tmp_path / "rotated.png")
     assert (image[0, :12] > 200).all() and (image[0, -12:] < 50).all()
-    pixels = np.full((32, 32), 128 * 257, np.uint16)
-    pixels[0, :3] = (0, 65535, 257)
-    Image.fromarray(pixels).save(tmp_path / "16bit.png")
-    with Image.open(tmp_path / "16bit.png") as check:
-        assert check.mode == "I;16"
-    image = common.data.load_image(tmp_path / "16bit.png")
-    assert image[:, 0, :3].tolist() == [[0, 255, 1]] * 3 and (image[:, 1:] == 128).all()
-    Image.fromarray(pixels.astype(np.int32)).save(tmp_path / "32bit.tif")  # mode I
-    assert torch.equal(common.data.load_image(tmp_path / "32bit.tif"), image)
-    frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 0, 255))]
-    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    assert (common.data.load_image(tmp_path / "anim.gif") == torch.tensor([255, 0, 0])[:, None, None]).all()
-
-
-def test_image_files_lists_a_folders_images_sorted_and_a_named_file_as_it_is(tmp_path):
-    for name in ("b.PNG", "a.jpg", "c.webp", "notes.txt"):
-        (tmp_path / name).write_bytes(b"")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "inner.png").write_bytes(b"")
-    explicit = tmp_path / "notes.txt"
-    assert common.data.image_files([tmp_path, explicit]) == [tmp_path / "a.jpg", tmp_path / "b.PNG",
-                                                             tmp_path / "c.webp", explicit]
 
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_a_checkpoint_of_the_other_script_is_refused_as_eval_only_refuses_it(tmp_path, cifar_dir, capsys):
-    to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
-    other = tmp_path / "ex2.pt"
-    torch.save({"kind": "ex2_transfer.py", "settings": {}, "model": {}}, other)
-    code, _, predict_err = call(ex1_convnet.main, ["--predict", tmp_path / "cat.png", "--checkpoint", other, *CPU],
-                                capsys)
-    assert code == 2
-    code, _, eval_err = call(ex1_convnet.main, ["--eval-only", "--checkpoint", other, "--data-dir", cifar_dir,
-                                                "--no-download", "--out-dir", tmp_path / "eval", *CPU], capsys)
-    assert code == 2 and error_line(predict_err) == error_line(eval_err)
-    assert "a checkpoint of ex2_transfer.py, not of ex1_convnet.py" in error_line(predict_err)
-    assert not (tmp_path / "predict").exists()
-
-
-def test_the_default_checkpoint_is_best_pt_of_the_out_dir_or_of_the_default_run_folder(tmp_path, cifar_dir, capsys,
-                                                                                      monkeypatch):
-    """--predict and --eval-only read best.pt of --out-dir by one rule; without it, that of the script's run folder."""
+def test_predict_and_eval_only_refuse_the_same_checkpoints_and_default_to_best_pt(tmp_path, cifar_dir, capsys,
+                                                                                  monkeypatch):
+    """--predict and --eval-only read best.pt of --out-dir by one rule (without it, that of the script's run folder),
+    and refuse another script's checkpoint alike."""
     monkeypatch.chdir(tmp_path)
     to_pil(cifar_test_images(cifar_dir)[0]).save(tmp_path / "cat.png")
-    for task in (["--predict", "cat.png"], ["--eval-only", "--data-dir", cifar_dir, "--no-download"]):
-        code, _, err = call(ex1_convnet.main, [*task, "--out-dir", "my-run", *CPU], capsys)
-        assert code == 2 and "checkpoint my-run/best.pt does not exist" in error_line(err), err
+    torch.save({"kind": "ex2_transfer.py", "settings": {}, "model": {}}, tmp_path / "ex2.pt")
+    for checkpoint, words in ((["--out-dir", "my-run"], "checkpoint my-run/best.pt does not exist"),
+                              (["--checkpoint", "ex2.pt"], "a checkpoint of ex2_transfer.py, not of ex1_convnet.py")):
+        errors = []
+        for task in (["--predict", "cat.png"], ["--eval-only", "--data-dir", cifar_dir, "--no-download"]):
+            code, _, err = call(ex1_convnet.main, [*task, *checkpoint, *CPU], capsys)
+            assert code == 2 and words in error_line(err), err
+            errors.append(error_line(err))
+        assert errors[0] == errors[1]
+    assert not (tmp_path / "predict").exists() and not (tmp_path / "eval").exists()
     for main, flags, expected in ((ex1_convnet.main, [], "runs/ex1/best.pt"),
                                   (ex2_transfer.main, [], "runs/ex2-pretrained/best.pt"),
                                   (ex2_transfer.main, ["--scratch"], "runs/ex2-scratch/best.pt")):
         code, _, err = call(main, ["--predict", "cat.png", *flags, *CPU], capsys)
         assert code == 2 and f"checkpoint {expected} does not exist" in error_line(err), err
+    assert "train a run first (python ex2_transfer.py), or name a checkpoint with --checkpoint PATH" in error_line(err)
     # a missing path or an empty folder: exit 2 before the model loads
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
@@ -266,7 +235,7 @@ def test_the_default_checkpoint_is_best_pt_of_the_out_dir_or_of_the_default_run_
 
 # ----------------------------------------------------------------------------- with a trained model
 
-def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tmp_path):
+def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000():
     """On 1,010 test images, with a network whose views disagree: test_accuracy_tta and test_accuracy_first1000_tta
     are the averaged views' accuracies on all and on the first 1,000, not the plain ones."""
     torch.manual_seed(0)
@@ -274,43 +243,18 @@ def test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000(tm
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (1010, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (1010,), generator=generator)
-    data = common.data.CifarData(images[:0], labels[:0], images, labels, tuple(CLASS_NAMES))
-    settings = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    mean, std = [0.5] * 3, [0.25] * 3
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
-    metrics, _ = common.evaluation.test_results(model, images, labels, data.classes, settings["mean"], settings["std"],
-                                                ctx, tta=True)  # the figures metrics.json holds, by its names
-    plain = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx).argmax(1)
-    tta = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=True).argmax(1)
+    metrics, _ = common.evaluation.test_results(model, images, labels, tuple(CLASS_NAMES), mean, std, ctx,
+                                                tta=True)  # the figures metrics.json holds, by its names
+    plain = common.evaluation.predict(model, images, mean, std, ctx).argmax(1)
+    tta = common.evaluation.predict(model, images, mean, std, ctx, tta=True).argmax(1)
     assert (plain != tta).sum() > 100  # the views change many predictions
-
-    def accuracy(predicted):
-        return (predicted == labels[:len(predicted)]).float().mean().item()
-
-    assert metrics["test_accuracy"] == pytest.approx(accuracy(plain))
-    assert metrics["test_accuracy_first1000"] == pytest.approx(accuracy(plain[:1000]))
-    assert metrics["test_accuracy_tta"] == pytest.approx(accuracy(tta))
-    assert metrics["test_accuracy_first1000_tta"] == pytest.approx(accuracy(tta[:1000]))
+    for key, predicted in (("test_accuracy", plain), ("test_accuracy_first1000", plain[:1000]),
+                           ("test_accuracy_tta", tta), ("test_accuracy_first1000_tta", tta[:1000])):
+        assert metrics[key] == pytest.approx((predicted == labels[:len(predicted)]).float().mean().item()), key
     assert len({metrics["test_accuracy_tta"], metrics["test_accuracy_first1000_tta"], metrics["test_accuracy"],
                 metrics["test_accuracy_first1000"]}) == 4  # four different figures, so no key can stand for another
-
-
-@pytest.mark.slow
-def test_a_run_and_eval_only_with_tta_report_both_accuracies_alike(ex1_run, cifar_dir, tmp_path, capsys):
-    """The session's run trained with --tta: its metrics hold the plain and the --tta accuracies (what they measure:
-    test_the_final_test_reports_the_tta_accuracy_of_all_and_of_the_first_1000), and --eval-only --tta of its best.pt
-    reports the same."""
-    reference = json.loads((ex1_run / "metrics.json").read_text())
-    assert reference["test_images"] == 120
-    assert reference["test_accuracy_first1000_tta"] == reference["test_accuracy_tta"]
-    assert common.files.load_checkpoint(ex1_run / "best.pt", KIND)["classes"] == CLASS_NAMES
-    code, out, err = call(ex1_convnet.main, ["--eval-only", "--tta", "--checkpoint", ex1_run / "best.pt", "--data-dir",
-                                             cifar_dir, "--no-download", "--out-dir", tmp_path, "--corruptions", "0",
-                                             *CPU], capsys)
-    assert code == 0, err[-3000:]
-    evaluated = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("test_accuracy", "test_accuracy_first1000", "test_accuracy_tta", "test_accuracy_first1000_tta"):
-        assert 0 <= reference[key] <= 1 and evaluated[key] == reference[key], key
-    assert "all, --tta" in out
 
 
 @pytest.mark.slow
@@ -323,7 +267,9 @@ def test_png_files_predict_what_the_evaluation_path_predicts(ex1_run, cifar_dir,
     code, stdout, err = call(ex1_convnet.main, ["--predict", tmp_path, "--checkpoint", ex1_run / "best.pt",
                                                 "--out-dir", out, *CPU, *(["--tta"] if tta else [])], capsys)
     assert code == 0, err[-3000:]
-    model, settings = model_of(ex1_run / "best.pt")
+    checkpoint = common.files.load_checkpoint(ex1_run / "best.pt", KIND)
+    model, settings = ex1_convnet.build_model(checkpoint["settings"]), checkpoint["settings"]
+    model.load_state_dict(checkpoint["model"])
     ctx = common.device.TrainContext(torch.device("cpu"), torch.float32)
     expected = common.evaluation.predict(model, images, settings["mean"], settings["std"], ctx, tta=tta).softmax(1)
     rows = json.loads((out / "predictions.json").read_text())
@@ -341,6 +287,9 @@ def test_every_image_kind_is_predicted_and_unreadable_files_are_skipped_with_exi
     folder.mkdir()
     paths = sorted(image_kinds(folder))
     (folder / "fake.jpg").write_text("not an image")
+    (folder / "notes.md").write_text("not an image file name: left out")
+    (folder / "sub").mkdir()
+    shutil.copy(folder / "rgb.png", folder / "sub" / "inner.png")  # a subfolder: left out
     (folder / "truncated.png").write_bytes((folder / "rgb.png").read_bytes()[:-300])
     for path in bombs.values():
         shutil.copy(path, folder / path.name)

@@ -26,7 +26,7 @@ def two_seeds(cifar_dir, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_seeds_trains_one_run_per_seed_and_seeds_json_agrees_with_them(two_seeds):
+def test_a_run_per_seed_seeds_json_agrees_with_them_and_compare_takes_their_mean(two_seeds, tmp_path, capsys):
     out_dir = two_seeds["out_dir"]
     runs = [metrics(out_dir / "seed3"), metrics(out_dir / "seed4")]
     assert [m["settings"]["seed"] for m in runs] == [3, 4]
@@ -43,6 +43,18 @@ def test_seeds_trains_one_run_per_seed_and_seeds_json_agrees_with_them(two_seeds
     assert_png(out_dir / "seeds.png")
     mean, std = summary["test_accuracy"]["mean"] * 100, summary["test_accuracy"]["std"] * 100
     assert f"test accuracy {mean:.1f} ± {std:.1f}% over 2 seeds" in two_seeds["stdout"]
+    # --compare takes the seeds folder as its mean
+    code, out, _ = call(ex1_convnet.main, ["--compare", out_dir, out_dir / "seed3", "--out-dir", tmp_path], capsys)
+    assert code == 0
+    seeds_row, single_row = read_json(tmp_path / "compare.json")["runs"]
+    assert seeds_row["seeds"] == [3, 4]
+    assert seeds_row["test_accuracy"] == summary["test_accuracy"]["mean"]
+    assert seeds_row["test_accuracy_std"] == summary["test_accuracy"]["std"]
+    histories = [read_json(out_dir / f"seed{s}" / "history.json") for s in (3, 4)]
+    assert seeds_row["val_accuracy"] == pytest.approx([statistics.mean(h[i]["val_accuracy"] for h in histories)
+                                                        for i in range(2)])
+    assert single_row["test_accuracy"] == metrics(out_dir / "seed3")["test_accuracy"] and "seeds" not in single_row
+    assert "mean of 2 seeds" in out
 
 
 @pytest.mark.slow
@@ -62,23 +74,6 @@ def test_a_second_call_reuses_the_runs_and_resume_finishes_an_unfinished_one(two
     assert metrics(copy / "seed4")["test_accuracy"] == metrics(two_seeds["out_dir"] / "seed4")["test_accuracy"]
     resumed, first = read_json(copy / "seeds.json"), read_json(two_seeds["out_dir"] / "seeds.json")
     assert {k: resumed[k] for k in SPREAD_KEYS} == {k: first[k] for k in SPREAD_KEYS}
-
-
-@pytest.mark.slow
-def test_compare_takes_a_seeds_folder_as_its_mean(two_seeds, tmp_path, capsys):
-    out_dir = two_seeds["out_dir"]
-    code, out, _ = call(ex1_convnet.main, ["--compare", out_dir, out_dir / "seed3", "--out-dir", tmp_path], capsys)
-    assert code == 0
-    seeds_row, single_row = read_json(tmp_path / "compare.json")["runs"]
-    summary = read_json(out_dir / "seeds.json")
-    assert seeds_row["seeds"] == [3, 4]
-    assert seeds_row["test_accuracy"] == summary["test_accuracy"]["mean"]
-    assert seeds_row["test_accuracy_std"] == summary["test_accuracy"]["std"]
-    histories = [read_json(out_dir / f"seed{s}" / "history.json") for s in (3, 4)]
-    assert seeds_row["val_accuracy"] == pytest.approx([statistics.mean(h[i]["val_accuracy"] for h in histories)
-                                                        for i in range(2)])
-    assert single_row["test_accuracy"] == metrics(out_dir / "seed3")["test_accuracy"] and "seeds" not in single_row
-    assert "mean of 2 seeds" in out
 
 
 def test_dropout_values_times_seeds_is_a_grid_with_mean_and_std_per_p(tmp_path, fake_runs, capsys):
@@ -119,15 +114,12 @@ def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, fake_r
     assert read_json(tmp_path / "runs/ex2-scratch/seeds.json")["seeds"] == [0, 1]
 
 
-def test_spread_is_the_sample_standard_deviation_and_zero_seeds_are_refused(tmp_path, capsys):
+def test_one_seeds_spread_has_no_std_and_zero_seeds_are_refused(tmp_path, capsys):
+    """(Several seeds' spread, the sample standard deviation: test_a_run_per_seed_seeds_json_agrees_with_them...)"""
     code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path, "--seeds", "0"], capsys)
     assert code == 2 and "--seeds must be at least 1" in error_line(err)
-    result = common.plots.spread([0.80, 0.84, 0.85])
-    assert result["mean"] == pytest.approx(0.83) and result["std"] == pytest.approx(0.026457513)
-    assert (result["min"], result["max"]) == (0.80, 0.85)
     assert common.plots.spread([0.5])["std"] is None
-    assert common.plots.format_spread(result) == "83.0 ± 2.6%" \
-        and common.plots.format_spread(common.plots.spread([0.5])) == "50.0%"
+    assert common.plots.format_spread(common.plots.spread([0.5])) == "50.0%"
 
 
 def test_a_finished_member_with_other_settings_is_refused_and_seeds_json_records_each_commit(tmp_path, fake_runs,

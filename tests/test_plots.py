@@ -1,5 +1,6 @@
 """What a student reads in the pictures: titles that say what and which images, accuracies in percent, every epoch
-visible, true → predicted, the units of the corruptions' strengths, the predictions' files on a grid that fits them."""
+visible and the best one marked, true → predicted, the units of the corruptions' strengths, the predictions' files
+on a grid that fits them."""
 import numpy as np
 import pytest
 import torch
@@ -32,11 +33,11 @@ def in_percent(ax) -> bool:
     return ax.yaxis.get_major_formatter()(0.25, 0) == "25%"
 
 
-def test_a_one_epoch_history_shows_its_dots_and_learning_rate_under_a_title(figures, tmp_path):
+def test_the_history_shows_a_one_epoch_run_its_learning_rate_and_the_best_epoch_under_a_title(figures, tmp_path):
     history = [{"epoch": 1, "train_loss": 2.3, "val_loss": 2.4, "train_accuracy": 0.19, "val_accuracy": 0.18,
                 "lr": 2e-4}]
     common.plots.plot_history(history, 1, tmp_path / "history.png", 2000, 1000)
-    (fig,) = figures
+    fig = figures.pop()
     assert "2,000 training images" in fig.get_suptitle() and "1,000 validation images" in fig.get_suptitle()
     data = [line for ax in fig.axes for line in ax.get_lines() if len(line.get_xdata()) == 1]
     assert len(data) == 5 and all(line.get_marker() not in ("None", "", None) for line in data)
@@ -44,6 +45,12 @@ def test_a_one_epoch_history_shows_its_dots_and_learning_rate_under_a_title(figu
                for ax in fig.axes)
     (accuracy,) = [ax for ax in fig.axes if ax.get_ylabel() == "accuracy"]
     assert in_percent(accuracy)
+    # the best epoch: a vertical line in the loss and accuracy panels, named in their legends
+    history = [{**history[0], "epoch": epoch, "val_accuracy": val} for epoch, val in enumerate((0.3, 0.6, 0.5), 1)]
+    common.plots.plot_history(history, 2, tmp_path / "history.png", 64, 64)
+    for ax in figures.pop().axes[:2]:
+        assert [line for line in ax.get_lines() if list(line.get_xdata()) == [2, 2]], "no line at the best epoch"
+        assert any("best epoch" in text.get_text() and "2" in text.get_text() for text in ax.get_legend().get_texts())
 
 
 def test_the_test_figures_say_what_they_show_on_which_images_with_units(figures, tmp_path, capsys):

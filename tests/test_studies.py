@@ -78,26 +78,6 @@ def test_eval_only_rebuilds_the_no_bn_model_of_last_pt_into_eval_beside_it(no_bn
     assert "epoch   1/" not in out
 
 
-# ----------------------------------------------------------------------------- early stopping
-
-def test_history_figure_marks_the_best_epoch(tmp_path, monkeypatch):
-    """plot_history draws a vertical line at the best epoch in both panels, named in the legend."""
-    figures = []
-    monkeypatch.setattr(common.plots, "save_figure", lambda fig, path: figures.append(fig))
-    history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "train_accuracy": 0.2 * e,
-                "val_accuracy": v, "lr": 1e-3} for e, v in zip((1, 2, 3, 4), (0.3, 0.6, 0.5, 0.55), strict=False)]
-    common.plots.plot_history(history, 2, tmp_path / "history.png", 64, 64)
-    assert len(figures) == 1
-    axes = figures[0].axes
-    assert len(axes) >= 2
-    for ax in axes[:2]:
-        marks = [line for line in ax.get_lines() if list(line.get_xdata()) == [2, 2]]
-        assert marks, "no vertical line at the best epoch"
-        legend = ax.get_legend()
-        assert legend is not None and any("best epoch" in t.get_text() and "2" in t.get_text()
-                                          for t in legend.get_texts())
-
-
 # ----------------------------------------------------------------------------- augmentation
 
 def settings_of(*flags: str, recipe: str = "default") -> common.cli.Settings:

@@ -133,6 +133,14 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def history_of(run_dir: Path) -> list[dict]:
+    """history.json's columns that do not depend on the clock, the losses to 1e-4 (two processes once differed in a
+    loss's sixth digit; a broken resume moves them far more)."""
+    return [{k: pytest.approx(row[k], rel=1e-4) if "loss" in k else row[k]
+             for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps")}
+            for row in read_json(Path(run_dir) / "history.json")]
+
+
 def metrics(run_dir: Path) -> dict:
     return read_json(Path(run_dir) / "metrics.json")
 

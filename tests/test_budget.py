@@ -68,6 +68,7 @@ def test_the_timed_steps_time_the_steps_after_the_warm_up_on_a_network_of_their_
     assert common.train.time_steps(settings, build_model, images, labels, plan, CPU) == (2.0, 60.0)
     assert epochs == [(0, 5, 2e-3), (0, 20, 2e-3)]  # 5 warm-up steps, then 20 timed, epoch 0's random streams
     assert built == [False]  # a network of their own, with no starting weights to fetch
+    assert common.train.lr_factor(5, plan) == 0.1  # before the plan, the schedule's first value
 
 
 def test_the_plan_fills_the_budget_left_after_the_timed_steps_and_none_left_is_refused():
@@ -79,17 +80,6 @@ def test_the_plan_fills_the_budget_left_after_the_timed_steps_and_none_left_is_r
     assert planned.spent_s == 25.0 and planned.chosen == {} and plan.total_steps is None  # a new plan
     with pytest.raises(common.files.UsageError, match="too short for the 25 steps that time it"):
         common.train.budget_plan(plan, step_s=2.0, spent_s=61.0, val_images=96, scaling=None, ctx=CPU)
-
-
-def test_the_schedule_waits_for_the_plan_then_ends_at_its_last_step():
-    def factor(step: int, total: int | None) -> float:
-        return common.train.lr_factor(step, common.train.Plan(32, 100, total))
-    assert factor(5, None) == 0.1  # no plan yet: the warm-up's first value
-    assert common.train.Plan(32, 100, None).epoch_steps(1) == 100
-    assert factor(0, 250) == 0.1
-    assert factor(50, 250) == 1.0  # warm-up ends at 20% of the planned steps
-    assert factor(250, 250) == 0.0
-    assert [common.train.Plan(32, 100, 250).epoch_steps(epoch) for epoch in (1, 2, 3)] == [100, 100, 50]
 
 
 SCALING = ex1_convnet.RECIPES["short"]["budget_scaling"]

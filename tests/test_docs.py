@@ -6,7 +6,6 @@ import importlib.util
 import io
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -180,23 +179,6 @@ def test_the_checks_find_each_kind_of_mistake(tmp_path, scripts):
     assert found.keys() == {"flags that --help does not list", "commands that today's scripts refuse"}, found
     assert found["flags that --help does not list"] == ["ex1_convnet.py: --whiten"]
     assert slug("Use your model: `--predict`, `gpu_check.sh`") == "use-your-model---predict-gpu_checksh"
-
-
-def test_the_removed_flags_are_gone_and_were_arguments_at_their_commit(scripts):
-    """A --no-X may have been the negative of an argparse.BooleanOptionalAction --X; skipped without that commit."""
-    assert not REMOVED_FLAGS & set().union(*(flags for _, flags in scripts.values()))
-    try:
-        shown = [subprocess.run(["git", "show", f"{REMOVED_AT}:{path}"], cwd=ROOT, capture_output=True, text=True)
-                 for path in ("common/settings.py", "ex1_convnet.py", "ex2_transfer.py")]
-    except FileNotFoundError:
-        pytest.skip("no git")
-    if any(result.returncode for result in shown):
-        pytest.skip(f"commit {REMOVED_AT} is not in this checkout")
-    source = "".join(result.stdout for result in shown)
-    negated = {flag: flag.replace("--no-", "--", 1) for flag in REMOVED_FLAGS}
-    missing = [flag for flag in REMOVED_FLAGS if f'"{flag}"' not in source
-               and f'"{negated[flag]}", action=argparse.BooleanOptionalAction' not in source]
-    assert not missing, f"not arguments at commit {REMOVED_AT}: {missing}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import call, EX1_TRAIN, QUICK, read_json, ROOT
+from conftest import call, EX1_TRAIN, history_of, QUICK, read_json, ROOT
 
 import common
 import ex1_convnet
@@ -18,7 +18,6 @@ pytestmark = pytest.mark.slow  # each test trains end to end
 
 # The session's run (conftest.ex1_run) is the unbroken run: 12 steps an epoch.
 ARGS = [*EX1_TRAIN, "--no-tensorboard"]
-COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "steps")
 FIGURES = ("test_accuracy", "test_accuracy_first1000", "test_loss", "best_epoch", "best_val_accuracy", "epochs_run")
 # A run in a process of its own whose in-epoch saves come after every step (no minute between them, at any cost) and
 # which kills itself with SIGKILL half-way through writing the second: last.pt keeps the first.
@@ -41,13 +40,6 @@ def atomic_write(path, write):
 common.files.atomic_write = atomic_write
 sys.exit(ex1_convnet.main(sys.argv[1:]))
 """
-
-
-def history_of(run_dir) -> list[dict]:
-    """history.json's columns that do not depend on the clock, the losses to 1e-4 (two processes once differed in a
-    loss's sixth digit; a broken resume moves them far more)."""
-    return [{k: pytest.approx(row[k], rel=1e-4) if "loss" in k else row[k] for k in COLUMNS}
-            for row in read_json(run_dir / "history.json")]
 
 
 def figures_of(run_dir) -> dict:

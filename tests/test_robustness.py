@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import call, error_line, EX1_TRAIN, metrics, QUICK, ROOT, run_script, write_cifar
+from conftest import call, error_line, EX1_TRAIN, history_of, metrics, QUICK, ROOT, run_script, write_cifar
 
 import common
 import ex1_convnet
@@ -26,21 +26,9 @@ import ex2_transfer
 
 # The runs a test makes for itself: 64 training images in batches of 32, 2 steps per epoch.
 RUN = [*QUICK, "--limit-train", "64", "--epochs", "3"]
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def history_columns(run_dir: Path) -> list[dict]:
-    """history.json without the timing columns (seconds, images_per_s)."""
-    return [{k: row[k] for k in HISTORY_COLUMNS} for row in json.loads((run_dir / "history.json").read_text())]
-
-
-def same_as(rows: list[dict]) -> list[dict]:
-    """`rows` to compare a history with, their losses within 1e-4 of each: a loss was once seen to differ in its sixth
-    digit between two processes running the same code on a loaded machine, while a broken resume moves it far more."""
-    return [{k: pytest.approx(v, rel=1e-4) if k.endswith("loss") else v for k, v in row.items()} for row in rows]
-
 
 def temp_files(folder: Path) -> list[str]:
     """Leftovers of atomic_write (.<name>.<random>.tmp) in `folder`."""
@@ -89,7 +77,7 @@ def test_ctrl_c_stops_cleanly_and_prints_a_working_resume_command(tmp_path, cifa
     assert Path(command[command.index("--out-dir") + 1]) == out_dir
     code, out, err = call(ex1_convnet.main, command[1:], capsys)
     assert code == 0, err[-3000:]
-    assert history_columns(out_dir) == same_as(history_columns(ex1_run))
+    assert history_of(out_dir) == history_of(ex1_run)
     assert metrics(out_dir)["test_accuracy"] == metrics(ex1_run)["test_accuracy"]
 
 
@@ -154,7 +142,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path, ex1_run, 
     code, _, err = call(ex1_convnet.main, ["--data-dir", cifar_dir, "--out-dir", finished, *RUN, "--epochs", "1",
                                            "--overwrite"], capsys)  # starts over
     assert code == 0, err[-3000:]
-    assert metrics(finished)["epochs_run"] == 1 and len(history_columns(finished)) == 1
+    assert metrics(finished)["epochs_run"] == 1 and len(history_of(finished)) == 1
 
 
 def unfinished_copy(run_dir: Path, folder: Path) -> Path:
@@ -210,7 +198,7 @@ def test_resume_refuses_other_data_and_flags_that_change_the_run_and_extends_it_
                           capsys)
     assert code == 0, err[-3000:]
     assert "cpu, float32;" in out and "note:" not in out
-    assert history_columns(run_dir) == same_as(history_columns(ex1_run))
+    assert history_of(run_dir) == history_of(ex1_run)
     assert metrics(run_dir)["precision"] == "float32"
     old = common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")
     del old["data_fingerprint"]
@@ -220,8 +208,8 @@ def test_resume_refuses_other_data_and_flags_that_change_the_run_and_extends_it_
                                              "--device", "cpu"], capsys)
     assert code == 0, err[-3000:]
     assert "resuming after epoch 3 of 4" in out
-    history = history_columns(run_dir)
-    assert [row["epoch"] for row in history] == [1, 2, 3, 4] and history[:3] == history_columns(ex1_run)
+    history = history_of(run_dir)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4] and history[:3] == history_of(ex1_run)
     assert [row["precision"] for row in json.loads((run_dir / "history.json").read_text())] == ["float32"] * 4
     result = metrics(run_dir)
     assert result["epochs_run"] == 4 and result["settings"]["epochs"] == 4

@@ -124,12 +124,12 @@ def test_weights_that_are_not_vgg11_bn_are_one_sentence(tmp_path, cifar_dir, che
     assert not (tmp_path / "run").exists()
 
 
-def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path, cifar_dir, capsys):
+def test_a_failed_start_leaves_no_folder_and_no_lock(tmp_path, cifar_dir, capsys, narrow_ex1):
     """No data: a new run folder goes again; an existing one keeps no .lock, and its train.log ends with the error."""
     argv = ["--epochs", "1", "--data-dir", tmp_path / "nowhere", *QUICK]
     code, _, err = call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "new"], capsys)
     assert code == 2 and not (tmp_path / "new").exists()
-    code, _, err = call(ex1_convnet.main, ["--time-budget", "0.001", "--data-dir", cifar_dir, *QUICK[1:],
+    code, _, err = call(ex1_convnet.main, ["--time-budget", "0.0001", "--data-dir", cifar_dir, *QUICK[1:],
                                            "--out-dir", tmp_path / "kept"], capsys)
     assert code == 2 and not (tmp_path / "kept").exists(), err[-500:]
     (tmp_path / "old").mkdir()

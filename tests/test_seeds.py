@@ -114,10 +114,9 @@ def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, fake_r
     assert read_json(tmp_path / "runs/ex2-scratch/seeds.json")["seeds"] == [0, 1]
 
 
-def test_one_seeds_spread_has_no_std_and_zero_seeds_are_refused(tmp_path, capsys):
-    """(Several seeds' spread, the sample standard deviation: test_a_run_per_seed_seeds_json_agrees_with_them...)"""
-    code, _, err = call(ex1_convnet.main, [*QUICK, "--out-dir", tmp_path, "--seeds", "0"], capsys)
-    assert code == 2 and "--seeds must be at least 1" in error_line(err)
+def test_one_seeds_spread_has_no_std():
+    """(Several seeds' spread, the sample standard deviation: test_a_run_per_seed_seeds_json_agrees_with_them...;
+    --seeds 0: tests/test_robustness.py's refusals)"""
     assert common.plots.spread([0.5])["std"] is None
     assert common.plots.format_spread(common.plots.spread([0.5])) == "50.0%"
 

@@ -1,5 +1,6 @@
-"""Exercise 2 (VGG-11-bn transfer learning): the network, --weights, --scratch, --freeze, the runs and --compare.
-No network: ImageNet weights are a random vgg11_bn file in torchvision's layout (--weights, or in the cache)."""
+"""Exercise 2 (VGG-11-bn transfer learning): the network, --weights, --scratch, --freeze and the runs (--compare is
+ex1's: tests/test_studies.py; docs/guide.md's command parses with ex2's flags: tests/test_docs.py). No network:
+ImageNet weights are a random vgg11_bn file in torchvision's layout (--weights, or in the cache)."""
 import json
 import os
 import urllib.error
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import assert_png, call, in_process, QUICK
+from conftest import assert_png, in_process, QUICK
 from torchvision.models import VGG11_BN_Weights
 
 import common
@@ -214,17 +215,3 @@ def test_pretrained_fine_tunes_the_whole_network_and_frozen_keeps_the_backbone_b
             assert [float(state["step"]) > 0 for state in checkpoint["optimizer"]["state"].values()] == \
                 [True] * HEAD_PARAMS
     assert f"({sum(p.numel() for p in model.head.parameters()):,} trainable)" in run_frozen["stdout"]
-
-
-@pytest.mark.slow
-def test_compare_draws_and_summarises_two_runs(run_pretrained, run_frozen, tmp_path, capsys):
-    """ex2_transfer.py --compare as ex1_convnet.py's (what its figure, json and table hold: tests/test_studies.py)."""
-    dirs = [finished(run_pretrained)["out_dir"], finished(run_frozen)["out_dir"]]
-    code, out, err = call(ex2_transfer.main, ["--compare", *dirs, "--out-dir", tmp_path], capsys)
-    assert code == 0, err[-2000:]
-    assert_png(tmp_path / "compare.png")
-    summary = json.loads((tmp_path / "compare.json").read_text())
-    for run_dir, row in zip(dirs, summary["runs"], strict=True):
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert Path(row["run"]) == run_dir and row["test_accuracy"] == metrics["test_accuracy"]
-        assert f"{metrics['test_accuracy']:.2%}" in next(line for line in out.splitlines() if str(run_dir) in line)

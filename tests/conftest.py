@@ -219,11 +219,16 @@ def fake_runs(monkeypatch) -> list:
 NARROW_PARAMETERS = "2,730 parameters"  # ex1's network under narrow_ex1, as the console's first line counts them
 
 
-@pytest.fixture
-def narrow_ex1(monkeypatch):
+def narrow(patch: pytest.MonkeyPatch) -> None:
     """ex1's ConvNet 8 channels wide in each block (its own build_model: milliseconds a step), for the tests of the
     driver that need some network trained, not this one; the console names its NARROW_PARAMETERS."""
-    monkeypatch.setattr(ex1_convnet, "WIDTHS", (8,) * 5)
+    patch.setattr(ex1_convnet, "WIDTHS", (8,) * 5)
+
+
+@pytest.fixture
+def narrow_ex1(monkeypatch):
+    """A test's runs train ex1's network narrow (see narrow)."""
+    narrow(monkeypatch)
 
 
 @pytest.fixture

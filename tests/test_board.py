@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_png, call, in_process, interrupt_validation, metrics, QUICK, read_json
+from conftest import assert_png, call, in_process, interrupt_validation, metrics, narrow, QUICK, read_json
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.hparams.metadata import parse_session_start_info_plugin_data
@@ -67,6 +67,7 @@ def resumed(cifar_dir, tmp_path_factory) -> dict:
     out_dir = tmp_path_factory.mktemp("board") / "tb-run"
     argv = [*RUN, "--data-dir", cifar_dir, "--out-dir", out_dir]
     with pytest.MonkeyPatch.context() as patch:
+        narrow(patch)
         interrupt_validation(patch, call=3)
         assert in_process(ex1_convnet.main, *argv)[0] == 130
         interrupted = points(out_dir)
@@ -105,7 +106,7 @@ def test_a_run_resumed_to_3_epochs_logs_its_history_once_with_its_test_figures_p
 @pytest.mark.slow
 def test_eval_only_writes_nothing_and_overwrite_starts_clean_once_its_first_epoch_is_saved(resumed, cifar_dir, tmp_path,
                                                                                           capsys, monkeypatch,
-                                                                                          no_filter_plots):
+                                                                                          narrow_ex1):
     run_dir = tmp_path / "run"
     shutil.copytree(resumed["dir"], run_dir)
     before = {path.name: path.read_bytes() for path in run_dir.glob("events.out.tfevents.*")}
@@ -142,7 +143,7 @@ def test_a_resume_drops_the_points_after_its_step_and_a_record_a_kill_left_half_
 
 @pytest.mark.slow
 def test_seeds_and_the_dropout_sweep_write_hparams_into_each_run_and_the_sweep_sums_its_runs_up(
-        tmp_path, cifar_dir, capsys, no_filter_plots):
+        tmp_path, cifar_dir, capsys, narrow_ex1):
     argv = [*QUICK, "--data-dir", cifar_dir, "--epochs", "1", "--limit-train", "32"]  # one step a run
     assert call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "seeds", "--seeds", "2"], capsys)[0] == 0
     code, out, err = call(ex1_convnet.main, [*argv, "--out-dir", tmp_path / "dropout", "--dropout", "0.1", "0.5"],

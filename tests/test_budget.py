@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import call, interrupt_validation, NARROW_PARAMETERS, QUICK, read_json
+from conftest import call, interrupt_validation, narrow, NARROW_PARAMETERS, QUICK, read_json
 
 import common
 import ex1_convnet
@@ -267,7 +267,7 @@ def sweep(cifar_dir, tmp_path_factory):
     """A budget sweep of two seeds: its folder and the steps it trained, seed 0's then seed 1's."""
     out_dir = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as monkeypatch, observed_steps(monkeypatch) as steps:
-        monkeypatch.setattr(ex1_convnet, "WIDTHS", (8,) * 5)  # (a module's fixture: narrow_ex1's patch is a test's)
+        narrow(monkeypatch)
         assert ex1_convnet.main([str(a) for a in [*budget_flags(cifar_dir, out_dir), "--seeds", "2"]]) == 0
     return out_dir, steps
 

@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import assert_png, call, error_line, fake_training, in_process, metrics, QUICK, read_json
+from conftest import assert_png, call, error_line, fake_training, in_process, metrics, narrow, QUICK, read_json
 
 import common
 import ex1_convnet
@@ -17,10 +17,12 @@ SPREAD_KEYS = ("test_accuracy", "test_accuracy_first1000", "best_val_accuracy")
 
 @pytest.fixture(scope="module")
 def two_seeds(cifar_dir, tmp_path_factory) -> dict:
-    """`ex1_convnet.py --seeds 2 --seed 3` on the fixture data: its out-dir and stdout."""
+    """`ex1_convnet.py --seeds 2 --seed 3` on the fixture data (the network narrow): its out-dir and stdout."""
     out_dir = tmp_path_factory.mktemp("seeds") / "run"
-    code, stdout = in_process(ex1_convnet.main, *RUN, "--data-dir", cifar_dir, "--out-dir", out_dir, "--seeds", "2",
-                              "--seed", "3")
+    with pytest.MonkeyPatch.context() as patch:
+        narrow(patch)
+        code, stdout = in_process(ex1_convnet.main, *RUN, "--data-dir", cifar_dir, "--out-dir", out_dir, "--seeds",
+                                  "2", "--seed", "3")
     assert code == 0, stdout[-3000:]
     return {"out_dir": out_dir, "stdout": stdout}
 
@@ -40,6 +42,8 @@ def test_a_run_per_seed_seeds_json_agrees_with_them_and_compare_takes_their_mean
         assert summary[key]["mean"] == pytest.approx(statistics.mean(values))
         assert summary[key]["std"] == pytest.approx(statistics.stdev(values))  # the sample standard deviation
         assert (summary[key]["min"], summary[key]["max"]) == (min(values), max(values))
+    assert common.plots.spread([0.5])["std"] is None and common.plots.format_spread(common.plots.spread([0.5])) == \
+        "50.0%"  # one seed's: no std (--seeds 0: tests/test_robustness.py's refusals)
     assert_png(out_dir / "seeds.png")
     mean, std = summary["test_accuracy"]["mean"] * 100, summary["test_accuracy"]["std"] * 100
     assert f"test accuracy {mean:.1f} ± {std:.1f}% over 2 seeds" in two_seeds["stdout"]
@@ -59,7 +63,7 @@ def test_a_run_per_seed_seeds_json_agrees_with_them_and_compare_takes_their_mean
 
 @pytest.mark.slow
 def test_a_second_call_reuses_the_runs_and_resume_finishes_an_unfinished_one(two_seeds, cifar_dir, tmp_path, capsys,
-                                                                           no_filter_plots):
+                                                                           narrow_ex1):
     copy = tmp_path / "run"
     shutil.copytree(two_seeds["out_dir"], copy)
     (copy / "seed4" / "metrics.json").unlink()  # seed 4 as a run killed after its last epoch's checkpoint
@@ -112,13 +116,6 @@ def test_seeds_in_ex2_train_in_seed_folders_of_the_modes_folder(tmp_path, fake_r
     assert code == 0
     assert [c["run_dir"] for c in fake_runs] == [Path("runs/ex2-scratch/seed0"), Path("runs/ex2-scratch/seed1")]
     assert read_json(tmp_path / "runs/ex2-scratch/seeds.json")["seeds"] == [0, 1]
-
-
-def test_one_seeds_spread_has_no_std():
-    """(Several seeds' spread, the sample standard deviation: test_a_run_per_seed_seeds_json_agrees_with_them...;
-    --seeds 0: tests/test_robustness.py's refusals)"""
-    assert common.plots.spread([0.5])["std"] is None
-    assert common.plots.format_spread(common.plots.spread([0.5])) == "50.0%"
 
 
 def test_a_finished_member_with_other_settings_is_refused_and_seeds_json_records_each_commit(tmp_path, fake_runs,

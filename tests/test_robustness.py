@@ -145,26 +145,9 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path, ex1_run, 
     assert metrics(finished)["epochs_run"] == 1 and len(history_of(finished)) == 1
 
 
-def unfinished_copy(run_dir: Path, folder: Path) -> Path:
-    """`folder` holding a copy of the run's checkpoints alone: a run stopped after its last saved epoch."""
-    folder.mkdir(parents=True)
-    for name in ("last.pt", "best.pt"):
-        shutil.copy(run_dir / name, folder / name)
-    return folder
-
-
 FLAGS_THAT_CHANGE_THE_RUN = [["--no-bn"], ["--dropout", "0.5"], ["--limit-train", "32"], ["--batch-size", "16"],
                              ["--val-size", "32"], ["--lr", "0.5"], ["--seed", "1"], ["--augment", "flip"],
                              ["--augment", "none"], ["--recipe", "original"]]
-
-
-def bf16_native_cpu(monkeypatch) -> None:
-    """A CPU where --precision auto means bf16 (simulated, so that every CPU runs the tests that need one)."""
-    # the stand-in is what auto reads, on any CPU
-    monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: False)
-    assert common.device.resolve_precision("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: True)
-    assert common.device.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
 
 
 @pytest.mark.slow
@@ -175,8 +158,12 @@ def test_resume_refuses_other_data_and_flags_that_change_the_run_and_extends_it_
     folder are taken (on a bf16-native CPU, the run started with --precision fp32 goes on in fp32), and --resume
     --epochs 4 trains the 3-epoch run one epoch more. Decided: a last.pt without a data fingerprint (written before
     checkpoints held one) resumes on the data given, as it always did, and the checkpoints it writes hold one."""
-    bf16_native_cpu(monkeypatch)
-    run_dir = unfinished_copy(ex1_run, tmp_path / "run")
+    monkeypatch.setattr(common.device, "cpu_has_fast_bf16", lambda: True)  # a CPU where auto means bf16
+    assert common.device.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16  # (on any CPU)
+    run_dir = tmp_path / "run"  # the session run's checkpoints alone: a run stopped after its last saved epoch
+    run_dir.mkdir()
+    for name in ("last.pt", "best.pt"):
+        shutil.copy(ex1_run / name, run_dir / name)
     data = common.data.load_cifar10(cifar_dir, download=False)
     expected = common.data.data_fingerprint(common.data.split_train_val(data, 64, 96))  # --val-size 64 --limit-train 96
     assert common.files.load_checkpoint(run_dir / "last.pt", "ex1_convnet.py")["data_fingerprint"] == expected

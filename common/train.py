@@ -390,9 +390,10 @@ def train_one_epoch(training: Training, images: torch.Tensor, labels: torch.Tens
                     epoch: int, ctx: TrainContext, board=None, estimate: Estimate | None = None,
                     steps: int | None = None, progress: dict | None = None, pause_at: float = math.inf,
                     stop: dict | None = None) -> dict:
-    """One pass over the shuffled training set (a plan's last epoch, or `steps`, may stop short), or past `pause_at`
-    or on stop["signal"] {"progress": ...}, from which a call goes on as if unbroken. Every LOG_EVERY steps it reads
-    the sums for the bar and `board`; with an `estimate`, once, says how long the run takes."""
+    """One pass over the shuffled training set (a plan's last epoch, or `steps`, may stop short): its loss, accuracy,
+    steps, seconds and images/s; past `pause_at` or on stop["signal"], {"progress": ...} to go on from as if unbroken.
+    Every LOG_EVERY steps it reads the sums for the bar and `board`; with an `estimate`, once, says how long the run
+    takes."""
     training.train_model.train()
     augment = torch.Generator(ctx.device)
     if progress is None:  # dropout's stream is torch's own; the data order a function of the epoch

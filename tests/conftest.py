@@ -111,6 +111,14 @@ def in_process(main, *argv, filters: bool = False) -> tuple[int, str]:
     return code, out.getvalue()
 
 
+def ex1_settings(*flags: str) -> ex1_convnet.Settings:
+    """The settings ex1_convnet.py resolves from these flags, with the recipe --recipe names (else the default)."""
+    args = ex1_convnet.parse_args(list(flags))
+    name = args.recipe or "default"
+    return common.cli.resolve_settings(common.cli.explicit_flags(args), {"recipe": name, **ex1_convnet.RECIPES[name]},
+                                       ex1_convnet.Settings)
+
+
 def call(main, argv, capsys) -> tuple[int, str, str]:
     """Run a script's main() in-process: (exit code, stdout, stderr)."""
     capsys.readouterr()
@@ -216,13 +224,14 @@ def fake_runs(monkeypatch) -> list:
     return calls
 
 
-NARROW_PARAMETERS = "2,730 parameters"  # ex1's network under narrow_ex1, as the console's first line counts them
+NARROW_WIDTHS = (8,) * 5  # ex1's network narrow (see narrow)
+NARROW_PARAMETERS = "2,730 parameters"  # its parameters, as the console's first line counts them
 
 
 def narrow(patch: pytest.MonkeyPatch) -> None:
     """ex1's ConvNet 8 channels wide in each block (its own build_model: milliseconds a step), for the tests of the
     driver that need some network trained, not this one; the console names its NARROW_PARAMETERS."""
-    patch.setattr(ex1_convnet, "WIDTHS", (8,) * 5)
+    patch.setattr(ex1_convnet, "WIDTHS", NARROW_WIDTHS)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import call, metrics, QUICK, ROOT, run_script
+from conftest import call, metrics, NARROW_WIDTHS, QUICK, ROOT, run_script
 
 import ex1_convnet
 
@@ -28,7 +28,7 @@ NARROW_EX1 = """
 import sys
 sys.path.insert(0, {root!r})
 import ex1_convnet
-ex1_convnet.WIDTHS = (8,) * 5
+ex1_convnet.WIDTHS = {widths}
 {patch}
 sys.exit(ex1_convnet.main(sys.argv[1:]))
 """
@@ -38,7 +38,7 @@ sys.exit(ex1_convnet.main(sys.argv[1:]))
 def narrow_script(tmp_path_factory):
     """A script that runs ex1_convnet.py with its network narrow."""
     path = tmp_path_factory.mktemp("narrow") / "narrow_ex1.py"
-    path.write_text(NARROW_EX1.format(root=str(ROOT), patch=""))
+    path.write_text(NARROW_EX1.format(root=str(ROOT), widths=NARROW_WIDTHS, patch=""))
     return path
 
 
@@ -213,7 +213,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_one_s
     """SIGTERM to rank 1 inside epoch 1: both processes stop at the next step where they read the device (25), rank
     0 writes last.pt with both processes' streams and sums, and torchrun's --resume ends the run."""
     driver = tmp_path / "driver.py"
-    driver.write_text(NARROW_EX1.format(root=str(ROOT), patch=STOPPED_RANK_1))
+    driver.write_text(NARROW_EX1.format(root=str(ROOT), widths=NARROW_WIDTHS, patch=STOPPED_RANK_1))
     flags = [*QUICK, "--epochs", "1", "--limit-train", "256", "--batch-size", "8", "--no-tensorboard",
              "--data-dir", cifar_dir, "--out-dir", tmp_path / "run"]  # 32 steps of 4 images a process
     stopped = run_torchrun(str(driver), *flags)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import assert_png, call, CLASS_NAMES, QUICK, read_json, run_script, write_cifar
+from conftest import assert_png, call, CLASS_NAMES, ex1_settings, QUICK, read_json, run_script, write_cifar
 
 import common
 import ex1_convnet
@@ -28,11 +28,8 @@ RUN_FILES = ["metrics.json", "history.json", "history.png", "filters_before.png"
 
 def model_for(*argv: str) -> nn.Module:
     """The model ex1_convnet.py builds for these flags."""
-    args = ex1_convnet.parse_args(list(argv))
-    settings = common.cli.resolve_settings(common.cli.explicit_flags(args),
-                                                ex1_convnet.RECIPES[args.recipe or "default"], ex1_convnet.Settings)
     torch.manual_seed(0)
-    return ex1_convnet.build_model(settings)
+    return ex1_convnet.build_model(ex1_settings(*argv))
 
 
 def layers(model: nn.Module, kind: type) -> list[nn.Module]:

@@ -4,9 +4,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_png, call, EX1_TRAIN, in_process, QUICK, read_json
+from conftest import assert_png, call, ex1_settings, EX1_TRAIN, in_process, QUICK, read_json
 
-import common
 import ex1_convnet
 
 TEST_FIGURES = ["per_class.png", "confusion.png", "misclassified.png"]
@@ -80,12 +79,6 @@ def test_eval_only_rebuilds_the_no_bn_model_of_last_pt_into_eval_beside_it(no_bn
 
 # ----------------------------------------------------------------------------- augmentation
 
-def settings_of(*flags: str, recipe: str = "default") -> common.cli.Settings:
-    args = ex1_convnet.parse_args(list(flags))
-    return common.cli.resolve_settings(common.cli.explicit_flags(args), ex1_convnet.RECIPES[recipe],
-                                       ex1_convnet.Settings)
-
-
 @pytest.mark.parametrize("flags, expected", [
     ((), ["flip", "crop"]),                                              # the default recipe's ops
     (("--rotate-deg", "10"), ["flip", "crop", "rotate"]),                # a strength > 0 turns its op on
@@ -98,19 +91,18 @@ def settings_of(*flags: str, recipe: str = "default") -> common.cli.Settings:
     (("--augment", "none", "--gray-p", "0.3"), ["gray"]),                # ... also over no ops at all
 ])
 def test_per_op_flags_turn_ops_on_and_off(flags, expected):
-    assert settings_of(*flags)["augment"] == expected
+    assert ex1_settings(*flags)["augment"] == expected
 
 
 def test_strength_flags_set_the_strength_and_override_the_recipe_and_crop_fill_its_fill():
-    settings = settings_of("--recipe", "original", "--rotate-deg", "5", "--jitter", "0", "--crop-pad", "2",
-                           recipe="original")
+    settings = ex1_settings("--recipe", "original", "--rotate-deg", "5", "--jitter", "0", "--crop-pad", "2")
     # the original recipe's flip,crop,rotate,jitter less jitter
     assert settings["augment"] == ["flip", "crop", "rotate"]
     assert settings["rotate_deg"] == 5 and settings["crop_pad"] == 2 and settings["jitter"] == 0
-    assert settings_of(recipe="original")["augment"] == ["flip", "crop", "rotate", "jitter"]
+    assert ex1_settings("--recipe", "original")["augment"] == ["flip", "crop", "rotate", "jitter"]
     # what train_one_epoch crops with (tests/test_augment.py)
-    assert settings_of(recipe="short").crop_fill == "reflect"
-    assert settings_of("--crop-fill", "zeros", recipe="short").crop_fill == "zeros"
+    assert ex1_settings("--recipe", "short").crop_fill == "reflect"
+    assert ex1_settings("--crop-fill", "zeros", "--recipe", "short").crop_fill == "zeros"
 
 
 # ----------------------------------------------------------------------------- dropout
